@@ -1,0 +1,154 @@
+"""Every transformers internal the adapters depend on, each behind one small helper.
+
+transformers renames arguments and moves functions between releases (``past_key_values`` became
+``cache`` in 5.24, for instance). Adapters call only these helpers; :func:`check_decoder_internals`
+verifies them on a model and fails loudly, naming what moved, so an upgrade breaks here and not
+silently inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import masking_utils
+
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+class InternalsMovedError(RuntimeError):
+    """A transformers internal that tokenprune relies on is not where it used to be."""
+
+
+def cache_argument(kwargs: dict[str, Any]) -> Any:
+    """The KV cache passed to a model or layer forward, under whichever name this release uses."""
+    for name in _CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache returned in a model output, under whichever name this release uses."""
+    for name in _CACHE_NAMES:
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def cache_length(cache: Any, layer_idx: int) -> int:
+    """Tokens held by layer ``layer_idx`` of a cache (0 when there is no cache)."""
+    return 0 if cache is None else int(cache.get_seq_length(layer_idx))
+
+
+def causal_mask(
+    config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor, cache: Any, layer_idx: int
+) -> Any:
+    """The attention mask that the model's own code would build for layer ``layer_idx``.
+
+    ``attention_mask`` is 2-D over the cache plus the new tokens of that layer. Position ids are not
+    passed: pruned rows keep their original, non-contiguous positions, which transformers would
+    otherwise read as packed sequences.
+    """
+    return masking_utils.create_causal_mask(config, hidden, attention_mask, cache, None, layer_idx=layer_idx)
+
+
+def layer_hidden_states(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden states a decoder layer was called with."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_layer_hidden_states(args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a decoder layer call with the hidden states replaced."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def rotary_function(attention: nn.Module) -> Callable:
+    """``apply_rotary_pos_emb(q, k, cos, sin)`` of the modeling file that defines ``attention``."""
+    module = sys.modules[type(attention).__module__]
+    fn = getattr(module, "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise InternalsMovedError(f"{module.__name__} no longer defines apply_rotary_pos_emb")
+    return fn
+
+
+def project_queries_keys(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_rows: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Query states of ``query_rows`` and key states of every token, as ``layer`` would compute them.
+
+    Args:
+        layer: a decoder layer with ``input_layernorm`` and ``self_attn.{q_proj,k_proj}``.
+        hidden: the layer's input ``[B, L, D]``.
+        position_embeddings: the layer's rotary ``(cos, sin)``, ``[B or 1, L, d]`` each.
+        query_rows: ``[B]`` one row per sample whose queries are wanted, or ``None`` for keys only.
+
+    Returns:
+        ``(query [B, H, 1, d] or None, keys [B, H_kv, L, d])``, RoPE applied to both.
+    """
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    normed = layer.input_layernorm(hidden)
+    batch, length = hidden.shape[:2]
+    keys = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+    cos, sin = (t.expand(batch, *t.shape[1:]) for t in position_embeddings)
+    rotate = rotary_function(attn)
+    if query_rows is None:
+        _, keys = rotate(keys, keys, cos, sin)
+        return None, keys
+    rows = torch.arange(batch, device=hidden.device)
+    query = attn.q_proj(normed[rows, query_rows]).view(batch, 1, -1, head_dim).transpose(1, 2)
+    # RoPE of the query rows uses those rows' cos/sin; keys use all rows.
+    query, _ = rotate(query, query, cos[rows, query_rows][:, None], sin[rows, query_rows][:, None])
+    _, keys = rotate(keys, keys, cos, sin)
+    return query, keys
+
+
+def attention_scaling(layer: nn.Module) -> float:
+    return float(layer.self_attn.scaling)
+
+
+def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a transformers decoder-only base model."""
+    return language_model.layers
+
+
+def check_decoder_internals(language_model: nn.Module) -> None:
+    """Raise :class:`InternalsMovedError` naming the first internal that is not where the adapter expects."""
+    forward_params = inspect.signature(type(language_model).forward).parameters
+    if not any(name in forward_params for name in _CACHE_NAMES):
+        raise InternalsMovedError(f"{type(language_model).__name__}.forward takes neither 'cache' nor 'past_key_values'")
+    for name in ("position_ids", "attention_mask", "inputs_embeds"):
+        if name not in forward_params:
+            raise InternalsMovedError(f"{type(language_model).__name__}.forward no longer takes {name!r}")
+    mask_params = inspect.signature(masking_utils.create_causal_mask).parameters
+    if "layer_idx" not in mask_params or list(mask_params)[:4][3] not in _CACHE_NAMES:
+        raise InternalsMovedError("transformers.masking_utils.create_causal_mask changed its signature")
+    layers = getattr(language_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise InternalsMovedError(f"{type(language_model).__name__} has no 'layers' ModuleList")
+    layer = layers[0]
+    for path in ("input_layernorm", "self_attn", "self_attn.q_proj", "self_attn.k_proj"):
+        obj = layer
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is None:
+            raise InternalsMovedError(f"{type(layer).__name__} has no {path!r}")
+    for attr in ("head_dim", "scaling"):
+        if not hasattr(layer.self_attn, attr):
+            raise InternalsMovedError(f"{type(layer.self_attn).__name__} has no {attr!r}")
+    rotary_function(layer.self_attn)
+    layer_params = inspect.signature(type(layer).forward).parameters
+    for name in ("hidden_states", "attention_mask", "position_ids", "position_embeddings"):
+        if name not in layer_params:
+            raise InternalsMovedError(f"{type(layer).__name__}.forward no longer takes {name!r}")

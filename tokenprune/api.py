@@ -1,0 +1,72 @@
+"""Public entry points: apply a pruner to a model, remove it, or scope it with a context manager."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+from tokenprune.patches import adapter_for
+
+from .config import PrunerConfig
+from .pruner import Pruner, attached_pruner
+
+
+def apply_pruner(
+    model: nn.Module,
+    method: str | PrunerConfig,
+    *,
+    keep_ratio: float | None = None,
+    budget: int | None = None,
+    layer: int | None = None,
+    **options: object,
+) -> Pruner:
+    """Prune the visual tokens of every forward pass of ``model`` (including inside ``generate``).
+
+    Args:
+        model: a loaded transformers VLM of a supported family.
+        method: a registered method name, or a :class:`PrunerConfig` (then give no other argument).
+        keep_ratio: fraction of each image's visual tokens kept, in (0, 1].
+        budget: visual tokens kept per image (exactly one of ``keep_ratio`` and ``budget``).
+        layer: decoder layer where tokens are dropped; 0 prunes before the language model.
+        **options: method-specific options (see the method's docstring).
+
+    Returns:
+        The :class:`Pruner`; ``pruner.stats`` describes the last prefill.
+
+    Every check (method, ratio or budget, layer, model family, an existing pruner) runs before the model
+    is touched, and raises ``ValueError``/``TypeError``/``RuntimeError`` naming the fix.
+    """
+    if isinstance(method, PrunerConfig):
+        if keep_ratio is not None or budget is not None or layer is not None or options:
+            raise TypeError("pass either a PrunerConfig or a method name with its arguments, not both")
+        config = method
+    else:
+        config = PrunerConfig(method, keep_ratio=keep_ratio, budget=budget, layer=layer, options=dict(options))
+    if attached_pruner(model) is not None:
+        raise RuntimeError("this model already has a pruner; call tokenprune.remove_pruner(model) first")
+    adapter = adapter_for(model)
+    if config.acting_layer >= adapter.num_layers:
+        raise ValueError(f"layer={config.acting_layer} is outside the language model's "
+                         f"{adapter.num_layers} layers (valid: 0..{adapter.num_layers - 1})")
+    config.kept_per_image(adapter.tokens_per_image)  # budget larger than an image raises here
+    return Pruner(model, config, adapter)
+
+
+def remove_pruner(model: nn.Module) -> None:
+    """Remove the pruner from ``model``; ``ValueError`` if it has none."""
+    pruner = attached_pruner(model)
+    if pruner is None:
+        raise ValueError("this model has no pruner to remove")
+    pruner.remove()
+
+
+@contextlib.contextmanager
+def pruned(model: nn.Module, method: str | PrunerConfig, **kwargs: object) -> Iterator[Pruner]:
+    """``with pruned(model, "fastv", keep_ratio=0.25): ...`` applies a pruner and always removes it."""
+    pruner = apply_pruner(model, method, **kwargs)
+    try:
+        yield pruner
+    finally:
+        pruner.remove()

@@ -1,0 +1,73 @@
+"""``PrunerConfig``: what to prune, how much, and where; validated before any model work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .registry import MethodSpec, get_method, stage_for_layer
+
+
+@dataclass(frozen=True)
+class PrunerConfig:
+    """A pruning request.
+
+    Attributes:
+        method: a registered method name (see :func:`tokenprune.list_methods`).
+        keep_ratio: fraction of each image's visual tokens kept, in (0, 1]; kept count per image is
+            ``max(1, round(keep_ratio * N))``. Exactly one of ``keep_ratio`` and ``budget`` is given.
+        budget: visual tokens kept per image, >= 1.
+        layer: decoder layer at which the method acts; 0 is before the language model. ``None`` takes the
+            method's default (2 for ``fastv`` and ``dart``, 0 for the others).
+        options: method-specific options (keyword-only parameters of the method function).
+    """
+
+    method: str
+    keep_ratio: float | None = None
+    budget: int | None = None
+    layer: int | None = None
+    options: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        spec = get_method(self.method)
+        if (self.keep_ratio is None) == (self.budget is None):
+            raise ValueError("give exactly one of keep_ratio (fraction of visual tokens kept) or budget "
+                             "(visual tokens kept per image)")
+        if self.keep_ratio is not None:
+            if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
+                raise TypeError(f"keep_ratio must be a number in (0, 1], got {self.keep_ratio!r}")
+            if not 0.0 < self.keep_ratio <= 1.0:
+                raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.budget is not None:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, int):
+                raise TypeError(f"budget must be an int >= 1, got {self.budget!r}")
+            if self.budget < 1:
+                raise ValueError(f"budget must be >= 1 visual token per image, got {self.budget}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+            raise TypeError(f"layer must be an int, got {self.layer!r}")
+        if self.layer is not None and self.layer < 0:
+            raise ValueError(f"layer must be >= 0 (0 prunes before the language model), got {self.layer}")
+        unknown = set(self.options) - set(spec.options)
+        if unknown:
+            known = ", ".join(sorted(spec.options)) or "none"
+            raise ValueError(f"unknown option(s) {sorted(unknown)} for method {self.method!r}; its options: {known}")
+
+    @property
+    def spec(self) -> MethodSpec:
+        return get_method(self.method)
+
+    @property
+    def acting_layer(self) -> int:
+        """The decoder layer the method acts at: ``layer`` or the method's default."""
+        return self.spec.default_layer if self.layer is None else self.layer
+
+    @property
+    def stage(self) -> str:
+        return stage_for_layer(self.acting_layer)
+
+    def kept_per_image(self, num_tokens: int) -> int:
+        """Visual tokens kept for an image of ``num_tokens``; ``ValueError`` if the budget exceeds it."""
+        if self.budget is not None:
+            if self.budget > num_tokens:
+                raise ValueError(f"budget={self.budget} is larger than the {num_tokens} visual tokens per image")
+            return self.budget
+        return max(1, round(self.keep_ratio * num_tokens))

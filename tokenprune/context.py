@@ -1,0 +1,36 @@
+"""What a method sees: the visual tokens of a batch of images, and what it declared it needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SelectionContext:
+    """Inputs to a selection method for ``I`` images of ``N`` visual tokens each.
+
+    Attributes:
+        features: visual token features ``[I, N, D]``: projected embeddings before the language model
+            (``pre_llm``) or the hidden states entering decoder layer K (``llm``).
+        grid: ``(rows, cols)`` of the patch grid when the N tokens form one, else ``None``.
+        image_index: index of each image within its own prompt ``[I]`` (0 for the first image), so that
+            seeded methods draw the same numbers for an image whatever batch it is run in.
+        keys: key states of the visual tokens at the acting layer ``[I, N, H_kv * d]`` (needs ``keys``).
+        attention: attention that the prompt's last token pays to each visual token, softmax over the
+            whole prompt and averaged over heads ``[I, N]`` (needs ``attention``).
+    """
+
+    features: torch.Tensor
+    grid: tuple[int, int] | None
+    image_index: torch.Tensor
+    keys: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+
+    def require(self, name: str) -> torch.Tensor:
+        """The tensor the method declared in ``needs``; a clear error if the adapter did not provide it."""
+        value = getattr(self, name)
+        if value is None:
+            raise RuntimeError(f"the adapter did not provide {name!r}; declare it in register_method(needs=...)")
+        return value

@@ -1,0 +1,17 @@
+"""Selection helpers shared by the methods."""
+
+from __future__ import annotations
+
+import torch
+
+
+def top_k(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Sorted indices ``[I, keep]`` of the ``keep`` highest scores of each row of ``scores [I, N]``."""
+    return torch.topk(scores, keep, dim=1).indices.sort(dim=1).values
+
+
+def cosine_similarity_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarity ``[I, N, M]`` of ``x [I, N, D]`` and ``y [I, M, D]``, in float32."""
+    x = torch.nn.functional.normalize(x.float(), dim=-1)
+    y = torch.nn.functional.normalize(y.float(), dim=-1)
+    return x @ y.transpose(1, 2)

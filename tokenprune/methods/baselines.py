@@ -1,0 +1,58 @@
+"""Baselines every honest comparison needs: random and uniform spatial sampling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..context import SelectionContext
+from ..registry import register_method
+from ._select import top_k
+
+
+@register_method("random")
+def random_selection(ctx: SelectionContext, keep: int, *, seed: int = 0) -> torch.Tensor:
+    """Keep a seeded random subset of each image's tokens.
+
+    Image ``j`` of a prompt draws from a generator seeded with ``seed + j``, so the choice for an image
+    does not depend on what else is in the batch.
+    """
+    num_tokens = ctx.features.shape[1]
+    scores = torch.stack([
+        torch.rand(num_tokens, generator=torch.Generator().manual_seed(seed + int(j)))
+        for j in ctx.image_index.tolist()
+    ])
+    return top_k(scores.to(ctx.features.device), keep)
+
+
+def evenly_spaced(count: int, total: int) -> torch.Tensor:
+    """``count`` indices spread evenly over ``range(total)``, at the centres of equal bins."""
+    return ((torch.arange(count, dtype=torch.float64) + 0.5) * total / count).floor().long()
+
+
+def grid_sample(keep: int, rows: int, cols: int) -> torch.Tensor:
+    """Sorted raster indices of ``keep`` cells spread evenly over a ``rows x cols`` grid.
+
+    Picks a sub-grid with the grid's aspect ratio and at least ``keep`` cells (cell centres), then an
+    evenly spaced subset of it when the sub-grid has more cells than asked for.
+    """
+    sub_rows = min(rows, max(1, round(math.sqrt(keep * rows / cols))))
+    sub_cols = min(cols, math.ceil(keep / sub_rows))
+    if sub_rows * sub_cols < keep:
+        sub_rows = min(rows, math.ceil(keep / sub_cols))
+    r = evenly_spaced(sub_rows, rows)
+    c = evenly_spaced(sub_cols, cols)
+    cells = (r[:, None] * cols + c[None, :]).flatten()
+    return cells[evenly_spaced(keep, cells.numel())]
+
+
+@register_method("uniform")
+def uniform_selection(ctx: SelectionContext, keep: int) -> torch.Tensor:
+    """Keep tokens spread evenly over the image's patch grid (content-blind)."""
+    num_images, num_tokens = ctx.features.shape[:2]
+    if ctx.grid is not None:
+        index = grid_sample(keep, *ctx.grid)
+    else:
+        index = evenly_spaced(keep, num_tokens)
+    return index.to(ctx.features.device).expand(num_images, keep).contiguous()

@@ -1,0 +1,116 @@
+"""The ``Pruner``: one method, applied to one model through its family adapter, with statistics."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import PrunerConfig
+from .context import SelectionContext
+
+_ATTRIBUTE = "_tokenprune_pruner"
+
+
+@dataclass
+class PruneStats:
+    """What the last prefill did.
+
+    Attributes:
+        stage: ``pre_llm`` or ``llm``.
+        layer: decoder layer where tokens were dropped (0 = before the language model).
+        visual_tokens: visual tokens in each sample's prompt.
+        kept_tokens: visual tokens kept for each sample.
+        selection_ms: wall time of selection (scoring, top-k and layout), milliseconds.
+        keep_mask: ``[B, L]`` bool over the original prompt, True for every token that reached the layers
+            from ``layer`` on (``None`` for a text-only prompt).
+    """
+
+    stage: str
+    layer: int
+    visual_tokens: list[int] = field(default_factory=list)
+    kept_tokens: list[int] = field(default_factory=list)
+    selection_ms: float = 0.0
+    keep_mask: torch.Tensor | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        """The numbers, without the mask: for printing or JSON."""
+        return {
+            "stage": self.stage,
+            "layer": self.layer,
+            "visual_tokens": self.visual_tokens,
+            "kept_tokens": self.kept_tokens,
+            "selection_ms": round(self.selection_ms, 3),
+        }
+
+
+class Pruner:
+    """A method applied to a model. Made by :func:`tokenprune.apply_pruner`; undone by :meth:`remove`."""
+
+    def __init__(self, model: nn.Module, config: PrunerConfig, adapter) -> None:
+        self.model = model
+        self.config = config
+        self.adapter = adapter
+        self.keep_per_image = config.kept_per_image(adapter.tokens_per_image)
+        self.stats: PruneStats | None = None
+        self._selection_ms = 0.0
+        self._handles = adapter.attach(self)
+        setattr(model, _ATTRIBUTE, self)
+
+    def __repr__(self) -> str:
+        return f"Pruner({self.config.method!r}, keep={self.keep_per_image}/{self.adapter.tokens_per_image}, " \
+               f"layer={self.config.acting_layer})"
+
+    def remove(self) -> None:
+        """Remove every hook; the model computes exactly what it did before :func:`apply_pruner`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if getattr(self.model, _ATTRIBUTE, None) is self:
+            delattr(self.model, _ATTRIBUTE)
+
+    # -- called by adapters ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def timed_selection(self) -> Iterator[None]:
+        """Time the enclosed selection work (synchronising the device so the time is real)."""
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self._selection_ms = (time.perf_counter() - start) * 1e3
+
+    def select(self, ctx: SelectionContext) -> torch.Tensor:
+        """Keep indices ``[I, k]`` for the images in ``ctx``."""
+        return self.config.spec.select(ctx, self.keep_per_image, self.config.options)
+
+    def record_prefill(self, visual: list[int], kept: list[int], keep_mask: torch.Tensor) -> None:
+        self.stats = PruneStats(
+            stage=self.config.stage,
+            layer=self.config.acting_layer,
+            visual_tokens=visual,
+            kept_tokens=kept,
+            selection_ms=self._selection_ms,
+            keep_mask=keep_mask,
+        )
+
+    def record_text_only(self, batch_size: int) -> None:
+        self.stats = PruneStats(
+            stage=self.config.stage,
+            layer=self.config.acting_layer,
+            visual_tokens=[0] * batch_size,
+            kept_tokens=[0] * batch_size,
+        )
+
+
+def attached_pruner(model: nn.Module) -> Pruner | None:
+    """The pruner applied to ``model``, if any."""
+    return getattr(model, _ATTRIBUTE, None)

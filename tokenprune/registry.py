@@ -1,0 +1,100 @@
+"""The method registry: every pruning method is a pure function registered by name.
+
+A method receives a :class:`~tokenprune.context.SelectionContext` for a batch of images and the number of
+tokens to keep per image, and returns sorted keep indices ``[I, k]``. It declares what it needs from the
+adapter (``needs``) and the decoder layer it acts at by default (``default_layer``: 0 means before the
+language model, the ``pre_llm`` stage; K > 0 means at decoder layer K, the ``llm`` stage).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .context import SelectionContext
+
+MethodFn = Callable[..., torch.Tensor]
+
+#: What an adapter can collect for a method, besides the visual token features themselves.
+KNOWN_NEEDS = ("keys", "attention")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its function, default layer, declared needs and tunable options."""
+
+    name: str
+    fn: MethodFn
+    default_layer: int
+    needs: tuple[str, ...]
+    description: str
+    options: dict[str, object]
+
+    @property
+    def stage(self) -> str:
+        """The stage the method acts at by default: ``pre_llm`` at layer 0, ``llm`` deeper."""
+        return stage_for_layer(self.default_layer)
+
+    def select(self, ctx: SelectionContext, keep: int, options: dict[str, object]) -> torch.Tensor:
+        """Run the method and check its contract: sorted, unique, in-range indices ``[I, keep]``."""
+        index = self.fn(ctx, keep, **options)
+        num_images, num_tokens = ctx.features.shape[:2]
+        if index.shape != (num_images, keep):
+            raise RuntimeError(
+                f"method {self.name!r} returned shape {tuple(index.shape)}, expected {(num_images, keep)}"
+            )
+        if keep > 1 and not bool((index[:, 1:] > index[:, :-1]).all()):
+            raise RuntimeError(f"method {self.name!r} must return sorted, unique indices")
+        if bool((index[:, 0] < 0).any()) or bool((index[:, -1] >= num_tokens).any()):
+            raise RuntimeError(f"method {self.name!r} returned indices outside [0, {num_tokens})")
+        return index
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def stage_for_layer(layer: int) -> str:
+    """``pre_llm`` when a method acts on the language model's input embeddings, else ``llm``."""
+    return "pre_llm" if layer == 0 else "llm"
+
+
+def register_method(
+    name: str, *, default_layer: int = 0, needs: tuple[str, ...] = ()
+) -> Callable[[MethodFn], MethodFn]:
+    """Register ``fn(ctx, keep, **options) -> LongTensor[I, keep]`` under ``name``.
+
+    The options are the function's keyword-only parameters; their defaults are the method's defaults.
+    The first line of the docstring is the description shown by :func:`tokenprune.list_methods`.
+    """
+    unknown = set(needs) - set(KNOWN_NEEDS)
+    if unknown:
+        raise ValueError(f"unknown needs {sorted(unknown)}; known: {KNOWN_NEEDS}")
+
+    def decorator(fn: MethodFn) -> MethodFn:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is already registered")
+        params = inspect.signature(fn).parameters.values()
+        options = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        description = (inspect.getdoc(fn) or name).splitlines()[0]
+        _REGISTRY[name] = MethodSpec(name, fn, default_layer, tuple(needs), description, options)
+        return fn
+
+    return decorator
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec registered under ``name``; a ``ValueError`` listing the registered names otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a registered name (str) or a PrunerConfig, got {type(name).__name__}")
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list_methods() -> dict[str, tuple[str, str]]:
+    """Mapping of method name to ``(stage, one-line description)``, sorted by name."""
+    return {name: (spec.stage, spec.description) for name, spec in sorted(_REGISTRY.items())}
