@@ -1,0 +1,85 @@
+"""Independent references for the invariants: written against plain transformers, not tokenprune."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+ATOL = 1e-4
+
+
+def dense_mask(attention_mask: torch.Tensor, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4-D mask ``[B, 1, L, L]``: causal, padding, and keys outside ``visible`` hidden."""
+    length = attention_mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal[None] & (attention_mask.bool() & visible)[:, None, :]
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+@contextlib.contextmanager
+def hide_tokens_from_layers(model, visible: torch.Tensor, attention_mask: torch.Tensor, first_layer: int):
+    """Within the block, decoder layers ``first_layer..`` of the unpatched ``model`` see only ``visible`` keys."""
+    mask = dense_mask(attention_mask, visible, model.dtype)
+
+    def hook(module, args, kwargs):
+        return args, {**kwargs, "attention_mask": mask}
+
+    layers = model.model.language_model.layers[first_layer:]
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def masked_reference(model, inputs: dict, keep: torch.Tensor, first_layer: int) -> torch.Tensor:
+    """Logits ``[B, L, V]`` of the unpatched model with the tokens outside ``keep`` hidden from attention
+    in layers ``first_layer..``, positions unchanged, no cache."""
+    with torch.no_grad(), hide_tokens_from_layers(model, keep, inputs["attention_mask"], first_layer):
+        return model(**inputs, use_cache=False).logits
+
+
+def kept_rows(pruned_logits: torch.Tensor, keep: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Per sample, the pruned logits of the real (non-padding) kept tokens, in prompt order.
+
+    A pruned row holds its kept tokens right-aligned, in order; that is the layout the API promises.
+    """
+    rows = []
+    for b in range(keep.shape[0]):
+        n = int(keep[b].sum())
+        real = attention_mask[b].bool()[keep[b]]
+        rows.append(pruned_logits[b, pruned_logits.shape[1] - n :][real])
+    return rows
+
+
+def reference_rows(reference_logits: torch.Tensor, keep: torch.Tensor, attention_mask: torch.Tensor):
+    return [reference_logits[b][keep[b] & attention_mask[b].bool()] for b in range(keep.shape[0])]
+
+
+def extend(inputs: dict, new_tokens: torch.Tensor) -> dict:
+    """``inputs`` with ``new_tokens [B, T]`` appended, mask and positions extended as generate does."""
+    batch, count = new_tokens.shape
+    mask = torch.cat([inputs["attention_mask"], torch.ones(batch, count, dtype=torch.long)], dim=1)
+    last = inputs["position_ids"][:, -1:]
+    positions = torch.cat([inputs["position_ids"], last + torch.arange(1, count + 1)], dim=1)
+    return {
+        **inputs,
+        "input_ids": torch.cat([inputs["input_ids"], new_tokens], dim=1),
+        "attention_mask": mask,
+        "position_ids": positions,
+    }
+
+
+def select_sample(inputs: dict, b: int, images_per_prompt: tuple[int, ...]) -> dict:
+    """Sample ``b`` of a left-padded batch on its own, without its padding."""
+    real = inputs["attention_mask"][b].bool()
+    first = sum(images_per_prompt[:b])
+    pixels = inputs["pixel_values"]
+    return {
+        "input_ids": inputs["input_ids"][b : b + 1, real],
+        "attention_mask": inputs["attention_mask"][b : b + 1, real],
+        "position_ids": inputs["position_ids"][b : b + 1, real],
+        "pixel_values": None if pixels is None else pixels[first : first + images_per_prompt[b]],
+    }

@@ -1,0 +1,132 @@
+"""The invariants of DESIGN.md, for every registered method and attention implementation on LLaVA."""
+
+import pytest
+import torch
+from helpers import ATOL, extend, kept_rows, masked_reference, reference_rows, select_sample
+
+import tokenprune as tp
+from tokenprune.testing import tiny_inputs, tokens_per_image
+
+METHODS = sorted(tp.list_methods())
+RAGGED = (1, 2, 1)  # images per prompt in the ragged batch; prompt lengths differ too
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_all_gives_unpatched_logits(model, method):
+    inputs = tiny_inputs(model, RAGGED)
+    expected = logits(model, inputs)
+    with tp.pruned(model, method, keep_ratio=1.0) as pruner:
+        got = logits(model, inputs)
+    assert pruner.stats.kept_tokens == pruner.stats.visual_tokens
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_dropping_equals_masking(model, method):
+    inputs = tiny_inputs(model, RAGGED)
+    with tp.pruned(model, method, keep_ratio=0.25) as pruner:
+        got = logits(model, inputs)
+    keep = pruner.stats.keep_mask
+    expected = masked_reference(model, inputs, keep, pruner.config.acting_layer)
+    for g, e in zip(kept_rows(got, keep, inputs["attention_mask"]), reference_rows(expected, keep, inputs["attention_mask"])):
+        torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
+    n = tokens_per_image(model)
+    assert pruner.stats.kept_tokens == [16 * k for k in RAGGED]
+    assert pruner.stats.visual_tokens == [n * k for k in RAGGED]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cached_generate_equals_recomputation(model, method):
+    inputs = tiny_inputs(model, RAGGED)
+    with tp.pruned(model, method, keep_ratio=0.25) as pruner, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+    keep = pruner.stats.keep_mask
+    new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
+    for step, step_logits in enumerate(out.logits):
+        grown = extend(inputs, new_tokens[:, :step])
+        grown_keep = torch.cat([keep, torch.ones(keep.shape[0], step, dtype=torch.bool)], dim=1)
+        expected = masked_reference(model, grown, grown_keep, pruner.config.acting_layer)[:, -1]
+        torch.testing.assert_close(step_logits, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_equals_each_sample_alone(model, method):
+    inputs = tiny_inputs(model, RAGGED)
+    with tp.pruned(model, method, keep_ratio=0.25) as pruner:
+        batched = logits(model, inputs)[:, -1]
+        with torch.no_grad():
+            batched_tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        for b in range(len(RAGGED)):
+            alone_inputs = select_sample(inputs, b, RAGGED)
+            alone = logits(model, alone_inputs)[:, -1]
+            torch.testing.assert_close(batched[b : b + 1], alone, atol=ATOL, rtol=0)
+            assert pruner.stats.kept_tokens == [16 * RAGGED[b]]
+            with torch.no_grad():
+                alone_tokens = model.generate(**alone_inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+            assert torch.equal(batched_tokens[b, -3:], alone_tokens[0, -3:])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_remove_restores_exactly(model, method):
+    inputs = tiny_inputs(model, RAGGED)
+    before = logits(model, inputs)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = tp.apply_pruner(model, method, keep_ratio=0.25)
+    assert logits(model, inputs).shape[1] < before.shape[1]
+    tp.remove_pruner(model)
+    assert torch.equal(logits(model, inputs), before)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert pruner.stats is not None
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pruned_layers_see_the_configured_count(model, method):
+    inputs = tiny_inputs(model, (1,))
+    length = inputs["input_ids"].shape[1]
+    n = tokens_per_image(model)
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).shape[1])
+
+    layers = model.model.language_model.layers
+    with tp.pruned(model, method, budget=10) as pruner:
+        # registered after the pruner's hooks, so each records what its layer really receives
+        handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+        try:
+            logits(model, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    k = pruner.config.acting_layer
+    assert seen == [length] * k + [length - n + 10] * (len(layers) - k)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_text_only_prompt_passes_through(model, method):
+    inputs = tiny_inputs(model, (0, 0))
+    expected = logits(model, inputs)
+    with tp.pruned(model, method, keep_ratio=0.25) as pruner:
+        got = logits(model, inputs)
+    assert torch.equal(got, expected)
+    assert pruner.stats.visual_tokens == [0, 0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_attention_implementations_agree(method):
+    from tokenprune.testing import tiny_model
+
+    inputs = tiny_inputs(tiny_model(), RAGGED)
+    results = []
+    for attn in ("eager", "sdpa"):
+        m = tiny_model(attn_implementation=attn)
+        with tp.pruned(m, method, keep_ratio=0.25) as pruner:
+            results.append((logits(m, inputs)[:, -1], pruner.stats.keep_mask))
+    assert torch.equal(results[0][1], results[1][1])
+    torch.testing.assert_close(results[0][0], results[1][0], atol=ATOL, rtol=0)
