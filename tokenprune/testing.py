@@ -6,8 +6,17 @@ meaningless, but every code path (vision tower, projector, decoder, cache, gener
 
 from __future__ import annotations
 
+import os
+import pathlib
+
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, PreTrainedModel
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedModel,
+)
 
 FAMILIES = ("llava",)
 PAD_TOKEN_ID = 0
@@ -66,7 +75,7 @@ def tiny_inputs(
     if text_lengths is None:
         text_lengths = tuple(5 + 3 * b for b in range(len(images_per_prompt)))
     prompts = []
-    for num_images, text_length in zip(images_per_prompt, text_lengths):
+    for num_images, text_length in zip(images_per_prompt, text_lengths, strict=False):
         text = torch.randint(4, VOCAB_SIZE, (text_length,), generator=generator)
         pieces = [text[: text_length // 2]]
         for _ in range(num_images):
@@ -89,3 +98,117 @@ def tiny_inputs(
         "position_ids": position_ids,
         "pixel_values": pixel_values,
     }
+
+
+#: Tokens of the tiny tokenizer, in id order: the special tokens, then punctuation, digits and plain words,
+#: so that the random output of a tiny model decodes to readable (if meaningless) text.
+_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>", "<unk>")
+_WORD_LIST = (
+    ". , ? ! : ; ' - ( ) "
+    "0 1 2 3 4 5 6 7 8 9 "
+    "user assistant what is it this that the a an of in on at to and or but with for from by as "
+    "be are was were has have had do does did can could will would should may not no yes "
+    "i you he she we they me him her us them my your his its our their there here where when why how "
+    "which who one two three four five six seven eight nine ten many few some all any each "
+    "image picture photo scene color red green blue yellow orange purple pink black white gray brown "
+    "dark light bright big small large little long short tall wide round square circle triangle line "
+    "shape left right top bottom middle center side front back up down over under near far above below "
+    "sky sun moon star cloud rain snow tree leaf flower grass water river lake sea sand rock hill road "
+    "house door window wall roof room table chair bed lamp book cup plate box ball car bus boat train "
+    "cat dog bird fish horse cow man woman child people hand face eye head "
+    "see look show find count describe answer question think know say tell make take give go come "
+    "very more most less also only just then now again still so too well good bad new old same other "
+    "first last next number part time day place object"
+)
+_WORDS = tuple(_WORD_LIST.split())
+
+
+def _tiny_vocab() -> dict[str, int]:
+    tokens = list(_SPECIAL_TOKENS)
+    for word in _WORDS:
+        if word not in tokens:
+            tokens.append(word)
+    if len(tokens) > VOCAB_SIZE:
+        raise AssertionError(f"the tiny vocabulary has {len(tokens)} tokens, more than {VOCAB_SIZE}")
+    tokens += [f"w{i}" for i in range(VOCAB_SIZE - len(tokens))]  # never reached with the list above
+    return {token: i for i, token in enumerate(tokens)}
+
+
+def tiny_tokenizer():
+    """A word-level ``PreTrainedTokenizerFast`` over the tiny models' 256 ids (lower-cased words).
+
+    Ids 0-3 are ``<pad>``, ``<s>``, ``</s>`` and ``<image>`` (:data:`PAD_TOKEN_ID`, :data:`IMAGE_TOKEN_ID`),
+    then ``<unk>``, punctuation, digits and common English words. Text is split on whitespace and
+    punctuation; ``<s>`` is prepended to every sequence. Returns the tokenizer.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = _tiny_vocab()
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        padding_side="left", extra_special_tokens={"image_token": "<image>"},
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer
+
+
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %} {% else %}</s>{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def tiny_processor(family: str = "llava"):
+    """The ``LlavaProcessor`` matching :func:`tiny_model`: PIL CLIP preprocessing to 32x32, 64 placeholders.
+
+    Images are resized (short side 32) and centre-cropped to the tiny vision tower's 32x32, which gives
+    an 8x8 grid of 4-pixel patches; the CLS token is dropped (``vision_feature_select_strategy="default"``),
+    so each ``<image>`` in the text expands to 64 placeholder tokens. Returns the processor.
+    """
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    config = tiny_config(family)
+    vision = config.vision_config
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": vision.image_size},
+        crop_size={"height": vision.image_size, "width": vision.image_size},
+        do_center_crop=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tiny_tokenizer(),
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # the CLS token, dropped again by the "default" strategy
+        image_token="<image>",
+        chat_template=_CHAT_TEMPLATE,
+    )
+
+
+def save_tiny_checkpoint(path: str | os.PathLike, family: str = "llava", seed: int = 0) -> pathlib.Path:
+    """Write a complete local checkpoint of the tiny ``family`` model to the directory ``path``.
+
+    The directory holds the weights and config of ``tiny_model(family, seed=seed)``, a word-level tokenizer
+    and the processor (:func:`tiny_processor`), so that ``AutoProcessor.from_pretrained(path)`` and
+    ``LlavaForConditionalGeneration.from_pretrained(path)`` load it offline, like any real checkpoint.
+    Returns the directory as a :class:`pathlib.Path`.
+    """
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tiny_model(family, seed=seed).save_pretrained(path)
+    tiny_processor(family).save_pretrained(path)
+    return path

@@ -1,0 +1,127 @@
+"""The command line, the tiny on-disk checkpoint it loads by default, and the kept-token overlay."""
+
+import re
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+from typer.testing import CliRunner
+
+import tokenprune as tp
+from tokenprune.cli import app, example_image_path
+from tokenprune.overlay import TITLE_HEIGHT, overlay_size, save_overlay
+from tokenprune.testing import IMAGE_TOKEN_ID, save_tiny_checkpoint, tiny_model
+
+PROMPT = "USER: <image>\nWhat is it? ASSISTANT:"
+runner = CliRunner()
+
+
+def plain(text: str) -> str:
+    """``text`` without ANSI escapes, with runs of whitespace collapsed."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
+
+
+def test_help():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "run" in result.output and "methods" in result.output
+    result = runner.invoke(app, ["run", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--keep-ratio" in plain(result.output)
+
+
+def test_methods_lists_every_registered_method():
+    result = runner.invoke(app, ["methods"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for name, (stage, _) in tp.list_methods().items():
+        assert re.search(rf"\b{name}\b.*\b{stage}\b", result.output), (name, result.output)
+
+
+def test_run_tiny_writes_overlay(tmp_path):
+    target = tmp_path / "o.png"
+    args = ["run", "--model", "tiny", "--method", "uniform", "--budget", "8", "--max-new-tokens", "4",
+            "--overlay", str(target)]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    text = plain(result.output)
+    assert re.search(r"visual tokens │? *64 │? *8\b", text), text
+    assert "unpruned answer:" in text and "pruned answer:" in text
+    assert "8/64 kept" in text and str(target) in text
+    with Image.open(target) as picture:
+        assert picture.format == "PNG"
+        with example_image_path() as example, Image.open(example) as source:
+            assert picture.size == overlay_size((min(source.size), min(source.size)))
+
+
+def test_run_bad_keep_ratio_is_a_clear_error():
+    result = runner.invoke(app, ["run", "--method", "uniform", "--keep-ratio", "2"])
+    assert result.exit_code == 2
+    assert "keep_ratio must be in (0, 1]" in plain(result.output)
+    assert "Traceback" not in result.output
+
+
+def test_run_unknown_method_is_a_clear_error():
+    result = runner.invoke(app, ["run", "--method", "no-such-method"])
+    assert result.exit_code == 2
+    assert "no-such-method" in plain(result.output)
+
+
+def test_run_budget_larger_than_image_is_a_clear_error(tmp_path):
+    args = ["run", "--method", "uniform", "--budget", "65", "--overlay", str(tmp_path / "o.png")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "budget=65" in plain(result.output)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_example_image_is_bundled():
+    with example_image_path() as path, Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) >= 32
+
+
+def test_tiny_checkpoint_round_trip(tmp_path):
+    path = save_tiny_checkpoint(tmp_path / "ckpt")
+    processor = AutoProcessor.from_pretrained(path)
+    with example_image_path() as example, Image.open(example) as image:
+        inputs = processor(images=image.convert("RGB"), text=PROMPT, return_tensors="pt")
+    assert int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum()) == 64
+    assert inputs["input_ids"][0, 0] == 1  # <s>
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, 32, 32)
+    words = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0, -6:].tolist())
+    assert words == ["what", "is", "it", "?", "assistant", ":"]
+
+    loaded = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    with torch.no_grad():
+        expected = tiny_model().eval()(**inputs).logits
+        actual = loaded(**inputs).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    decoded = processor.batch_decode(torch.arange(5, 40)[None], skip_special_tokens=True)[0]
+    assert "<unk>" not in decoded and decoded.strip()
+
+
+def test_save_overlay_darkens_dropped_patches(tmp_path):
+    image = Image.new("RGB", (40, 32), (180, 160, 140))
+    grid = (4, 5)
+    keep = torch.zeros(20, dtype=torch.bool)
+    keep[[0, 7, 19]] = True
+    path = save_overlay(image, keep, grid, tmp_path / "sub" / "overlay.png")
+    with Image.open(path) as picture:
+        assert picture.format == "PNG"
+        assert picture.size == overlay_size(image.size) == (480, 384 + TITLE_HEIGHT)
+        grey = picture.convert("L")
+        body = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).float()
+        body = body.view(grey.height, grey.width)[TITLE_HEIGHT:]
+    cell_h, cell_w = body.shape[0] // grid[0], body.shape[1] // grid[1]
+
+    def cell_mean(index: int) -> float:
+        r, c = divmod(index, grid[1])
+        return body[r * cell_h:(r + 1) * cell_h, c * cell_w:(c + 1) * cell_w].mean().item()
+
+    assert cell_mean(7) > 2 * cell_mean(8)
+    assert cell_mean(0) > 2 * cell_mean(1)
+
+
+def test_save_overlay_rejects_wrong_mask(tmp_path):
+    with pytest.raises(ValueError, match="20 flags"):
+        save_overlay(Image.new("RGB", (8, 8)), torch.ones(19, dtype=torch.bool), (4, 5), tmp_path / "o.png")

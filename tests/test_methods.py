@@ -1,0 +1,91 @@
+"""Methods as pure functions on random tensors: the contract every method keeps, and each one's idea."""
+
+import pytest
+import torch
+
+import tokenprune as tp
+from tokenprune.context import SelectionContext
+from tokenprune.methods.baselines import grid_sample
+from tokenprune.registry import get_method
+
+METHODS = sorted(tp.list_methods())
+
+
+def random_context(images=3, rows=6, cols=8, dim=16, seed=0) -> SelectionContext:
+    g = torch.Generator().manual_seed(seed)
+    n = rows * cols
+    return SelectionContext(
+        features=torch.randn(images, n, dim, generator=g),
+        grid=(rows, cols),
+        image_index=torch.arange(images),
+        keys=torch.randn(images, n, 8, generator=g),
+        attention=torch.rand(images, n, generator=g).softmax(-1),
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("keep", [1, 5, 24, 47, 48])
+def test_contract_sorted_unique_in_range(method, keep):
+    ctx = random_context()
+    index = get_method(method).select(ctx, keep, {})
+    assert index.shape == (3, keep) and index.dtype == torch.long
+    if keep == 48:
+        assert torch.equal(index, torch.arange(48).expand(3, 48))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deterministic(method):
+    a = get_method(method).select(random_context(), 12, {})
+    b = get_method(method).select(random_context(), 12, {})
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_image_is_selected_on_its_own(method):
+    ctx = random_context()
+    together = get_method(method).select(ctx, 12, {})
+    for i in range(3):
+        alone = SelectionContext(
+            features=ctx.features[i : i + 1], grid=ctx.grid, image_index=ctx.image_index[i : i + 1],
+            keys=ctx.keys[i : i + 1], attention=ctx.attention[i : i + 1],
+        )
+        assert torch.equal(get_method(method).select(alone, 12, {}), together[i : i + 1])
+
+
+def test_random_is_seeded_per_image():
+    ctx = random_context()
+    a = get_method("random").select(ctx, 12, {"seed": 1})
+    b = get_method("random").select(ctx, 12, {"seed": 2})
+    assert not torch.equal(a, b)
+    assert not torch.equal(a[0], a[1])  # images of one prompt draw differently
+
+
+def test_uniform_covers_the_grid():
+    index = grid_sample(12, 6, 8)
+    rows, cols = index // 8, index % 8
+    assert len(set(rows.tolist())) >= 3 and len(set(cols.tolist())) >= 4
+    assert rows.min() <= 1 and rows.max() >= 4 and cols.min() <= 1 and cols.max() >= 6
+
+
+@pytest.mark.parametrize(("keep", "rows", "cols"), [(1, 1, 1), (7, 3, 3), (9, 3, 3), (13, 4, 5), (20, 4, 5), (5, 1, 9)])
+def test_grid_sample_counts(keep, rows, cols):
+    index = grid_sample(keep, rows, cols)
+    assert index.numel() == keep == index.unique().numel() and int(index.max()) < rows * cols
+
+
+def test_fastv_keeps_the_most_attended():
+    ctx = random_context()
+    index = get_method("fastv").select(ctx, 5, {})
+    expected = ctx.attention.topk(5, dim=1).indices.sort(dim=1).values
+    assert torch.equal(index, expected)
+
+
+def test_method_contract_is_enforced():
+    from tokenprune.registry import MethodSpec
+
+    bad = MethodSpec("bad", lambda ctx, keep: torch.tensor([[3, 1]]), 0, (), "", {})
+    ctx = random_context(images=1)
+    with pytest.raises(RuntimeError, match="sorted"):
+        bad.select(ctx, 2, {})
+    with pytest.raises(RuntimeError, match="shape"):
+        bad.select(ctx, 3, {})
