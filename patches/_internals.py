@@ -127,7 +127,9 @@ def check_decoder_internals(language_model: nn.Module) -> None:
     """Raise :class:`InternalsMovedError` naming the first internal that is not where the adapter expects."""
     forward_params = inspect.signature(type(language_model).forward).parameters
     if not any(name in forward_params for name in _CACHE_NAMES):
-        raise InternalsMovedError(f"{type(language_model).__name__}.forward takes neither 'cache' nor 'past_key_values'")
+        raise InternalsMovedError(
+            f"{type(language_model).__name__}.forward takes neither 'cache' nor 'past_key_values'"
+        )
     for name in ("position_ids", "attention_mask", "inputs_embeds"):
         if name not in forward_params:
             raise InternalsMovedError(f"{type(language_model).__name__}.forward no longer takes {name!r}")

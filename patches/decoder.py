@@ -91,7 +91,9 @@ class DecoderPruningHooks:
             for layer in self.layers[k + 1 :]
         ]
         if "attention" in pruner.config.spec.needs and k > 0:
-            handles.append(self.layers[k - 1].register_forward_pre_hook(self._capture_scoring_input, with_kwargs=True))
+            handles.append(
+                self.layers[k - 1].register_forward_pre_hook(self._capture_scoring_input, with_kwargs=True)
+            )
         return handles
 
     # -- language model -------------------------------------------------------------------------
@@ -104,7 +106,9 @@ class DecoderPruningHooks:
         session = self._sessions.get(cache) if cache is not None else None
         if session is not None:
             if has_images:
-                raise ValueError("cannot add images to a cache whose visual tokens were pruned; start a new cache")
+                raise ValueError(
+                    "cannot add images to a cache whose visual tokens were pruned; start a new cache"
+                )
             self._call = _Call(session=session)
             return args, self._decode_inputs(kwargs, cache, session)
         if not has_images:
@@ -112,8 +116,10 @@ class DecoderPruningHooks:
                 self._pruner.record_text_only(visual.shape[0])
             return args, kwargs
         if internals.cache_length(cache, 0) > 0:
-            raise ValueError("images must be in the first forward of a cache to be pruned (no chunked prefill "
-                             "or continuation of an unpruned cache)")
+            raise ValueError(
+                "images must be in the first forward of a cache to be pruned (no chunked prefill "
+                "or continuation of an unpruned cache)"
+            )
         self._call = _Call(visual=visual, attention_mask=kwargs.get("attention_mask"))
         return args, kwargs
 
@@ -130,13 +136,17 @@ class DecoderPruningHooks:
         else:
             raise ValueError("decode steps on a pruned cache need a 2-D attention mask (or none)")
         if tail.shape[1] != pruned_before + new:
-            raise ValueError(f"attention_mask covers {mask.shape[1]} tokens but the cache holds "
-                             f"{session.original_length + pruned_before} before pruning, plus {new} new")
+            raise ValueError(
+                f"attention_mask covers {mask.shape[1]} tokens but the cache holds "
+                f"{session.original_length + pruned_before} before pruning, plus {new} new"
+            )
         self._call.pruned_mask_2d = torch.cat([session.prefix_mask, tail], dim=1)
         kwargs = dict(kwargs)
         if kwargs.get("position_ids") is None:
             start = session.original_length + pruned_before
-            kwargs["position_ids"] = torch.arange(start, start + new, device=embeds.device)[None].expand(batch, -1)
+            kwargs["position_ids"] = torch.arange(start, start + new, device=embeds.device)[None].expand(
+                batch, -1
+            )
         if self._layer == 0:
             kwargs["attention_mask"] = self._call.pruned_mask_2d
         return kwargs
@@ -171,12 +181,16 @@ class DecoderPruningHooks:
             if self._layer == 0:
                 return None  # the language model already built the mask from the pruned 2-D mask
             call.layer_kwargs = {
-                "attention_mask": internals.causal_mask(config, hidden, call.pruned_mask_2d, cache, self._layer)
+                "attention_mask": internals.causal_mask(
+                    config, hidden, call.pruned_mask_2d, cache, self._layer
+                )
             }
             return args, {**kwargs, **call.layer_kwargs}
         return self._prune(call, hidden, args, kwargs, cache)
 
-    def _prune(self, call: _Call, hidden: torch.Tensor, args: tuple, kwargs: dict, cache: Any) -> tuple[tuple, dict]:
+    def _prune(
+        self, call: _Call, hidden: torch.Tensor, args: tuple, kwargs: dict, cache: Any
+    ) -> tuple[tuple, dict]:
         batch, length = hidden.shape[:2]
         mask_2d = call.attention_mask
         if mask_2d is None:
@@ -190,7 +204,9 @@ class DecoderPruningHooks:
         pruner = self._pruner
         with pruner.timed_selection():
             layout = find_images(call.visual, self.tokens_per_image)
-            ctx = SelectionContext(features=layout.take(hidden), grid=self.grid, image_index=layout.image_index)
+            ctx = SelectionContext(
+                features=layout.take(hidden), grid=self.grid, image_index=layout.image_index
+            )
             needs = pruner.config.spec.needs
             if "keys" in needs:
                 _, keys = internals.project_queries_keys(self.layers[self._layer], hidden, (cos, sin), None)
@@ -238,5 +254,7 @@ class DecoderPruningHooks:
             self.layers[scoring_layer], scoring_input, position_embeddings, last
         )
         key_mask = valid & (positions[None] <= last[:, None])
-        weights = query_attention(query, keys, key_mask, internals.attention_scaling(self.layers[scoring_layer]))
+        weights = query_attention(
+            query, keys, key_mask, internals.attention_scaling(self.layers[scoring_layer])
+        )
         return weights[layout.sample[:, None], layout.positions]

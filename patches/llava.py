@@ -8,7 +8,6 @@ the images are.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle

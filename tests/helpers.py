@@ -19,7 +19,7 @@ def dense_mask(attention_mask: torch.Tensor, visible: torch.Tensor, dtype: torch
 
 @contextlib.contextmanager
 def hide_tokens_from_layers(model, visible: torch.Tensor, attention_mask: torch.Tensor, first_layer: int):
-    """Within the block, decoder layers ``first_layer..`` of the unpatched ``model`` see only ``visible`` keys."""
+    """In the block, decoder layers ``first_layer..`` of the unpatched ``model`` see only ``visible`` keys."""
     mask = dense_mask(attention_mask, visible, model.dtype)
 
     def hook(module, args, kwargs):
@@ -41,7 +41,9 @@ def masked_reference(model, inputs: dict, keep: torch.Tensor, first_layer: int) 
         return model(**inputs, use_cache=False).logits
 
 
-def kept_rows(pruned_logits: torch.Tensor, keep: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+def kept_rows(
+    pruned_logits: torch.Tensor, keep: torch.Tensor, attention_mask: torch.Tensor
+) -> list[torch.Tensor]:
     """Per sample, the pruned logits of the real (non-padding) kept tokens, in prompt order.
 
     A pruned row holds its kept tokens right-aligned, in order; that is the layout the API promises.

@@ -40,8 +40,19 @@ def test_methods_lists_every_registered_method():
 
 def test_run_tiny_writes_overlay(tmp_path):
     target = tmp_path / "o.png"
-    args = ["run", "--model", "tiny", "--method", "uniform", "--budget", "8", "--max-new-tokens", "4",
-            "--overlay", str(target)]
+    args = [
+        "run",
+        "--model",
+        "tiny",
+        "--method",
+        "uniform",
+        "--budget",
+        "8",
+        "--max-new-tokens",
+        "4",
+        "--overlay",
+        str(target),
+    ]
     result = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     text = plain(result.output)
@@ -116,7 +127,7 @@ def test_save_overlay_darkens_dropped_patches(tmp_path):
 
     def cell_mean(index: int) -> float:
         r, c = divmod(index, grid[1])
-        return body[r * cell_h:(r + 1) * cell_h, c * cell_w:(c + 1) * cell_w].mean().item()
+        return body[r * cell_h : (r + 1) * cell_h, c * cell_w : (c + 1) * cell_w].mean().item()
 
     assert cell_mean(7) > 2 * cell_mean(8)
     assert cell_mean(0) > 2 * cell_mean(1)

@@ -30,7 +30,11 @@ def assert_untouched(model):
         ({"method": "fastv", "budget": 0}, ValueError, "budget must be >= 1"),
         ({"method": "fastv", "budget": 2.5}, TypeError, "budget must be an int"),
         ({"method": "fastv", "budget": 65}, ValueError, "larger than the 64 visual tokens"),
-        ({"method": "fastv", "keep_ratio": 0.5, "layer": 4}, ValueError, r"outside .* 4 layers \(valid: 0..3\)"),
+        (
+            {"method": "fastv", "keep_ratio": 0.5, "layer": 4},
+            ValueError,
+            r"outside .* 4 layers \(valid: 0..3\)",
+        ),
         ({"method": "fastv", "keep_ratio": 0.5, "layer": -1}, ValueError, "layer must be >= 0"),
         ({"method": "random", "keep_ratio": 0.5, "sed": 3}, ValueError, "unknown option.*'sed'.*seed"),
         ({"method": 3, "keep_ratio": 0.5}, TypeError, "registered name"),
@@ -45,8 +49,9 @@ def test_bad_config_raises_before_any_work(llava, kwargs, error, match):
 
 
 def test_unsupported_model_names_supported_families():
-    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=32)
+    config = LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32
+    )
     model = LlamaForCausalLM(config)
     with pytest.raises(ValueError, match="unsupported model type 'llama'.*supports: llava"):
         tp.apply_pruner(model, "fastv", keep_ratio=0.5)
@@ -85,9 +90,8 @@ def test_pruned_context_removes_on_error(llava):
 def test_placeholder_count_must_be_whole_images(llava):
     inputs = tiny_inputs(llava, (1,))
     inputs["input_ids"][0, -1] = llava.config.image_token_id  # one stray placeholder
-    with tp.pruned(llava, "uniform", keep_ratio=0.5), pytest.raises(ValueError):
-        with torch.no_grad():
-            llava(**inputs)
+    with tp.pruned(llava, "uniform", keep_ratio=0.5), pytest.raises(ValueError), torch.no_grad():
+        llava(**inputs)
 
 
 def test_images_cannot_continue_a_pruned_cache(llava):

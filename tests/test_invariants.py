@@ -33,7 +33,11 @@ def test_dropping_equals_masking(model, method):
         got = logits(model, inputs)
     keep = pruner.stats.keep_mask
     expected = masked_reference(model, inputs, keep, pruner.config.acting_layer)
-    for g, e in zip(kept_rows(got, keep, inputs["attention_mask"]), reference_rows(expected, keep, inputs["attention_mask"])):
+    for g, e in zip(
+        kept_rows(got, keep, inputs["attention_mask"]),
+        reference_rows(expected, keep, inputs["attention_mask"]),
+        strict=True,
+    ):
         torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
     n = tokens_per_image(model)
     assert pruner.stats.kept_tokens == [16 * k for k in RAGGED]
@@ -44,8 +48,14 @@ def test_dropping_equals_masking(model, method):
 def test_cached_generate_equals_recomputation(model, method):
     inputs = tiny_inputs(model, RAGGED)
     with tp.pruned(model, method, keep_ratio=0.25) as pruner, torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=0)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=4,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
     keep = pruner.stats.keep_mask
     new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
     for step, step_logits in enumerate(out.logits):
@@ -68,7 +78,9 @@ def test_batch_equals_each_sample_alone(model, method):
             torch.testing.assert_close(batched[b : b + 1], alone, atol=ATOL, rtol=0)
             assert pruner.stats.kept_tokens == [16 * RAGGED[b]]
             with torch.no_grad():
-                alone_tokens = model.generate(**alone_inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+                alone_tokens = model.generate(
+                    **alone_inputs, max_new_tokens=3, do_sample=False, pad_token_id=0
+                )
             assert torch.equal(batched_tokens[b, -3:], alone_tokens[0, -3:])
 
 

@@ -46,8 +46,11 @@ def test_each_image_is_selected_on_its_own(method):
     together = get_method(method).select(ctx, 12, {})
     for i in range(3):
         alone = SelectionContext(
-            features=ctx.features[i : i + 1], grid=ctx.grid, image_index=ctx.image_index[i : i + 1],
-            keys=ctx.keys[i : i + 1], attention=ctx.attention[i : i + 1],
+            features=ctx.features[i : i + 1],
+            grid=ctx.grid,
+            image_index=ctx.image_index[i : i + 1],
+            keys=ctx.keys[i : i + 1],
+            attention=ctx.attention[i : i + 1],
         )
         assert torch.equal(get_method(method).select(alone, 12, {}), together[i : i + 1])
 
@@ -67,7 +70,9 @@ def test_uniform_covers_the_grid():
     assert rows.min() <= 1 and rows.max() >= 4 and cols.min() <= 1 and cols.max() >= 6
 
 
-@pytest.mark.parametrize(("keep", "rows", "cols"), [(1, 1, 1), (7, 3, 3), (9, 3, 3), (13, 4, 5), (20, 4, 5), (5, 1, 9)])
+@pytest.mark.parametrize(
+    ("keep", "rows", "cols"), [(1, 1, 1), (7, 3, 3), (9, 3, 3), (13, 4, 5), (20, 4, 5), (5, 1, 9)]
+)
 def test_grid_sample_counts(keep, rows, cols):
     index = grid_sample(keep, rows, cols)
     assert index.numel() == keep == index.unique().numel() and int(index.max()) < rows * cols
@@ -89,3 +94,49 @@ def test_method_contract_is_enforced():
         bad.select(ctx, 2, {})
     with pytest.raises(RuntimeError, match="shape"):
         bad.select(ctx, 3, {})
+
+
+def clustered_context(
+    prototypes: int = 4, copies: int = 12, dim: int = 16, seed: int = 0
+) -> SelectionContext:
+    """One image whose tokens are noisy copies of a few prototype vectors (near-duplicates)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(prototypes, dim, generator=g) * 5
+    labels = torch.arange(prototypes).repeat(copies)
+    features = centres[labels] + 0.01 * torch.randn(prototypes * copies, dim, generator=g)
+    return SelectionContext(
+        features=features[None],
+        grid=None,
+        image_index=torch.zeros(1, dtype=torch.long),
+        keys=torch.randn(1, prototypes * copies, 8, generator=g),
+    ), labels
+
+
+def test_divprune_covers_every_cluster_before_repeating_one():
+    ctx, labels = clustered_context()
+    index = get_method("divprune").select(ctx, 4, {})
+    assert sorted(labels[index[0]].tolist()) == [0, 1, 2, 3]
+
+
+def test_dart_keeps_pivots_and_avoids_their_duplicates():
+    ctx, labels = clustered_context(prototypes=2)
+    pivot = int(ctx.keys[0].abs().sum(-1).argmax())
+    index = get_method("dart").select(ctx, 2, {"pivots": 1})
+    assert pivot in index[0].tolist()
+    # the second token is taken from the other cluster: the pivot's near-duplicates are dropped
+    assert sorted(labels[index[0]].tolist()) == [0, 1]
+
+
+def test_idpruner_trades_importance_for_diversity():
+    # three orthogonal near-duplicate clusters; cluster 2 has the largest norms (most "important")
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat(8)
+    centres = torch.eye(16)[:3] * torch.tensor([[4.0], [5.0], [6.0]])
+    features = centres[labels] + 0.01 * torch.randn(24, 16, generator=g)
+    ctx = SelectionContext(features=features[None], grid=None, image_index=torch.zeros(1, dtype=torch.long))
+    by_importance = get_method("idpruner").select(ctx, 3, {"lam": 1.0})
+    assert labels[by_importance[0]].tolist() == [2, 2, 2]  # lam=1: importance only, duplicates and all
+    balanced = get_method("idpruner").select(ctx, 3, {"lam": 0.4})
+    assert sorted(labels[balanced[0]].tolist()) == [0, 1, 2]  # one token per cluster
+    with pytest.raises(ValueError, match="lam"):
+        get_method("idpruner").select(ctx, 3, {"lam": 2.0})

@@ -43,13 +43,17 @@ def apply_pruner(
             raise TypeError("pass either a PrunerConfig or a method name with its arguments, not both")
         config = method
     else:
-        config = PrunerConfig(method, keep_ratio=keep_ratio, budget=budget, layer=layer, options=dict(options))
+        config = PrunerConfig(
+            method, keep_ratio=keep_ratio, budget=budget, layer=layer, options=dict(options)
+        )
     if attached_pruner(model) is not None:
         raise RuntimeError("this model already has a pruner; call tokenprune.remove_pruner(model) first")
     adapter = adapter_for(model)
     if config.acting_layer >= adapter.num_layers:
-        raise ValueError(f"layer={config.acting_layer} is outside the language model's "
-                         f"{adapter.num_layers} layers (valid: 0..{adapter.num_layers - 1})")
+        raise ValueError(
+            f"layer={config.acting_layer} is outside the language model's "
+            f"{adapter.num_layers} layers (valid: 0..{adapter.num_layers - 1})"
+        )
     config.kept_per_image(adapter.tokens_per_image)  # budget larger than an image raises here
     return Pruner(model, config, adapter)
 

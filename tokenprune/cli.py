@@ -77,48 +77,99 @@ def methods() -> None:
 
 @app.command()
 def run(
-    model: Annotated[str, typer.Option(
-        "--model", "-m", help=f"Checkpoint directory (or hub id); '{TINY}' builds a tiny random LLaVA.",
-    )] = TINY,
-    image: Annotated[pathlib.Path | None, typer.Option(
-        "--image", "-i", help="Image file; default: the bundled example.", show_default=False,
-    )] = None,
-    prompt: Annotated[str, typer.Option(
-        "--prompt", "-p", help="Question, or a full prompt containing the image token.",
-    )] = DEFAULT_PROMPT,
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help=f"Checkpoint directory (or hub id); '{TINY}' builds a tiny random LLaVA.",
+        ),
+    ] = TINY,
+    image: Annotated[
+        pathlib.Path | None,
+        typer.Option(
+            "--image",
+            "-i",
+            help="Image file; default: the bundled example.",
+            show_default=False,
+        ),
+    ] = None,
+    prompt: Annotated[
+        str,
+        typer.Option(
+            "--prompt",
+            "-p",
+            help="Question, or a full prompt containing the image token.",
+        ),
+    ] = DEFAULT_PROMPT,
     method: Annotated[str, typer.Option(help="Pruning method (see `tokenprune methods`).")] = "dart",
-    keep_ratio: Annotated[float | None, typer.Option(
-        help="Fraction of visual tokens kept, in (0, 1]; 0.25 when neither this nor --budget is given.",
-        show_default=False,
-    )] = None,
-    budget: Annotated[int | None, typer.Option(
-        help="Visual tokens kept per image (instead of --keep-ratio).", show_default=False,
-    )] = None,
-    layer: Annotated[int | None, typer.Option(
-        help="Decoder layer where tokens are dropped (0: before the language model); default: the method's.",
-        show_default=False,
-    )] = None,
-    attn: Annotated[str, typer.Option(
-        help="Attention implementation: eager, sdpa, flash_attention_2.",
-    )] = "sdpa",
+    keep_ratio: Annotated[
+        float | None,
+        typer.Option(
+            help="Fraction of visual tokens kept, in (0, 1]; 0.25 when neither this nor --budget is given.",
+            show_default=False,
+        ),
+    ] = None,
+    budget: Annotated[
+        int | None,
+        typer.Option(
+            help="Visual tokens kept per image (instead of --keep-ratio).",
+            show_default=False,
+        ),
+    ] = None,
+    layer: Annotated[
+        int | None,
+        typer.Option(
+            help="Decoder layer where tokens are dropped (0: before the LLM; default: the method's).",
+            show_default=False,
+        ),
+    ] = None,
+    attn: Annotated[
+        str,
+        typer.Option(
+            help="Attention implementation: eager, sdpa, flash_attention_2.",
+        ),
+    ] = "sdpa",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per answer.")] = 16,
-    overlay: Annotated[pathlib.Path, typer.Option(
-        help="Where to save the picture of the kept tokens (PNG).",
-    )] = pathlib.Path("tokenprune_overlay.png"),
+    overlay: Annotated[
+        pathlib.Path,
+        typer.Option(
+            help="Where to save the picture of the kept tokens (PNG).",
+        ),
+    ] = pathlib.Path("tokenprune_overlay.png"),
     seed: Annotated[int, typer.Option(help="Seed of the tiny model's weights and of random methods.")] = 0,
-    device: Annotated[str, typer.Option(
-        help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1'...",
-    )] = "auto",
-    dtype: Annotated[str, typer.Option(
-        help="'auto' (bfloat16 on GPU, float32 on CPU), 'float32', 'float16', 'bfloat16'.",
-    )] = "auto",
+    device: Annotated[
+        str,
+        typer.Option(
+            help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1'...",
+        ),
+    ] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="'auto' (bfloat16 on GPU, float32 on CPU), 'float32', 'float16', 'bfloat16'.",
+        ),
+    ] = "auto",
 ) -> None:
     """Answer PROMPT about IMAGE with and without pruning; print answers, token counts, timings."""
     console = Console()
     try:
-        _run(console, model=model, image=image, prompt=prompt, method=method, keep_ratio=keep_ratio,
-             budget=budget, layer=layer, attn=attn, max_new_tokens=max_new_tokens, overlay=overlay,
-             seed=seed, device=device, dtype=dtype)
+        _run(
+            console,
+            model=model,
+            image=image,
+            prompt=prompt,
+            method=method,
+            keep_ratio=keep_ratio,
+            budget=budget,
+            layer=layer,
+            attn=attn,
+            max_new_tokens=max_new_tokens,
+            overlay=overlay,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+        )
     except CliError as error:
         message = f"[bold red]error:[/] {escape(str(error))}"
         Console(stderr=True).print(message, highlight=False, soft_wrap=True)
@@ -157,8 +208,13 @@ def _quiet_transformers() -> Iterator[None]:
 
 def _resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     with _user_errors(RuntimeError, ValueError):
-        resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                "cpu" if device == "auto" else device)
+        resolved = torch.device(
+            "cuda"
+            if device == "auto" and torch.cuda.is_available()
+            else "cpu"
+            if device == "auto"
+            else device
+        )
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise CliError(f"--device {device}: CUDA is not available here; use --device cpu")
     if dtype == "auto":
@@ -195,7 +251,7 @@ def _generate(model, processor, inputs: dict, max_new_tokens: int, device: torch
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     _synchronize(device)
     seconds = time.perf_counter() - start
-    new_tokens = output[:, inputs["input_ids"].shape[1]:]
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
     return processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip(), seconds
 
 
@@ -227,9 +283,23 @@ def _centre_square(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
-def _run(console: Console, *, model: str, image: pathlib.Path | None, prompt: str, method: str,
-         keep_ratio: float | None, budget: int | None, layer: int | None, attn: str, max_new_tokens: int,
-         overlay: pathlib.Path, seed: int, device: str, dtype: str) -> None:
+def _run(
+    console: Console,
+    *,
+    model: str,
+    image: pathlib.Path | None,
+    prompt: str,
+    method: str,
+    keep_ratio: float | None,
+    budget: int | None,
+    layer: int | None,
+    attn: str,
+    max_new_tokens: int,
+    overlay: pathlib.Path,
+    seed: int,
+    device: str,
+    dtype: str,
+) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if keep_ratio is None and budget is None:
@@ -290,8 +360,15 @@ def _run(console: Console, *, model: str, image: pathlib.Path | None, prompt: st
             per_image = pruner.adapter.tokens_per_image
             description = repr(pruner)
 
-    _report(console, description, stats, base_answer, answer, (base_prefill, pruned_prefill),
-            (base_generate, pruned_generate))
+    _report(
+        console,
+        description,
+        stats,
+        base_answer,
+        answer,
+        (base_prefill, pruned_prefill),
+        (base_generate, pruned_generate),
+    )
     if stats is None or stats.keep_mask is None:
         console.print("[yellow]no image tokens were pruned; no overlay written[/]")
         return
@@ -301,12 +378,22 @@ def _run(console: Console, *, model: str, image: pathlib.Path | None, prompt: st
     image_positions = inputs["input_ids"][0] == vlm.config.image_token_id
     keep = stats.keep_mask[0][image_positions][:per_image].cpu()
     path = save_overlay(_centre_square(picture), keep, grid, overlay)
-    console.print(f"kept-token overlay ({grid[0]}x{grid[1]} grid, {int(keep.sum())}/{keep.numel()} kept) "
-                  f"saved to [bold]{escape(str(path))}[/]", highlight=False)
+    console.print(
+        f"kept-token overlay ({grid[0]}x{grid[1]} grid, {int(keep.sum())}/{keep.numel()} kept) "
+        f"saved to [bold]{escape(str(path))}[/]",
+        highlight=False,
+    )
 
 
-def _report(console: Console, description: str, stats, base_answer: str, answer: str,
-            prefill: tuple[float, float], generate: tuple[float, float]) -> None:
+def _report(
+    console: Console,
+    description: str,
+    stats,
+    base_answer: str,
+    answer: str,
+    prefill: tuple[float, float],
+    generate: tuple[float, float],
+) -> None:
     visual = stats.visual_tokens[0] if stats and stats.visual_tokens else 0
     kept = stats.kept_tokens[0] if stats and stats.kept_tokens else 0
     table = Table(title=escape(description), title_justify="left")

@@ -30,8 +30,10 @@ class PrunerConfig:
     def __post_init__(self) -> None:
         spec = get_method(self.method)
         if (self.keep_ratio is None) == (self.budget is None):
-            raise ValueError("give exactly one of keep_ratio (fraction of visual tokens kept) or budget "
-                             "(visual tokens kept per image)")
+            raise ValueError(
+                "give exactly one of keep_ratio (fraction of visual tokens kept) or budget "
+                "(visual tokens kept per image)"
+            )
         if self.keep_ratio is not None:
             if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
                 raise TypeError(f"keep_ratio must be a number in (0, 1], got {self.keep_ratio!r}")
@@ -49,7 +51,9 @@ class PrunerConfig:
         unknown = set(self.options) - set(spec.options)
         if unknown:
             known = ", ".join(sorted(spec.options)) or "none"
-            raise ValueError(f"unknown option(s) {sorted(unknown)} for method {self.method!r}; its options: {known}")
+            raise ValueError(
+                f"unknown option(s) {sorted(unknown)} for method {self.method!r}; its options: {known}"
+            )
 
     @property
     def spec(self) -> MethodSpec:
@@ -68,6 +72,8 @@ class PrunerConfig:
         """Visual tokens kept for an image of ``num_tokens``; ``ValueError`` if the budget exceeds it."""
         if self.budget is not None:
             if self.budget > num_tokens:
-                raise ValueError(f"budget={self.budget} is larger than the {num_tokens} visual tokens per image")
+                raise ValueError(
+                    f"budget={self.budget} is larger than the {num_tokens} visual tokens per image"
+                )
             return self.budget
         return max(1, round(self.keep_ratio * num_tokens))

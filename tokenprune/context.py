@@ -32,5 +32,7 @@ class SelectionContext:
         """The tensor the method declared in ``needs``; a clear error if the adapter did not provide it."""
         value = getattr(self, name)
         if value is None:
-            raise RuntimeError(f"the adapter did not provide {name!r}; declare it in register_method(needs=...)")
+            raise RuntimeError(
+                f"the adapter did not provide {name!r}; declare it in register_method(needs=...)"
+            )
         return value

@@ -43,8 +43,10 @@ def render_overlay(image: Image.Image, keep: torch.Tensor, grid: tuple[int, int]
     rows, cols = grid
     keep = torch.as_tensor(keep).detach().cpu()
     if keep.dtype != torch.bool or keep.dim() != 1 or keep.numel() != rows * cols:
-        raise ValueError(f"keep must be a bool tensor of {rows * cols} flags for a {rows}x{cols} grid, "
-                         f"got dtype {keep.dtype} and shape {tuple(keep.shape)}")
+        raise ValueError(
+            f"keep must be a bool tensor of {rows * cols} flags for a {rows}x{cols} grid, "
+            f"got dtype {keep.dtype} and shape {tuple(keep.shape)}"
+        )
     width, height = overlay_size(image.size)
     height -= TITLE_HEIGHT
     upscale = width / image.width

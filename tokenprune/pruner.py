@@ -62,8 +62,10 @@ class Pruner:
         setattr(model, _ATTRIBUTE, self)
 
     def __repr__(self) -> str:
-        return f"Pruner({self.config.method!r}, keep={self.keep_per_image}/{self.adapter.tokens_per_image}, " \
-               f"layer={self.config.acting_layer})"
+        return (
+            f"Pruner({self.config.method!r}, keep={self.keep_per_image}/{self.adapter.tokens_per_image}, "
+            f"layer={self.config.acting_layer})"
+        )
 
     def remove(self) -> None:
         """Remove every hook; the model computes exactly what it did before :func:`apply_pruner`."""

@@ -88,11 +88,15 @@ def register_method(
 def get_method(name: str) -> MethodSpec:
     """The spec registered under ``name``; a ``ValueError`` listing the registered names otherwise."""
     if not isinstance(name, str):
-        raise TypeError(f"method must be a registered name (str) or a PrunerConfig, got {type(name).__name__}")
+        raise TypeError(
+            f"method must be a registered name (str) or a PrunerConfig, got {type(name).__name__}"
+        )
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}") from None
+        raise ValueError(
+            f"unknown method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}"
+        ) from None
 
 
 def list_methods() -> dict[str, tuple[str, str]]:

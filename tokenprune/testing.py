@@ -29,17 +29,34 @@ def tiny_config(family: str = "llava") -> LlavaConfig:
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; tiny models exist for: {', '.join(FAMILIES)}")
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=32, patch_size=4, projection_dim=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=4,
+        projection_dim=32,
     )
     text = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB_SIZE, max_position_embeddings=512,
-        pad_token_id=PAD_TOKEN_ID, bos_token_id=1, eos_token_id=2, initializer_range=0.1,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=512,
+        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.1,
     )
     return LlavaConfig(
-        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=IMAGE_TOKEN_ID,
-        vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=PAD_TOKEN_ID,
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=PAD_TOKEN_ID,
     )
 
 
@@ -152,8 +169,13 @@ def tiny_tokenizer():
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
     )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        padding_side="left", extra_special_tokens={"image_token": "<image>"},
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<image>"},
     )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     return tokenizer

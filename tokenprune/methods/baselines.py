@@ -19,10 +19,12 @@ def random_selection(ctx: SelectionContext, keep: int, *, seed: int = 0) -> torc
     does not depend on what else is in the batch.
     """
     num_tokens = ctx.features.shape[1]
-    scores = torch.stack([
-        torch.rand(num_tokens, generator=torch.Generator().manual_seed(seed + int(j)))
-        for j in ctx.image_index.tolist()
-    ])
+    scores = torch.stack(
+        [
+            torch.rand(num_tokens, generator=torch.Generator().manual_seed(seed + int(j)))
+            for j in ctx.image_index.tolist()
+        ]
+    )
     return top_k(scores.to(ctx.features.device), keep)
 
 
@@ -51,8 +53,5 @@ def grid_sample(keep: int, rows: int, cols: int) -> torch.Tensor:
 def uniform_selection(ctx: SelectionContext, keep: int) -> torch.Tensor:
     """Keep tokens spread evenly over the image's patch grid (content-blind)."""
     num_images, num_tokens = ctx.features.shape[:2]
-    if ctx.grid is not None:
-        index = grid_sample(keep, *ctx.grid)
-    else:
-        index = evenly_spaced(keep, num_tokens)
+    index = evenly_spaced(keep, num_tokens) if ctx.grid is None else grid_sample(keep, *ctx.grid)
     return index.to(ctx.features.device).expand(num_images, keep).contiguous()

@@ -1,0 +1,42 @@
+"""IDPruner: importance and diversity balanced by maximal marginal relevance (MMR).
+
+Tan et al., "IDPruner: Harmonizing Importance and Diversity in Visual Token Pruning for MLLMs" (2026).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..context import SelectionContext
+from ..registry import register_method
+from ._select import cosine_similarity_matrix
+
+
+@register_method("idpruner")
+def idpruner(ctx: SelectionContext, keep: int, *, lam: float = 0.5) -> torch.Tensor:
+    """Greedy MMR: the next token maximises ``lam * importance - (1 - lam) * max similarity to the kept``.
+
+    As in the paper: importance is min-max normalised to [0, 1], similarity is the cosine of the visual
+    tokens entering the language model, and no attention map is needed. Deviation: the importance score
+    ``w`` is each token's L2 norm (an attention-free saliency proxy); the reference's own importance
+    score was not available to check against.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"idpruner: lam must be in [0, 1], got {lam}")
+    features = ctx.features
+    weight = features.float().norm(dim=-1)  # [I, N]
+    low, high = weight.amin(dim=1, keepdim=True), weight.amax(dim=1, keepdim=True)
+    importance = (weight - low) / (high - low + 1e-6)
+    similarity = cosine_similarity_matrix(features, features)  # [I, N, N]
+    num_images, num_tokens = weight.shape
+    rows = torch.arange(num_images, device=features.device)
+    selected = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=features.device)
+    pick = importance.argmax(dim=1)  # with nothing kept yet, MMR is importance alone
+    selected[rows, pick] = True
+    redundancy = similarity[rows, pick]  # [I, N] max similarity to the kept set
+    for _ in range(keep - 1):
+        score = (lam * importance - (1.0 - lam) * redundancy).masked_fill(selected, float("-inf"))
+        pick = score.argmax(dim=1)
+        selected[rows, pick] = True
+        redundancy = torch.maximum(redundancy, similarity[rows, pick])
+    return selected.nonzero()[:, 1].view(num_images, keep)
