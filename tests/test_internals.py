@@ -1,0 +1,57 @@
+"""The transformers internals the adapters rely on are where they expect, and a move fails loudly."""
+
+import pytest
+import torch
+from torch import nn
+
+import tokenprune as tp
+from tokenprune.patches import _internals as internals
+from tokenprune.patches import adapter_for
+from tokenprune.testing import tiny_inputs, tiny_model
+
+
+def test_internals_present_on_installed_transformers(model):
+    internals.check_decoder_internals(model.model.language_model)
+
+
+@pytest.mark.parametrize(
+    ("break_it", "named"),
+    [
+        (lambda lm: delattr(lm.layers[0], "input_layernorm"), "input_layernorm"),
+        (lambda lm: delattr(lm.layers[0].self_attn, "k_proj"), "self_attn.k_proj"),
+        (lambda lm: delattr(lm.layers[0].self_attn, "scaling"), "scaling"),
+        (lambda lm: setattr(lm, "layers", nn.ModuleList()), "layers"),
+    ],
+)
+def test_a_moved_internal_is_named(break_it, named):
+    model = tiny_model()
+    break_it(model.model.language_model)
+    with pytest.raises(internals.InternalsMovedError, match=named):
+        adapter_for(model)
+
+
+def test_moved_rotary_function_is_named(monkeypatch):
+    model = tiny_model()
+    module = __import__(type(model.model.language_model.layers[0].self_attn).__module__, fromlist=["x"])
+    monkeypatch.delattr(module, "apply_rotary_pos_emb")
+    with pytest.raises(internals.InternalsMovedError, match="apply_rotary_pos_emb"):
+        tp.apply_pruner(model, "fastv", keep_ratio=0.5)
+    assert not hasattr(model, "_tokenprune_pruner")
+
+
+def test_recomputed_attention_row_equals_eager_weights():
+    """The one query row FastV recomputes equals the eager attention weights of that layer."""
+    model = tiny_model(attn_implementation="eager")
+    inputs = tiny_inputs(model, (1, 2))
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True, output_hidden_states=True)
+    layer = model.model.language_model.layers[1]
+    hidden = out.hidden_states[1]  # input of layer 1
+    rotary = model.model.language_model.rotary_emb(hidden, inputs["position_ids"])
+    last = torch.full((2,), hidden.shape[1] - 1)
+    query, keys = internals.project_queries_keys(layer, hidden, rotary, last)
+    from tokenprune.attention import query_attention
+
+    got = query_attention(query, keys, inputs["attention_mask"].bool(), internals.attention_scaling(layer))
+    expected = out.attentions[1][:, :, -1].mean(dim=1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

@@ -1,0 +1,43 @@
+"""Real loading code on a local checkpoint, inputs given as embeddings, and a hand-written decode loop."""
+
+import torch
+from helpers import ATOL, extend, masked_reference
+from transformers import LlavaForConditionalGeneration
+
+import tokenprune as tp
+from tokenprune.testing import save_tiny_checkpoint, tiny_inputs
+
+
+def test_from_pretrained_local_checkpoint(tmp_path):
+    path = save_tiny_checkpoint(tmp_path / "tiny")
+    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
+    inputs = tiny_inputs(model, (2,))
+    with tp.pruned(model, "dart", keep_ratio=0.111) as pruner, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert pruner.stats.kept_tokens == [2 * round(0.111 * 64)]
+
+
+def test_inputs_embeds_are_pruned_like_input_ids(model):
+    inputs = tiny_inputs(model, (1, 2))
+    with tp.pruned(model, "fastv", keep_ratio=0.25) as pruner, torch.no_grad():
+        by_ids = model(**inputs).logits
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        by_embeds = model(**{**inputs, "input_ids": None, "inputs_embeds": embeds}).logits
+        assert pruner.stats.kept_tokens == [16, 32]
+    torch.testing.assert_close(by_embeds, by_ids, atol=1e-5, rtol=0)
+
+
+def test_manual_decode_loop_without_positions_or_mask(model):
+    """A caller's own loop (cache, new token only, no mask, no positions) continues the pruned prompt."""
+    inputs = tiny_inputs(model, (1,))
+    inputs.pop("position_ids")  # no padding: the model's default positions are the original ones
+    with tp.pruned(model, "dart", keep_ratio=0.25) as pruner, torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        tokens = out.logits[:, -1:].argmax(-1)
+        step = model(input_ids=tokens, cache=out.cache)
+    keep = pruner.stats.keep_mask
+    grown = extend({**inputs, "position_ids": inputs["attention_mask"].cumsum(-1) - 1}, tokens)
+    grown_keep = torch.cat([keep, torch.ones(1, 1, dtype=torch.bool)], dim=1)
+    expected = masked_reference(model, grown, grown_keep, pruner.config.acting_layer)[:, -1]
+    torch.testing.assert_close(step.logits[:, -1], expected, atol=ATOL, rtol=0)
