@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
+from transformers import LlavaForConditionalGeneration
 
 ATOL = 1e-4
 
@@ -85,3 +87,9 @@ def select_sample(inputs: dict, b: int, images_per_prompt: tuple[int, ...]) -> d
         "position_ids": inputs["position_ids"][b : b + 1, real],
         "pixel_values": None if pixels is None else pixels[first : first + images_per_prompt[b]],
     }
+
+
+def cache_kwarg(cache) -> dict:
+    """``{name: cache}`` under the name this transformers release gives the cache argument."""
+    params = inspect.signature(LlavaForConditionalGeneration.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from helpers import cache_kwarg
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tokenprune as tp
+from tokenprune.patches._internals import output_cache
 from tokenprune.testing import tiny_inputs
 
 
@@ -99,4 +101,4 @@ def test_images_cannot_continue_a_pruned_cache(llava):
     with tp.pruned(llava, "uniform", keep_ratio=0.5), torch.no_grad():
         out = llava(**inputs, use_cache=True)
         with pytest.raises(ValueError, match="new cache"):
-            llava(**inputs, cache=out.cache)
+            llava(**inputs, **cache_kwarg(output_cache(out)))

@@ -1,10 +1,11 @@
 """Real loading code on a local checkpoint, inputs given as embeddings, and a hand-written decode loop."""
 
 import torch
-from helpers import ATOL, extend, masked_reference
+from helpers import ATOL, cache_kwarg, extend, masked_reference
 from transformers import LlavaForConditionalGeneration
 
 import tokenprune as tp
+from tokenprune.patches._internals import output_cache
 from tokenprune.testing import save_tiny_checkpoint, tiny_inputs
 
 
@@ -35,7 +36,7 @@ def test_manual_decode_loop_without_positions_or_mask(model):
     with tp.pruned(model, "dart", keep_ratio=0.25) as pruner, torch.no_grad():
         out = model(**inputs, use_cache=True)
         tokens = out.logits[:, -1:].argmax(-1)
-        step = model(input_ids=tokens, cache=out.cache)
+        step = model(input_ids=tokens, **cache_kwarg(output_cache(out)))
     keep = pruner.stats.keep_mask
     grown = extend({**inputs, "position_ids": inputs["attention_mask"].cumsum(-1) - 1}, tokens)
     grown_keep = torch.cat([keep, torch.ones(1, 1, dtype=torch.bool)], dim=1)
