@@ -410,5 +410,84 @@ def _report(
     console.print(f"[bold]pruned answer:[/]   {escape(answer)}", highlight=False)
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise CliError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+@app.command()
+def bench(
+    arch: Annotated[
+        str, typer.Option(help="Architecture with random weights: tiny, llava-small, llava-1.5-7b.")
+    ] = "tiny",
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="A local checkpoint instead of --arch.", show_default=False),
+    ] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods; default: all.")] = "",
+    keep_ratios: Annotated[str, typer.Option(help="Comma-separated keep ratios.")] = "0.25,0.111",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
+    attn: Annotated[str, typer.Option(help="Attention implementation.")] = "sdpa",
+    device: Annotated[str, typer.Option(help="'auto' (cuda when available), 'cpu', 'cuda'...")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="'auto' (bfloat16 on GPU, float32 on CPU) or a dtype name.")
+    ] = "auto",
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per measurement (median).")] = 3,
+    new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated for the decode timing.")] = 8,
+    out: Annotated[pathlib.Path, typer.Option(help="Folder for results.json, results.csv, speedup.png.")] = (
+        pathlib.Path("bench-results")
+    ),
+) -> None:
+    """Time prefill, decode and end-to-end of pruned runs against the unpruned model and the ideal."""
+    from transformers import LlavaForConditionalGeneration
+
+    from .eval.archs import ARCHS
+    from .eval.bench import build_model, machine_description, markdown_table, run_benchmark, write_results
+
+    console = Console()
+    try:
+        names = [m for m in methods.split(",") if m] or sorted(tokenprune.list_methods())
+        ratios = _floats(keep_ratios)
+        sizes = [int(b) for b in _floats(batch_sizes)]
+        with _user_errors(ValueError, TypeError):
+            for name in names:
+                for ratio in ratios:
+                    PrunerConfig(name, keep_ratio=ratio)
+        if model is None and arch not in ARCHS:
+            raise CliError(f"unknown --arch {arch!r}; known: {', '.join(ARCHS)}")
+        torch_device, torch_dtype = _resolve_device(device, dtype)
+        with _quiet_transformers(), console.status("Building the model...", spinner="dots"):
+            if model is None:
+                vlm = build_model(ARCHS[arch](), attn, torch_device, torch_dtype)
+            else:
+                with _user_errors(OSError, ValueError):
+                    vlm = LlavaForConditionalGeneration.from_pretrained(
+                        _checkpoint(model), attn_implementation=attn, dtype=torch_dtype
+                    )
+                vlm = vlm.to(torch_device).eval()
+        with _quiet_transformers():
+            rows = run_benchmark(vlm, names, ratios, sizes, repeats=repeats, new_tokens=new_tokens)
+    except CliError as error:
+        Console(stderr=True).print(
+            f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True
+        )
+        raise typer.Exit(code=2) from None
+    meta = {
+        "arch": model or arch,
+        "machine": machine_description(torch_device),
+        "attn": attn,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "repeats": repeats,
+        "new_tokens": new_tokens,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+    }
+    paths = write_results(rows, out, meta)
+    console.print(markdown_table(rows), highlight=False)
+    console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,265 @@
+"""Speed and memory benchmark: pruned prefill and decode against the unpruned model and the ideal.
+
+For each batch size and budget, in one run: the unpruned model; the *ideal*, the same model with the
+language model run on a sequence of the pruned length and no selection work (vision tower included, as
+every method pays for it); and every method. Each timing is the median of ``repeats`` after a warm-up,
+so the ratios (speedup, speedup / ideal, selection share of prefill) come from one machine and moment.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+from transformers import LlavaForConditionalGeneration
+
+import tokenprune as tp
+from tokenprune.testing import tiny_inputs, tokens_per_image
+
+
+@dataclass
+class BenchRow:
+    """One measured configuration. Times in milliseconds; memory in MiB (CUDA only, else ``None``)."""
+
+    method: str
+    layer: int | None
+    batch_size: int
+    visual_tokens: int
+    kept_tokens: int
+    prompt_tokens: int
+    prefill_ms: float
+    selection_ms: float
+    decode_tokens_per_s: float
+    end_to_end_ms: float
+    peak_memory_mib: float | None
+    prefill_speedup: float = 1.0
+    ideal_speedup: float = 1.0
+    speedup_vs_ideal: float = 1.0
+    selection_share: float = 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up, in milliseconds."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def build_model(config, attn: str, device: torch.device, dtype: torch.dtype) -> LlavaForConditionalGeneration:
+    """A random-weight model of ``config`` (timing only), in eval mode."""
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
+    return model.to(device).eval()
+
+
+def benchmark_inputs(model, batch_size: int, text_tokens: int, device: torch.device) -> dict:
+    """One image and ``text_tokens`` text tokens per prompt, on ``device`` in the model's dtype."""
+    inputs = tiny_inputs(model, (1,) * batch_size, (text_tokens,) * batch_size)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
+
+
+class _Runner:
+    def __init__(self, model, inputs: dict, device: torch.device, repeats: int, new_tokens: int):
+        self.model, self.inputs, self.device = model, inputs, device
+        self.repeats, self.new_tokens = repeats, new_tokens
+
+    @torch.no_grad()
+    def prefill(self) -> None:
+        self.model(**self.inputs, logits_to_keep=1)
+
+    @torch.no_grad()
+    def ideal_prefill(self, kept_per_image: int) -> None:
+        """Vision tower and projector on the images, then the language model on the pruned length."""
+        base = self.model.model
+        base.get_image_features(pixel_values=self.inputs["pixel_values"])
+        batch, length = self.inputs["input_ids"].shape
+        pruned = length - (tokens_per_image(self.model) - kept_per_image)
+        embeds = base.get_input_embeddings()(self.inputs["input_ids"][:, :pruned])
+        hidden = base.language_model(inputs_embeds=embeds).last_hidden_state
+        self.model.lm_head(hidden[:, -1:])
+
+    @torch.no_grad()
+    def generate(self, new_tokens: int) -> None:
+        self.model.generate(
+            **self.inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+    def measure(self, method: str, layer: int | None, kept: int, stats) -> BenchRow:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        prefill = median_ms(self.prefill, self.device, self.repeats)
+        selection = stats().selection_ms if stats() is not None else 0.0
+        end_to_end = median_ms(lambda: self.generate(self.new_tokens), self.device, self.repeats)
+        first_token = median_ms(lambda: self.generate(1), self.device, self.repeats)
+        batch = self.inputs["input_ids"].shape[0]
+        decode_s = (end_to_end - first_token) / 1e3  # the same prefill is in both
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+        return BenchRow(
+            method=method,
+            layer=layer,
+            batch_size=batch,
+            visual_tokens=tokens_per_image(self.model),
+            kept_tokens=kept,
+            prompt_tokens=self.inputs["input_ids"].shape[1],
+            prefill_ms=prefill,
+            selection_ms=selection,
+            decode_tokens_per_s=batch * (self.new_tokens - 1) / decode_s,
+            end_to_end_ms=end_to_end,
+            peak_memory_mib=peak,
+        )
+
+
+def run_benchmark(
+    model,
+    methods: list[str],
+    keep_ratios: list[float],
+    batch_sizes: list[int],
+    *,
+    repeats: int = 3,
+    new_tokens: int = 8,
+    text_tokens: int = 40,
+) -> list[BenchRow]:
+    """Measure the unpruned model, the ideal and every method, per batch size and keep ratio.
+
+    Returns one row per (batch size, ratio, method), plus an ``unpruned`` row per batch size and an
+    ``ideal`` row per (batch size, ratio); every ratio is relative to that batch size's unpruned row.
+    """
+    device = next(model.parameters()).device
+    n = tokens_per_image(model)
+    rows: list[BenchRow] = []
+    steps = len(batch_sizes) * (1 + len(keep_ratios) * (1 + len(methods)))
+    with Progress(transient=True) as progress:
+        task = progress.add_task("benchmark", total=steps)
+        for batch_size in batch_sizes:
+            runner = _Runner(
+                model, benchmark_inputs(model, batch_size, text_tokens, device), device, repeats, new_tokens
+            )
+            progress.update(task, description=f"bs={batch_size} unpruned")
+            base = runner.measure("unpruned", None, n, lambda: None)
+            rows.append(base)
+            progress.advance(task)
+            for ratio in keep_ratios:
+                kept = max(1, round(ratio * n))
+                progress.update(task, description=f"bs={batch_size} keep={kept} ideal")
+                ideal_ms = median_ms(lambda r=runner, k=kept: r.ideal_prefill(k), device, repeats)
+                ideal = BenchRow(
+                    "ideal",
+                    None,
+                    batch_size,
+                    n,
+                    kept,
+                    base.prompt_tokens - n + kept,
+                    ideal_ms,
+                    0.0,
+                    float("nan"),
+                    float("nan"),
+                    None,
+                )
+                rows.append(ideal)
+                progress.advance(task)
+                for method in methods:
+                    progress.update(task, description=f"bs={batch_size} keep={kept} {method}")
+                    with tp.pruned(model, method, keep_ratio=ratio) as pruner:
+                        row = runner.measure(
+                            method, pruner.config.acting_layer, kept, lambda p=pruner: p.stats
+                        )
+                    rows.append(row)
+                    progress.advance(task)
+                for row in (ideal, *rows[-len(methods) :]):
+                    row.prefill_speedup = base.prefill_ms / row.prefill_ms
+                    row.ideal_speedup = base.prefill_ms / ideal.prefill_ms
+                    row.speedup_vs_ideal = row.prefill_speedup / row.ideal_speedup
+                    row.selection_share = row.selection_ms / row.prefill_ms
+    return rows
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def write_results(rows: list[BenchRow], out_dir: Path, meta: dict) -> dict[str, Path]:
+    """Write ``results.json`` (meta + rows), ``results.csv`` and ``speedup.png``; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out_dir / "results.json",
+        "csv": out_dir / "results.csv",
+        "plot": out_dir / "speedup.png",
+    }
+    paths["json"].write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    plot_speedup(rows, paths["plot"], title=f"{meta['arch']} prefill, {meta['machine']}")
+    return paths
+
+
+def plot_speedup(rows: list[BenchRow], path: Path, title: str) -> None:
+    """Prefill speedup vs kept tokens: one line per method, plus the ideal (first batch size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch = rows[0].batch_size
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = [m for m in dict.fromkeys(r.method for r in rows) if m != "unpruned"]
+    for name in names:
+        points = sorted(
+            (r.kept_tokens, r.prefill_speedup) for r in rows if r.method == name and r.batch_size == batch
+        )
+        style = {"color": "black", "linestyle": "--", "linewidth": 2} if name == "ideal" else {"marker": "o"}
+        ax.plot(*zip(*points, strict=True), label=name, **style)
+    ax.set_xlabel("visual tokens kept per image")
+    ax.set_ylabel("prefill speedup vs unpruned")
+    ax.set_title(f"{title} (batch {batch})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown_table(rows: list[BenchRow]) -> str:
+    """The rows as a README table."""
+    lines = [
+        "| batch | method | layer | kept | prefill ms | speedup | ideal | of ideal | selection % "
+        "| decode tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.method == "ideal":
+            continue
+        lines.append(
+            f"| {r.batch_size} | {r.method} | {'-' if r.layer is None else r.layer} | {r.kept_tokens} | "
+            f"{r.prefill_ms:.1f} | {r.prefill_speedup:.2f}x | {r.ideal_speedup:.2f}x | "
+            f"{r.speedup_vs_ideal:.2f} | {100 * r.selection_share:.1f} | {r.decode_tokens_per_s:.1f} |"
+        )
+    return "\n".join(lines)

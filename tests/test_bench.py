@@ -1,0 +1,76 @@
+"""The speed benchmark runs end to end on the tiny model and writes consistent results."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tokenprune.cli import app
+from tokenprune.eval.archs import ARCHS
+from tokenprune.eval.bench import build_model, markdown_table, run_benchmark, write_results
+
+
+@pytest.fixture(scope="module")
+def rows():
+    model = build_model(ARCHS["tiny"](), "sdpa", torch.device("cpu"), torch.float32)
+    return run_benchmark(model, ["uniform", "fastv"], [0.5, 0.25], [1, 2], repeats=1, new_tokens=3)
+
+
+def test_rows_cover_every_configuration(rows):
+    keys = [(r.batch_size, r.method, r.kept_tokens) for r in rows]
+    for batch in (1, 2):
+        assert (batch, "unpruned", 64) in keys
+        for kept in (32, 16):
+            for method in ("ideal", "uniform", "fastv"):
+                assert (batch, method, kept) in keys
+
+
+def test_ratios_are_consistent(rows):
+    for r in rows:
+        if r.method in ("unpruned",):
+            continue
+        base = next(b for b in rows if b.method == "unpruned" and b.batch_size == r.batch_size)
+        ideal = next(
+            i
+            for i in rows
+            if i.method == "ideal" and i.batch_size == r.batch_size and i.kept_tokens == r.kept_tokens
+        )
+        assert r.prefill_speedup == pytest.approx(base.prefill_ms / r.prefill_ms)
+        assert r.speedup_vs_ideal == pytest.approx(ideal.prefill_ms / r.prefill_ms)
+        assert 0 <= r.selection_share < 1
+        if r.method != "ideal":
+            assert r.selection_ms > 0 and r.layer == {"uniform": 0, "fastv": 2}[r.method]
+            assert r.decode_tokens_per_s > 0
+
+
+def test_results_files(rows, tmp_path):
+    paths = write_results(rows, tmp_path, {"arch": "tiny", "machine": "test"})
+    data = json.loads(paths["json"].read_text())
+    assert len(data["rows"]) == len(rows) and data["meta"]["arch"] == "tiny"
+    assert paths["csv"].read_text().count("\n") == len(rows) + 1
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert markdown_table(rows).count("\n") == len([r for r in rows if r.method != "ideal"]) + 1
+
+
+def test_bench_command(tmp_path):
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--methods",
+            "random",
+            "--keep-ratios",
+            "0.5",
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "results.json").exists()
+    bad = CliRunner().invoke(app, ["bench", "--methods", "nope", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "unknown method" in bad.output
