@@ -105,7 +105,10 @@ def test_pruned_layers_see_the_configured_count(model, method):
     seen = []
 
     def record(module, args, kwargs):
-        seen.append((args[0] if args else kwargs["hidden_states"]).shape[1])
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append(hidden.shape[1])
+        # attention kernels get ordinary dense inputs
+        assert hidden.is_contiguous() and all(t.is_contiguous() for t in kwargs["position_embeddings"])
 
     layers = model.model.language_model.layers
     with tp.pruned(model, method, budget=10) as pruner:
