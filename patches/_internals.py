@@ -16,6 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import masking_utils
+from transformers.cache_utils import DynamicLayer
+
+from tokenprune.kernels import gather_tokens
 
 _CACHE_NAMES = ("cache", "past_key_values")
 
@@ -44,6 +47,24 @@ def output_cache(output: Any) -> Any:
 def cache_length(cache: Any, layer_idx: int) -> int:
     """Tokens held by layer ``layer_idx`` of a cache (0 when there is no cache)."""
     return 0 if cache is None else int(cache.get_seq_length(layer_idx))
+
+
+def compact_cache_layers(cache: Any, layer_indices: range, index: torch.Tensor) -> None:
+    """Keep only the sequence rows ``index [B, L']`` in the keys and values of the listed cache layers.
+
+    Only growing (dynamic) cache layers can shrink; a static cache raises ``ValueError``.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise InternalsMovedError(f"{type(cache).__name__} has no 'layers' list")
+    for i in layer_indices:
+        layer = layers[i]
+        if not isinstance(layer, DynamicLayer):
+            raise ValueError(f"drop_early_kv needs a dynamic cache, got {type(layer).__name__} layers")
+        layer.keys, layer.values = (
+            gather_tokens(t.transpose(1, 2), index).transpose(1, 2).contiguous()
+            for t in (layer.keys, layer.values)
+        )
 
 
 def causal_mask(

@@ -42,6 +42,8 @@ class _Session:
 
     prefix_mask: torch.Tensor  # [B, L'] 2-D mask of the pruned prompt
     original_length: int  # L, the prompt length before pruning
+    first_pruned_layer: int  # the first layer whose cache holds only the kept tokens
+    index: torch.Tensor  # [B, L'] prompt position of each pruned-cache row
 
 
 @dataclass
@@ -127,7 +129,9 @@ class DecoderPruningHooks:
         """Decode-step inputs for a pruned cache: original-space positions, pruned-space 2-D mask."""
         embeds = kwargs.get("inputs_embeds")
         batch, new = embeds.shape[:2]
-        pruned_before = internals.cache_length(cache, self._layer) - session.prefix_mask.shape[1]
+        pruned_before = (
+            internals.cache_length(cache, session.first_pruned_layer) - session.prefix_mask.shape[1]
+        )
         mask = kwargs.get("attention_mask")
         if mask is None:
             tail = session.prefix_mask.new_ones(batch, pruned_before + new)
@@ -147,7 +151,7 @@ class DecoderPruningHooks:
             kwargs["position_ids"] = torch.arange(start, start + new, device=embeds.device)[None].expand(
                 batch, -1
             )
-        if self._layer == 0:
+        if session.first_pruned_layer == 0:
             kwargs["attention_mask"] = self._call.pruned_mask_2d
         return kwargs
 
@@ -156,8 +160,13 @@ class DecoderPruningHooks:
         if call is None or call.new_session is None:
             return
         cache = internals.output_cache(output)
-        if cache is not None:
-            self._sessions[cache] = call.new_session
+        if cache is None:
+            return
+        session = call.new_session
+        if self._pruner.config.drop_early_kv and session.first_pruned_layer > 0:
+            internals.compact_cache_layers(cache, range(session.first_pruned_layer), session.index)
+            session.first_pruned_layer = 0
+        self._sessions[cache] = session
 
     # -- decoder layers -------------------------------------------------------------------------
 
@@ -178,7 +187,7 @@ class DecoderPruningHooks:
         cache = internals.cache_argument(kwargs)
         config = self.language_model.config
         if call.session is not None:  # decode step
-            if self._layer == 0:
+            if call.session.first_pruned_layer == 0:
                 return None  # the language model already built the mask from the pruned 2-D mask
             call.layer_kwargs = {
                 "attention_mask": internals.causal_mask(
@@ -226,7 +235,7 @@ class DecoderPruningHooks:
             "position_ids": plan.gather(position_ids),
             "position_embeddings": (plan.gather(cos), plan.gather(sin)),
         }
-        call.new_session = _Session(prefix_mask=pruned_mask_2d, original_length=length)
+        call.new_session = _Session(pruned_mask_2d, length, self._layer, plan.index)
         visual_in = call.visual.sum(dim=1)
         pruner.record_prefill(visual_in.tolist(), (call.visual & keep).sum(dim=1).tolist(), keep)
         args, kwargs = internals.with_layer_hidden_states(args, kwargs, pruned_hidden)

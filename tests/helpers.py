@@ -11,24 +11,46 @@ from transformers import LlavaForConditionalGeneration
 ATOL = 1e-4
 
 
-def dense_mask(attention_mask: torch.Tensor, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive 4-D mask ``[B, 1, L, L]``: causal, padding, and keys outside ``visible`` hidden."""
+def dense_mask(
+    attention_mask: torch.Tensor, visible: torch.Tensor, dtype: torch.dtype, from_query: int = 0
+) -> torch.Tensor:
+    """Additive 4-D mask ``[B, 1, L, L]``: causal, padding, and keys outside ``visible`` hidden from the
+    queries at positions ``from_query`` and later."""
     length = attention_mask.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-    allowed = causal[None] & (attention_mask.bool() & visible)[:, None, :]
+    hidden = ~visible[:, None, :] & (torch.arange(length) >= from_query)[None, :, None]
+    allowed = causal[None] & attention_mask.bool()[:, None, :] & ~hidden
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 @contextlib.contextmanager
-def hide_tokens_from_layers(model, visible: torch.Tensor, attention_mask: torch.Tensor, first_layer: int):
-    """In the block, decoder layers ``first_layer..`` of the unpatched ``model`` see only ``visible`` keys."""
-    mask = dense_mask(attention_mask, visible, model.dtype)
+def hide_tokens_from_layers(
+    model,
+    visible: torch.Tensor,
+    attention_mask: torch.Tensor,
+    first_layer: int,
+    early_from_query: int | None = None,
+):
+    """In the block, decoder layers ``first_layer..`` of the unpatched ``model`` see only ``visible`` keys;
+    with ``early_from_query``, so do the earlier layers, for the queries from that position on."""
+    late = dense_mask(attention_mask, visible, model.dtype)
 
-    def hook(module, args, kwargs):
-        return args, {**kwargs, "attention_mask": mask}
+    def hook_for(mask):
+        def hook(module, args, kwargs):
+            return args, {**kwargs, "attention_mask": mask}
 
-    layers = model.model.language_model.layers[first_layer:]
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+        return hook
+
+    layers = model.model.language_model.layers
+    handles = [
+        layer.register_forward_pre_hook(hook_for(late), with_kwargs=True) for layer in layers[first_layer:]
+    ]
+    if early_from_query is not None:
+        early = dense_mask(attention_mask, visible, model.dtype, from_query=early_from_query)
+        handles += [
+            layer.register_forward_pre_hook(hook_for(early), with_kwargs=True)
+            for layer in layers[:first_layer]
+        ]
     try:
         yield
     finally:
@@ -36,10 +58,14 @@ def hide_tokens_from_layers(model, visible: torch.Tensor, attention_mask: torch.
             handle.remove()
 
 
-def masked_reference(model, inputs: dict, keep: torch.Tensor, first_layer: int) -> torch.Tensor:
+def masked_reference(
+    model, inputs: dict, keep: torch.Tensor, first_layer: int, early_from_query: int | None = None
+) -> torch.Tensor:
     """Logits ``[B, L, V]`` of the unpatched model with the tokens outside ``keep`` hidden from attention
-    in layers ``first_layer..``, positions unchanged, no cache."""
-    with torch.no_grad(), hide_tokens_from_layers(model, keep, inputs["attention_mask"], first_layer):
+    in layers ``first_layer..`` (and in earlier layers from query ``early_from_query`` on), positions
+    unchanged, no cache."""
+    mask = inputs["attention_mask"]
+    with torch.no_grad(), hide_tokens_from_layers(model, keep, mask, first_layer, early_from_query):
         return model(**inputs, use_cache=False).logits
 
 

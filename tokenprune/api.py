@@ -20,6 +20,7 @@ def apply_pruner(
     keep_ratio: float | None = None,
     budget: int | None = None,
     layer: int | None = None,
+    drop_early_kv: bool = False,
     **options: object,
 ) -> Pruner:
     """Prune the visual tokens of every forward pass of ``model`` (including inside ``generate``).
@@ -30,6 +31,8 @@ def apply_pruner(
         keep_ratio: fraction of each image's visual tokens kept, in (0, 1].
         budget: visual tokens kept per image (exactly one of ``keep_ratio`` and ``budget``).
         layer: decoder layer where tokens are dropped; 0 prunes before the language model.
+        drop_early_kv: also drop the pruned tokens' KV entries from the layers before ``layer`` once
+            prefill is done (see :class:`PrunerConfig`).
         **options: method-specific options (see the method's docstring).
 
     Returns:
@@ -39,12 +42,17 @@ def apply_pruner(
     is touched, and raises ``ValueError``/``TypeError``/``RuntimeError`` naming the fix.
     """
     if isinstance(method, PrunerConfig):
-        if keep_ratio is not None or budget is not None or layer is not None or options:
+        if keep_ratio is not None or budget is not None or layer is not None or drop_early_kv or options:
             raise TypeError("pass either a PrunerConfig or a method name with its arguments, not both")
         config = method
     else:
         config = PrunerConfig(
-            method, keep_ratio=keep_ratio, budget=budget, layer=layer, options=dict(options)
+            method,
+            keep_ratio=keep_ratio,
+            budget=budget,
+            layer=layer,
+            options=dict(options),
+            drop_early_kv=drop_early_kv,
         )
     if attached_pruner(model) is not None:
         raise RuntimeError("this model already has a pruner; call tokenprune.remove_pruner(model) first")

@@ -19,6 +19,10 @@ class PrunerConfig:
         layer: decoder layer at which the method acts; 0 is before the language model. ``None`` takes the
             method's default (2 for ``fastv`` and ``dart``, 0 for the others).
         options: method-specific options (keyword-only parameters of the method function).
+        drop_early_kv: for a method acting at layer K > 0, also drop the pruned tokens' KV entries from
+            layers 0..K-1 once prefill is done, so every layer's cache holds only the kept tokens and
+            decode memory and time fall with the kept fraction. Decode steps then attend to the kept
+            tokens in every layer; the prompt itself is computed as without the option.
     """
 
     method: str
@@ -26,6 +30,7 @@ class PrunerConfig:
     budget: int | None = None
     layer: int | None = None
     options: dict[str, object] = field(default_factory=dict)
+    drop_early_kv: bool = False
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
@@ -48,6 +53,8 @@ class PrunerConfig:
             raise TypeError(f"layer must be an int, got {self.layer!r}")
         if self.layer is not None and self.layer < 0:
             raise ValueError(f"layer must be >= 0 (0 prunes before the language model), got {self.layer}")
+        if not isinstance(self.drop_early_kv, bool):
+            raise TypeError(f"drop_early_kv must be a bool, got {self.drop_early_kv!r}")
         unknown = set(self.options) - set(spec.options)
         if unknown:
             known = ", ".join(sorted(spec.options)) or "none"

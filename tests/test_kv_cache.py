@@ -1,0 +1,62 @@
+"""``drop_early_kv``: after prefill every layer's cache holds only the kept tokens, and decode agrees."""
+
+import pytest
+import torch
+from helpers import ATOL, extend, masked_reference
+
+import tokenprune as tp
+from tokenprune.patches._internals import output_cache
+from tokenprune.testing import tiny_inputs
+
+LLM_METHODS = ["dart", "fastv"]
+RAGGED = (1, 2, 1)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+@pytest.mark.parametrize("method", LLM_METHODS)
+def test_cache_length_per_layer_after_prefill(model, method, drop):
+    inputs = tiny_inputs(model, RAGGED)
+    length = inputs["input_ids"].shape[1]
+    with tp.pruned(model, method, budget=10, drop_early_kv=drop) as pruner, torch.no_grad():
+        cache = output_cache(model(**inputs, use_cache=True))
+    k = pruner.config.acting_layer
+    pruned_length = int(pruner.stats.keep_mask.sum(dim=1).max())
+    # rows are re-padded to the longest: the row that dropped the fewest tokens (one image, 64 -> 10)
+    assert pruned_length == length - (64 - 10) * min(RAGGED)
+    lengths = [cache.get_seq_length(i) for i in range(len(model.model.language_model.layers))]
+    early = pruned_length if drop else length
+    assert lengths == [early] * k + [pruned_length] * (len(lengths) - k)
+
+
+@pytest.mark.parametrize("method", LLM_METHODS)
+def test_generate_with_dropped_early_kv_equals_recomputation(model, method):
+    inputs = tiny_inputs(model, RAGGED)
+    prompt_length = inputs["input_ids"].shape[1]
+    with tp.pruned(model, method, keep_ratio=0.25, drop_early_kv=True) as pruner, torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=4,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+    keep = pruner.stats.keep_mask
+    new_tokens = out.sequences[:, prompt_length:]
+    for step, step_logits in enumerate(out.logits):
+        grown = extend(inputs, new_tokens[:, :step])
+        grown_keep = torch.cat([keep, torch.ones(keep.shape[0], step, dtype=torch.bool)], dim=1)
+        expected = masked_reference(
+            model, grown, grown_keep, pruner.config.acting_layer, early_from_query=prompt_length
+        )[:, -1]
+        torch.testing.assert_close(step_logits, expected, atol=ATOL, rtol=0)
+    # the first token comes from the prompt, which the option does not change
+    with tp.pruned(model, method, keep_ratio=0.25) as plain, torch.no_grad():
+        first = model(**inputs).logits[:, -1]
+    assert torch.equal(plain.stats.keep_mask, keep)
+    torch.testing.assert_close(out.logits[0], first, atol=ATOL, rtol=0)
+
+
+def test_drop_early_kv_must_be_a_bool(model):
+    with pytest.raises(TypeError, match="drop_early_kv must be a bool"):
+        tp.apply_pruner(model, "dart", keep_ratio=0.5, drop_early_kv="yes")
