@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+from transformers import LlavaConfig
 
-from tokenprune.testing import tiny_config
+from tokenprune.testing import llava_config, tiny_config
 
 
 def _llava(vision: dict, text: dict) -> LlavaConfig:
-    return LlavaConfig(
-        vision_config=CLIPVisionConfig(**vision).to_dict(),
-        text_config=LlamaConfig(**text).to_dict(),
-        image_token_id=32000,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
+    return llava_config(vision, text, image_token_id=32000, projector_hidden_act="gelu")
 
 
 def llava_15_7b() -> LlavaConfig:

@@ -119,3 +119,16 @@ def cache_kwarg(cache) -> dict:
     """``{name: cache}`` under the name this transformers release gives the cache argument."""
     params = inspect.signature(LlavaForConditionalGeneration.forward).parameters
     return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def assert_generate_matches_reference(
+    model, inputs: dict, out, keep: torch.Tensor, first_layer: int, early_from_query: int | None = None
+) -> None:
+    """Each step's logits of a cached ``generate`` (``output_logits=True``) equal the masked reference
+    recomputed from scratch, without a cache, on the prompt plus the tokens generated so far."""
+    new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
+    for step, step_logits in enumerate(out.logits):
+        grown = extend(inputs, new_tokens[:, :step])
+        grown_keep = torch.cat([keep, torch.ones(keep.shape[0], step, dtype=torch.bool)], dim=1)
+        expected = masked_reference(model, grown, grown_keep, first_layer, early_from_query)[:, -1]
+        torch.testing.assert_close(step_logits, expected, atol=ATOL, rtol=0)

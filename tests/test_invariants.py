@@ -2,7 +2,14 @@
 
 import pytest
 import torch
-from helpers import ATOL, extend, kept_rows, masked_reference, reference_rows, select_sample
+from helpers import (
+    ATOL,
+    assert_generate_matches_reference,
+    kept_rows,
+    masked_reference,
+    reference_rows,
+    select_sample,
+)
 
 import tokenprune as tp
 from tokenprune.testing import tiny_inputs, tokens_per_image
@@ -56,13 +63,7 @@ def test_cached_generate_equals_recomputation(model, method):
             return_dict_in_generate=True,
             pad_token_id=0,
         )
-    keep = pruner.stats.keep_mask
-    new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
-    for step, step_logits in enumerate(out.logits):
-        grown = extend(inputs, new_tokens[:, :step])
-        grown_keep = torch.cat([keep, torch.ones(keep.shape[0], step, dtype=torch.bool)], dim=1)
-        expected = masked_reference(model, grown, grown_keep, pruner.config.acting_layer)[:, -1]
-        torch.testing.assert_close(step_logits, expected, atol=ATOL, rtol=0)
+    assert_generate_matches_reference(model, inputs, out, pruner.stats.keep_mask, pruner.config.acting_layer)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import ATOL, extend, masked_reference
+from helpers import ATOL, assert_generate_matches_reference
 
 import tokenprune as tp
 from tokenprune.patches._internals import output_cache
@@ -31,7 +31,6 @@ def test_cache_length_per_layer_after_prefill(model, method, drop):
 @pytest.mark.parametrize("method", LLM_METHODS)
 def test_generate_with_dropped_early_kv_equals_recomputation(model, method):
     inputs = tiny_inputs(model, RAGGED)
-    prompt_length = inputs["input_ids"].shape[1]
     with tp.pruned(model, method, keep_ratio=0.25, drop_early_kv=True) as pruner, torch.no_grad():
         out = model.generate(
             **inputs,
@@ -42,14 +41,9 @@ def test_generate_with_dropped_early_kv_equals_recomputation(model, method):
             pad_token_id=0,
         )
     keep = pruner.stats.keep_mask
-    new_tokens = out.sequences[:, prompt_length:]
-    for step, step_logits in enumerate(out.logits):
-        grown = extend(inputs, new_tokens[:, :step])
-        grown_keep = torch.cat([keep, torch.ones(keep.shape[0], step, dtype=torch.bool)], dim=1)
-        expected = masked_reference(
-            model, grown, grown_keep, pruner.config.acting_layer, early_from_query=prompt_length
-        )[:, -1]
-        torch.testing.assert_close(step_logits, expected, atol=ATOL, rtol=0)
+    assert_generate_matches_reference(
+        model, inputs, out, keep, pruner.config.acting_layer, early_from_query=inputs["input_ids"].shape[1]
+    )
     # the first token comes from the prompt, which the option does not change
     with tp.pruned(model, method, keep_ratio=0.25) as plain, torch.no_grad():
         first = model(**inputs).logits[:, -1]

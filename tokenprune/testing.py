@@ -24,38 +24,47 @@ IMAGE_TOKEN_ID = 3
 VOCAB_SIZE = 256
 
 
+def llava_config(vision: dict, text: dict, image_token_id: int, **extra: object) -> LlavaConfig:
+    """A LLaVA-1.5-style config: a CLIP vision tower (CLS dropped, features of the second-to-last layer)
+    and a Llama decoder, from the keyword arguments of ``CLIPVisionConfig`` and ``LlamaConfig``."""
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision).to_dict(),
+        text_config=LlamaConfig(**text).to_dict(),
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        **extra,
+    )
+
+
 def tiny_config(family: str = "llava") -> LlavaConfig:
     """The config of the tiny model of ``family``: 32x32 images in an 8x8 patch grid, a 4-layer decoder."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; tiny models exist for: {', '.join(FAMILIES)}")
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=4,
-        projection_dim=32,
-    )
-    text = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB_SIZE,
-        max_position_embeddings=512,
-        pad_token_id=PAD_TOKEN_ID,
-        bos_token_id=1,
-        eos_token_id=2,
-        initializer_range=0.1,
-    )
-    return LlavaConfig(
-        vision_config=vision.to_dict(),
-        text_config=text.to_dict(),
+    return llava_config(
+        vision=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=4,
+            projection_dim=32,
+        ),
+        text=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB_SIZE,
+            max_position_embeddings=512,
+            pad_token_id=PAD_TOKEN_ID,
+            bos_token_id=1,
+            eos_token_id=2,
+            initializer_range=0.1,
+        ),
         image_token_id=IMAGE_TOKEN_ID,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
         pad_token_id=PAD_TOKEN_ID,
     )
 
