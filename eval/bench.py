@@ -199,9 +199,19 @@ def run_benchmark(
 
 
 def machine_description(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name and the number of threads torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return f"{cpu} CPU, {torch.get_num_threads()} threads"
 
 
 def write_results(rows: list[BenchRow], out_dir: Path, meta: dict) -> dict[str, Path]:
