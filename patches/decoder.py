@@ -7,19 +7,21 @@ does the rest, with per-instance forward hooks only:
 * on the language model (pre): tells prefill from decode. In decode it rewrites the 2-D mask and the
   position ids for a cache whose visual entries were pruned, so the next token keeps its original
   position and attends only to kept tokens.
-* on decoder layer K (pre): at prefill, asks the method which visual tokens to keep and gathers hidden
-  states, rotary tables and position ids into a dense, left-padded batch; builds the mask of layers >= K.
-* on layers > K (pre): hands them the pruned mask, positions and rotary tables.
+* on each pruning layer K (pre): at prefill, asks the method which visual tokens to keep and gathers
+  hidden states, rotary tables and position ids into a dense, left-padded batch; builds the mask of the
+  layers from K on. A schedule prunes at several layers, each time among the tokens still kept.
+* on the other layers after the first K (pre): hands them the pruned mask, positions and rotary tables.
 * on the language model (post): remembers how the returned cache was pruned, for the decode steps.
 
-Layers before K see every token and keep their full cache; layers from K on see only the kept tokens.
-K = 0 is the ``pre_llm`` stage.
+Layers before the first K see every token and keep their full cache (unless ``drop_early_kv``); layers
+from K on see only the kept tokens. K = 0 is the ``pre_llm`` stage.
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,26 +39,42 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class _Session:
-    """How a cache was pruned at prefill: what decode steps need to extend its mask and positions."""
+class _StageCache:
+    """The prompt rows that the caches of layers ``first_layer..`` hold after one pruning stage."""
 
-    prefix_mask: torch.Tensor  # [B, L'] 2-D mask of the pruned prompt
+    first_layer: int
+    prefix_mask: torch.Tensor  # [B, L_s] 2-D mask of those rows
+
+
+@dataclass
+class _Session:
+    """How a cache was pruned at prefill: what decode steps need to extend its masks and positions."""
+
     original_length: int  # L, the prompt length before pruning
-    first_pruned_layer: int  # the first layer whose cache holds only the kept tokens
-    index: torch.Tensor  # [B, L'] prompt position of each pruned-cache row
+    stages: list[_StageCache]
+    first_index: torch.Tensor  # [B, L_1] prompt position of each row after the first stage
 
 
 @dataclass
 class _Call:
-    """State of one language-model forward, shared by its hooks."""
+    """State of one language-model forward, shared by its hooks.
 
-    visual: torch.Tensor | None = None  # [B, L] image placeholders, at a prefill with images
-    attention_mask: torch.Tensor | None = None  # [B, L] the caller's 2-D mask (prefill)
-    session: _Session | None = None  # the cache's pruning, at a decode step
-    pruned_mask_2d: torch.Tensor | None = None  # 2-D mask of layers >= K, at a decode step
-    layer_kwargs: dict[str, Any] = field(default_factory=dict)  # what layers > K get
+    At prefill ``visual``, ``attention_mask`` and ``origin`` describe the rows of the current (possibly
+    already pruned) layout; at a decode step ``session`` and ``tail`` describe the pruned cache.
+    """
+
+    visual: torch.Tensor | None = None  # [B, L_cur] image token flags
+    attention_mask: torch.Tensor | None = None  # [B, L_cur] 2-D mask
+    origin: torch.Tensor | None = None  # [B, L_cur] prompt position of each row
+    original_length: int = 0  # L, the prompt length
+    visual_in: list[int] = field(default_factory=list)  # visual tokens per sample before pruning
+    keep_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L] over the prompt
+    new_stages: list[_StageCache] = field(default_factory=list)
+    first_index: torch.Tensor | None = None
+    session: _Session | None = None
+    tail: torch.Tensor | None = None  # [B, T] 2-D mask of the tokens after the prompt (decode)
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)  # what the following layers get
     scoring_input: torch.Tensor | None = None  # input of the layer whose attention scores tokens
-    new_session: _Session | None = None
 
 
 class DecoderPruningHooks:
@@ -72,7 +90,7 @@ class DecoderPruningHooks:
         self._call: _Call | None = None
         self._sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
         self._pruner: Pruner | None = None
-        self._layer = 0
+        self._stages: list[tuple[int, int]] = []  # (layer, visual tokens kept per image)
 
     @property
     def num_layers(self) -> int:
@@ -81,21 +99,27 @@ class DecoderPruningHooks:
     def attach(self, pruner: Pruner) -> list[RemovableHandle]:
         """Register the hooks for ``pruner``; returns their handles."""
         self._pruner = pruner
-        self._layer = k = pruner.config.acting_layer
+        self._stages = pruner.stages
+        stage_layers = [layer for layer, _ in self._stages]
         lm = self.language_model
         handles = [
             lm.register_forward_pre_hook(self._before_language_model, with_kwargs=True),
             lm.register_forward_hook(self._after_language_model, with_kwargs=True, always_call=True),
-            self.layers[k].register_forward_pre_hook(self._at_pruning_layer, with_kwargs=True),
         ]
-        handles += [
-            layer.register_forward_pre_hook(self._after_pruning_layer, with_kwargs=True)
-            for layer in self.layers[k + 1 :]
-        ]
-        if "attention" in pruner.config.spec.needs and k > 0:
-            handles.append(
-                self.layers[k - 1].register_forward_pre_hook(self._capture_scoring_input, with_kwargs=True)
+        for i, layer in enumerate(self.layers[stage_layers[0] :], start=stage_layers[0]):
+            hook = (
+                partial(self._at_stage_layer, stage_layers.index(i))
+                if i in stage_layers
+                else self._after_stage
             )
+            handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        if "attention" in pruner.config.spec.needs:
+            # registered last, so that each sees its layer's input after any pruning at that layer
+            handles += [
+                self.layers[k - 1].register_forward_pre_hook(self._capture_scoring_input, with_kwargs=True)
+                for k in stage_layers
+                if k > 0
+            ]
         return handles
 
     # -- language model -------------------------------------------------------------------------
@@ -111,7 +135,6 @@ class DecoderPruningHooks:
                 raise ValueError(
                     "cannot add images to a cache whose visual tokens were pruned; start a new cache"
                 )
-            self._call = _Call(session=session)
             return args, self._decode_inputs(kwargs, cache, session)
         if not has_images:
             if visual is not None:
@@ -122,21 +145,31 @@ class DecoderPruningHooks:
                 "images must be in the first forward of a cache to be pruned (no chunked prefill "
                 "or continuation of an unpruned cache)"
             )
-        self._call = _Call(visual=visual, attention_mask=kwargs.get("attention_mask"))
+        batch, length = visual.shape
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.long, device=visual.device)
+        origin = torch.arange(length, device=visual.device).expand(batch, length)
+        self._call = _Call(
+            visual=visual,
+            attention_mask=mask,
+            origin=origin,
+            original_length=length,
+            visual_in=visual.sum(1).tolist(),
+        )
         return args, kwargs
 
     def _decode_inputs(self, kwargs: dict, cache: Any, session: _Session) -> dict:
-        """Decode-step inputs for a pruned cache: original-space positions, pruned-space 2-D mask."""
+        """Decode-step inputs for a pruned cache: original-space positions, pruned-space 2-D masks."""
         embeds = kwargs.get("inputs_embeds")
         batch, new = embeds.shape[:2]
-        pruned_before = (
-            internals.cache_length(cache, session.first_pruned_layer) - session.prefix_mask.shape[1]
-        )
+        last = session.stages[-1]
+        pruned_before = internals.cache_length(cache, last.first_layer) - last.prefix_mask.shape[1]
         mask = kwargs.get("attention_mask")
         if mask is None:
-            tail = session.prefix_mask.new_ones(batch, pruned_before + new)
+            tail = last.prefix_mask.new_ones(batch, pruned_before + new)
         elif mask.dim() == 2:
-            tail = mask[:, session.original_length :].to(session.prefix_mask.dtype)
+            tail = mask[:, session.original_length :].to(last.prefix_mask.dtype)
         else:
             raise ValueError("decode steps on a pruned cache need a 2-D attention mask (or none)")
         if tail.shape[1] != pruned_before + new:
@@ -144,28 +177,29 @@ class DecoderPruningHooks:
                 f"attention_mask covers {mask.shape[1]} tokens but the cache holds "
                 f"{session.original_length + pruned_before} before pruning, plus {new} new"
             )
-        self._call.pruned_mask_2d = torch.cat([session.prefix_mask, tail], dim=1)
+        self._call = _Call(session=session, tail=tail)
         kwargs = dict(kwargs)
         if kwargs.get("position_ids") is None:
             start = session.original_length + pruned_before
-            kwargs["position_ids"] = torch.arange(start, start + new, device=embeds.device)[None].expand(
-                batch, -1
-            )
-        if session.first_pruned_layer == 0:
-            kwargs["attention_mask"] = self._call.pruned_mask_2d
+            positions = torch.arange(start, start + new, device=embeds.device)
+            kwargs["position_ids"] = positions[None].expand(batch, -1)
+        first = session.stages[0]
+        if first.first_layer == 0:
+            kwargs["attention_mask"] = torch.cat([first.prefix_mask, tail], dim=1)
         return kwargs
 
     def _after_language_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         call, self._call = self._call, None
-        if call is None or call.new_session is None:
+        if call is None or not call.new_stages:
             return
         cache = internals.output_cache(output)
         if cache is None:
             return
-        session = call.new_session
-        if self._pruner.config.drop_early_kv and session.first_pruned_layer > 0:
-            internals.compact_cache_layers(cache, range(session.first_pruned_layer), session.index)
-            session.first_pruned_layer = 0
+        session = _Session(call.original_length, call.new_stages, call.first_index)
+        first = session.stages[0]
+        if self._pruner.config.drop_early_kv and first.first_layer > 0:
+            internals.compact_cache_layers(cache, range(first.first_layer), session.first_index)
+            first.first_layer = 0
         self._sessions[cache] = session
 
     # -- decoder layers -------------------------------------------------------------------------
@@ -174,78 +208,84 @@ class DecoderPruningHooks:
         if self._call is not None and self._call.visual is not None:
             self._call.scoring_input = internals.layer_hidden_states(args, kwargs)
 
-    def _after_pruning_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    def _after_stage(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self._call is None or not self._call.layer_kwargs:
             return None
         return args, {**kwargs, **self._call.layer_kwargs}
 
-    def _at_pruning_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    def _at_stage_layer(
+        self, stage: int, module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict] | None:
         call = self._call
         if call is None:
             return None
+        kwargs = {**kwargs, **call.layer_kwargs}  # the previous stage's layout, if any
         hidden = internals.layer_hidden_states(args, kwargs)
         cache = internals.cache_argument(kwargs)
-        config = self.language_model.config
-        if call.session is not None:  # decode step
-            if call.session.first_pruned_layer == 0:
-                return None  # the language model already built the mask from the pruned 2-D mask
-            call.layer_kwargs = {
-                "attention_mask": internals.causal_mask(
-                    config, hidden, call.pruned_mask_2d, cache, self._layer
-                )
-            }
-            return args, {**kwargs, **call.layer_kwargs}
-        return self._prune(call, hidden, args, kwargs, cache)
+        layer = self._stages[stage][0]
+        if call.session is None:
+            return self._prune(call, stage, hidden, args, kwargs, cache)
+        rows = call.session.stages[stage]
+        if rows.first_layer == 0:
+            return None  # the language model already built this mask from the pruned 2-D mask
+        mask_2d = torch.cat([rows.prefix_mask, call.tail], dim=1)
+        call.layer_kwargs = {
+            "attention_mask": internals.causal_mask(self.language_model.config, hidden, mask_2d, cache, layer)
+        }
+        return args, {**kwargs, **call.layer_kwargs}
 
     def _prune(
-        self, call: _Call, hidden: torch.Tensor, args: tuple, kwargs: dict, cache: Any
+        self, call: _Call, stage: int, hidden: torch.Tensor, args: tuple, kwargs: dict, cache: Any
     ) -> tuple[tuple, dict]:
+        """Select and drop visual tokens at a stage layer; returns the layer's new arguments."""
+        layer, keep = self._stages[stage]
         batch, length = hidden.shape[:2]
-        mask_2d = call.attention_mask
-        if mask_2d is None:
-            mask_2d = torch.ones(batch, length, dtype=torch.long, device=hidden.device)
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(length, device=hidden.device)[None]
         position_ids = position_ids.expand(batch, length)
         cos, sin = kwargs["position_embeddings"]
+        tokens_per_image = self.tokens_per_image if stage == 0 else self._stages[stage - 1][1]
 
         pruner = self._pruner
         with pruner.timed_selection():
-            layout = find_images(call.visual, self.tokens_per_image)
-            ctx = SelectionContext(
-                features=layout.take(hidden), grid=self.grid, image_index=layout.image_index
-            )
+            layout = find_images(call.visual, tokens_per_image)
+            grid = self.grid if stage == 0 else None  # later stages see a subset of the grid
+            ctx = SelectionContext(features=layout.take(hidden), grid=grid, image_index=layout.image_index)
             needs = pruner.config.spec.needs
             if "keys" in needs:
-                _, keys = internals.project_queries_keys(self.layers[self._layer], hidden, (cos, sin), None)
+                _, keys = internals.project_queries_keys(self.layers[layer], hidden, (cos, sin), None)
                 ctx.keys = layout.take(keys.transpose(1, 2).flatten(2))
             if "attention" in needs:
-                ctx.attention = self._last_token_attention(call, hidden, mask_2d, (cos, sin), layout)
-            index = pruner.select(ctx)
-            keep = keep_mask(call.visual, layout, index)
-            plan = plan_compaction(keep)
+                ctx.attention = self._last_token_attention(call, layer, hidden, (cos, sin), layout)
+            index = pruner.select(ctx, keep)
+            plan = plan_compaction(keep_mask(call.visual, layout, index))
 
         pruned_hidden = plan.gather(hidden)
-        pruned_mask_2d = plan.gather_mask(mask_2d)
+        call.attention_mask = plan.gather_mask(call.attention_mask)
+        call.visual = plan.gather(call.visual) & plan.valid
+        call.origin = plan.gather(call.origin)
         call.layer_kwargs = {
             "attention_mask": internals.causal_mask(
-                self.language_model.config, pruned_hidden, pruned_mask_2d, cache, self._layer
+                self.language_model.config, pruned_hidden, call.attention_mask, cache, layer
             ),
             "position_ids": plan.gather(position_ids),
             "position_embeddings": (plan.gather(cos), plan.gather(sin)),
         }
-        call.new_session = _Session(pruned_mask_2d, length, self._layer, plan.index)
-        visual_in = call.visual.sum(dim=1)
-        pruner.record_prefill(visual_in.tolist(), (call.visual & keep).sum(dim=1).tolist(), keep)
+        call.new_stages.append(_StageCache(layer, call.attention_mask))
+        if stage == 0:
+            call.first_index = call.origin
+        reached = torch.zeros(batch, call.original_length, dtype=torch.int32, device=hidden.device)
+        call.keep_masks[layer] = reached.scatter_add_(1, call.origin, plan.valid.to(torch.int32)) > 0
+        pruner.record_prefill(call.visual_in, call.visual.sum(dim=1).tolist(), dict(call.keep_masks))
         args, kwargs = internals.with_layer_hidden_states(args, kwargs, pruned_hidden)
         return args, {**kwargs, **call.layer_kwargs}
 
     def _last_token_attention(
         self,
         call: _Call,
+        layer: int,
         hidden: torch.Tensor,
-        mask_2d: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         layout: Any,
     ) -> torch.Tensor:
@@ -254,9 +294,9 @@ class DecoderPruningHooks:
         Uses the layer before the pruning layer (FastV reads layer K-1's attention map and prunes from
         layer K on), or layer 0 itself when pruning before the language model.
         """
-        scoring_layer = max(self._layer - 1, 0)
-        scoring_input = call.scoring_input if self._layer > 0 else hidden
-        valid = mask_2d.bool()
+        scoring_layer = max(layer - 1, 0)
+        scoring_input = call.scoring_input if layer > 0 else hidden
+        valid = call.attention_mask.bool()
         positions = torch.arange(valid.shape[1], device=valid.device)
         last = torch.where(valid, positions, -1).amax(dim=1)  # last real token of each row
         query, keys = internals.project_queries_keys(

@@ -20,6 +20,7 @@ def apply_pruner(
     keep_ratio: float | None = None,
     budget: int | None = None,
     layer: int | None = None,
+    schedule: tuple[tuple[int, float], ...] | None = None,
     drop_early_kv: bool = False,
     **options: object,
 ) -> Pruner:
@@ -31,6 +32,8 @@ def apply_pruner(
         keep_ratio: fraction of each image's visual tokens kept, in (0, 1].
         budget: visual tokens kept per image (exactly one of ``keep_ratio`` and ``budget``).
         layer: decoder layer where tokens are dropped; 0 prunes before the language model.
+        schedule: prune at several layers, ``((layer, keep_ratio), ...)``, instead of one (see
+            :class:`PrunerConfig`).
         drop_early_kv: also drop the pruned tokens' KV entries from the layers before ``layer`` once
             prefill is done (see :class:`PrunerConfig`).
         **options: method-specific options (see the method's docstring).
@@ -42,7 +45,8 @@ def apply_pruner(
     is touched, and raises ``ValueError``/``TypeError``/``RuntimeError`` naming the fix.
     """
     if isinstance(method, PrunerConfig):
-        if keep_ratio is not None or budget is not None or layer is not None or drop_early_kv or options:
+        extra = (keep_ratio, budget, layer, schedule)
+        if any(x is not None for x in extra) or drop_early_kv or options:
             raise TypeError("pass either a PrunerConfig or a method name with its arguments, not both")
         config = method
     else:
@@ -52,17 +56,18 @@ def apply_pruner(
             budget=budget,
             layer=layer,
             options=dict(options),
+            schedule=None if schedule is None else tuple(schedule),
             drop_early_kv=drop_early_kv,
         )
     if attached_pruner(model) is not None:
         raise RuntimeError("this model already has a pruner; call tokenprune.remove_pruner(model) first")
     adapter = adapter_for(model)
-    if config.acting_layer >= adapter.num_layers:
+    if config.last_layer >= adapter.num_layers:
         raise ValueError(
-            f"layer={config.acting_layer} is outside the language model's "
+            f"layer={config.last_layer} is outside the language model's "
             f"{adapter.num_layers} layers (valid: 0..{adapter.num_layers - 1})"
         )
-    config.kept_per_image(adapter.tokens_per_image)  # budget larger than an image raises here
+    config.stages(adapter.tokens_per_image)  # budget larger than an image raises here
     return Pruner(model, config, adapter)
 
 

@@ -19,6 +19,10 @@ class PrunerConfig:
         layer: decoder layer at which the method acts; 0 is before the language model. ``None`` takes the
             method's default (2 for ``fastv`` and ``dart``, 0 for the others).
         options: method-specific options (keyword-only parameters of the method function).
+        schedule: prune at several layers instead of one, as ``((layer, keep_ratio), ...)`` with layers
+            increasing and ratios (of each image's original tokens) not increasing, e.g.
+            ``((2, 0.5), (8, 0.25), (16, 0.125))``; each stage selects among the tokens still kept.
+            Replaces ``keep_ratio``/``budget``/``layer``.
         drop_early_kv: for a method acting at layer K > 0, also drop the pruned tokens' KV entries from
             layers 0..K-1 once prefill is done, so every layer's cache holds only the kept tokens and
             decode memory and time fall with the kept fraction. Decode steps then attend to the kept
@@ -30,11 +34,14 @@ class PrunerConfig:
     budget: int | None = None
     layer: int | None = None
     options: dict[str, object] = field(default_factory=dict)
+    schedule: tuple[tuple[int, float], ...] | None = None
     drop_early_kv: bool = False
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
-        if (self.keep_ratio is None) == (self.budget is None):
+        if self.schedule is not None:
+            self._check_schedule()
+        elif (self.keep_ratio is None) == (self.budget is None):
             raise ValueError(
                 "give exactly one of keep_ratio (fraction of visual tokens kept) or budget "
                 "(visual tokens kept per image)"
@@ -62,6 +69,40 @@ class PrunerConfig:
                 f"unknown option(s) {sorted(unknown)} for method {self.method!r}; its options: {known}"
             )
 
+    def _check_schedule(self) -> None:
+        if self.keep_ratio is not None or self.budget is not None or self.layer is not None:
+            raise ValueError("a schedule replaces keep_ratio, budget and layer: give only the schedule")
+        stages = list(self.schedule)
+        if not stages:
+            raise ValueError("schedule must list at least one (layer, keep_ratio) stage")
+        for stage in stages:
+            if not (isinstance(stage, (tuple, list)) and len(stage) == 2):
+                raise TypeError(f"each schedule stage must be a (layer, keep_ratio) pair, got {stage!r}")
+            layer, ratio = stage
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                raise ValueError(f"schedule layers must be ints >= 0, got {layer!r}")
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
+                raise ValueError(f"schedule keep ratios must be in (0, 1], got {ratio!r}")
+        layers = [layer for layer, _ in stages]
+        ratios = [ratio for _, ratio in stages]
+        if layers != sorted(set(layers)):
+            raise ValueError(f"schedule layers must be strictly increasing, got {layers}")
+        if ratios != sorted(ratios, reverse=True):
+            raise ValueError(
+                f"schedule keep ratios must not increase from one stage to the next, got {ratios}"
+            )
+
+    def stages(self, num_tokens: int) -> list[tuple[int, int]]:
+        """``(layer, visual tokens kept per image)`` of each pruning stage, for images of ``num_tokens``."""
+        if self.schedule is None:
+            return [(self.acting_layer, self.kept_per_image(num_tokens))]
+        return [(layer, max(1, round(ratio * num_tokens))) for layer, ratio in self.schedule]
+
+    @property
+    def last_layer(self) -> int:
+        """The deepest layer at which tokens are dropped."""
+        return self.schedule[-1][0] if self.schedule is not None else self.acting_layer
+
     @property
     def spec(self) -> MethodSpec:
         return get_method(self.method)
@@ -69,6 +110,8 @@ class PrunerConfig:
     @property
     def acting_layer(self) -> int:
         """The decoder layer the method acts at: ``layer`` or the method's default."""
+        if self.schedule is not None:
+            return self.schedule[0][0]
         return self.spec.default_layer if self.layer is None else self.layer
 
     @property

@@ -26,8 +26,9 @@ class PruneStats:
         visual_tokens: visual tokens in each sample's prompt.
         kept_tokens: visual tokens kept for each sample.
         selection_ms: wall time of selection (scoring, top-k and layout), milliseconds.
-        keep_mask: ``[B, L]`` bool over the original prompt, True for every token that reached the layers
-            from ``layer`` on (``None`` for a text-only prompt).
+        keep_mask: ``[B, L]`` bool over the original prompt, True for every token that reached the last
+            pruning layer and the layers after it (``None`` for a text-only prompt).
+        keep_masks: the same for every pruning layer of a schedule, by layer.
     """
 
     stage: str
@@ -36,6 +37,7 @@ class PruneStats:
     kept_tokens: list[int] = field(default_factory=list)
     selection_ms: float = 0.0
     keep_mask: torch.Tensor | None = None
+    keep_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         """The numbers, without the mask: for printing or JSON."""
@@ -55,7 +57,8 @@ class Pruner:
         self.model = model
         self.config = config
         self.adapter = adapter
-        self.keep_per_image = config.kept_per_image(adapter.tokens_per_image)
+        self.stages = config.stages(adapter.tokens_per_image)
+        self.keep_per_image = self.stages[-1][1]
         self.stats: PruneStats | None = None
         self._selection_ms = 0.0
         self._handles = adapter.attach(self)
@@ -90,18 +93,21 @@ class Pruner:
             torch.cuda.synchronize(device)
         self._selection_ms = (time.perf_counter() - start) * 1e3
 
-    def select(self, ctx: SelectionContext) -> torch.Tensor:
-        """Keep indices ``[I, k]`` for the images in ``ctx``."""
-        return self.config.spec.select(ctx, self.keep_per_image, self.config.options)
+    def select(self, ctx: SelectionContext, keep: int) -> torch.Tensor:
+        """Keep indices ``[I, keep]`` for the images in ``ctx``."""
+        return self.config.spec.select(ctx, keep, self.config.options)
 
-    def record_prefill(self, visual: list[int], kept: list[int], keep_mask: torch.Tensor) -> None:
+    def record_prefill(self, visual: list[int], kept: list[int], keep_masks: dict[int, torch.Tensor]) -> None:
+        """Record a pruning stage of the current prefill; selection time adds up over its stages."""
+        first_stage = len(keep_masks) == 1
         self.stats = PruneStats(
             stage=self.config.stage,
             layer=self.config.acting_layer,
             visual_tokens=visual,
             kept_tokens=kept,
-            selection_ms=self._selection_ms,
-            keep_mask=keep_mask,
+            selection_ms=self._selection_ms + (0.0 if first_stage else self.stats.selection_ms),
+            keep_mask=keep_masks[max(keep_masks)],
+            keep_masks=keep_masks,
         )
 
     def record_text_only(self, batch_size: int) -> None:
