@@ -66,6 +66,7 @@ class _Call:
     visual: torch.Tensor | None = None  # [B, L_cur] image token flags
     attention_mask: torch.Tensor | None = None  # [B, L_cur] 2-D mask
     origin: torch.Tensor | None = None  # [B, L_cur] prompt position of each row
+    real: torch.Tensor | None = None  # [B, L_cur] the row holds a prompt token, not re-padding
     original_length: int = 0  # L, the prompt length
     visual_in: list[int] = field(default_factory=list)  # visual tokens per sample before pruning
     keep_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L] over the prompt
@@ -154,6 +155,7 @@ class DecoderPruningHooks:
             visual=visual,
             attention_mask=mask,
             origin=origin,
+            real=torch.ones_like(visual),
             original_length=length,
             visual_in=visual.sum(1).tolist(),
         )
@@ -265,6 +267,7 @@ class DecoderPruningHooks:
         call.attention_mask = plan.gather_mask(call.attention_mask)
         call.visual = plan.gather(call.visual) & plan.valid
         call.origin = plan.gather(call.origin)
+        call.real = plan.gather(call.real) & plan.valid
         call.layer_kwargs = {
             "attention_mask": internals.causal_mask(
                 self.language_model.config, pruned_hidden, call.attention_mask, cache, layer
@@ -276,7 +279,7 @@ class DecoderPruningHooks:
         if stage == 0:
             call.first_index = call.origin
         reached = torch.zeros(batch, call.original_length, dtype=torch.int32, device=hidden.device)
-        call.keep_masks[layer] = reached.scatter_add_(1, call.origin, plan.valid.to(torch.int32)) > 0
+        call.keep_masks[layer] = reached.scatter_add_(1, call.origin, call.real.to(torch.int32)) > 0
         pruner.record_prefill(call.visual_in, call.visual.sum(dim=1).tolist(), dict(call.keep_masks))
         args, kwargs = internals.with_layer_hidden_states(args, kwargs, pruned_hidden)
         return args, {**kwargs, **call.layer_kwargs}

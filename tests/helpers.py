@@ -25,15 +25,11 @@ def dense_mask(
 
 @contextlib.contextmanager
 def hide_tokens_from_layers(
-    model,
-    visible: torch.Tensor,
-    attention_mask: torch.Tensor,
-    first_layer: int,
-    early_from_query: int | None = None,
+    model, stages: dict[int, torch.Tensor], attention_mask: torch.Tensor, early_from_query: int | None = None
 ):
-    """In the block, decoder layers ``first_layer..`` of the unpatched ``model`` see only ``visible`` keys;
-    with ``early_from_query``, so do the earlier layers, for the queries from that position on."""
-    late = dense_mask(attention_mask, visible, model.dtype)
+    """In the block, the decoder layers of the unpatched ``model`` from each key of ``stages`` up to the
+    next see only the keys flagged in its value ``[B, L]``; with ``early_from_query``, so do the layers
+    before the first stage (with the first stage's flags), for the queries from that position on."""
 
     def hook_for(mask):
         def hook(module, args, kwargs):
@@ -42,14 +38,18 @@ def hide_tokens_from_layers(
         return hook
 
     layers = model.model.language_model.layers
-    handles = [
-        layer.register_forward_pre_hook(hook_for(late), with_kwargs=True) for layer in layers[first_layer:]
-    ]
+    firsts = sorted(stages)
+    handles = []
+    for first, end in zip(firsts, [*firsts[1:], len(layers)], strict=True):
+        mask = dense_mask(attention_mask, stages[first], model.dtype)
+        handles += [
+            layer.register_forward_pre_hook(hook_for(mask), with_kwargs=True) for layer in layers[first:end]
+        ]
     if early_from_query is not None:
-        early = dense_mask(attention_mask, visible, model.dtype, from_query=early_from_query)
+        early = dense_mask(attention_mask, stages[firsts[0]], model.dtype, from_query=early_from_query)
         handles += [
             layer.register_forward_pre_hook(hook_for(early), with_kwargs=True)
-            for layer in layers[:first_layer]
+            for layer in layers[: firsts[0]]
         ]
     try:
         yield
@@ -59,13 +59,13 @@ def hide_tokens_from_layers(
 
 
 def masked_reference(
-    model, inputs: dict, keep: torch.Tensor, first_layer: int, early_from_query: int | None = None
+    model, inputs: dict, stages: dict[int, torch.Tensor], early_from_query: int | None = None
 ) -> torch.Tensor:
-    """Logits ``[B, L, V]`` of the unpatched model with the tokens outside ``keep`` hidden from attention
-    in layers ``first_layer..`` (and in earlier layers from query ``early_from_query`` on), positions
+    """Logits ``[B, L, V]`` of the unpatched model with, from each layer in ``stages`` on, the tokens
+    outside its keep flags hidden from attention (see :func:`hide_tokens_from_layers`), positions
     unchanged, no cache."""
     mask = inputs["attention_mask"]
-    with torch.no_grad(), hide_tokens_from_layers(model, keep, mask, first_layer, early_from_query):
+    with torch.no_grad(), hide_tokens_from_layers(model, stages, mask, early_from_query):
         return model(**inputs, use_cache=False).logits
 
 
@@ -122,13 +122,16 @@ def cache_kwarg(cache) -> dict:
 
 
 def assert_generate_matches_reference(
-    model, inputs: dict, out, keep: torch.Tensor, first_layer: int, early_from_query: int | None = None
+    model, inputs: dict, out, stages: dict[int, torch.Tensor], early_from_query: int | None = None
 ) -> None:
     """Each step's logits of a cached ``generate`` (``output_logits=True``) equal the masked reference
     recomputed from scratch, without a cache, on the prompt plus the tokens generated so far."""
     new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
     for step, step_logits in enumerate(out.logits):
         grown = extend(inputs, new_tokens[:, :step])
-        grown_keep = torch.cat([keep, torch.ones(keep.shape[0], step, dtype=torch.bool)], dim=1)
-        expected = masked_reference(model, grown, grown_keep, first_layer, early_from_query)[:, -1]
+        grown_stages = {
+            layer: torch.cat([keep, torch.ones(keep.shape[0], step, dtype=torch.bool)], dim=1)
+            for layer, keep in stages.items()
+        }
+        expected = masked_reference(model, grown, grown_stages, early_from_query)[:, -1]
         torch.testing.assert_close(step_logits, expected, atol=ATOL, rtol=0)

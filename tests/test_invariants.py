@@ -39,7 +39,7 @@ def test_dropping_equals_masking(model, method):
     with tp.pruned(model, method, keep_ratio=0.25) as pruner:
         got = logits(model, inputs)
     keep = pruner.stats.keep_mask
-    expected = masked_reference(model, inputs, keep, pruner.config.acting_layer)
+    expected = masked_reference(model, inputs, pruner.stats.keep_masks)
     for g, e in zip(
         kept_rows(got, keep, inputs["attention_mask"]),
         reference_rows(expected, keep, inputs["attention_mask"]),
@@ -63,7 +63,7 @@ def test_cached_generate_equals_recomputation(model, method):
             return_dict_in_generate=True,
             pad_token_id=0,
         )
-    assert_generate_matches_reference(model, inputs, out, pruner.stats.keep_mask, pruner.config.acting_layer)
+    assert_generate_matches_reference(model, inputs, out, pruner.stats.keep_masks)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -42,7 +42,7 @@ def test_generate_with_dropped_early_kv_equals_recomputation(model, method):
         )
     keep = pruner.stats.keep_mask
     assert_generate_matches_reference(
-        model, inputs, out, keep, pruner.config.acting_layer, early_from_query=inputs["input_ids"].shape[1]
+        model, inputs, out, pruner.stats.keep_masks, early_from_query=inputs["input_ids"].shape[1]
     )
     # the first token comes from the prompt, which the option does not change
     with tp.pruned(model, method, keep_ratio=0.25) as plain, torch.no_grad():

@@ -40,5 +40,5 @@ def test_manual_decode_loop_without_positions_or_mask(model):
     keep = pruner.stats.keep_mask
     grown = extend({**inputs, "position_ids": inputs["attention_mask"].cumsum(-1) - 1}, tokens)
     grown_keep = torch.cat([keep, torch.ones(1, 1, dtype=torch.bool)], dim=1)
-    expected = masked_reference(model, grown, grown_keep, pruner.config.acting_layer)[:, -1]
+    expected = masked_reference(model, grown, {pruner.config.acting_layer: grown_keep})[:, -1]
     torch.testing.assert_close(step.logits[:, -1], expected, atol=ATOL, rtol=0)

@@ -1,0 +1,122 @@
+"""Multi-stage schedules: pruning at several layers, each stage among the tokens still kept."""
+
+import pytest
+import torch
+from helpers import (
+    ATOL,
+    assert_generate_matches_reference,
+    kept_rows,
+    masked_reference,
+    reference_rows,
+    select_sample,
+)
+
+import tokenprune as tp
+from tokenprune.patches._internals import output_cache
+from tokenprune.testing import tiny_inputs
+
+METHODS = sorted(tp.list_methods())
+RAGGED = (1, 2, 1)
+SCHEDULES = {"from-1": ((1, 0.5), (2, 0.25), (3, 0.125)), "from-0": ((0, 0.5), (2, 0.25))}
+
+
+def kept_per_stage(schedule):
+    return [max(1, round(r * 64)) for _, r in schedule]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES.values(), ids=SCHEDULES.keys())
+@pytest.mark.parametrize("method", METHODS)
+def test_schedule_equals_masking_per_stage(model, method, schedule):
+    inputs = tiny_inputs(model, RAGGED)
+    with tp.pruned(model, method, schedule=schedule) as pruner, torch.no_grad():
+        got = model(**inputs).logits
+    stats = pruner.stats
+    assert sorted(stats.keep_masks) == [layer for layer, _ in schedule]
+    assert stats.kept_tokens == [kept_per_stage(schedule)[-1] * n for n in RAGGED]
+    masks = [stats.keep_masks[layer] for layer, _ in schedule]
+    for earlier, later in zip(masks, masks[1:], strict=False):
+        assert bool((later <= earlier).all())  # each stage keeps a subset of the previous one
+    expected = masked_reference(model, inputs, stats.keep_masks)
+    mask = inputs["attention_mask"]
+    for g, e in zip(
+        kept_rows(got, stats.keep_mask, mask), reference_rows(expected, stats.keep_mask, mask), strict=True
+    ):
+        torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+@pytest.mark.parametrize("method", ["fastv", "dart", "uniform"])
+def test_schedule_generate_equals_recomputation(model, method, drop):
+    inputs = tiny_inputs(model, RAGGED)
+    schedule = SCHEDULES["from-1"]
+    with tp.pruned(model, method, schedule=schedule, drop_early_kv=drop) as pruner, torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=4,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+        cache = output_cache(model(**inputs, use_cache=True))
+    early = inputs["input_ids"].shape[1] if drop else None
+    assert_generate_matches_reference(model, inputs, out, pruner.stats.keep_masks, early_from_query=early)
+    lengths = [cache.get_seq_length(i) for i in range(4)]
+    stage_lengths = [int(pruner.stats.keep_masks[layer].sum(1).max()) for layer, _ in schedule]
+    assert lengths == [stage_lengths[0] if drop else inputs["input_ids"].shape[1], *stage_lengths]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_schedule_batch_equals_each_sample_alone(model, method):
+    inputs = tiny_inputs(model, RAGGED)
+    with tp.pruned(model, method, schedule=SCHEDULES["from-1"]), torch.no_grad():
+        batched = model(**inputs).logits[:, -1]
+        for b in range(len(RAGGED)):
+            alone = model(**select_sample(inputs, b, RAGGED)).logits[:, -1]
+            torch.testing.assert_close(batched[b : b + 1], alone, atol=ATOL, rtol=0)
+
+
+def test_schedule_layers_see_each_stage_count(model):
+    inputs = tiny_inputs(model, (1,))
+    length = inputs["input_ids"].shape[1]
+    seen = []
+    with tp.pruned(model, "fastv", schedule=SCHEDULES["from-1"]):
+        layers = model.model.language_model.layers
+        handles = [
+            layer.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0].shape[1]), with_kwargs=True)
+            for layer in layers
+        ]
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    assert seen == [length, *(length - 64 + k for k in kept_per_stage(SCHEDULES["from-1"]))]
+
+
+def test_keep_all_schedule_gives_unpatched_logits(model):
+    inputs = tiny_inputs(model, RAGGED)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        with tp.pruned(model, "dart", schedule=((1, 1.0), (3, 1.0))):
+            got = model(**inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"schedule": ((2, 0.5), (1, 0.25))}, ValueError, "strictly increasing"),
+        ({"schedule": ((1, 0.25), (2, 0.5))}, ValueError, "must not increase"),
+        ({"schedule": ((1, 1.5),)}, ValueError, r"\(0, 1\]"),
+        ({"schedule": ((1, 0.5), (4, 0.25))}, ValueError, "outside"),
+        ({"schedule": ()}, ValueError, "at least one"),
+        ({"schedule": (3,)}, TypeError, "pair"),
+        ({"schedule": ((1, 0.5),), "keep_ratio": 0.5}, ValueError, "only the schedule"),
+    ],
+)
+def test_bad_schedules(model, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tp.apply_pruner(model, "fastv", **kwargs)
+    assert not hasattr(model, "_tokenprune_pruner")
