@@ -31,6 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from tokenprune.attention import query_attention
 from tokenprune.context import SelectionContext
 from tokenprune.sequence import find_images, keep_mask, plan_compaction
+from tokenprune.transition import transition_variation
 
 from . import _internals as internals
 
@@ -76,6 +77,8 @@ class _Call:
     tail: torch.Tensor | None = None  # [B, T] 2-D mask of the tokens after the prompt (decode)
     layer_kwargs: dict[str, Any] = field(default_factory=dict)  # what the following layers get
     scoring_input: torch.Tensor | None = None  # input of the layer whose attention scores tokens
+    previous_input: torch.Tensor | None = None  # input of the previous layer, for transitions
+    transition: torch.Tensor | None = None  # [B, L_cur] transition variation since the last stage
 
 
 class DecoderPruningHooks:
@@ -114,7 +117,14 @@ class DecoderPruningHooks:
                 else self._after_stage
             )
             handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-        if "attention" in pruner.config.spec.needs:
+        needs = pruner.config.spec.needs
+        if "transition" in needs:
+            handles += [
+                layer.register_forward_pre_hook(self._track_transition, with_kwargs=True)
+                for i, layer in enumerate(self.layers[: stage_layers[-1]])
+                if i not in stage_layers
+            ]
+        if "attention" in needs:
             # registered last, so that each sees its layer's input after any pruning at that layer
             handles += [
                 self.layers[k - 1].register_forward_pre_hook(self._capture_scoring_input, with_kwargs=True)
@@ -210,6 +220,18 @@ class DecoderPruningHooks:
         if self._call is not None and self._call.visual is not None:
             self._call.scoring_input = internals.layer_hidden_states(args, kwargs)
 
+    def _track_transition(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._call is not None and self._call.visual is not None:
+            self._accumulate_transition(self._call, internals.layer_hidden_states(args, kwargs))
+
+    @staticmethod
+    def _accumulate_transition(call: _Call, hidden: torch.Tensor) -> None:
+        """Add the change from the previous layer's input to ``hidden`` (this layer's input)."""
+        if call.previous_input is not None:
+            change = transition_variation(call.previous_input, hidden)
+            call.transition = change if call.transition is None else call.transition + change
+        call.previous_input = hidden
+
     def _after_stage(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self._call is None or not self._call.layer_kwargs:
             return None
@@ -260,6 +282,9 @@ class DecoderPruningHooks:
                 ctx.keys = layout.take(keys.transpose(1, 2).flatten(2))
             if "attention" in needs:
                 ctx.attention = self._last_token_attention(call, layer, hidden, (cos, sin), layout)
+            if "transition" in needs:
+                self._accumulate_transition(call, hidden)
+                ctx.transition = layout.take(call.transition)
             index = pruner.select(ctx, keep)
             plan = plan_compaction(keep_mask(call.visual, layout, index))
 
@@ -268,6 +293,7 @@ class DecoderPruningHooks:
         call.visual = plan.gather(call.visual) & plan.valid
         call.origin = plan.gather(call.origin)
         call.real = plan.gather(call.real) & plan.valid
+        call.previous_input, call.transition = pruned_hidden, None  # transitions restart at each stage
         call.layer_kwargs = {
             "attention_mask": internals.causal_mask(
                 self.language_model.config, pruned_hidden, call.attention_mask, cache, layer

@@ -20,6 +20,7 @@ def random_context(images=3, rows=6, cols=8, dim=16, seed=0) -> SelectionContext
         image_index=torch.arange(images),
         keys=torch.randn(images, n, 8, generator=g),
         attention=torch.rand(images, n, generator=g).softmax(-1),
+        transition=torch.rand(images, n, generator=g),
     )
 
 
@@ -51,6 +52,7 @@ def test_each_image_is_selected_on_its_own(method):
             image_index=ctx.image_index[i : i + 1],
             keys=ctx.keys[i : i + 1],
             attention=ctx.attention[i : i + 1],
+            transition=ctx.transition[i : i + 1],
         )
         assert torch.equal(get_method(method).select(alone, 12, {}), together[i : i + 1])
 
@@ -140,3 +142,21 @@ def test_idpruner_trades_importance_for_diversity():
     assert sorted(labels[balanced[0]].tolist()) == [0, 1, 2]  # one token per cluster
     with pytest.raises(ValueError, match="lam"):
         get_method("idpruner").select(ctx, 3, {"lam": 2.0})
+
+
+def test_transprune_mixes_transition_and_attention():
+    ctx = random_context()
+    by_transition = get_method("transprune").select(ctx, 5, {"alpha": 1.0})
+    assert torch.equal(by_transition, ctx.transition.topk(5, dim=1).indices.sort(dim=1).values)
+    by_attention = get_method("transprune").select(ctx, 5, {"alpha": 0.0})
+    assert torch.equal(by_attention, ctx.attention.topk(5, dim=1).indices.sort(dim=1).values)
+    with pytest.raises(ValueError, match="alpha"):
+        get_method("transprune").select(ctx, 5, {"alpha": -0.1})
+
+
+def test_transition_variation_terms():
+    from tokenprune.transition import transition_variation
+
+    x = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]]])
+    after = torch.tensor([[[1.0, 0.0], [0.0, 4.0], [-4.0, 3.0]]])  # same, doubled, turned 90 degrees
+    torch.testing.assert_close(transition_variation(x, after), torch.tensor([[0.0, 1.0, 1.0]]))

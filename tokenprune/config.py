@@ -60,6 +60,10 @@ class PrunerConfig:
             raise TypeError(f"layer must be an int, got {self.layer!r}")
         if self.layer is not None and self.layer < 0:
             raise ValueError(f"layer must be >= 0 (0 prunes before the language model), got {self.layer}")
+        if "transition" in spec.needs and self.acting_layer == 0:
+            raise ValueError(
+                f"method {self.method!r} scores how decoder layers change tokens: it needs layer >= 1, not 0"
+            )
         if not isinstance(self.drop_early_kv, bool):
             raise TypeError(f"drop_early_kv must be a bool, got {self.drop_early_kv!r}")
         unknown = set(self.options) - set(spec.options)

@@ -20,6 +20,9 @@ class SelectionContext:
         keys: key states of the visual tokens at the acting layer ``[I, N, H_kv * d]`` (needs ``keys``).
         attention: attention that the prompt's last token pays to each visual token, softmax over the
             whole prompt and averaged over heads ``[I, N]`` (needs ``attention``).
+        transition: how much each visual token's hidden state changed across the decoder layers since
+            the previous pruning stage (or the input), summed over layers ``[I, N]`` (needs
+            ``transition``; see :func:`tokenprune.transition.transition_variation`).
     """
 
     features: torch.Tensor
@@ -27,6 +30,7 @@ class SelectionContext:
     image_index: torch.Tensor
     keys: torch.Tensor | None = None
     attention: torch.Tensor | None = None
+    transition: torch.Tensor | None = None
 
     def require(self, name: str) -> torch.Tensor:
         """The tensor the method declared in ``needs``; a clear error if the adapter did not provide it."""

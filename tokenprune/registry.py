@@ -19,7 +19,7 @@ from .context import SelectionContext
 MethodFn = Callable[..., torch.Tensor]
 
 #: What an adapter can collect for a method, besides the visual token features themselves.
-KNOWN_NEEDS = ("keys", "attention")
+KNOWN_NEEDS = ("keys", "attention", "transition")
 
 
 @dataclass(frozen=True)

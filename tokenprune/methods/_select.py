@@ -10,6 +10,13 @@ def top_k(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.topk(scores, keep, dim=1).indices.sort(dim=1).values
 
 
+def min_max(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each row of ``scores [I, N]`` rescaled to [0, 1], in float32."""
+    scores = scores.float()
+    low, high = scores.amin(dim=1, keepdim=True), scores.amax(dim=1, keepdim=True)
+    return (scores - low) / (high - low + eps)
+
+
 def cosine_similarity_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Pairwise cosine similarity ``[I, N, M]`` of ``x [I, N, D]`` and ``y [I, M, D]``, in float32."""
     x = torch.nn.functional.normalize(x.float(), dim=-1)

@@ -9,7 +9,7 @@ import torch
 
 from ..context import SelectionContext
 from ..registry import register_method
-from ._select import cosine_similarity_matrix
+from ._select import cosine_similarity_matrix, min_max
 
 
 @register_method("idpruner")
@@ -24,11 +24,9 @@ def idpruner(ctx: SelectionContext, keep: int, *, lam: float = 0.5) -> torch.Ten
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"idpruner: lam must be in [0, 1], got {lam}")
     features = ctx.features
-    weight = features.float().norm(dim=-1)  # [I, N]
-    low, high = weight.amin(dim=1, keepdim=True), weight.amax(dim=1, keepdim=True)
-    importance = (weight - low) / (high - low + 1e-6)
+    importance = min_max(features.float().norm(dim=-1))  # [I, N]
     similarity = cosine_similarity_matrix(features, features)  # [I, N, N]
-    num_images, num_tokens = weight.shape
+    num_images, num_tokens = importance.shape
     rows = torch.arange(num_images, device=features.device)
     selected = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=features.device)
     pick = importance.argmax(dim=1)  # with nothing kept yet, MMR is importance alone
