@@ -160,3 +160,18 @@ def test_transition_variation_terms():
     x = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]]])
     after = torch.tensor([[[1.0, 0.0], [0.0, 4.0], [-4.0, 3.0]]])  # same, doubled, turned 90 degrees
     torch.testing.assert_close(transition_variation(x, after), torch.tensor([[0.0, 1.0, 1.0]]))
+
+
+def test_feather_keeps_a_uniform_sample_and_the_most_attended():
+    ctx = random_context()
+    ctx.attention[:, 40:] += 10.0  # attention piles up at the bottom rows of the 6x8 grid
+    index = get_method("feather").select(ctx, 8, {"uniform_share": 0.5})
+    assert torch.equal(
+        get_method("feather").select(ctx, 8, {"uniform_share": 0.0}), get_method("fastv").select(ctx, 8, {})
+    )
+    for row in index:
+        assert set(grid_sample(4, 6, 8).tolist()) <= set(row.tolist())  # the uniform half
+        assert int((row >= 40).sum()) >= 4  # the attention half, from the bottom row
+        assert int((row < 16).sum()) >= 1  # and the top of the image is still covered
+    with pytest.raises(ValueError, match="uniform_share"):
+        get_method("feather").select(ctx, 8, {"uniform_share": 1.5})

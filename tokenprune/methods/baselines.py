@@ -49,9 +49,14 @@ def grid_sample(keep: int, rows: int, cols: int) -> torch.Tensor:
     return cells[evenly_spaced(keep, cells.numel())]
 
 
+def spread(ctx: SelectionContext, keep: int) -> torch.Tensor:
+    """Sorted indices ``[keep]`` spread evenly over the grid (or the token order when there is none)."""
+    num_tokens = ctx.features.shape[1]
+    index = evenly_spaced(keep, num_tokens) if ctx.grid is None else grid_sample(keep, *ctx.grid)
+    return index.to(ctx.features.device)
+
+
 @register_method("uniform")
 def uniform_selection(ctx: SelectionContext, keep: int) -> torch.Tensor:
     """Keep tokens spread evenly over the image's patch grid (content-blind)."""
-    num_images, num_tokens = ctx.features.shape[:2]
-    index = evenly_spaced(keep, num_tokens) if ctx.grid is None else grid_sample(keep, *ctx.grid)
-    return index.to(ctx.features.device).expand(num_images, keep).contiguous()
+    return spread(ctx, keep).expand(ctx.features.shape[0], keep).contiguous()
