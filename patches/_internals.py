@@ -18,7 +18,7 @@ from torch import nn
 from transformers import masking_utils
 from transformers.cache_utils import DynamicLayer
 
-from tokenprune.kernels import gather_tokens
+from tokenprune.kernels import gather_kv
 
 _CACHE_NAMES = ("cache", "past_key_values")
 
@@ -61,10 +61,7 @@ def compact_cache_layers(cache: Any, layer_indices: range, index: torch.Tensor) 
         layer = layers[i]
         if not isinstance(layer, DynamicLayer):
             raise ValueError(f"drop_early_kv needs a dynamic cache, got {type(layer).__name__} layers")
-        layer.keys, layer.values = (
-            gather_tokens(t.transpose(1, 2), index).transpose(1, 2).contiguous()
-            for t in (layer.keys, layer.values)
-        )
+        layer.keys, layer.values = gather_kv(layer.keys, layer.values, index)
 
 
 def causal_mask(

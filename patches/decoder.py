@@ -288,8 +288,9 @@ class DecoderPruningHooks:
             index = pruner.select(ctx, keep)
             plan = plan_compaction(keep_mask(call.visual, layout, index))
 
-        pruned_hidden = plan.gather(hidden)
-        call.attention_mask = plan.gather_mask(call.attention_mask)
+        pruned_hidden, pruned_positions, call.attention_mask = plan.gather_sequence(
+            hidden, position_ids, call.attention_mask
+        )
         call.visual = plan.gather(call.visual) & plan.valid
         call.origin = plan.gather(call.origin)
         call.real = plan.gather(call.real) & plan.valid
@@ -298,7 +299,7 @@ class DecoderPruningHooks:
             "attention_mask": internals.causal_mask(
                 self.language_model.config, pruned_hidden, call.attention_mask, cache, layer
             ),
-            "position_ids": plan.gather(position_ids),
+            "position_ids": pruned_positions,
             "position_embeddings": (plan.gather(cos), plan.gather(sin)),
         }
         call.new_stages.append(_StageCache(layer, call.attention_mask))

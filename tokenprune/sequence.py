@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import gather_tokens
+from .kernels import gather_sequence, gather_tokens
 
 
 @dataclass
@@ -78,9 +78,12 @@ class Compaction:
         """``x [B, L, *rest]`` laid out as the pruned batch ``[B, L', *rest]``."""
         return gather_tokens(x, self.index)
 
-    def gather_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The 2-D attention mask of the pruned batch: the kept tokens' mask, 0 on new padding."""
-        return gather_tokens(attention_mask, self.index) * self.valid.to(attention_mask.dtype)
+    def gather_sequence(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hidden states ``[B, L', D]``, position ids and 2-D mask ``[B, L']`` of the pruned batch, in one
+        pass; the mask is 0 on new padding."""
+        return gather_sequence(hidden, position_ids, attention_mask, self.index, self.valid)
 
 
 def plan_compaction(keep: torch.Tensor) -> Compaction:

@@ -1,0 +1,128 @@
+"""Triton kernels under the interpreter on the CPU, against their torch references.
+
+The interpreter is switched on for this module only (``TRITON_INTERPRET=1`` before the kernels are
+first imported); elsewhere in the suite the dispatcher picks the torch reference on the CPU.
+"""
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+from tokenprune.kernels import gather as reference
+from tokenprune.kernels import use_triton
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.modules.pop("tokenprune.kernels.triton_kernels", None)  # decorate the kernels in interpreter mode
+    module = importlib.import_module("tokenprune.kernels.triton_kernels")
+    yield module
+    sys.modules.pop("tokenprune.kernels.triton_kernels", None)
+    if previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = previous
+
+
+def ragged_plan(batch: int, length: int, keep: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``index [B, L']`` and ``valid`` for rows keeping ``keep[b]`` random tokens each."""
+    g = torch.Generator().manual_seed(seed)
+    out_len = max(keep)
+    index = torch.zeros(batch, out_len, dtype=torch.long)
+    valid = torch.zeros(batch, out_len, dtype=torch.bool)
+    for b, k in enumerate(keep):
+        rows = torch.randperm(length, generator=g)[:k].sort().values
+        index[b, out_len - k :] = rows
+        valid[b, out_len - k :] = True
+    return index, valid
+
+
+CASES = {
+    "batch1": (1, 20, [7]),
+    "ragged": (3, 20, [5, 12, 1]),
+    "keep-all": (2, 20, [20, 20]),
+    "keep-one": (2, 20, [1, 1]),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_gather_tokens_and_sequence(kernels, case, dtype, contiguous):
+    batch, length, keep = case
+    index, valid = ragged_plan(batch, length, keep)
+    if keep == [length] * batch:
+        index = torch.arange(length).expand(batch, length).contiguous()
+    hidden = torch.randn(batch, 40, length, dtype=torch.float32).to(dtype).transpose(1, 2)  # [B, L, 40]
+    if contiguous:
+        hidden = hidden.contiguous()
+    positions = torch.arange(length).expand(batch, length) * 3
+    mask = (torch.rand(batch, length) > 0.2).long()
+    assert torch.equal(kernels.gather_tokens(hidden, index), reference.gather_tokens_reference(hidden, index))
+    got = kernels.gather_sequence(hidden, positions, mask, index, valid)
+    expected = reference.gather_sequence_reference(hidden, positions, mask, index, valid)
+    for g, e in zip(got, expected, strict=True):
+        assert g.is_contiguous() and g.dtype == e.dtype and torch.equal(g, e)
+
+
+def test_gather_tokens_broadcast_batch_and_bool_mask(kernels):
+    index, valid = ragged_plan(3, 12, [4, 9, 2])
+    table = torch.randn(1, 12, 8)  # a rotary table shared by the batch
+    assert torch.equal(kernels.gather_tokens(table, index), reference.gather_tokens_reference(table, index))
+    hidden, positions = torch.randn(3, 12, 8), torch.arange(12)[None]
+    mask = torch.rand(3, 12) > 0.3
+    got = kernels.gather_sequence(hidden, positions, mask, index, valid)
+    for g, e in zip(
+        got, reference.gather_sequence_reference(hidden, positions, mask, index, valid), strict=True
+    ):
+        assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_kv(kernels, case, dtype):
+    batch, length, keep = case
+    index, _ = ragged_plan(batch, length, keep)
+    keys = torch.randn(batch, 3, length, 16).to(dtype)
+    values = torch.randn(batch, 3, 16, length).to(dtype).transpose(2, 3)  # non-contiguous
+    got = kernels.gather_kv(keys, values, index)
+    for g, e in zip(got, reference.gather_kv_reference(keys, values, index), strict=True):
+        assert g.is_contiguous() and torch.equal(g, e)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_tokens(kernels, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 30, 24, generator=g).to(dtype)
+    size = torch.randint(1, 4, (2, 30), generator=g).float()
+    dest = torch.randint(0, 10, (2, 30), generator=g)
+    dest[:, 0] = 9  # destination 9 is used; some others may be empty
+    merged, total = kernels.merge_tokens(x, size, dest, 12)
+    expected, expected_total = reference.merge_tokens_reference(x, size, dest, 12)
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(merged, expected, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(total, expected_total)
+    assert torch.equal(merged[:, 10:], torch.zeros_like(merged[:, 10:]))  # nothing was sent there
+
+
+def test_merge_reference_is_a_weighted_mean():
+    x = torch.tensor([[[1.0], [3.0], [10.0]]])
+    merged, total = reference.merge_tokens_reference(
+        x, torch.tensor([[1.0, 3.0, 2.0]]), torch.tensor([[0, 0, 1]]), 2
+    )
+    torch.testing.assert_close(merged, torch.tensor([[[2.5], [10.0]]]))
+    torch.testing.assert_close(total, torch.tensor([[4.0, 2.0]]))
+
+
+def test_dispatch_picks_the_reference_on_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not use_triton(torch.zeros(1))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use_triton(torch.zeros(1))  # Triton is installed here (dev extra): the interpreter can run

@@ -1,0 +1,242 @@
+"""Triton kernels for :mod:`tokenprune.kernels.gather`: one program per output row and feature block.
+
+Imported only when Triton can run (a GPU, or the interpreter under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_D = 128
+
+
+@triton.jit
+def _gather_rows_kernel(
+    x_ptr,
+    index_ptr,
+    out_ptr,
+    out_len,
+    dim,
+    stride_xb,
+    stride_xl,
+    stride_xd,
+    stride_ib,
+    stride_il,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)  # b * out_len + j
+    b = row // out_len
+    j = row % out_len
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    keep = cols < dim
+    src = tl.load(index_ptr + b * stride_ib + j * stride_il)
+    values = tl.load(x_ptr + b * stride_xb + src * stride_xl + cols * stride_xd, mask=keep)
+    tl.store(out_ptr + row * dim + cols, values, mask=keep)
+
+
+@triton.jit
+def _gather_sequence_kernel(
+    hidden_ptr,
+    pos_ptr,
+    mask_ptr,
+    index_ptr,
+    valid_ptr,
+    out_hidden_ptr,
+    out_pos_ptr,
+    out_mask_ptr,
+    out_len,
+    dim,
+    stride_hb,
+    stride_hl,
+    stride_hd,
+    stride_pb,
+    stride_pl,
+    stride_mb,
+    stride_ml,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)  # b * out_len + j
+    b = row // out_len
+    block = tl.program_id(1)
+    src = tl.load(index_ptr + row)
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    keep = cols < dim
+    values = tl.load(hidden_ptr + b * stride_hb + src * stride_hl + cols * stride_hd, mask=keep)
+    tl.store(out_hidden_ptr + row * dim + cols, values, mask=keep)
+    if block == 0:  # one program per row also writes its position and mask
+        tl.store(out_pos_ptr + row, tl.load(pos_ptr + b * stride_pb + src * stride_pl))
+        mask = tl.load(mask_ptr + b * stride_mb + src * stride_ml)
+        valid = tl.load(valid_ptr + row).to(mask.dtype)
+        tl.store(out_mask_ptr + row, mask * valid)
+
+
+@triton.jit
+def _gather_kv_kernel(
+    k_ptr,
+    v_ptr,
+    index_ptr,
+    out_k_ptr,
+    out_v_ptr,
+    heads,
+    out_len,
+    dim,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)  # (b * heads + h) * out_len + j
+    j = row % out_len
+    bh = row // out_len
+    b = bh // heads
+    h = bh % heads
+    src = tl.load(index_ptr + b * out_len + j)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    keep = cols < dim
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + src * stride_ks + cols * stride_kd, mask=keep)
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + src * stride_vs + cols * stride_vd, mask=keep)
+    tl.store(out_k_ptr + row * dim + cols, k, mask=keep)
+    tl.store(out_v_ptr + row * dim + cols, v, mask=keep)
+
+
+@triton.jit
+def _merge_kernel(
+    x_ptr,
+    size_ptr,
+    dest_ptr,
+    acc_ptr,
+    total_ptr,
+    num_in,
+    num_out,
+    dim,
+    stride_xb,
+    stride_xn,
+    stride_xd,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)  # b * num_in + i
+    b = row // num_in
+    i = row % num_in
+    block = tl.program_id(1)
+    dest = tl.load(dest_ptr + row)
+    size = tl.load(size_ptr + row).to(tl.float32)
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    keep = cols < dim
+    x = tl.load(x_ptr + b * stride_xb + i * stride_xn + cols * stride_xd, mask=keep).to(tl.float32)
+    tl.atomic_add(acc_ptr + (b * num_out + dest) * dim + cols, x * size, mask=keep)
+    if block == 0:
+        tl.atomic_add(total_ptr + b * num_out + dest, size)
+
+
+def _block(dim: int) -> int:
+    return min(BLOCK_D, triton.next_power_of_2(dim))
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    batch, out_len = index.shape
+    rest = x.shape[2:]
+    flat = x.reshape(x.shape[0], x.shape[1], -1)  # a view when the trailing dims allow it
+    dim = flat.shape[2]
+    out = torch.empty(batch, out_len, *rest, dtype=x.dtype, device=x.device)
+    stride_b = 0 if x.shape[0] == 1 else flat.stride(0)  # batch-broadcast rotary tables
+    grid = (batch * out_len, triton.cdiv(dim, _block(dim)))
+    _gather_rows_kernel[grid](
+        flat,
+        index,
+        out,
+        out_len,
+        dim,
+        stride_b,
+        flat.stride(1),
+        flat.stride(2),
+        index.stride(0),
+        index.stride(1),
+        BLOCK=_block(dim),
+    )
+    return out
+
+
+def gather_sequence(hidden, position_ids, attention_mask, index, valid):
+    batch, out_len = index.shape
+    dim = hidden.shape[2]
+    index, valid = index.contiguous(), valid.contiguous()
+    out_hidden = torch.empty(batch, out_len, dim, dtype=hidden.dtype, device=hidden.device)
+    out_pos = torch.empty(batch, out_len, dtype=position_ids.dtype, device=hidden.device)
+    out_mask = torch.empty(batch, out_len, dtype=attention_mask.dtype, device=hidden.device)
+    mask = attention_mask.to(torch.int8) if attention_mask.dtype == torch.bool else attention_mask
+    out = out_mask.to(torch.int8) if attention_mask.dtype == torch.bool else out_mask
+    position_ids = position_ids.expand(batch, -1)
+    grid = (batch * out_len, triton.cdiv(dim, _block(dim)))
+    _gather_sequence_kernel[grid](
+        hidden,
+        position_ids,
+        mask,
+        index,
+        valid,
+        out_hidden,
+        out_pos,
+        out,
+        out_len,
+        dim,
+        hidden.stride(0),
+        hidden.stride(1),
+        hidden.stride(2),
+        position_ids.stride(0),
+        position_ids.stride(1),
+        mask.stride(0),
+        mask.stride(1),
+        BLOCK=_block(dim),
+    )
+    return out_hidden, out_pos, out.to(attention_mask.dtype)
+
+
+def gather_kv(keys, values, index):
+    batch, heads, _, dim = keys.shape
+    out_len = index.shape[1]
+    index = index.contiguous()
+    out_k = torch.empty(batch, heads, out_len, dim, dtype=keys.dtype, device=keys.device)
+    out_v = torch.empty(batch, heads, out_len, dim, dtype=values.dtype, device=values.device)
+    grid = (batch * heads * out_len, triton.cdiv(dim, _block(dim)))
+    _gather_kv_kernel[grid](
+        keys,
+        values,
+        index,
+        out_k,
+        out_v,
+        heads,
+        out_len,
+        dim,
+        *keys.stride(),
+        *values.stride(),
+        BLOCK=_block(dim),
+    )
+    return out_k, out_v
+
+
+def merge_tokens(x, size, dest, num_out):
+    batch, num_in, dim = x.shape
+    acc = torch.zeros(batch, num_out, dim, dtype=torch.float32, device=x.device)
+    total = torch.zeros(batch, num_out, dtype=torch.float32, device=x.device)
+    grid = (batch * num_in, triton.cdiv(dim, _block(dim)))
+    _merge_kernel[grid](
+        x,
+        size.contiguous(),
+        dest.contiguous(),
+        acc,
+        total,
+        num_in,
+        num_out,
+        dim,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        BLOCK=_block(dim),
+    )
+    return (acc / total[..., None].clamp_min(1e-12)).to(x.dtype), total.to(size.dtype)
