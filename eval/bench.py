@@ -27,7 +27,10 @@ from tokenprune.testing import tiny_inputs, tokens_per_image
 
 @dataclass
 class BenchRow:
-    """One measured configuration. Times in milliseconds; memory in MiB (CUDA only, else ``None``)."""
+    """One measured configuration. Times in milliseconds; memory in MiB (CUDA only, else ``None``).
+
+    ``decode_tokens_per_s`` is NaN when the decode time could not be told apart from timing noise.
+    """
 
     method: str
     layer: int | None
@@ -117,7 +120,9 @@ class _Runner:
         end_to_end = median_ms(lambda: self.generate(self.new_tokens), self.device, self.repeats)
         first_token = median_ms(lambda: self.generate(1), self.device, self.repeats)
         batch = self.inputs["input_ids"].shape[0]
-        decode_s = (end_to_end - first_token) / 1e3  # the same prefill is in both
+        # the same prefill is in both; on a noisy machine a tiny model's decode can vanish in it
+        decode_s = (end_to_end - first_token) / 1e3
+        decode_rate = batch * (self.new_tokens - 1) / decode_s if decode_s > 0 else float("nan")
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
         return BenchRow(
             method=method,
@@ -128,7 +133,7 @@ class _Runner:
             prompt_tokens=self.inputs["input_ids"].shape[1],
             prefill_ms=prefill,
             selection_ms=selection,
-            decode_tokens_per_s=batch * (self.new_tokens - 1) / decode_s,
+            decode_tokens_per_s=decode_rate,
             end_to_end_ms=end_to_end,
             peak_memory_mib=peak,
         )

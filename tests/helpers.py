@@ -135,3 +135,15 @@ def assert_generate_matches_reference(
         }
         expected = masked_reference(model, grown, grown_stages, early_from_query)[:, -1]
         torch.testing.assert_close(step_logits, expected, atol=ATOL, rtol=0)
+
+
+def greedy_with_logits(model, inputs: dict, new_tokens: int = 4):
+    """Greedy, cached ``generate`` of ``new_tokens`` tokens: the sequences and each step's logits."""
+    return model.generate(
+        **inputs,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )

@@ -5,6 +5,7 @@ import torch
 from helpers import (
     ATOL,
     assert_generate_matches_reference,
+    greedy_with_logits,
     kept_rows,
     masked_reference,
     reference_rows,
@@ -55,14 +56,7 @@ def test_dropping_equals_masking(model, method):
 def test_cached_generate_equals_recomputation(model, method):
     inputs = tiny_inputs(model, RAGGED)
     with tp.pruned(model, method, keep_ratio=0.25) as pruner, torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=4,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-        )
+        out = greedy_with_logits(model, inputs)
     assert_generate_matches_reference(model, inputs, out, pruner.stats.keep_masks)
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import ATOL, assert_generate_matches_reference
+from helpers import ATOL, assert_generate_matches_reference, greedy_with_logits
 
 import tokenprune as tp
 from tokenprune.patches._internals import output_cache
@@ -32,14 +32,7 @@ def test_cache_length_per_layer_after_prefill(model, method, drop):
 def test_generate_with_dropped_early_kv_equals_recomputation(model, method):
     inputs = tiny_inputs(model, RAGGED)
     with tp.pruned(model, method, keep_ratio=0.25, drop_early_kv=True) as pruner, torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=4,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-        )
+        out = greedy_with_logits(model, inputs)
     keep = pruner.stats.keep_mask
     assert_generate_matches_reference(
         model, inputs, out, pruner.stats.keep_masks, early_from_query=inputs["input_ids"].shape[1]

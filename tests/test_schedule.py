@@ -5,6 +5,7 @@ import torch
 from helpers import (
     ATOL,
     assert_generate_matches_reference,
+    greedy_with_logits,
     kept_rows,
     masked_reference,
     reference_rows,
@@ -55,14 +56,7 @@ def test_schedule_generate_equals_recomputation(model, method, drop):
     inputs = tiny_inputs(model, RAGGED)
     schedule = SCHEDULES["from-1"]
     with tp.pruned(model, method, schedule=schedule, drop_early_kv=drop) as pruner, torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=4,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-        )
+        out = greedy_with_logits(model, inputs)
         cache = output_cache(model(**inputs, use_cache=True))
     early = inputs["input_ids"].shape[1] if drop else None
     assert_generate_matches_reference(model, inputs, out, pruner.stats.keep_masks, early_from_query=early)
