@@ -17,6 +17,8 @@ def test_from_pretrained_local_checkpoint(tmp_path):
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
     assert pruner.stats.kept_tokens == [2 * round(0.111 * 64)]
+    summary = pruner.stats.as_dict()
+    assert summary["visual_tokens"] == [128] and summary["kept_tokens"] == [14] and summary["layer"] == 2
 
 
 def test_inputs_embeds_are_pruned_like_input_ids(model):

@@ -23,13 +23,6 @@ class VisualLayout:
     image_index: torch.Tensor
     positions: torch.Tensor
 
-    @property
-    def num_images(self) -> int:
-        return self.sample.shape[0]
-
-    def images_per_sample(self, batch_size: int) -> list[int]:
-        return torch.bincount(self.sample, minlength=batch_size).tolist()
-
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """The visual rows of a sequence tensor ``x [B, L, *rest]`` as ``[I, N, *rest]``."""
         return x[self.sample[:, None], self.positions]
@@ -69,10 +62,6 @@ class Compaction:
 
     index: torch.Tensor
     valid: torch.Tensor
-
-    @property
-    def length(self) -> int:
-        return self.index.shape[1]
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, L, *rest]`` laid out as the pruned batch ``[B, L', *rest]``."""
