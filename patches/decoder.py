@@ -76,7 +76,7 @@ class _Call:
     session: _Session | None = None
     tail: torch.Tensor | None = None  # [B, T] 2-D mask of the tokens after the prompt (decode)
     layer_kwargs: dict[str, Any] = field(default_factory=dict)  # what the following layers get
-    scoring_input: torch.Tensor | None = None  # input of the layer whose attention scores tokens
+    scoring_input: torch.Tensor | None = None  # input of the layer whose keys/attention score tokens
     previous_input: torch.Tensor | None = None  # input of the previous layer, for transitions
     transition: torch.Tensor | None = None  # [B, L_cur] transition variation since the last stage
 
@@ -124,7 +124,7 @@ class DecoderPruningHooks:
                 for i, layer in enumerate(self.layers[: stage_layers[-1]])
                 if i not in stage_layers
             ]
-        if "attention" in needs:
+        if "attention" in needs or "keys" in needs:
             # registered last, so that each sees its layer's input after any pruning at that layer
             handles += [
                 self.layers[k - 1].register_forward_pre_hook(self._capture_scoring_input, with_kwargs=True)
@@ -278,7 +278,8 @@ class DecoderPruningHooks:
             ctx = SelectionContext(features=layout.take(hidden), grid=grid, image_index=layout.image_index)
             needs = pruner.config.spec.needs
             if "keys" in needs:
-                _, keys = internals.project_queries_keys(self.layers[layer], hidden, (cos, sin), None)
+                scoring_layer, scoring_input = self._scoring_layer(call, layer, hidden)
+                _, keys = internals.project_queries_keys(scoring_layer, scoring_input, (cos, sin), None)
                 ctx.keys = layout.take(keys.transpose(1, 2).flatten(2))
             if "attention" in needs:
                 ctx.attention = self._last_token_attention(call, layer, hidden, (cos, sin), layout)
@@ -311,6 +312,16 @@ class DecoderPruningHooks:
         args, kwargs = internals.with_layer_hidden_states(args, kwargs, pruned_hidden)
         return args, {**kwargs, **call.layer_kwargs}
 
+    def _scoring_layer(self, call: _Call, layer: int, hidden: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+        """The layer whose projections score tokens for pruning at ``layer``, and that layer's input.
+
+        The layer before the pruning layer, as FastV and DART read layer K-1's attention and keys and
+        prune from layer K on; layer 0 itself when pruning before the language model.
+        """
+        if layer == 0:
+            return self.layers[0], hidden
+        return self.layers[layer - 1], call.scoring_input
+
     def _last_token_attention(
         self,
         call: _Call,
@@ -319,21 +330,12 @@ class DecoderPruningHooks:
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         layout: Any,
     ) -> torch.Tensor:
-        """Attention of each prompt's last token to its visual tokens ``[I, N]``.
-
-        Uses the layer before the pruning layer (FastV reads layer K-1's attention map and prunes from
-        layer K on), or layer 0 itself when pruning before the language model.
-        """
-        scoring_layer = max(layer - 1, 0)
-        scoring_input = call.scoring_input if layer > 0 else hidden
+        """Attention of each prompt's last token to its visual tokens ``[I, N]``, at the scoring layer."""
+        scoring_layer, scoring_input = self._scoring_layer(call, layer, hidden)
         valid = call.attention_mask.bool()
         positions = torch.arange(valid.shape[1], device=valid.device)
         last = torch.where(valid, positions, -1).amax(dim=1)  # last real token of each row
-        query, keys = internals.project_queries_keys(
-            self.layers[scoring_layer], scoring_input, position_embeddings, last
-        )
+        query, keys = internals.project_queries_keys(scoring_layer, scoring_input, position_embeddings, last)
         key_mask = valid & (positions[None] <= last[:, None])
-        weights = query_attention(
-            query, keys, key_mask, internals.attention_scaling(self.layers[scoring_layer])
-        )
+        weights = query_attention(query, keys, key_mask, internals.attention_scaling(scoring_layer))
         return weights[layout.sample[:, None], layout.positions]

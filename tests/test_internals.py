@@ -55,3 +55,28 @@ def test_recomputed_attention_row_equals_eager_weights():
     got = query_attention(query, keys, inputs["attention_mask"].bool(), internals.attention_scaling(layer))
     expected = out.attentions[1][:, :, -1].mean(dim=1)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_keys_are_those_cached_by_the_layer_before_pruning():
+    """``ctx.keys`` at layer K equals what transformers itself cached for layer K-1 at the visual rows."""
+    from tokenprune.methods._select import top_k
+    from tokenprune.patches._internals import output_cache
+    from tokenprune.registry import _REGISTRY
+
+    seen = []
+
+    @tp.register_method("_record_keys", default_layer=2, needs=("keys",))
+    def record_keys(ctx, keep):
+        seen.append(ctx.keys)
+        return top_k(ctx.keys.norm(dim=-1), keep)
+
+    try:
+        model = tiny_model()
+        inputs = tiny_inputs(model, (1,))
+        with tp.pruned(model, "_record_keys", keep_ratio=0.5), torch.no_grad():
+            cache = output_cache(model(**inputs, use_cache=True))
+        visual = inputs["input_ids"][0] == model.config.image_token_id
+        cached = cache.layers[1].keys[0][:, visual]  # [H_kv, N, d], layer K-1 = 1
+        torch.testing.assert_close(seen[0][0], cached.transpose(0, 1).flatten(1), atol=1e-5, rtol=0)
+    finally:
+        del _REGISTRY["_record_keys"]

@@ -17,7 +17,8 @@ class SelectionContext:
         grid: ``(rows, cols)`` of the patch grid when the N tokens form one, else ``None``.
         image_index: index of each image within its own prompt ``[I]`` (0 for the first image), so that
             seeded methods draw the same numbers for an image whatever batch it is run in.
-        keys: key states of the visual tokens at the acting layer ``[I, N, H_kv * d]`` (needs ``keys``).
+        keys: key states of the visual tokens (RoPE applied, heads concatenated) at the layer before the
+            acting layer, or layer 0 before the language model ``[I, N, H_kv * d]`` (needs ``keys``).
         attention: attention that the prompt's last token pays to each visual token, softmax over the
             whole prompt and averaged over heads ``[I, N]`` (needs ``attention``).
         transition: how much each visual token's hidden state changed across the decoder layers since

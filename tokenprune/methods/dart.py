@@ -17,18 +17,22 @@ from ._select import cosine_similarity_matrix
 def dart(ctx: SelectionContext, keep: int, *, pivots: int = 8) -> torch.Tensor:
     """Keep pivot tokens and, per pivot, the tokens least similar to it (DART duplication criterion).
 
-    As in the reference: at decoder layer K (default 2) the pivots are the image tokens whose key states
-    have the largest L1 norm; then, pivot by pivot, the still-unselected tokens with the lowest cosine
-    similarity (of the hidden states entering layer K) to that pivot are kept, an equal share of the
-    budget per pivot. Deviations: pivots come from the image tokens only (the reference can add text-token
-    pivots), and the shares are sized so that exactly ``keep`` tokens survive. At ``layer=0`` the keys are
-    layer 0's projections of the input embeddings.
+    As in the reference: pruning at decoder layer K (default 2), the pivots are the image tokens whose
+    key states at layer K-1 (RoPE applied, heads concatenated) have the largest L1 norm; then, pivot by
+    pivot, the still-unselected tokens with the lowest cosine similarity to that pivot are kept, an equal
+    share of the budget per pivot, and the pivots themselves stay. Deviations: (1) the reference adds 4
+    text-token pivots to its 4 image pivots; here all ``pivots`` (8, the reference's total) are image
+    tokens, so each pivot's share of the budget is the same. (2) Similarity is on the hidden states
+    entering layer K; the reference first applies the model's final RMSNorm. (3) Shares are sized so that
+    exactly ``keep`` tokens survive (the reference keeps a few more, e.g. 132 for a budget of 128).
+    (4) Pivots are visited in order of position, deterministic where the reference's set order is not.
+    At ``layer=0`` the keys are layer 0's projections of the input embeddings.
     """
     features = ctx.features
     num_images, num_tokens = features.shape[:2]
     num_pivots = min(pivots, keep)
     key_norm = ctx.require("keys").float().abs().sum(dim=-1)  # [I, N]
-    pivot_index = key_norm.topk(num_pivots, dim=1).indices  # [I, P]
+    pivot_index = key_norm.topk(num_pivots, dim=1).indices.sort(dim=1).values  # [I, P], by position
     selected = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=features.device)
     selected.scatter_(1, pivot_index, True)
     pivot_features = torch.gather(features, 1, pivot_index[..., None].expand(-1, -1, features.shape[-1]))

@@ -16,10 +16,11 @@ from ._select import cosine_similarity_matrix, min_max
 def idpruner(ctx: SelectionContext, keep: int, *, lam: float = 0.5) -> torch.Tensor:
     """Greedy MMR: the next token maximises ``lam * importance - (1 - lam) * max similarity to the kept``.
 
-    As in the paper: importance is min-max normalised to [0, 1], similarity is the cosine of the visual
-    tokens entering the language model, and no attention map is needed. Deviation: the importance score
-    ``w`` is each token's L2 norm (an attention-free saliency proxy); the reference's own importance
-    score was not available to check against.
+    As in the paper: the first token is the most important, importance is min-max normalised to [0, 1],
+    similarity is the cosine of the visual tokens entering the language model, ``lam`` defaults to 0.5,
+    and no attention map is needed. Deviation: the reference's importance comes from a small trained
+    scorer (per-model weights, not available here); this uses each token's L2 norm, an attention-free
+    saliency proxy.
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"idpruner: lam must be in [0, 1], got {lam}")
