@@ -112,11 +112,11 @@ class _Runner:
             pad_token_id=0,
         )
 
-    def measure(self, method: str, layer: int | None, kept: int, stats) -> BenchRow:
+    def measure(self, method: str, layer: int | None, kept: int, pruner: tp.Pruner | None = None) -> BenchRow:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         prefill = median_ms(self.prefill, self.device, self.repeats)
-        selection = stats().selection_ms if stats() is not None else 0.0
+        selection = pruner.stats.selection_ms if pruner is not None else 0.0
         end_to_end = median_ms(lambda: self.generate(self.new_tokens), self.device, self.repeats)
         first_token = median_ms(lambda: self.generate(1), self.device, self.repeats)
         batch = self.inputs["input_ids"].shape[0]
@@ -165,7 +165,7 @@ def run_benchmark(
                 model, benchmark_inputs(model, batch_size, text_tokens, device), device, repeats, new_tokens
             )
             progress.update(task, description=f"bs={batch_size} unpruned")
-            base = runner.measure("unpruned", None, n, lambda: None)
+            base = runner.measure("unpruned", None, n)
             rows.append(base)
             progress.advance(task)
             for ratio in keep_ratios:
@@ -190,9 +190,7 @@ def run_benchmark(
                 for method in methods:
                     progress.update(task, description=f"bs={batch_size} keep={kept} {method}")
                     with tp.pruned(model, method, keep_ratio=ratio) as pruner:
-                        row = runner.measure(
-                            method, pruner.config.acting_layer, kept, lambda p=pruner: p.stats
-                        )
+                        row = runner.measure(method, pruner.config.acting_layer, kept, pruner)
                     rows.append(row)
                     progress.advance(task)
                 for row in (ideal, *rows[-len(methods) :]):

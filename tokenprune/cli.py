@@ -153,7 +153,7 @@ def run(
 ) -> None:
     """Answer PROMPT about IMAGE with and without pruning; print answers, token counts, timings."""
     console = Console()
-    try:
+    with _exit_on_user_error():
         _run(
             console,
             model=model,
@@ -170,13 +170,29 @@ def run(
             device=device,
             dtype=dtype,
         )
+
+
+# -- implementation -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _exit_on_user_error() -> Iterator[None]:
+    """Print a :class:`CliError` as one red line on stderr and exit with code 2."""
+    try:
+        yield
     except CliError as error:
         message = f"[bold red]error:[/] {escape(str(error))}"
         Console(stderr=True).print(message, highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
 
 
-# -- implementation -------------------------------------------------------------------------------------
+def _load_model(checkpoint: str, attn: str, device: torch.device, dtype: torch.dtype):
+    """A local image-text-to-text checkpoint on ``device`` in eval mode; load failures become CliError."""
+    from transformers import AutoModelForImageTextToText
+
+    with _user_errors(OSError, ValueError):
+        model = AutoModelForImageTextToText.from_pretrained(checkpoint, attn_implementation=attn, dtype=dtype)
+    return model.to(device).eval()
 
 
 @contextlib.contextmanager
@@ -300,7 +316,7 @@ def _run(
     device: str,
     dtype: str,
 ) -> None:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
     if keep_ratio is None and budget is None:
         keep_ratio = 0.25
@@ -328,10 +344,7 @@ def _run(
                 checkpoint = _checkpoint(model)
             with _user_errors(OSError, ValueError):
                 processor = AutoProcessor.from_pretrained(checkpoint)
-                vlm = AutoModelForImageTextToText.from_pretrained(
-                    checkpoint, attn_implementation=attn, dtype=torch_dtype
-                )
-            vlm = vlm.to(torch_device).eval()
+            vlm = _load_model(checkpoint, attn, torch_device, torch_dtype)
             # an unsupported family, a budget over the image or a layer past the model fails before any work
             with _user_errors(ValueError, TypeError, RuntimeError):
                 tokenprune.apply_pruner(vlm, method, layer=layer, **amount).remove()
@@ -441,13 +454,11 @@ def bench(
     ),
 ) -> None:
     """Time prefill, decode and end-to-end of pruned runs against the unpruned model and the ideal."""
-    from transformers import LlavaForConditionalGeneration
-
     from .eval.archs import ARCHS
     from .eval.bench import build_model, machine_description, markdown_table, run_benchmark, write_results
 
     console = Console()
-    try:
+    with _exit_on_user_error():
         names = [m for m in methods.split(",") if m] or sorted(tokenprune.list_methods())
         ratios = _floats(keep_ratios)
         sizes = [int(b) for b in _floats(batch_sizes)]
@@ -462,18 +473,9 @@ def bench(
             if model is None:
                 vlm = build_model(ARCHS[arch](), attn, torch_device, torch_dtype)
             else:
-                with _user_errors(OSError, ValueError):
-                    vlm = LlavaForConditionalGeneration.from_pretrained(
-                        _checkpoint(model), attn_implementation=attn, dtype=torch_dtype
-                    )
-                vlm = vlm.to(torch_device).eval()
+                vlm = _load_model(_checkpoint(model), attn, torch_device, torch_dtype)
         with _quiet_transformers():
             rows = run_benchmark(vlm, names, ratios, sizes, repeats=repeats, new_tokens=new_tokens)
-    except CliError as error:
-        Console(stderr=True).print(
-            f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True
-        )
-        raise typer.Exit(code=2) from None
     meta = {
         "arch": model or arch,
         "machine": machine_description(torch_device),

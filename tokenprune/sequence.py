@@ -44,9 +44,8 @@ def find_images(visual: torch.Tensor, tokens_per_image: int) -> VisualLayout:
     rows, cols = visual.nonzero(as_tuple=True)  # row-major: by sample, then position
     positions = cols.view(-1, tokens_per_image)
     sample = rows.view(-1, tokens_per_image)[:, 0]
-    first = torch.cumsum(torch.bincount(sample, minlength=visual.shape[0]), 0) - torch.bincount(
-        sample, minlength=visual.shape[0]
-    )
+    images = torch.bincount(sample, minlength=visual.shape[0])
+    first = torch.cumsum(images, 0) - images  # index of each sample's first image
     image_index = torch.arange(sample.shape[0], device=visual.device) - first[sample]
     return VisualLayout(sample=sample, image_index=image_index, positions=positions)
 
