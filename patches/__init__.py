@@ -9,8 +9,13 @@ from torch import nn
 
 from ._internals import InternalsMovedError
 from .llava import LlavaAdapter
+from .vit import VisionEncoderAdapter
 
-ADAPTERS = {model_type: adapter for adapter in (LlavaAdapter,) for model_type in adapter.model_types}
+ADAPTERS = {
+    model_type: adapter
+    for adapter in (LlavaAdapter, VisionEncoderAdapter)
+    for model_type in adapter.model_types
+}
 
 
 def supported_model_types() -> list[str]:

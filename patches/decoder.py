@@ -117,7 +117,7 @@ class DecoderPruningHooks:
                 else self._after_stage
             )
             handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-        needs = pruner.config.spec.needs
+        needs = self._needs()
         if "transition" in needs:
             handles += [
                 layer.register_forward_pre_hook(self._track_transition, with_kwargs=True)
@@ -132,6 +132,11 @@ class DecoderPruningHooks:
                 if k > 0
             ]
         return handles
+
+    def _needs(self) -> tuple[str, ...]:
+        """What the decoder-stage method needs (nothing when the only method acts in the vision tower)."""
+        config = self._pruner.config
+        return () if config.spec.vision else config.spec.needs
 
     # -- language model -------------------------------------------------------------------------
 
@@ -156,6 +161,8 @@ class DecoderPruningHooks:
                 "images must be in the first forward of a cache to be pruned (no chunked prefill "
                 "or continuation of an unpruned cache)"
             )
+        if self._pruner.config.vision_stage is None:  # else the vision tower began this prefill
+            self._pruner.begin_prefill()
         batch, length = visual.shape
         mask = kwargs.get("attention_mask")
         if mask is None:
@@ -274,19 +281,10 @@ class DecoderPruningHooks:
         pruner = self._pruner
         with pruner.timed_selection():
             layout = find_images(call.visual, tokens_per_image)
-            grid = self.grid if stage == 0 else None  # later stages see a subset of the grid
-            ctx = SelectionContext(features=layout.take(hidden), grid=grid, image_index=layout.image_index)
-            needs = pruner.config.spec.needs
-            if "keys" in needs:
-                scoring_layer, scoring_input = self._scoring_layer(call, layer, hidden)
-                _, keys = internals.project_queries_keys(scoring_layer, scoring_input, (cos, sin), None)
-                ctx.keys = layout.take(keys.transpose(1, 2).flatten(2))
-            if "attention" in needs:
-                ctx.attention = self._last_token_attention(call, layer, hidden, (cos, sin), layout)
-            if "transition" in needs:
-                self._accumulate_transition(call, hidden)
-                ctx.transition = layout.take(call.transition)
-            index = pruner.select(ctx, keep)
+            if stage == 0 and pruner.config.vision_stage is not None:
+                index = self._kept_by_vision_stage(layout.take(hidden), keep)
+            else:
+                index = pruner.select(self._context(call, layer, hidden, (cos, sin), layout, stage), keep)
             plan = plan_compaction(keep_mask(call.visual, layout, index))
 
         pruned_hidden, pruned_positions, call.attention_mask = plan.gather_sequence(
@@ -311,6 +309,46 @@ class DecoderPruningHooks:
         pruner.record_prefill(call.visual_in, call.visual.sum(dim=1).tolist(), dict(call.keep_masks))
         args, kwargs = internals.with_layer_hidden_states(args, kwargs, pruned_hidden)
         return args, {**kwargs, **call.layer_kwargs}
+
+    @staticmethod
+    def _kept_by_vision_stage(image_tokens: torch.Tensor, keep: int) -> torch.Tensor:
+        """The patches a vision stage kept of the images ``image_tokens [I, N, D]``: ``[I, keep]``.
+
+        The adapter hands the language model every dropped patch as a zero placeholder, so the kept set
+        travels with the features themselves, whatever ``generate`` does with them (encoding the images
+        before the forward, repeating them for several sequences per prompt).
+        """
+        kept = image_tokens.ne(0).any(dim=-1)
+        if bool((kept.sum(dim=1) != keep).any()):
+            raise ValueError(
+                "the image features reaching the language model are not the ones this pruner's vision "
+                "stage encoded: pass pixel_values (not features encoded elsewhere) with the prompt"
+            )
+        return kept.nonzero()[:, 1].view(-1, keep)
+
+    def _context(
+        self,
+        call: _Call,
+        layer: int,
+        hidden: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        layout: Any,
+        stage: int,
+    ) -> SelectionContext:
+        """What the decoder-stage method declared it needs, for the images of ``layout`` at ``layer``."""
+        grid = self.grid if stage == 0 else None  # later stages see a subset of the grid
+        ctx = SelectionContext(features=layout.take(hidden), grid=grid, image_index=layout.image_index)
+        needs = self._needs()
+        if "keys" in needs:
+            scoring_layer, scoring_input = self._scoring_layer(call, layer, hidden)
+            _, keys = internals.project_queries_keys(scoring_layer, scoring_input, position_embeddings, None)
+            ctx.keys = layout.take(keys.transpose(1, 2).flatten(2))
+        if "attention" in needs:
+            ctx.attention = self._last_token_attention(call, layer, hidden, position_embeddings, layout)
+        if "transition" in needs:
+            self._accumulate_transition(call, hidden)
+            ctx.transition = layout.take(call.transition)
+        return ctx
 
     def _scoring_layer(self, call: _Call, layer: int, hidden: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
         """The layer whose projections score tokens for pruning at ``layer``, and that layer's input.

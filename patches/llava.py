@@ -1,9 +1,13 @@
-"""LLaVA-1.5 (``LlavaForConditionalGeneration``): prune image tokens before or inside the language model.
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): prune image tokens in the vision tower, before or inside
+the language model.
 
 Each image becomes a run of ``image_token_id`` placeholders in the prompt, one per patch of the vision
 tower (the CLS token is dropped by the default feature strategy). The language model is a Llama-style
-decoder, pruned by :class:`~tokenprune.patches.decoder.DecoderPruningHooks`; this module only says where
-the images are.
+decoder, pruned by :class:`~tokenprune.patches.decoder.DecoderPruningHooks`; this module says where the
+images are. For a ``vision`` method it also hooks the tower
+(:class:`~tokenprune.patches.vit.EncoderPruningHooks`) and the projector: only the kept patches are
+projected, and the decoder's first stage (before the language model) drops the placeholders of the
+others, so the language model sees one token per kept patch, at its original position.
 """
 
 from __future__ import annotations
@@ -12,14 +16,16 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from tokenprune.config import PrunerConfig
+
 from .decoder import DecoderPruningHooks
+from .vit import EncoderPruningHooks
 
 
 class LlavaAdapter:
     """Adapter for ``model_type == "llava"``."""
 
     model_types = ("llava",)
-    stages = ("pre_llm", "llm")
 
     def __init__(self, model: nn.Module):
         config = model.config
@@ -34,6 +40,9 @@ class LlavaAdapter:
             self.tokens_per_image += 1
             grid = None
         self.hooks = DecoderPruningHooks(self.base.language_model, self.tokens_per_image, grid)
+        self.encoder: EncoderPruningHooks | None = None
+        self._kept_patches: torch.Tensor | None = None  # [I, k] of the current forward's images
+        self._pruner = None
 
     @property
     def num_layers(self) -> int:
@@ -43,9 +52,67 @@ class LlavaAdapter:
         """Rows and columns of an image's tokens, for overlays; ``None`` when they are not a grid."""
         return self.hooks.grid
 
+    def stages(self, config: PrunerConfig) -> list[tuple[int, int]]:
+        """``(decoder layer, visual tokens kept per image)`` of each stage of ``config``; a vision stage
+        is layer 0 (its placeholders are dropped before the language model). ``ValueError`` for a layer
+        outside the language model, a budget larger than an image or a vision stage this model cannot
+        take."""
+        vision = config.vision_stage
+        decoder = [] if config.spec.vision else config.stages(self.tokens_per_image)
+        if decoder and config.last_layer >= self.num_layers:
+            raise ValueError(
+                f"layer={config.last_layer} is outside the language model's "
+                f"{self.num_layers} layers (valid: 0..{self.num_layers - 1})"
+            )
+        if vision is None:
+            return decoder
+        encoder = self._encoder_hooks(vision)
+        kept = encoder.plan(vision)
+        if any(keep > kept for _, keep in decoder):
+            raise ValueError(
+                f"{config.method!r} keeps {max(keep for _, keep in decoder)} tokens per image but "
+                f"{vision.method!r} in the vision tower keeps only {kept}: keep fewer in the decoder"
+            )
+        return [(0, kept), *decoder]
+
+    def _encoder_hooks(self, vision: PrunerConfig) -> EncoderPruningHooks:
+        config = self.model.config
+        if config.vision_feature_select_strategy != "default":
+            raise ValueError(
+                f"{vision.method!r} needs the vision tower's CLS token dropped "
+                f"(vision_feature_select_strategy='default'), not {config.vision_feature_select_strategy!r}"
+            )
+        feature_layer = config.vision_feature_layer
+        tower = self.base.vision_tower
+        vision_model = getattr(tower, "vision_model", tower)
+        if self.encoder is None:
+            self.encoder = EncoderPruningHooks(vision_model)
+        num_layers = len(self.encoder.layers)
+        hidden_index = (
+            feature_layer + num_layers + 1
+            if isinstance(feature_layer, int) and feature_layer < 0
+            else feature_layer
+        )
+        if not isinstance(hidden_index, int) or not 1 <= hidden_index <= num_layers:
+            raise ValueError(
+                f"{vision.method!r} needs a single vision feature layer that is a layer's output "
+                f"(1..{num_layers} or -{num_layers}..-1), not vision_feature_layer={feature_layer!r}"
+            )
+        self.encoder.output_layer = hidden_index - 1  # hidden_states[i] is the output of layer i - 1
+        return self.encoder
+
     def attach(self, pruner) -> list[RemovableHandle]:
-        handle = self.base.register_forward_pre_hook(self._find_images, with_kwargs=True)
-        return [handle, *self.hooks.attach(pruner)]
+        self._pruner = pruner
+        handles = [self.base.register_forward_pre_hook(self._find_images, with_kwargs=True)]
+        vision = pruner.config.vision_stage
+        if vision is not None:
+            projector = self.base.multi_modal_projector
+            handles += [
+                *self.encoder.attach(pruner, vision, standalone=False),
+                projector.register_forward_pre_hook(self._select_patches),
+                projector.register_forward_hook(self._place_patches),
+            ]
+        return [*handles, *self.hooks.attach(pruner)]
 
     def _find_images(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Mark the image placeholders of this call's prompt, for the language-model hooks."""
@@ -56,3 +123,21 @@ class LlavaAdapter:
         embeds = kwargs["inputs_embeds"]
         token = torch.tensor(self.image_token_id, device=embeds.device)
         self.hooks.pending_visual = (embeds == self.base.get_input_embeddings()(token)).all(dim=-1)
+
+    def _select_patches(self, module: nn.Module, args: tuple) -> tuple | None:
+        """Before the projector: the patches the vision method kept (merging methods chose them already)."""
+        (features,) = args
+        if self.encoder.merging:
+            self._kept_patches = self.encoder.merged_origin(features.shape[0], features.device)
+            return None
+        self._kept_patches, kept = self.encoder.reduce(features)
+        return (kept,)
+
+    def _place_patches(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """After the projector: the kept patches in their placeholders' places and zeros in the others',
+        so that the prompt's placeholder count still matches; the decoder drops the zero placeholders
+        before the language model (see ``DecoderPruningHooks._kept_by_vision_stage``)."""
+        index, self._kept_patches = self._kept_patches, None
+        num_images, _, dim = output.shape
+        full = output.new_zeros(num_images, self.tokens_per_image, dim)
+        return full.scatter_(1, index[..., None].expand(-1, -1, dim), output)

@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 
 import torch
 from transformers import LlavaForConditionalGeneration
 
 ATOL = 1e-4
+
+
+def tokenprune_hooks(model) -> list[str]:
+    """Names of the modules of ``model`` holding a forward hook of tokenprune's (transformers installs
+    hooks of its own, to record outputs, on a model's first forward)."""
+
+    def ours(hook) -> bool:
+        fn = hook.func if isinstance(hook, functools.partial) else hook
+        return getattr(fn, "__module__", "").startswith("tokenprune")
+
+    return [
+        name
+        for name, module in model.named_modules()
+        if any(ours(h) for h in [*module._forward_pre_hooks.values(), *module._forward_hooks.values()])
+    ]
 
 
 def dense_mask(
@@ -56,6 +72,33 @@ def hide_tokens_from_layers(
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def recorded_image_features(model):
+    """In the block, every output of ``model``'s multimodal projector is appended to the yielded list."""
+    features: list[torch.Tensor] = []
+    handle = model.model.multi_modal_projector.register_forward_hook(
+        lambda module, args, output: features.append(output.detach().clone())
+    )
+    try:
+        yield features
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def substituted_image_features(model, features: torch.Tensor | None):
+    """In the block, ``model``'s multimodal projector returns ``features`` (when not ``None``): the
+    reference for a vision stage, whose merged or dropped patches reach the language model this way."""
+    if features is None:
+        yield
+        return
+    handle = model.model.multi_modal_projector.register_forward_hook(lambda module, args, output: features)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def masked_reference(

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import cache_kwarg
+from helpers import cache_kwarg, tokenprune_hooks
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tokenprune as tp
@@ -17,7 +17,7 @@ def llava(model):
 
 def assert_untouched(model):
     assert not hasattr(model, "_tokenprune_pruner")
-    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    assert not tokenprune_hooks(model)
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,9 @@ def test_unsupported_model_names_supported_families():
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32
     )
     model = LlamaForCausalLM(config)
-    with pytest.raises(ValueError, match="unsupported model type 'llama'.*supports: llava"):
+    with pytest.raises(
+        ValueError, match="unsupported model type 'llama'.*supports: clip, clip_vision_model, llava, siglip"
+    ):
         tp.apply_pruner(model, "fastv", keep_ratio=0.5)
     assert_untouched(model)
 

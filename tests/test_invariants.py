@@ -8,8 +8,10 @@ from helpers import (
     greedy_with_logits,
     kept_rows,
     masked_reference,
+    recorded_image_features,
     reference_rows,
     select_sample,
+    substituted_image_features,
 )
 
 import tokenprune as tp
@@ -34,13 +36,19 @@ def test_keep_all_gives_unpatched_logits(model, method):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+def vision_features(pruner, recorded: list[torch.Tensor]) -> torch.Tensor | None:
+    """The projected image features a vision-stage method handed the language model (None otherwise)."""
+    return recorded[-1] if pruner.config.vision_stage is not None else None
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_dropping_equals_masking(model, method):
     inputs = tiny_inputs(model, RAGGED)
-    with tp.pruned(model, method, keep_ratio=0.25) as pruner:
+    with tp.pruned(model, method, keep_ratio=0.25) as pruner, recorded_image_features(model) as recorded:
         got = logits(model, inputs)
     keep = pruner.stats.keep_mask
-    expected = masked_reference(model, inputs, pruner.stats.keep_masks)
+    with substituted_image_features(model, vision_features(pruner, recorded)):
+        expected = masked_reference(model, inputs, pruner.stats.keep_masks)
     for g, e in zip(
         kept_rows(got, keep, inputs["attention_mask"]),
         reference_rows(expected, keep, inputs["attention_mask"]),
@@ -55,9 +63,10 @@ def test_dropping_equals_masking(model, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_cached_generate_equals_recomputation(model, method):
     inputs = tiny_inputs(model, RAGGED)
-    with tp.pruned(model, method, keep_ratio=0.25) as pruner, torch.no_grad():
+    with tp.pruned(model, method, keep_ratio=0.25) as pruner, recorded_image_features(model) as recorded:
         out = greedy_with_logits(model, inputs)
-    assert_generate_matches_reference(model, inputs, out, pruner.stats.keep_masks)
+    with substituted_image_features(model, vision_features(pruner, recorded)):
+        assert_generate_matches_reference(model, inputs, out, pruner.stats.keep_masks)
 
 
 @pytest.mark.parametrize("method", METHODS)

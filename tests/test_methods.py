@@ -8,7 +8,7 @@ from tokenprune.context import SelectionContext
 from tokenprune.methods.baselines import grid_sample
 from tokenprune.registry import get_method
 
-METHODS = sorted(tp.list_methods())
+METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage != "vision")
 
 
 def random_context(images=3, rows=6, cols=8, dim=16, seed=0) -> SelectionContext:

@@ -62,13 +62,8 @@ def apply_pruner(
     if attached_pruner(model) is not None:
         raise RuntimeError("this model already has a pruner; call tokenprune.remove_pruner(model) first")
     adapter = adapter_for(model)
-    if config.last_layer >= adapter.num_layers:
-        raise ValueError(
-            f"layer={config.last_layer} is outside the language model's "
-            f"{adapter.num_layers} layers (valid: 0..{adapter.num_layers - 1})"
-        )
-    config.stages(adapter.tokens_per_image)  # budget larger than an image raises here
-    return Pruner(model, config, adapter)
+    stages = adapter.stages(config)  # a layer outside the model or a budget larger than an image raises
+    return Pruner(model, config, adapter, stages)
 
 
 def remove_pruner(model: nn.Module) -> None:

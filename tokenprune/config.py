@@ -27,6 +27,13 @@ class PrunerConfig:
             layers 0..K-1 once prefill is done, so every layer's cache holds only the kept tokens and
             decode memory and time fall with the kept fraction. Decode steps then attend to the kept
             tokens in every layer; the prompt itself is computed as without the option.
+        vision: a ``vision``-stage config run first, inside the image encoder, e.g.
+            ``PrunerConfig("fastv", keep_ratio=0.125, vision=PrunerConfig("tome", keep_ratio=0.5))``;
+            this config's method then chooses among the tokens the encoder kept, its ratio or budget
+            still counting the image's original tokens.
+
+    A ``vision`` method (``tome``, ``hiprune``, ``visionzip``) counts patches, without the CLS token;
+    ``tome`` also takes ``r`` (tokens merged per layer) instead of ``keep_ratio``/``budget``.
     """
 
     method: str
@@ -36,11 +43,24 @@ class PrunerConfig:
     options: dict[str, object] = field(default_factory=dict)
     schedule: tuple[tuple[int, float], ...] | None = None
     drop_early_kv: bool = False
+    vision: PrunerConfig | None = None
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
+        merges_by_r = spec.per_layer and self.options.get("r") is not None
+        if spec.vision and (self.schedule is not None or self.layer is not None or self.drop_early_kv):
+            raise ValueError(
+                f"{self.method!r} acts inside the image encoder: layer, schedule and drop_early_kv do not "
+                "apply (compose it with a decoder method through vision=)"
+            )
         if self.schedule is not None:
             self._check_schedule()
+        elif merges_by_r:
+            r = self.options["r"]
+            if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+                raise ValueError(f"r (tokens merged per encoder layer) must be an int >= 0, got {r!r}")
+            if self.keep_ratio is not None or self.budget is not None:
+                raise ValueError("give r (tokens merged per layer) or keep_ratio/budget, not both")
         elif (self.keep_ratio is None) == (self.budget is None):
             raise ValueError(
                 "give exactly one of keep_ratio (fraction of visual tokens kept) or budget "
@@ -71,6 +91,26 @@ class PrunerConfig:
             known = ", ".join(sorted(spec.options)) or "none"
             raise ValueError(
                 f"unknown option(s) {sorted(unknown)} for method {self.method!r}; its options: {known}"
+            )
+        if self.vision is not None:
+            self._check_vision()
+
+    def _check_vision(self) -> None:
+        if not isinstance(self.vision, PrunerConfig):
+            raise TypeError(
+                f"vision must be a PrunerConfig of a vision method, got {type(self.vision).__name__}"
+            )
+        if not self.vision.spec.vision:
+            raise ValueError(
+                f"vision= takes a vision method (tome, hiprune, visionzip), not {self.vision.method!r}"
+            )
+        if self.spec.vision:
+            raise ValueError("compose a vision method with a decoder method, not with another vision method")
+        first = self.schedule[0][0] if self.schedule is not None else self.acting_layer
+        if first == 0:
+            raise ValueError(
+                f"after a vision method, {self.method!r} must act at decoder layer >= 1 (the encoder already "
+                "chose the tokens entering the language model)"
             )
 
     def _check_schedule(self) -> None:
@@ -120,7 +160,13 @@ class PrunerConfig:
 
     @property
     def stage(self) -> str:
-        return stage_for_layer(self.acting_layer)
+        """``vision``, ``pre_llm`` or ``llm``: where this config's own method acts."""
+        return "vision" if self.spec.vision else stage_for_layer(self.acting_layer)
+
+    @property
+    def vision_stage(self) -> PrunerConfig | None:
+        """The config of the image-encoder stage, if any: this one or the composed ``vision``."""
+        return self if self.spec.vision else self.vision
 
     def kept_per_image(self, num_tokens: int) -> int:
         """Visual tokens kept for an image of ``num_tokens``; ``ValueError`` if the budget exceeds it."""

@@ -24,6 +24,17 @@ class SelectionContext:
         transition: how much each visual token's hidden state changed across the decoder layers since
             the previous pruning stage (or the input), summed over layers ``[I, N]`` (needs
             ``transition``; see :func:`tokenprune.transition.transition_variation`).
+
+    In the ``vision`` stage ``features`` are the image encoder's tokens (patches; a merging method also
+    sees the ``protected`` CLS token first), ``keys`` are the key states of the output layer averaged
+    over heads ``[I, N, d]``, and:
+
+    Attributes:
+        encoder_attention: by encoder layer (those the method's ``encoder_layers`` names), the attention
+            each token receives there ``[I, N]``: from the CLS query where the encoder has one, else
+            averaged over all queries; heads averaged (needs ``encoder_attention``).
+        sizes: how many patches each token stands for ``[I, N]`` (after merges; ones otherwise).
+        protected: leading tokens that must survive as they are (the CLS token of a merging step).
     """
 
     features: torch.Tensor
@@ -32,6 +43,9 @@ class SelectionContext:
     keys: torch.Tensor | None = None
     attention: torch.Tensor | None = None
     transition: torch.Tensor | None = None
+    encoder_attention: dict[int, torch.Tensor] | None = None
+    sizes: torch.Tensor | None = None
+    protected: int = 0
 
     def require(self, name: str) -> torch.Tensor:
         """The tensor the method declared in ``needs``; a clear error if the adapter did not provide it."""
@@ -41,3 +55,18 @@ class SelectionContext:
                 f"the adapter did not provide {name!r}; declare it in register_method(needs=...)"
             )
         return value
+
+
+@dataclass
+class Merged:
+    """A merging method's answer: ``index [I, k]`` sorted tokens that stay, each now standing for a merge.
+
+    Attributes:
+        index: the token whose place (and position) each output token takes ``[I, k]``.
+        features: the output tokens ``[I, k, D]``.
+        sizes: how many patches each output token stands for ``[I, k]``.
+    """
+
+    index: torch.Tensor
+    features: torch.Tensor
+    sizes: torch.Tensor

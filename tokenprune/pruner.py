@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import PrunerConfig
-from .context import SelectionContext
+from .context import Merged, SelectionContext
 
 _ATTRIBUTE = "_tokenprune_pruner"
 
@@ -21,8 +21,8 @@ class PruneStats:
     """What the last prefill did.
 
     Attributes:
-        stage: ``pre_llm`` or ``llm``.
-        layer: decoder layer where tokens were dropped (0 = before the language model).
+        stage: ``vision``, ``pre_llm`` or ``llm`` (a composed config reports its decoder stage).
+        layer: decoder layer where tokens were dropped (0 = before the language model, and for ``vision``).
         visual_tokens: visual tokens in each sample's prompt.
         kept_tokens: visual tokens kept for each sample.
         selection_ms: wall time of selection (scoring, top-k and layout), milliseconds.
@@ -53,11 +53,13 @@ class PruneStats:
 class Pruner:
     """A method applied to a model. Made by :func:`tokenprune.apply_pruner`; undone by :meth:`remove`."""
 
-    def __init__(self, model: nn.Module, config: PrunerConfig, adapter) -> None:
+    def __init__(
+        self, model: nn.Module, config: PrunerConfig, adapter, stages: list[tuple[int, int]]
+    ) -> None:
         self.model = model
         self.config = config
         self.adapter = adapter
-        self.stages = config.stages(adapter.tokens_per_image)
+        self.stages = stages  # (decoder layer, visual tokens kept per image); a vision stage is layer 0
         self.keep_per_image = self.stages[-1][1]
         self.stats: PruneStats | None = None
         self._selection_ms = 0.0
@@ -80,9 +82,14 @@ class Pruner:
 
     # -- called by adapters ---------------------------------------------------------------------
 
+    def begin_prefill(self) -> None:
+        """Start timing a new forward's selection work."""
+        self._selection_ms = 0.0
+
     @contextlib.contextmanager
     def timed_selection(self) -> Iterator[None]:
-        """Time the enclosed selection work (synchronising the device so the time is real)."""
+        """Add the enclosed selection work to this forward's time (synchronising the device so the time
+        is real)."""
         device = next(self.model.parameters()).device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -91,21 +98,31 @@ class Pruner:
             yield
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        self._selection_ms = (time.perf_counter() - start) * 1e3
+        self._selection_ms += (time.perf_counter() - start) * 1e3
 
     def select(self, ctx: SelectionContext, keep: int) -> torch.Tensor:
-        """Keep indices ``[I, keep]`` for the images in ``ctx``."""
-        return self.config.spec.select(ctx, keep, self.config.options)
+        """Keep indices ``[I, keep]`` for the images in ``ctx``, from the decoder-stage method."""
+        return self.select_with(self.config, ctx, keep)
+
+    @staticmethod
+    def select_with(config: PrunerConfig, ctx: SelectionContext, keep: int) -> torch.Tensor | Merged:
+        """What ``config``'s method keeps (or merges) of the images in ``ctx``."""
+        return config.spec.select(ctx, keep, config.options)
+
+    def record_encoder(self, visual: list[int], kept: list[int]) -> None:
+        """Record the vision stage of the current forward (a VLM's decoder stages then add to it)."""
+        self.stats = PruneStats(
+            stage="vision", layer=0, visual_tokens=visual, kept_tokens=kept, selection_ms=self._selection_ms
+        )
 
     def record_prefill(self, visual: list[int], kept: list[int], keep_masks: dict[int, torch.Tensor]) -> None:
-        """Record a pruning stage of the current prefill; selection time adds up over its stages."""
-        first_stage = len(keep_masks) == 1
+        """Record a pruning stage of the current prefill; ``selection_ms`` covers all of its stages."""
         self.stats = PruneStats(
             stage=self.config.stage,
             layer=self.config.acting_layer,
             visual_tokens=visual,
             kept_tokens=kept,
-            selection_ms=self._selection_ms + (0.0 if first_stage else self.stats.selection_ms),
+            selection_ms=self._selection_ms,
             keep_mask=keep_masks[max(keep_masks)],
             keep_masks=keep_masks,
         )

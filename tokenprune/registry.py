@@ -1,9 +1,10 @@
 """The method registry: every pruning method is a pure function registered by name.
 
 A method receives a :class:`~tokenprune.context.SelectionContext` for a batch of images and the number of
-tokens to keep per image, and returns sorted keep indices ``[I, k]``. It declares what it needs from the
-adapter (``needs``) and the decoder layer it acts at by default (``default_layer``: 0 means before the
-language model, the ``pre_llm`` stage; K > 0 means at decoder layer K, the ``llm`` stage).
+tokens to keep per image, and returns sorted keep indices ``[I, k]`` or, if it merges tokens, a
+:class:`~tokenprune.context.Merged`. It declares what it needs from the adapter (``needs``) and where it
+acts: ``stage="vision"`` inside the image encoder, otherwise at a decoder layer (``default_layer``: 0 means
+before the language model, the ``pre_llm`` stage; K > 0 means at decoder layer K, the ``llm`` stage).
 """
 
 from __future__ import annotations
@@ -14,17 +15,27 @@ from dataclasses import dataclass
 
 import torch
 
-from .context import SelectionContext
+from .context import Merged, SelectionContext
 
-MethodFn = Callable[..., torch.Tensor]
+MethodFn = Callable[..., torch.Tensor | Merged]
+EncoderLayersFn = Callable[[dict[str, object], int], tuple[int, ...]]
 
 #: What an adapter can collect for a method, besides the visual token features themselves.
-KNOWN_NEEDS = ("keys", "attention", "transition")
+KNOWN_NEEDS = ("keys", "attention", "transition", "encoder_attention")
+
+
+def _output_layer_only(options: dict[str, object], output_layer: int) -> tuple[int, ...]:
+    return (output_layer,)
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its function, default layer, declared needs and tunable options."""
+    """A registered method: its function, stage, default layer, declared needs and tunable options.
+
+    ``per_layer`` methods (token merging) are called at every encoder layer they merge at, with the
+    tokens present there; the others once. ``encoder_layers(options, output_layer)`` names the encoder
+    layers whose attention a ``vision`` method needs (``ctx.encoder_attention``).
+    """
 
     name: str
     fn: MethodFn
@@ -32,15 +43,20 @@ class MethodSpec:
     needs: tuple[str, ...]
     description: str
     options: dict[str, object]
+    vision: bool = False
+    per_layer: bool = False
+    encoder_layers: EncoderLayersFn = _output_layer_only
 
     @property
     def stage(self) -> str:
-        """The stage the method acts at by default: ``pre_llm`` at layer 0, ``llm`` deeper."""
-        return stage_for_layer(self.default_layer)
+        """``vision`` inside the image encoder; else ``pre_llm`` at layer 0 and ``llm`` deeper."""
+        return "vision" if self.vision else stage_for_layer(self.default_layer)
 
-    def select(self, ctx: SelectionContext, keep: int, options: dict[str, object]) -> torch.Tensor:
-        """Run the method and check its contract: sorted, unique, in-range indices ``[I, keep]``."""
-        index = self.fn(ctx, keep, **options)
+    def select(self, ctx: SelectionContext, keep: int, options: dict[str, object]) -> torch.Tensor | Merged:
+        """Run the method and check its contract: sorted, unique, in-range indices ``[I, keep]``, alone or
+        in a :class:`Merged` whose features and sizes match them."""
+        result = self.fn(ctx, keep, **options)
+        index = result.index if isinstance(result, Merged) else result
         num_images, num_tokens = ctx.features.shape[:2]
         if index.shape != (num_images, keep):
             raise RuntimeError(
@@ -50,7 +66,11 @@ class MethodSpec:
             raise RuntimeError(f"method {self.name!r} must return sorted, unique indices")
         if bool((index[:, 0] < 0).any()) or bool((index[:, -1] >= num_tokens).any()):
             raise RuntimeError(f"method {self.name!r} returned indices outside [0, {num_tokens})")
-        return index
+        if isinstance(result, Merged) and (
+            result.features.shape[:2] != index.shape or result.sizes.shape != index.shape
+        ):
+            raise RuntimeError(f"method {self.name!r} returned merged features or sizes of the wrong shape")
+        return result
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -62,16 +82,28 @@ def stage_for_layer(layer: int) -> str:
 
 
 def register_method(
-    name: str, *, default_layer: int = 0, needs: tuple[str, ...] = ()
+    name: str,
+    *,
+    stage: str | None = None,
+    default_layer: int = 0,
+    needs: tuple[str, ...] = (),
+    per_layer: bool = False,
+    encoder_layers: EncoderLayersFn = _output_layer_only,
 ) -> Callable[[MethodFn], MethodFn]:
-    """Register ``fn(ctx, keep, **options) -> LongTensor[I, keep]`` under ``name``.
+    """Register ``fn(ctx, keep, **options) -> LongTensor[I, keep] | Merged`` under ``name``.
 
+    ``stage="vision"`` registers an image-encoder method (see :class:`MethodSpec` for ``per_layer`` and
+    ``encoder_layers``); otherwise the method acts at decoder layer ``default_layer``.
     The options are the function's keyword-only parameters; their defaults are the method's defaults.
     The first line of the docstring is the description shown by :func:`tokenprune.list_methods`.
     """
     unknown = set(needs) - set(KNOWN_NEEDS)
     if unknown:
         raise ValueError(f"unknown needs {sorted(unknown)}; known: {KNOWN_NEEDS}")
+    if stage not in (None, "vision"):
+        raise ValueError(
+            f"stage must be 'vision' or omitted (decoder methods give default_layer), got {stage!r}"
+        )
 
     def decorator(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
@@ -79,7 +111,17 @@ def register_method(
         params = inspect.signature(fn).parameters.values()
         options = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
         description = (inspect.getdoc(fn) or name).splitlines()[0]
-        _REGISTRY[name] = MethodSpec(name, fn, default_layer, tuple(needs), description, options)
+        _REGISTRY[name] = MethodSpec(
+            name,
+            fn,
+            default_layer,
+            tuple(needs),
+            description,
+            options,
+            vision=stage == "vision",
+            per_layer=per_layer,
+            encoder_layers=encoder_layers,
+        )
         return fn
 
     return decorator

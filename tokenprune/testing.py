@@ -1,5 +1,8 @@
 """Tiny random models and inputs for every supported family, built from configs (no downloads).
 
+VLM families (:data:`FAMILIES`) come from :func:`tiny_model`; standalone image encoders
+(:data:`ENCODER_FAMILIES`) from :func:`tiny_encoder`.
+
 Used by the test-suite, the docs and the CLI's built-in default. The weights are random: outputs are
 meaningless, but every code path (vision tower, projector, decoder, cache, generate) is the real one.
 """
@@ -12,13 +15,20 @@ import pathlib
 import torch
 from transformers import (
     CLIPVisionConfig,
+    CLIPVisionModel,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     PreTrainedModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
 )
 
 FAMILIES = ("llava",)
+ENCODER_FAMILIES = ("clip", "siglip", "vit", "vit-classifier")
 PAD_TOKEN_ID = 0
 IMAGE_TOKEN_ID = 3
 VOCAB_SIZE = 256
@@ -38,14 +48,15 @@ def llava_config(vision: dict, text: dict, image_token_id: int, **extra: object)
 
 
 def tiny_config(family: str = "llava") -> LlavaConfig:
-    """The config of the tiny model of ``family``: 32x32 images in an 8x8 patch grid, a 4-layer decoder."""
+    """The config of the tiny model of ``family``: 32x32 images in an 8x8 patch grid, a 6-layer vision
+    tower (features of its fifth layer) and a 4-layer decoder."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; tiny models exist for: {', '.join(FAMILIES)}")
     return llava_config(
         vision=dict(
             hidden_size=32,
             intermediate_size=64,
-            num_hidden_layers=2,
+            num_hidden_layers=6,
             num_attention_heads=4,
             image_size=32,
             patch_size=4,
@@ -75,6 +86,47 @@ def tiny_model(family: str = "llava", attn_implementation: str = "sdpa", seed: i
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
     return model.eval()
+
+
+_ENCODERS = {
+    "clip": (CLIPVisionConfig, CLIPVisionModel),
+    "siglip": (SiglipVisionConfig, SiglipVisionModel),
+    "vit": (ViTConfig, ViTModel),
+    "vit-classifier": (ViTConfig, ViTForImageClassification),
+}
+
+
+def tiny_encoder(
+    family: str = "clip", attn_implementation: str = "sdpa", seed: int = 0, num_layers: int = 6
+) -> PreTrainedModel:
+    """A tiny random image encoder of ``family`` (:data:`ENCODER_FAMILIES`) in eval mode, float32, on CPU.
+
+    32x32 images in an 8x8 grid of 4-pixel patches, ``num_layers`` layers of width 32 with 4 heads; CLIP
+    and ViT prepend a CLS token, SigLIP does not. ``vit-classifier`` is ``ViTForImageClassification``.
+    """
+    if family not in _ENCODERS:
+        raise ValueError(
+            f"unknown encoder family {family!r}; tiny encoders exist for: {', '.join(_ENCODERS)}"
+        )
+    config_class, model_class = _ENCODERS[family]
+    config = config_class(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=4,
+        num_channels=3,
+    )
+    torch.manual_seed(seed)
+    return model_class._from_config(config, attn_implementation=attn_implementation).eval()
+
+
+def tiny_pixels(model: PreTrainedModel, num_images: int = 2, seed: int = 0) -> torch.Tensor:
+    """Random ``pixel_values [num_images, 3, H, W]`` at the image size of ``model`` (an encoder or a VLM)."""
+    config = getattr(model.config, "vision_config", model.config)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(num_images, 3, config.image_size, config.image_size, generator=generator)
 
 
 def tokens_per_image(model: PreTrainedModel) -> int:
@@ -116,8 +168,7 @@ def tiny_inputs(
         attention_mask[b, length - prompt.numel() :] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     total_images = sum(images_per_prompt)
-    size = model.config.vision_config.image_size
-    pixel_values = torch.randn(total_images, 3, size, size, generator=generator) if total_images else None
+    pixel_values = tiny_pixels(model, total_images, seed) if total_images else None
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

@@ -1,3 +1,3 @@
 """Built-in methods: pure tensor functions, registered by name on import."""
 
-from . import baselines, dart, divprune, fastv, feather, idpruner, transprune  # noqa: F401
+from . import baselines, dart, divprune, fastv, feather, hiprune, idpruner, tome, transprune, visionzip  # noqa: F401

@@ -1,0 +1,275 @@
+"""The ``vision`` stage: prune or merge tokens inside a ViT-style image encoder (CLIP, SigLIP, ViT).
+
+:class:`EncoderPruningHooks` hooks one encoder, standalone or as a VLM's vision tower, with per-instance
+forward hooks only:
+
+* merging methods (``per_layer``, ToMe): before every layer from the second up to the layer whose output
+  is used, the tokens are merged with the keys the previous layer computed for them (captured from its
+  key projection); with proportional attention, every later layer gets ``log(size)`` as an additive
+  attention bias over the keys.
+* the other methods select (or merge) once, from the output layer's tokens, with the attention they
+  declared, recomputed from the query/key projections captured at those layers: the CLS row only, or
+  every row for an encoder without CLS. A standalone encoder's output layer returns the pruned tokens;
+  a VLM's adapter calls :meth:`EncoderPruningHooks.reduce` on the features it hands its projector.
+
+:class:`VisionEncoderAdapter` is the adapter of standalone encoders (``CLIPVisionModel``,
+``SiglipVisionModel``, ``ViTModel``, ``ViTForImageClassification`` and the CLIP/SigLIP dual encoders'
+image side): the last layer's output is the pruned sequence, CLS first where the model has one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from tokenprune.attention import query_attention
+from tokenprune.context import Merged, SelectionContext
+from tokenprune.kernels import gather_tokens
+from tokenprune.merge import constant_schedule, merge_schedule
+
+from . import _encoder_internals as internals
+from ._internals import layer_hidden_states
+
+if TYPE_CHECKING:
+    from tokenprune.config import PrunerConfig
+    from tokenprune.pruner import Pruner
+
+
+@dataclass
+class _EncoderCall:
+    """State of one encoder forward, shared by its hooks."""
+
+    schedule: list[int] | None = None  # tokens merged away before layers 1..output_layer
+    patches: int = 0  # patch tokens per image before merging
+    sizes: torch.Tensor | None = None  # [B, n] patches each token stands for, once merged
+    origin: torch.Tensor | None = None  # [B, n] original token index of each token
+    keys: torch.Tensor | None = None  # [B, n, d] keys of the last layer run, averaged over heads
+    projections: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> q, k
+
+
+class EncoderPruningHooks:
+    """Installs and removes the hooks of one pruner's vision-stage method on one image encoder.
+
+    Args:
+        vision_model: the vision transformer (with ``embeddings`` and its layers).
+        output_layer: the layer whose output is used (a VLM's feature layer); default the last.
+    """
+
+    def __init__(self, vision_model: nn.Module, output_layer: int | None = None):
+        internals.check_encoder_internals(vision_model)
+        self.layers = internals.encoder_layers(vision_model)
+        self.output_layer = len(self.layers) - 1 if output_layer is None else output_layer
+        self.protected = int(internals.has_class_token(vision_model))
+        self.grid = internals.patch_grid(vision_model)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.heads, self.head_dim, self.scale = internals.attention_shape(
+            internals.layer_attention(self.layers[0])
+        )
+        self._attn_implementation = getattr(vision_model.config, "_attn_implementation", None)
+        self._proportional = False
+        self._pruner: Pruner | None = None
+        self._config: PrunerConfig | None = None
+        self._attention_layers: tuple[int, ...] = ()
+        self._call: _EncoderCall | None = None
+
+    @property
+    def merging(self) -> bool:
+        """Whether the attached method merges tokens layer by layer (rather than selecting at the output)."""
+        return self._config.spec.per_layer
+
+    def plan(self, config: PrunerConfig) -> int:
+        """Patches kept per image under ``config`` (a vision method's) at the encoder's configured image
+        size; ``ValueError`` if that is unreachable or the method cannot run on this encoder."""
+        spec = config.spec
+        options = {**spec.options, **config.options}
+        if spec.per_layer:
+            self._proportional = bool(options.get("proportional"))
+            if self._proportional and str(self._attn_implementation).startswith("flash"):
+                raise ValueError(
+                    f"{config.method} proportional attention adds a bias to attention logits, which "
+                    "flash_attention_2 cannot take: pass proportional=False or load the encoder with sdpa"
+                )
+            return self.num_patches - sum(self._merge_schedule(config, self.num_patches))
+        if "encoder_attention" in spec.needs:
+            layers = spec.encoder_layers(options, self.output_layer)
+            self._attention_layers = tuple(sorted(set(layers)))
+        return config.kept_per_image(self.num_patches)
+
+    def _merge_schedule(self, config: PrunerConfig, num_patches: int) -> list[int]:
+        """Tokens merged away before each of the layers ``1..output_layer``, for images of ``num_patches``."""
+        steps, tokens = self.output_layer, num_patches + self.protected
+        r = config.options.get("r")
+        if r is not None:
+            return constant_schedule(tokens, r, steps, self.protected)
+        keep = config.kept_per_image(num_patches) + self.protected
+        return merge_schedule(tokens, keep, steps, self.protected)
+
+    def attach(self, pruner: Pruner, config: PrunerConfig, standalone: bool) -> list[RemovableHandle]:
+        """Register the hooks of ``config`` (planned with :meth:`plan`); returns their handles."""
+        self._pruner, self._config = pruner, config
+        first = self.layers[0]
+        handles = [first.register_forward_pre_hook(self._start)]
+        if config.spec.per_layer:
+            for layer in self.layers[: self.output_layer]:
+                key_proj = internals.layer_attention(layer).k_proj
+                handles.append(key_proj.register_forward_hook(self._capture_keys))
+            for i, layer in enumerate(self.layers[1:], start=1):
+                hook = partial(self._merge_before, i)
+                handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+            return handles
+        layers = set(self._attention_layers)
+        if "keys" in config.spec.needs:
+            layers.add(self.output_layer)
+        for i in sorted(layers):
+            attention = internals.layer_attention(self.layers[i])
+            handles += [
+                attention.q_proj.register_forward_hook(partial(self._capture_projection, i, 0)),
+                attention.k_proj.register_forward_hook(partial(self._capture_projection, i, 1)),
+            ]
+        if standalone:
+            output = self.layers[self.output_layer]
+            handles.append(output.register_forward_hook(self._reduce_output))
+        return handles
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def _start(self, module: nn.Module, args: tuple) -> None:
+        self._pruner.begin_prefill()
+        self._call = _EncoderCall()
+
+    def _capture_keys(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self._call is not None:
+            self._call.keys = output.view(*output.shape[:2], self.heads, self.head_dim).mean(dim=2)
+
+    def _capture_projection(self, layer: int, which: int, module: nn.Module, args: tuple, output) -> None:
+        if self._call is not None:
+            pair = list(self._call.projections.get(layer, (None, None)))
+            pair[which] = output
+            self._call.projections[layer] = tuple(pair)
+
+    def _merge_before(self, layer: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        call = self._call
+        if call is None:
+            return None
+        hidden = layer_hidden_states(args, kwargs)
+        mask = internals.layer_attention_mask(args, kwargs)
+        batch, tokens = hidden.shape[:2]
+        if call.schedule is None:  # the first merge point: the image size is known
+            call.patches = tokens - self.protected
+            call.schedule = self._merge_schedule(self._config, call.patches)
+        if layer <= self.output_layer and call.schedule[layer - 1] > 0:
+            if call.origin is None:
+                call.origin = torch.arange(tokens, device=hidden.device).expand(batch, tokens)
+                call.sizes = torch.ones(batch, tokens, dtype=hidden.dtype, device=hidden.device)
+            ctx = SelectionContext(
+                features=hidden,
+                grid=None,
+                image_index=torch.zeros(batch, dtype=torch.long, device=hidden.device),
+                keys=call.keys,
+                sizes=call.sizes,
+                protected=self.protected,
+            )
+            with self._pruner.timed_selection():
+                merged = self._pruner.select_with(self._config, ctx, tokens - call.schedule[layer - 1])
+            hidden, call.sizes = merged.features, merged.sizes
+            call.origin = gather_tokens(call.origin, merged.index)
+        if layer <= self.output_layer:
+            self._record(batch, call.patches, hidden.shape[1] - self.protected)
+        if call.sizes is None:
+            return None
+        if self._proportional:
+            if mask is not None:
+                raise ValueError("proportional attention cannot combine with an encoder attention mask")
+            mask = call.sizes.log()[:, None, None, :]
+        return internals.with_layer_inputs(args, kwargs, hidden, mask)
+
+    def _reduce_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if self._call is None:
+            return None
+        _, features = self.reduce(output[:, self.protected :])
+        return torch.cat([output[:, : self.protected], features], dim=1)
+
+    # -- selection ------------------------------------------------------------------------------
+
+    def reduce(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Select (or merge) the output layer's patch tokens ``features [I, N, D]`` of this forward.
+
+        Returns the kept patches ``index [I, k]`` (sorted) and their tokens ``[I, k, D]``.
+        """
+        call, self._call = self._call, None
+        config, spec = self._config, self._config.spec
+        num_images, num_patches = features.shape[:2]
+        keep = config.kept_per_image(num_patches)
+        ctx = SelectionContext(
+            features=features,
+            grid=self.grid if num_patches == self.num_patches else None,
+            image_index=torch.zeros(num_images, dtype=torch.long, device=features.device),
+        )
+        with self._pruner.timed_selection():
+            if "encoder_attention" in spec.needs:
+                ctx.encoder_attention = {i: self._received_attention(call, i) for i in self._attention_layers}
+            if "keys" in spec.needs:
+                ctx.keys = self._patch_keys(call, self.output_layer)
+            result = self._pruner.select_with(config, ctx, keep)
+        self._record(num_images, num_patches, keep)
+        if isinstance(result, Merged):
+            return result.index, result.features
+        return result, gather_tokens(features, result)
+
+    def merged_origin(self, num_images: int, device: torch.device) -> torch.Tensor:
+        """For the last merging forward: the patch index of each output patch token ``[I, k]``."""
+        call, self._call = self._call, None
+        if call is None or call.origin is None:  # nothing was merged
+            return torch.arange(self.num_patches, device=device).expand(num_images, -1)
+        return call.origin[:, self.protected :] - self.protected
+
+    def _heads(self, projection: torch.Tensor) -> torch.Tensor:
+        """``[B, n, H * d]`` projections as ``[B, H, n, d]``."""
+        return projection.view(*projection.shape[:2], self.heads, self.head_dim).transpose(1, 2)
+
+    def _patch_keys(self, call: _EncoderCall, layer: int) -> torch.Tensor:
+        """Keys of the patch tokens at ``layer``, averaged over heads ``[I, N, d]``."""
+        return self._heads(call.projections[layer][1]).mean(dim=1)[:, self.protected :]
+
+    def _received_attention(self, call: _EncoderCall, layer: int) -> torch.Tensor:
+        """Attention each patch receives at ``layer`` ``[I, N]``: from the CLS query, else the mean query."""
+        query, keys = (self._heads(p) for p in call.projections[layer])
+        if self.protected:
+            query = query[:, :, :1]
+        key_mask = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
+        return query_attention(query, keys, key_mask, self.scale)[:, self.protected :]
+
+    def _record(self, num_images: int, patches: int, kept: int) -> None:
+        self._pruner.record_encoder([patches] * num_images, [kept] * num_images)
+
+
+class VisionEncoderAdapter:
+    """Adapter of standalone image encoders: only ``vision`` methods apply."""
+
+    model_types = ("clip_vision_model", "siglip_vision_model", "vit", "clip", "siglip")
+
+    def __init__(self, model: nn.Module):
+        vision_model = getattr(model, "vision_model", None) or getattr(model, "vit", None) or model
+        self.model = model
+        self.encoder = EncoderPruningHooks(vision_model)
+        self.tokens_per_image = self.encoder.num_patches
+
+    def image_grid(self) -> tuple[int, int]:
+        return self.encoder.grid
+
+    def stages(self, config: PrunerConfig) -> list[tuple[int, int]]:
+        """The single stage of a vision method: ``[(0, patches kept per image)]``."""
+        if not config.spec.vision or config.vision is not None:
+            raise ValueError(
+                f"{type(self.model).__name__} is an image encoder without a language model: only vision "
+                f"methods apply (tome, hiprune, visionzip), not {config.method!r}"
+            )
+        return [(0, self.encoder.plan(config))]
+
+    def attach(self, pruner: Pruner) -> list[RemovableHandle]:
+        return self.encoder.attach(pruner, pruner.config, standalone=True)
