@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from transformers import LlavaConfig
+from transformers import LlavaConfig, ViTConfig
 
-from tokenprune.testing import llava_config, tiny_config
+from tokenprune.testing import llava_config, tiny_config, tiny_encoder
 
 
 def _llava(vision: dict, text: dict) -> LlavaConfig:
@@ -61,3 +61,24 @@ def llava_small() -> LlavaConfig:
 
 
 ARCHS = {"tiny": tiny_config, "llava-small": llava_small, "llava-1.5-7b": llava_15_7b}
+
+
+def vit_b16() -> ViTConfig:
+    """ViT-B/16 at 224 px: 196 patches and a CLS token, 12 layers of width 768 with 12 heads."""
+    return ViTConfig(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        image_size=224,
+        patch_size=16,
+    )
+
+
+def tiny_vit() -> ViTConfig:
+    """The tiny ViT of :func:`tokenprune.testing.tiny_encoder`: 64 patches, 6 layers of width 32."""
+    return tiny_encoder("vit").config
+
+
+#: Image encoders for ``tokenprune bench-encoder``.
+ENCODER_ARCHS = {"tiny-vit": tiny_vit, "vit-b16": vit_b16}

@@ -74,3 +74,47 @@ def test_bench_command(tmp_path):
     assert (tmp_path / "results.json").exists()
     bad = CliRunner().invoke(app, ["bench", "--methods", "nope", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "unknown method" in bad.output
+
+
+@pytest.fixture(scope="module")
+def encoder_rows():
+    from tokenprune.eval.archs import ENCODER_ARCHS
+    from tokenprune.eval.encoder_bench import build_encoder, run_encoder_benchmark
+
+    encoder = build_encoder(ENCODER_ARCHS["tiny-vit"](), "sdpa", torch.device("cpu"), torch.float32)
+    return run_encoder_benchmark(encoder, [0, 8], [0.25], 2, repeats=1)
+
+
+def test_encoder_rows_count_tokens_and_share_one_baseline(encoder_rows):
+    settings = [(r.method, r.setting, r.kept_tokens) for r in encoder_rows]
+    assert settings == [
+        ("unpruned", "-", 64),
+        ("tome", "r=0", 64),
+        ("tome", "r=8", 64 - 5 * 8),  # five merge steps before the last of six layers
+        ("hiprune", "keep=0.25", 16),
+        ("visionzip", "keep=0.25", 16),
+    ]
+    base = encoder_rows[0]
+    for r in encoder_rows:
+        assert r.images_per_s == pytest.approx(2 / r.batch_ms * 1e3)
+        assert r.speedup == pytest.approx(r.images_per_s / base.images_per_s)
+
+
+def test_encoder_results_files(encoder_rows, tmp_path):
+    from tokenprune.eval.encoder_bench import encoder_markdown_table, write_encoder_results
+
+    paths = write_encoder_results(encoder_rows, tmp_path, {"arch": "tiny-vit", "machine": "test"})
+    assert len(json.loads(paths["json"].read_text())["rows"]) == len(encoder_rows)
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert encoder_markdown_table(encoder_rows).count("\n") == len(encoder_rows) + 1
+
+
+def test_bench_encoder_command(tmp_path):
+    args = ["bench-encoder", "--arch", "tiny-vit", "--r", "2", "--keep-ratios", "0.5", "--batch-size", "1"]
+    result = CliRunner().invoke(app, [*args, "--repeats", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "throughput.png").exists()
+    bad = CliRunner().invoke(app, ["bench-encoder", "--r", "-1", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "r (tokens merged per encoder layer)" in bad.output
+    unknown = CliRunner().invoke(app, ["bench-encoder", "--arch", "vit-h", "--out", str(tmp_path)])
+    assert unknown.exit_code == 2 and "unknown --arch 'vit-h'" in unknown.output

@@ -491,5 +491,71 @@ def bench(
     console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise CliError(f"expected comma-separated integers, got {text!r}") from None
+
+
+@app.command("bench-encoder")
+def bench_encoder(
+    arch: Annotated[
+        str, typer.Option(help="Image encoder with random weights: tiny-vit, vit-b16.")
+    ] = "vit-b16",
+    merges: Annotated[str, typer.Option("--r", help="Comma-separated ToMe r values (tokens per layer).")] = (
+        "0,4,8,12,16"
+    ),
+    keep_ratios: Annotated[str, typer.Option(help="Keep ratios of hiprune and visionzip.")] = "0.5,0.25",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward.")] = 8,
+    attn: Annotated[str, typer.Option(help="Attention implementation.")] = "sdpa",
+    device: Annotated[str, typer.Option(help="'auto' (cuda when available), 'cpu', 'cuda'...")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="'auto' (bfloat16 on GPU, float32 on CPU) or a dtype name.")
+    ] = "auto",
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per measurement (median).")] = 3,
+    out: Annotated[
+        pathlib.Path, typer.Option(help="Folder for results.json, results.csv, throughput.png.")
+    ] = (pathlib.Path("bench-encoder-results")),
+) -> None:
+    """Images/s of an image encoder with vision-stage methods against the unpruned encoder."""
+    from .eval.archs import ENCODER_ARCHS
+    from .eval.bench import machine_description
+    from .eval.encoder_bench import (
+        build_encoder,
+        encoder_markdown_table,
+        run_encoder_benchmark,
+        write_encoder_results,
+    )
+
+    console = Console()
+    with _exit_on_user_error():
+        rs, ratios = _ints(merges), _floats(keep_ratios)
+        with _user_errors(ValueError, TypeError):
+            for r in rs:
+                PrunerConfig("tome", options={"r": r})
+            for ratio in ratios:
+                PrunerConfig("hiprune", keep_ratio=ratio)
+        if arch not in ENCODER_ARCHS:
+            raise CliError(f"unknown --arch {arch!r}; known: {', '.join(ENCODER_ARCHS)}")
+        torch_device, torch_dtype = _resolve_device(device, dtype)
+        with _quiet_transformers():
+            encoder = build_encoder(ENCODER_ARCHS[arch](), attn, torch_device, torch_dtype)
+            rows = run_encoder_benchmark(encoder, rs, ratios, batch_size, repeats=repeats)
+    meta = {
+        "arch": arch,
+        "machine": machine_description(torch_device),
+        "attn": attn,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+    }
+    paths = write_encoder_results(rows, out, meta)
+    console.print(encoder_markdown_table(rows), highlight=False)
+    console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
+
+
 if __name__ == "__main__":
     app()
