@@ -49,6 +49,20 @@ def cache_length(cache: Any, layer_idx: int) -> int:
     return 0 if cache is None else int(cache.get_seq_length(layer_idx))
 
 
+def cached_keys(cache: Any, layer_idx: int) -> torch.Tensor:
+    """The keys ``[B, H_kv, C, d]`` (RoPE applied) that layer ``layer_idx`` of a dynamic cache holds."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise InternalsMovedError(f"{type(cache).__name__} has no 'layers' list")
+    layer = layers[layer_idx]
+    if not isinstance(layer, DynamicLayer):
+        raise ValueError(f"decode-time selection needs a dynamic cache, got {type(layer).__name__} layers")
+    keys = getattr(layer, "keys", None)
+    if not isinstance(keys, torch.Tensor):
+        raise InternalsMovedError(f"{type(layer).__name__} no longer holds its key states in 'keys'")
+    return keys
+
+
 def compact_cache_layers(cache: Any, layer_indices: range, index: torch.Tensor) -> None:
     """Keep only the sequence rows ``index [B, L']`` in the keys and values of the listed cache layers.
 

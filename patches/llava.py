@@ -19,6 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from tokenprune.config import PrunerConfig
 
 from .decoder import DecoderPruningHooks
+from .retrieval import DecodeRetrievalHooks
 from .vit import EncoderPruningHooks
 
 
@@ -40,9 +41,10 @@ class LlavaAdapter:
             self.tokens_per_image += 1
             grid = None
         self.hooks = DecoderPruningHooks(self.base.language_model, self.tokens_per_image, grid)
+        self.retrieval = DecodeRetrievalHooks(self.base.language_model, self.tokens_per_image, grid)
         self.encoder: EncoderPruningHooks | None = None
         self._kept_patches: torch.Tensor | None = None  # [I, k] of the current forward's images
-        self._pruner = None
+        self._language_model: DecoderPruningHooks | DecodeRetrievalHooks = self.hooks
 
     @property
     def num_layers(self) -> int:
@@ -57,6 +59,9 @@ class LlavaAdapter:
         is layer 0 (its placeholders are dropped before the language model). ``ValueError`` for a layer
         outside the language model, a budget larger than an image or a vision stage this model cannot
         take."""
+        if config.spec.decode:  # nothing is pruned at prefill
+            config.kept_per_image(self.tokens_per_image)  # a budget larger than an image raises
+            return []
         vision = config.vision_stage
         decoder = [] if config.spec.vision else config.stages(self.tokens_per_image)
         if decoder and config.last_layer >= self.num_layers:
@@ -102,7 +107,6 @@ class LlavaAdapter:
         return self.encoder
 
     def attach(self, pruner) -> list[RemovableHandle]:
-        self._pruner = pruner
         handles = [self.base.register_forward_pre_hook(self._find_images, with_kwargs=True)]
         vision = pruner.config.vision_stage
         if vision is not None:
@@ -112,17 +116,19 @@ class LlavaAdapter:
                 projector.register_forward_pre_hook(self._select_patches),
                 projector.register_forward_hook(self._place_patches),
             ]
-        return [*handles, *self.hooks.attach(pruner)]
+        language_model = self.retrieval if pruner.config.spec.decode else self.hooks
+        self._language_model = language_model
+        return [*handles, *language_model.attach(pruner)]
 
     def _find_images(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Mark the image placeholders of this call's prompt, for the language-model hooks."""
         input_ids = args[0] if args else kwargs.get("input_ids")
         if input_ids is not None:
-            self.hooks.pending_visual = input_ids == self.image_token_id
+            self._language_model.pending_visual = input_ids == self.image_token_id
             return
         embeds = kwargs["inputs_embeds"]
         token = torch.tensor(self.image_token_id, device=embeds.device)
-        self.hooks.pending_visual = (embeds == self.base.get_input_embeddings()(token)).all(dim=-1)
+        self._language_model.pending_visual = (embeds == self.base.get_input_embeddings()(token)).all(dim=-1)
 
     def _select_patches(self, module: nn.Module, args: tuple) -> tuple | None:
         """Before the projector: the patches the vision method kept (merging methods chose them already)."""

@@ -33,7 +33,9 @@ class PrunerConfig:
             still counting the image's original tokens.
 
     A ``vision`` method (``tome``, ``hiprune``, ``visionzip``) counts patches, without the CLS token;
-    ``tome`` also takes ``r`` (tokens merged per layer) instead of ``keep_ratio``/``budget``.
+    ``tome`` also takes ``r`` (tokens merged per layer) instead of ``keep_ratio``/``budget``. A ``kv``
+    method (``sparsevila``) keeps every token at prefill; its ratio or budget is the visual tokens of each
+    image that every decode step attends to, in each layer.
     """
 
     method: str
@@ -52,6 +54,16 @@ class PrunerConfig:
             raise ValueError(
                 f"{self.method!r} acts inside the image encoder: layer, schedule and drop_early_kv do not "
                 "apply (compose it with a decoder method through vision=)"
+            )
+        if spec.decode and (
+            self.schedule is not None
+            or self.layer is not None
+            or self.drop_early_kv
+            or self.vision is not None
+        ):
+            raise ValueError(
+                f"{self.method!r} acts at decode steps, in every layer, on the unpruned cache: layer, "
+                "schedule, drop_early_kv and vision do not apply"
             )
         if self.schedule is not None:
             self._check_schedule()
@@ -160,8 +172,9 @@ class PrunerConfig:
 
     @property
     def stage(self) -> str:
-        """``vision``, ``pre_llm`` or ``llm``: where this config's own method acts."""
-        return "vision" if self.spec.vision else stage_for_layer(self.acting_layer)
+        """``vision``, ``pre_llm``, ``llm`` or ``kv``: where this config's own method acts."""
+        spec = self.spec
+        return spec.stage if spec.vision or spec.decode else stage_for_layer(self.acting_layer)
 
     @property
     def vision_stage(self) -> PrunerConfig | None:

@@ -29,6 +29,10 @@ class PruneStats:
         keep_mask: ``[B, L]`` bool over the original prompt, True for every token that reached the last
             pruning layer and the layers after it (``None`` for a text-only prompt).
         keep_masks: the same for every pruning layer of a schedule, by layer.
+        decode_keep_masks: for a ``kv`` method, one entry per decode step since the prefill: by decoder
+            layer, ``[B, L]`` bool over the prompt, True for the tokens that step's query attended to.
+            ``kept_tokens`` then counts the visual tokens each step attends to, and ``selection_ms``
+            adds up the selections of every step.
     """
 
     stage: str
@@ -38,6 +42,7 @@ class PruneStats:
     selection_ms: float = 0.0
     keep_mask: torch.Tensor | None = None
     keep_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    decode_keep_masks: list[dict[int, torch.Tensor]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         """The numbers, without the mask: for printing or JSON."""
@@ -60,7 +65,8 @@ class Pruner:
         self.config = config
         self.adapter = adapter
         self.stages = stages  # (decoder layer, visual tokens kept per image); a vision stage is layer 0
-        self.keep_per_image = self.stages[-1][1]
+        # a kv method prunes nothing at prefill (no stages): it attends to this many per decode step
+        self.keep_per_image = stages[-1][1] if stages else config.kept_per_image(adapter.tokens_per_image)
         self.stats: PruneStats | None = None
         self._selection_ms = 0.0
         self._handles = adapter.attach(self)
@@ -126,6 +132,16 @@ class Pruner:
             keep_mask=keep_masks[max(keep_masks)],
             keep_masks=keep_masks,
         )
+
+    def record_decode_prompt(self, visual: list[int], attended: list[int]) -> None:
+        """Record the unpruned prefill of a ``kv`` method: visual tokens, and those each step attends to."""
+        self.stats = PruneStats(stage=self.config.stage, layer=0, visual_tokens=visual, kept_tokens=attended)
+
+    def record_decode_step(self, visible: dict[int, torch.Tensor]) -> None:
+        """Record one decode step of a ``kv`` method: the prompt tokens each layer attended to."""
+        if self.stats is not None:
+            self.stats.decode_keep_masks.append(visible)
+            self.stats.selection_ms = self._selection_ms
 
     def record_text_only(self, batch_size: int) -> None:
         self.stats = PruneStats(

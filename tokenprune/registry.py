@@ -44,13 +44,17 @@ class MethodSpec:
     description: str
     options: dict[str, object]
     vision: bool = False
+    decode: bool = False
     per_layer: bool = False
     encoder_layers: EncoderLayersFn = _output_layer_only
 
     @property
     def stage(self) -> str:
-        """``vision`` inside the image encoder; else ``pre_llm`` at layer 0 and ``llm`` deeper."""
-        return "vision" if self.vision else stage_for_layer(self.default_layer)
+        """``vision`` inside the image encoder, ``kv`` at decode steps; else ``pre_llm`` at layer 0 and
+        ``llm`` deeper."""
+        if self.vision:
+            return "vision"
+        return "kv" if self.decode else stage_for_layer(self.default_layer)
 
     def select(self, ctx: SelectionContext, keep: int, options: dict[str, object]) -> torch.Tensor | Merged:
         """Run the method and check its contract: sorted, unique, in-range indices ``[I, keep]``, alone or
@@ -93,16 +97,18 @@ def register_method(
     """Register ``fn(ctx, keep, **options) -> LongTensor[I, keep] | Merged`` under ``name``.
 
     ``stage="vision"`` registers an image-encoder method (see :class:`MethodSpec` for ``per_layer`` and
-    ``encoder_layers``); otherwise the method acts at decoder layer ``default_layer``.
+    ``encoder_layers``), ``stage="kv"`` a decode-time method (called at every decode step and decoder
+    layer with the cached visual keys and the step's attention to them); otherwise the method acts at
+    prefill, at decoder layer ``default_layer``.
     The options are the function's keyword-only parameters; their defaults are the method's defaults.
     The first line of the docstring is the description shown by :func:`tokenprune.list_methods`.
     """
     unknown = set(needs) - set(KNOWN_NEEDS)
     if unknown:
         raise ValueError(f"unknown needs {sorted(unknown)}; known: {KNOWN_NEEDS}")
-    if stage not in (None, "vision"):
+    if stage not in (None, "vision", "kv"):
         raise ValueError(
-            f"stage must be 'vision' or omitted (decoder methods give default_layer), got {stage!r}"
+            f"stage must be 'vision', 'kv' or omitted (prefill methods give default_layer), got {stage!r}"
         )
 
     def decorator(fn: MethodFn) -> MethodFn:
@@ -119,6 +125,7 @@ def register_method(
             description,
             options,
             vision=stage == "vision",
+            decode=stage == "kv",
             per_layer=per_layer,
             encoder_layers=encoder_layers,
         )

@@ -1,3 +1,15 @@
 """Built-in methods: pure tensor functions, registered by name on import."""
 
-from . import baselines, dart, divprune, fastv, feather, hiprune, idpruner, tome, transprune, visionzip  # noqa: F401
+from . import (  # noqa: F401
+    baselines,
+    dart,
+    divprune,
+    fastv,
+    feather,
+    hiprune,
+    idpruner,
+    sparsevila,
+    tome,
+    transprune,
+    visionzip,
+)
