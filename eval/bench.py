@@ -22,14 +22,16 @@ from rich.progress import Progress
 from transformers import LlavaForConditionalGeneration
 
 import tokenprune as tp
+from tokenprune.patches._internals import cache_nbytes, output_cache
 from tokenprune.testing import tiny_inputs, tokens_per_image
 
 
 @dataclass
 class BenchRow:
-    """One measured configuration. Times in milliseconds; memory in MiB (CUDA only, else ``None``).
+    """One measured configuration. Times in milliseconds; peak memory in MiB (CUDA only, else ``None``).
 
     ``decode_tokens_per_s`` is NaN when the decode time could not be told apart from timing noise.
+    ``kv_cache_mib`` is what the KV cache holds after prefill, every layer together.
     """
 
     method: str
@@ -43,6 +45,7 @@ class BenchRow:
     decode_tokens_per_s: float
     end_to_end_ms: float
     peak_memory_mib: float | None
+    kv_cache_mib: float = float("nan")
     prefill_speedup: float = 1.0
     ideal_speedup: float = 1.0
     speedup_vs_ideal: float = 1.0
@@ -103,6 +106,12 @@ class _Runner:
         self.model.lm_head(hidden[:, -1:])
 
     @torch.no_grad()
+    def kv_cache_mib(self) -> float:
+        """MiB of keys and values the cache holds after one prefill."""
+        cache = output_cache(self.model(**self.inputs, logits_to_keep=1, use_cache=True))
+        return cache_nbytes(cache) / 2**20
+
+    @torch.no_grad()
     def generate(self, new_tokens: int) -> None:
         self.model.generate(
             **self.inputs,
@@ -136,7 +145,16 @@ class _Runner:
             decode_tokens_per_s=decode_rate,
             end_to_end_ms=end_to_end,
             peak_memory_mib=peak,
+            kv_cache_mib=self.kv_cache_mib(),
         )
+
+
+def bench_config(method: str, keep_ratio: float) -> tp.PrunerConfig:
+    """The config a benchmark entry names: a method, or ``method+drop_early_kv`` for that option."""
+    name, plus, option = method.partition("+")
+    if plus and option != "drop_early_kv":
+        raise ValueError(f"unknown benchmark variant {method!r}; the one variant is '<method>+drop_early_kv'")
+    return tp.PrunerConfig(name, keep_ratio=keep_ratio, drop_early_kv=bool(plus))
 
 
 def run_benchmark(
@@ -189,7 +207,7 @@ def run_benchmark(
                 progress.advance(task)
                 for method in methods:
                     progress.update(task, description=f"bs={batch_size} keep={kept} {method}")
-                    with tp.pruned(model, method, keep_ratio=ratio) as pruner:
+                    with tp.pruned(model, bench_config(method, ratio)) as pruner:
                         row = runner.measure(method, pruner.config.acting_layer, kept, pruner)
                     rows.append(row)
                     progress.advance(task)
@@ -264,8 +282,8 @@ def markdown_table(rows: list[BenchRow]) -> str:
     """The rows as a README table."""
     lines = [
         "| batch | method | layer | kept | prefill ms | speedup | ideal | of ideal | selection % "
-        "| decode tok/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| decode tok/s | KV MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.method == "ideal":
@@ -273,6 +291,7 @@ def markdown_table(rows: list[BenchRow]) -> str:
         lines.append(
             f"| {r.batch_size} | {r.method} | {'-' if r.layer is None else r.layer} | {r.kept_tokens} | "
             f"{r.prefill_ms:.1f} | {r.prefill_speedup:.2f}x | {r.ideal_speedup:.2f}x | "
-            f"{r.speedup_vs_ideal:.2f} | {100 * r.selection_share:.1f} | {r.decode_tokens_per_s:.1f} |"
+            f"{r.speedup_vs_ideal:.2f} | {100 * r.selection_share:.1f} | {r.decode_tokens_per_s:.1f} | "
+            f"{r.kv_cache_mib:.1f} |"
         )
     return "\n".join(lines)

@@ -63,6 +63,15 @@ def cached_keys(cache: Any, layer_idx: int) -> torch.Tensor:
     return keys
 
 
+def cache_nbytes(cache: Any) -> int:
+    """Bytes of the keys and values a cache holds, over all its layers."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise InternalsMovedError(f"{type(cache).__name__} has no 'layers' list")
+    tensors = [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 def compact_cache_layers(cache: Any, layer_indices: range, index: torch.Tensor) -> None:
     """Keep only the sequence rows ``index [B, L']`` in the keys and values of the listed cache layers.
 

@@ -14,7 +14,8 @@ from tokenprune.eval.bench import build_model, markdown_table, run_benchmark, wr
 @pytest.fixture(scope="module")
 def rows():
     model = build_model(ARCHS["tiny"](), "sdpa", torch.device("cpu"), torch.float32)
-    return run_benchmark(model, ["uniform", "fastv"], [0.5, 0.25], [1, 2], repeats=1, new_tokens=3)
+    methods = ["uniform", "fastv", "fastv+drop_early_kv"]
+    return run_benchmark(model, methods, [0.5, 0.25], [1, 2], repeats=1, new_tokens=3)
 
 
 def test_rows_cover_every_configuration(rows):
@@ -22,7 +23,7 @@ def test_rows_cover_every_configuration(rows):
     for batch in (1, 2):
         assert (batch, "unpruned", 64) in keys
         for kept in (32, 16):
-            for method in ("ideal", "uniform", "fastv"):
+            for method in ("ideal", "uniform", "fastv", "fastv+drop_early_kv"):
                 assert (batch, method, kept) in keys
 
 
@@ -40,8 +41,35 @@ def test_ratios_are_consistent(rows):
         assert r.speedup_vs_ideal == pytest.approx(ideal.prefill_ms / r.prefill_ms)
         assert 0 <= r.selection_share < 1
         if r.method != "ideal":
-            assert r.selection_ms > 0 and r.layer == {"uniform": 0, "fastv": 2}[r.method]
+            assert (
+                r.selection_ms > 0
+                and r.layer == {"uniform": 0, "fastv": 2, "fastv+drop_early_kv": 2}[r.method]
+            )
             assert not r.decode_tokens_per_s <= 0  # a rate, or NaN when lost in timing noise
+
+
+def test_kv_cache_falls_with_the_kept_tokens(rows):
+    """Bytes held after prefill: the tiny model has 4 layers of 2 KV heads of 16 dims, fp32."""
+    per_token_layer = 2 * 2 * 16 * 4 / 2**20  # keys and values
+    by = {(r.batch_size, r.method, r.kept_tokens): r.kv_cache_mib for r in rows}
+    for batch in (1, 2):
+        prompt = next(r.prompt_tokens for r in rows if r.batch_size == batch)
+        assert by[batch, "unpruned", 64] == pytest.approx(batch * prompt * 4 * per_token_layer)
+        for kept in (32, 16):
+            pruned = prompt - 64 + kept
+            assert by[batch, "uniform", kept] == pytest.approx(batch * pruned * 4 * per_token_layer)
+            assert by[batch, "fastv", kept] == pytest.approx(
+                batch * (2 * prompt + 2 * pruned) * per_token_layer
+            )
+            assert by[batch, "fastv+drop_early_kv", kept] == by[batch, "uniform", kept]
+
+
+def test_unknown_bench_variant():
+    from tokenprune.eval.bench import bench_config
+
+    assert bench_config("fastv+drop_early_kv", 0.5).drop_early_kv
+    with pytest.raises(ValueError, match="the one variant is '<method>\\+drop_early_kv'"):
+        bench_config("fastv+fast", 0.5)
 
 
 def test_results_files(rows, tmp_path):

@@ -439,7 +439,9 @@ def bench(
         str | None,
         typer.Option("--model", "-m", help="A local checkpoint instead of --arch.", show_default=False),
     ] = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated methods; default: all.")] = "",
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated methods (or 'fastv+drop_early_kv'); default: all.")
+    ] = "",
     keep_ratios: Annotated[str, typer.Option(help="Comma-separated keep ratios.")] = "0.25,0.111",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
     attn: Annotated[str, typer.Option(help="Attention implementation.")] = "sdpa",
@@ -455,7 +457,14 @@ def bench(
 ) -> None:
     """Time prefill, decode and end-to-end of pruned runs against the unpruned model and the ideal."""
     from .eval.archs import ARCHS
-    from .eval.bench import build_model, machine_description, markdown_table, run_benchmark, write_results
+    from .eval.bench import (
+        bench_config,
+        build_model,
+        machine_description,
+        markdown_table,
+        run_benchmark,
+        write_results,
+    )
 
     console = Console()
     with _exit_on_user_error():
@@ -465,7 +474,7 @@ def bench(
         with _user_errors(ValueError, TypeError):
             for name in names:
                 for ratio in ratios:
-                    PrunerConfig(name, keep_ratio=ratio)
+                    bench_config(name, ratio)
         if model is None and arch not in ARCHS:
             raise CliError(f"unknown --arch {arch!r}; known: {', '.join(ARCHS)}")
         torch_device, torch_dtype = _resolve_device(device, dtype)
