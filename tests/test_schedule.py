@@ -16,7 +16,7 @@ import tokenprune as tp
 from tokenprune.patches._internals import output_cache
 from tokenprune.testing import tiny_inputs
 
-METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage != "vision")
+METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage in ("pre_llm", "llm"))
 RAGGED = (1, 2, 1)
 SCHEDULES = {"from-1": ((1, 0.5), (2, 0.25), (3, 0.125)), "from-0": ((0, 0.5), (2, 0.25))}
 NEEDS_A_LAYER = {name for name in METHODS if "transition" in tp.registry.get_method(name).needs}

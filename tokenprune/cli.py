@@ -382,6 +382,9 @@ def _run(
         (base_prefill, pruned_prefill),
         (base_generate, pruned_generate),
     )
+    if stats is not None and stats.stage == "kv":
+        console.print("[yellow]a kv method selects per decode step and layer; no overlay written[/]")
+        return
     if stats is None or stats.keep_mask is None:
         console.print("[yellow]no image tokens were pruned; no overlay written[/]")
         return
