@@ -11,6 +11,7 @@ from helpers import (
     masked_reference,
     recorded_image_features,
     reference_rows,
+    select_sample,
     substituted_image_features,
     tokenprune_hooks,
 )
@@ -177,6 +178,17 @@ def test_composed_generate_equals_recomputation(model, vision, decoder):
         out = greedy_with_logits(model, inputs)
     with substituted_image_features(model, recorded[-1]):
         assert_generate_matches_reference(model, inputs, out, pruner.stats.keep_masks)
+
+
+@pytest.mark.parametrize(("vision", "decoder"), COMPOSED[::3])
+def test_composed_batch_equals_each_sample_alone(model, vision, decoder):
+    images = (1, 2, 1)
+    inputs = tiny_inputs(model, images)
+    with tp.pruned(model, composed(vision, decoder)), torch.no_grad():
+        batched = model(**inputs).logits[:, -1]
+        for b in range(len(images)):
+            alone = model(**select_sample(inputs, b, images)).logits[:, -1]
+            torch.testing.assert_close(batched[b : b + 1], alone, atol=ATOL, rtol=0)
 
 
 def test_composed_layers_see_each_stage_count(model):
