@@ -237,18 +237,23 @@ def machine_description(device: torch.device) -> str:
 
 def write_results(rows: list[BenchRow], out_dir: Path, meta: dict) -> dict[str, Path]:
     """Write ``results.json`` (meta + rows), ``results.csv`` and ``speedup.png``; return their paths."""
+    title = f"{meta['arch']} prefill, {meta['machine']}"
+    return write_rows(rows, out_dir, meta, "speedup.png", lambda path: plot_speedup(rows, path, title))
+
+
+def write_rows(
+    rows: list, out_dir: Path, meta: dict, plot_name: str, plot: Callable[[Path], None]
+) -> dict[str, Path]:
+    """Write dataclass ``rows`` to ``results.json`` (with ``meta``) and ``results.csv`` in ``out_dir``, and
+    ``plot`` to ``plot_name`` there; return the paths by kind (``json``, ``csv``, ``plot``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": out_dir / "results.json",
-        "csv": out_dir / "results.csv",
-        "plot": out_dir / "speedup.png",
-    }
+    paths = {"json": out_dir / "results.json", "csv": out_dir / "results.csv", "plot": out_dir / plot_name}
     paths["json"].write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
     with paths["csv"].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
-    plot_speedup(rows, paths["plot"], title=f"{meta['arch']} prefill, {meta['machine']}")
+    plot(paths["plot"])
     return paths
 
 

@@ -7,9 +7,7 @@ of one batch after a warm-up; every ratio is to the unpruned encoder measured in
 
 from __future__ import annotations
 
-import csv
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +16,7 @@ from rich.progress import Progress
 import tokenprune as tp
 from tokenprune.testing import tiny_pixels
 
-from .bench import median_ms
+from .bench import median_ms, write_rows
 
 
 @dataclass
@@ -86,19 +84,8 @@ def run_encoder_benchmark(
 
 def write_encoder_results(rows: list[EncoderRow], out_dir: Path, meta: dict) -> dict[str, Path]:
     """Write ``results.json`` (meta + rows), ``results.csv`` and ``throughput.png``; return their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": out_dir / "results.json",
-        "csv": out_dir / "results.csv",
-        "plot": out_dir / "throughput.png",
-    }
-    paths["json"].write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
-    with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-    plot_throughput(rows, paths["plot"], title=f"{meta['arch']}, {meta['machine']}")
-    return paths
+    title = f"{meta['arch']}, {meta['machine']}"
+    return write_rows(rows, out_dir, meta, "throughput.png", lambda path: plot_throughput(rows, path, title))
 
 
 def plot_throughput(rows: list[EncoderRow], path: Path, title: str) -> None:

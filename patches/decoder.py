@@ -81,8 +81,10 @@ class _Call:
     transition: torch.Tensor | None = None  # [B, L_cur] transition variation since the last stage
 
 
-class DecoderPruningHooks:
-    """Installs and removes the hooks of one pruner on one decoder-only language model."""
+class LanguageModelHooks:
+    """What every set of hooks on a decoder-only language model holds: the model, its layers, the image
+    token layout, and the image placeholders of the next forward (``pending_visual [B, L]``, set by the
+    family adapter)."""
 
     def __init__(self, language_model: nn.Module, tokens_per_image: int, grid: tuple[int, int] | None):
         internals.check_decoder_internals(language_model)
@@ -91,14 +93,21 @@ class DecoderPruningHooks:
         self.tokens_per_image = tokens_per_image
         self.grid = grid
         self.pending_visual: torch.Tensor | None = None
-        self._call: _Call | None = None
-        self._sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
         self._pruner: Pruner | None = None
-        self._stages: list[tuple[int, int]] = []  # (layer, visual tokens kept per image)
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+
+class DecoderPruningHooks(LanguageModelHooks):
+    """Installs and removes the hooks of one pruner on one decoder-only language model."""
+
+    def __init__(self, language_model: nn.Module, tokens_per_image: int, grid: tuple[int, int] | None):
+        super().__init__(language_model, tokens_per_image, grid)
+        self._call: _Call | None = None
+        self._sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
+        self._stages: list[tuple[int, int]] = []  # (layer, visual tokens kept per image)
 
     def attach(self, pruner: Pruner) -> list[RemovableHandle]:
         """Register the hooks for ``pruner``; returns their handles."""

@@ -30,6 +30,7 @@ from tokenprune.context import SelectionContext
 from tokenprune.sequence import VisualLayout, find_images, keep_mask
 
 from . import _internals as internals
+from .decoder import LanguageModelHooks
 
 if TYPE_CHECKING:
     from tokenprune.pruner import Pruner
@@ -52,24 +53,14 @@ class _Step:
     visible: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L]
 
 
-class DecodeRetrievalHooks:
+class DecodeRetrievalHooks(LanguageModelHooks):
     """Installs and removes the hooks of one ``kv``-stage pruner on one decoder-only language model."""
 
     def __init__(self, language_model: nn.Module, tokens_per_image: int, grid: tuple[int, int] | None):
-        internals.check_decoder_internals(language_model)
-        self.language_model = language_model
-        self.layers = internals.decoder_layers(language_model)
-        self.tokens_per_image = tokens_per_image
-        self.grid = grid
-        self.pending_visual: torch.Tensor | None = None
+        super().__init__(language_model, tokens_per_image, grid)
         self._prompts: weakref.WeakKeyDictionary[Any, _Prompt] = weakref.WeakKeyDictionary()
         self._new_prompt: _Prompt | None = None
         self._step: _Step | None = None
-        self._pruner: Pruner | None = None
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
 
     def attach(self, pruner: Pruner) -> list[RemovableHandle]:
         """Register the hooks for ``pruner``; returns their handles."""

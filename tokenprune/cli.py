@@ -433,6 +433,21 @@ def _floats(text: str) -> list[float]:
         raise CliError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _run_meta(arch: str, device: torch.device, attn: str, dtype: torch.dtype, **settings: object) -> dict:
+    """What a benchmark's results file says about its run: model, machine, settings and versions."""
+    from .eval.bench import machine_description
+
+    return {
+        "arch": arch,
+        "machine": machine_description(device),
+        "attn": attn,
+        "dtype": str(dtype).removeprefix("torch."),
+        **settings,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+    }
+
+
 @app.command()
 def bench(
     arch: Annotated[
@@ -460,14 +475,7 @@ def bench(
 ) -> None:
     """Time prefill, decode and end-to-end of pruned runs against the unpruned model and the ideal."""
     from .eval.archs import ARCHS
-    from .eval.bench import (
-        bench_config,
-        build_model,
-        machine_description,
-        markdown_table,
-        run_benchmark,
-        write_results,
-    )
+    from .eval.bench import bench_config, build_model, markdown_table, run_benchmark, write_results
 
     console = Console()
     with _exit_on_user_error():
@@ -488,16 +496,7 @@ def bench(
                 vlm = _load_model(_checkpoint(model), attn, torch_device, torch_dtype)
         with _quiet_transformers():
             rows = run_benchmark(vlm, names, ratios, sizes, repeats=repeats, new_tokens=new_tokens)
-    meta = {
-        "arch": model or arch,
-        "machine": machine_description(torch_device),
-        "attn": attn,
-        "dtype": str(torch_dtype).removeprefix("torch."),
-        "repeats": repeats,
-        "new_tokens": new_tokens,
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-    }
+    meta = _run_meta(model or arch, torch_device, attn, torch_dtype, repeats=repeats, new_tokens=new_tokens)
     paths = write_results(rows, out, meta)
     console.print(markdown_table(rows), highlight=False)
     console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
@@ -532,7 +531,6 @@ def bench_encoder(
 ) -> None:
     """Images/s of an image encoder with vision-stage methods against the unpruned encoder."""
     from .eval.archs import ENCODER_ARCHS
-    from .eval.bench import machine_description
     from .eval.encoder_bench import (
         build_encoder,
         encoder_markdown_table,
@@ -554,19 +552,168 @@ def bench_encoder(
         with _quiet_transformers():
             encoder = build_encoder(ENCODER_ARCHS[arch](), attn, torch_device, torch_dtype)
             rows = run_encoder_benchmark(encoder, rs, ratios, batch_size, repeats=repeats)
-    meta = {
-        "arch": arch,
-        "machine": machine_description(torch_device),
-        "attn": attn,
-        "dtype": str(torch_dtype).removeprefix("torch."),
-        "batch_size": batch_size,
-        "repeats": repeats,
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-    }
+    meta = _run_meta(arch, torch_device, attn, torch_dtype, batch_size=batch_size, repeats=repeats)
     paths = write_encoder_results(rows, out, meta)
     console.print(encoder_markdown_table(rows), highlight=False)
     console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
+
+
+def _local_checkpoint(stack: contextlib.ExitStack, model: str, seed: int) -> str:
+    """``--model`` as a local checkpoint directory: the tiny model is written to a temporary one that
+    lives as long as ``stack``."""
+    if model != TINY:
+        return _checkpoint(model)
+    from .testing import save_tiny_checkpoint
+
+    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="tokenprune-tiny-"))
+    return str(save_tiny_checkpoint(folder, seed=seed))
+
+
+def _default_config(method: str, keep_ratio: float | None, budget: int | None, layer: int | None):
+    """The server's pruner config (``None`` for ``--method none``); keep ratio 0.25 unless told."""
+    if method == "none":
+        return None
+    if keep_ratio is None and budget is None:
+        keep_ratio = 0.25
+    with _user_errors(ValueError, TypeError):
+        return PrunerConfig(method, keep_ratio=keep_ratio, budget=budget, layer=layer)
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        str,
+        typer.Option("--model", "-m", help=f"Checkpoint directory; '{TINY}' builds the tiny random LLaVA."),
+    ] = TINY,
+    method: Annotated[str, typer.Option(help="Default pruning method; 'none' serves unpruned.")] = "dart",
+    keep_ratio: Annotated[
+        float | None, typer.Option(help="Default keep ratio (0.25 without --budget).", show_default=False)
+    ] = None,
+    budget: Annotated[
+        int | None, typer.Option(help="Default visual tokens kept per image.", show_default=False)
+    ] = None,
+    layer: Annotated[int | None, typer.Option(help="Default decoder layer.", show_default=False)] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    served_model_name: Annotated[
+        str | None,
+        typer.Option(help="Model id clients ask for; default: the folder name.", show_default=False),
+    ] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests generated together at most.")] = 8,
+    batch_window_ms: Annotated[float, typer.Option(min=0, help="How long a batch waits for company.")] = 10.0,
+    max_images: Annotated[int, typer.Option(min=0, help="Images per request at most.")] = 4,
+    max_image_mb: Annotated[float, typer.Option(min=0, help="Size of one image at most, MiB.")] = 8.0,
+    max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens per request at most.")] = 4096,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per request at most.")] = 256,
+    allow_remote_images: Annotated[bool, typer.Option(help="Accept http(s) image URLs.")] = False,
+    allow_local_images: Annotated[bool, typer.Option(help="Accept file:// image URLs and paths.")] = False,
+    attn: Annotated[str, typer.Option(help="Attention implementation.")] = "sdpa",
+    device: Annotated[str, typer.Option(help="'auto' (cuda when available), 'cpu', 'cuda'...")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="'auto' (bfloat16 on GPU, float32 on CPU) or a dtype name.")
+    ] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the tiny model's weights.")] = 0,
+) -> None:
+    """Serve MODEL with an OpenAI-compatible API (chat completions, streaming), pruning visual tokens."""
+    try:
+        import uvicorn
+
+        from .serve import Limits, build_engine
+        from .serve.app import create_app
+    except ImportError as error:
+        raise typer.BadParameter(
+            f"tokenprune serve needs the [serve] extra ({error.name} is missing)"
+        ) from None
+
+    console = Console()
+    with _exit_on_user_error(), contextlib.ExitStack() as stack:
+        default = _default_config(method, keep_ratio, budget, layer)
+        limits = Limits(
+            max_images=max_images,
+            max_image_bytes=int(max_image_mb * 2**20),
+            max_prompt_tokens=max_prompt_tokens,
+            max_new_tokens=max_new_tokens,
+            allow_remote_images=allow_remote_images,
+            allow_local_images=allow_local_images,
+        )
+        torch_device, torch_dtype = _resolve_device(device, dtype)
+        stack.enter_context(_quiet_transformers())
+        checkpoint = _local_checkpoint(stack, model, seed)
+        name = served_model_name or (TINY if model == TINY else pathlib.Path(checkpoint).name)
+        with _user_errors(OSError, ValueError, TypeError, RuntimeError):
+            engine = build_engine(
+                checkpoint, name, default, limits, attn=attn, device=torch_device, dtype=torch_dtype
+            )
+        console.print(f"serving [bold]{escape(name)}[/] ({escape(repr(default))}) on http://{host}:{port}/v1")
+        app_ = create_app(engine, max_batch=max_batch, window_s=batch_window_ms / 1e3)
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@app.command("bench-serve")
+def bench_serve(
+    model: Annotated[str, typer.Option("--model", "-m", help=f"Checkpoint directory or '{TINY}'.")] = TINY,
+    method: Annotated[str, typer.Option(help="The server's pruning method.")] = "dart",
+    keep_ratio: Annotated[float, typer.Option(help="The server's keep ratio.")] = 0.25,
+    clients: Annotated[int, typer.Option(min=1, help="Concurrent clients.")] = 64,
+    rounds: Annotated[int, typer.Option(min=1, help="Requests per client, one after another.")] = 2,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per request.")] = 8,
+    max_batch: Annotated[int, typer.Option(min=1, help="The server's --max-batch.")] = 16,
+    fuzz: Annotated[int, typer.Option(min=0, help="Malformed requests sent after the load.")] = 200,
+    out: Annotated[pathlib.Path, typer.Option(help="Folder for results.json.")] = pathlib.Path(
+        "bench-serve-results"
+    ),
+) -> None:
+    """Load-test a live server on 127.0.0.1 with and without pruning, then fuzz it with bad requests."""
+    import json
+
+    from .eval.serve_load import run_serve_benchmark
+    from .serve import Limits, build_engine
+
+    console = Console()
+    with _exit_on_user_error(), contextlib.ExitStack() as stack:
+        default = _default_config(method, keep_ratio, None, None)
+        stack.enter_context(_quiet_transformers())
+        checkpoint = _local_checkpoint(stack, model, 0)
+        name = TINY if model == TINY else pathlib.Path(checkpoint).name
+        with _user_errors(OSError, ValueError, TypeError, RuntimeError):
+            engine = build_engine(checkpoint, name, default, Limits())
+        results = run_serve_benchmark(
+            engine, clients=clients, rounds=rounds, max_tokens=max_tokens, max_batch=max_batch, fuzz=fuzz
+        )
+    results["meta"] = _run_meta(
+        name, torch.device("cpu"), "sdpa", torch.float32, clients=clients, rounds=rounds
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = Table(title=f"{clients} clients x {rounds} requests, {name}")
+    for column in (
+        "pruning",
+        "failed",
+        "req/s",
+        "tok/s",
+        "p50 s",
+        "p95 s",
+        "visual in/kept",
+        "RSS growth MiB",
+    ):
+        table.add_column(column)
+    for row in results["load"]:
+        table.add_row(
+            escape(row["label"]),
+            str(row["failures"]),
+            f"{row['requests_per_s']:.2f}",
+            f"{row['completion_tokens_per_s']:.1f}",
+            f"{row['latency_p50_s']:.2f}",
+            f"{row['latency_p95_s']:.2f}",
+            f"{row['visual_tokens_before']}/{row['visual_tokens_after']}",
+            f"{row['peak_rss_growth_mib']:.0f}",
+        )
+    console.print(table)
+    fuzzed = results["fuzz"]
+    console.print(
+        f"fuzz: {fuzzed['four_xx_json_errors']}/{fuzzed['requests']} answered 4xx JSON errors; "
+        f"healthy after: {fuzzed['healthy_after']}; results: {out / 'results.json'}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,268 @@
+"""Load and fuzz runs against a live ``tokenprune serve`` on 127.0.0.1.
+
+:func:`run_load` sends ``clients`` concurrent chat requests with an image, through the official
+``openai`` client, and reports failures, throughput, latency and the server process's memory growth;
+:func:`run_fuzz` sends malformed requests and checks every answer is a 4xx OpenAI-shaped error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import random
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import httpx
+from PIL import Image
+
+
+def data_url(size: int = 48, seed: int = 0) -> str:
+    """A PNG data URL of a random-coloured square."""
+    rng = random.Random(seed)
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3))).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def chat_messages(text: str, image: str) -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": text}],
+        }
+    ]
+
+
+@dataclass
+class LoadResult:
+    """One load run: ``label`` names the pruning, times in seconds, memory in MiB."""
+
+    label: str
+    clients: int
+    requests: int
+    failures: int
+    seconds: float
+    requests_per_s: float
+    completion_tokens_per_s: float
+    latency_p50_s: float
+    latency_p95_s: float
+    visual_tokens_before: int
+    visual_tokens_after: int
+    peak_rss_growth_mib: float
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory (the in-process server's included), MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def _load(url: str, model: str, clients: int, rounds: int, max_tokens: int, extra_body: dict | None):
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+    latencies, usages, failures = [], [], 0
+
+    async def one(i: int) -> None:
+        nonlocal failures
+        for r in range(rounds):
+            start = time.perf_counter()
+            try:
+                response = await client.chat.completions.create(
+                    model=model,
+                    messages=chat_messages(f"question {i}.{r}: what is in the image?", data_url(seed=i)),
+                    max_tokens=max_tokens,
+                    extra_body=extra_body,
+                )
+            except openai.OpenAIError:
+                failures += 1
+                continue
+            latencies.append(time.perf_counter() - start)
+            usages.append(response.model_dump()["usage"])
+
+    await asyncio.gather(*(one(i) for i in range(clients)))
+    await client.close()
+    return latencies, usages, failures
+
+
+def run_load(
+    url: str,
+    model: str,
+    *,
+    label: str,
+    clients: int = 64,
+    rounds: int = 1,
+    max_tokens: int = 8,
+    extra_body: dict | None = None,
+) -> LoadResult:
+    """``clients`` concurrent clients, each sending ``rounds`` requests one after another."""
+    rss_before = _peak_rss_mib()
+    start = time.perf_counter()
+    latencies, usages, failures = asyncio.run(_load(url, model, clients, rounds, max_tokens, extra_body))
+    seconds = time.perf_counter() - start
+    latencies.sort()
+    return LoadResult(
+        label=label,
+        clients=clients,
+        requests=clients * rounds,
+        failures=failures,
+        seconds=seconds,
+        requests_per_s=len(latencies) / seconds,
+        completion_tokens_per_s=sum(u["completion_tokens"] for u in usages) / seconds,
+        latency_p50_s=statistics.median(latencies) if latencies else float("nan"),
+        latency_p95_s=latencies[int(0.95 * (len(latencies) - 1))] if latencies else float("nan"),
+        visual_tokens_before=sum(u["visual_tokens"]["before"] for u in usages),
+        visual_tokens_after=sum(u["visual_tokens"]["after"] for u in usages),
+        peak_rss_growth_mib=_peak_rss_mib() - rss_before,
+    )
+
+
+def malformed_requests(model: str, count: int, seed: int = 0) -> list[tuple[bytes, dict[str, str]]]:
+    """``count`` malformed ``(body, headers)`` for the chat endpoint: broken JSON, wrong types and values,
+    unknown fields' values, bad images, unknown model, bad pruning overrides."""
+    rng = random.Random(seed)
+    good = {"model": model, "messages": chat_messages("hi", data_url())}
+    json_headers = {"content-type": "application/json"}
+
+    def mutated() -> dict:
+        body = json.loads(json.dumps(good))
+        choice = rng.randrange(14)
+        if choice == 0:
+            body["model"] = rng.choice(["", "gpt-4o", 7, None, ["tiny"]])
+        elif choice == 1:
+            body["messages"] = rng.choice([[], "hello", 3, None, [{}], [{"role": "user"}]])
+        elif choice == 2:
+            body["messages"][0]["role"] = rng.choice(["robot", "", 5, None])
+        elif choice == 3:
+            body["messages"][0]["content"] = rng.choice([5, None, [{"type": "video"}], [{"type": "text"}]])
+        elif choice == 4:
+            part = body["messages"][0]["content"][0]
+            part["image_url"]["url"] = rng.choice(
+                [
+                    "data:image/png;base64,%%%",
+                    "data:text/plain;base64,aGk=",
+                    "ftp://x/y.png",
+                    "",
+                    "/etc/passwd",
+                    "data:image/png;base64," + base64.b64encode(rng.randbytes(64)).decode(),
+                ]
+            )
+        elif choice == 5:
+            body["messages"][0]["content"] = [body["messages"][0]["content"][0]] * rng.randrange(5, 9)
+        elif choice == 6:
+            body["max_tokens"] = rng.choice([0, -3, "many", 1.5])
+        elif choice == 7:
+            body["temperature"] = rng.choice([-1, 3, "hot"])
+        elif choice == 8:
+            body["tokenprune"] = rng.choice(
+                [
+                    {"method": "nope"},
+                    {"keep_ratio": 0},
+                    {"keep_ratio": 2},
+                    {"budget": -1},
+                    {"budget": 10**6},
+                    {"layer": 99, "method": "fastv"},
+                    {"colour": "red"},
+                    "dart",
+                ]
+            )
+        elif choice == 9:
+            body["n"] = rng.choice([0, 2, 5])
+        elif choice == 10:
+            body["messages"][0]["content"][1]["text"] = "word " * rng.randrange(500, 900)
+        elif choice == 11:
+            body["top_p"] = rng.choice([0, 1.5, "x"])
+        elif choice == 12:
+            body["stream"] = rng.choice(["yes", 3, [True]])
+        else:
+            del body["model"]
+        return body
+
+    requests = []
+    for i in range(count):
+        kind = i % 4
+        if kind == 0:  # broken JSON
+            raw = json.dumps(mutated()).encode()
+            requests.append((raw[: rng.randrange(1, max(2, len(raw) - 1))], json_headers))
+        elif kind == 1:
+            requests.append((rng.randbytes(rng.randrange(1, 200)), json_headers))
+        else:
+            requests.append((json.dumps(mutated()).encode(), json_headers))
+    return requests
+
+
+@dataclass
+class FuzzResult:
+    requests: int
+    four_xx_json_errors: int
+    other: list[str]
+    healthy_after: bool
+
+
+def run_fuzz(url: str, model: str, count: int = 200, seed: int = 0) -> FuzzResult:
+    """Send :func:`malformed_requests` concurrently; count the 4xx answers in the OpenAI error shape."""
+
+    async def main() -> list[httpx.Response | Exception]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            calls = [
+                client.post(f"{url}/v1/chat/completions", content=body, headers=headers)
+                for body, headers in malformed_requests(model, count, seed)
+            ]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    good, other = 0, []
+    for response in asyncio.run(main()):
+        if isinstance(response, Exception):
+            other.append(f"{type(response).__name__}: {response}")
+            continue
+        try:
+            error = response.json().get("error", {})
+        except ValueError:
+            error = {}
+        if 400 <= response.status_code < 500 and {"message", "type", "param", "code"} <= set(error):
+            good += 1
+        else:
+            other.append(f"{response.status_code}: {response.text[:200]}")
+    healthy = httpx.get(f"{url}/health", timeout=30).json() == {"status": "ok"}
+    return FuzzResult(count, good, other, healthy)
+
+
+def run_serve_benchmark(
+    engine, *, clients: int = 64, rounds: int = 2, max_tokens: int = 8, max_batch: int = 16, fuzz: int = 200
+) -> dict:
+    """Serve ``engine`` on 127.0.0.1 and run the load with the server's pruner and without pruning (the
+    ``tokenprune: {"method": "none"}`` override), then the fuzz. Returns the results as a dict."""
+    from dataclasses import asdict
+
+    from tokenprune.serve.app import create_app
+    from tokenprune.serve.background import BackgroundServer
+
+    with BackgroundServer(create_app(engine, max_batch=max_batch, window_s=0.02)) as server:
+        run_load(server.url, engine.name, label="warm-up", clients=2, rounds=1, max_tokens=2)
+        pruned = run_load(
+            server.url,
+            engine.name,
+            label=repr(engine.default),
+            clients=clients,
+            rounds=rounds,
+            max_tokens=max_tokens,
+        )
+        unpruned = run_load(
+            server.url,
+            engine.name,
+            label="unpruned",
+            clients=clients,
+            rounds=rounds,
+            max_tokens=max_tokens,
+            extra_body={"tokenprune": {"method": "none"}},
+        )
+        fuzzed = run_fuzz(server.url, engine.name, count=fuzz)
+    return {
+        "load": [asdict(pruned), asdict(unpruned)],
+        "throughput_ratio": pruned.requests_per_s / unpruned.requests_per_s,
+        "fuzz": asdict(fuzzed),
+    }

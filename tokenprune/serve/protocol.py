@@ -1,0 +1,218 @@
+"""The OpenAI chat-completions request, checked and turned into a prompt with images.
+
+Only what the server supports is accepted; everything else is a :class:`RequestError`, which the app
+answers with a 4xx in the OpenAI error shape, before any model work.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import pathlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import PrunerConfig
+
+
+class RequestError(ValueError):
+    """A bad request: ``status`` (4xx), OpenAI error ``type``, the offending ``param`` and a ``code``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; configurable with ``tokenprune serve`` options."""
+
+    max_images: int = 4
+    max_image_bytes: int = 8 * 2**20
+    max_image_pixels: int = 4096 * 4096
+    max_prompt_tokens: int = 4096
+    max_new_tokens: int = 256
+    allow_remote_images: bool = False  # http(s) URLs
+    allow_local_images: bool = False  # file:// URLs and paths
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    url: str
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+
+class PruneOverride(BaseModel):
+    """The ``tokenprune`` extra body field: this request's method and amount instead of the server's."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str | None = None
+    keep_ratio: float | None = None
+    budget: int | None = None
+    layer: int | None = None
+
+
+class ChatRequest(BaseModel):
+    """``POST /v1/chat/completions``; unknown OpenAI fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = 1
+    stream: bool = False
+    seed: int | None = None
+    tokenprune: PruneOverride | None = None
+
+
+def pruner_config(default: PrunerConfig | None, override: PruneOverride | None) -> PrunerConfig | None:
+    """The config of a request: the server's, or the override (``method: "none"`` for no pruning)."""
+    if override is None:
+        return default
+    method = override.method or (default.method if default is not None else None)
+    if method == "none":
+        return None
+    if method is None:
+        raise RequestError(
+            "tokenprune.method is required: the server prunes nothing by default", param="tokenprune"
+        )
+    amount = {"keep_ratio": override.keep_ratio, "budget": override.budget}
+    if override.keep_ratio is None and override.budget is None:
+        amount = (
+            {"keep_ratio": default.keep_ratio, "budget": default.budget} if default else {"keep_ratio": 0.25}
+        )
+    try:
+        return PrunerConfig(method, layer=override.layer, **amount)
+    except (ValueError, TypeError) as error:
+        raise RequestError(str(error), param="tokenprune") from error
+
+
+def conversation(request: ChatRequest, limits: Limits) -> tuple[list[dict], list[Image.Image]]:
+    """The messages in the processor's chat-template form, and the images in order of appearance."""
+    if request.n != 1:
+        raise RequestError("only n=1 is supported", param="n")
+    messages, images = [], []
+    for i, message in enumerate(request.messages):
+        if isinstance(message.content, str):
+            parts = [{"type": "text", "text": message.content}]
+        else:
+            parts = []
+            for j, part in enumerate(message.content):
+                param = f"messages[{i}].content[{j}]"
+                if part.type == "text":
+                    if part.text is None:
+                        raise RequestError("a text part needs 'text'", param=param)
+                    parts.append({"type": "text", "text": part.text})
+                else:
+                    if part.image_url is None:
+                        raise RequestError("an image_url part needs 'image_url.url'", param=param)
+                    if message.role != "user":
+                        raise RequestError("images are accepted in user messages only", param=param)
+                    images.append(load_image(part.image_url.url, limits, param))
+                    parts.append({"type": "image"})
+        messages.append({"role": message.role, "content": parts})
+    if len(images) > limits.max_images:
+        raise RequestError(
+            f"{len(images)} images in one request; this server takes at most {limits.max_images}",
+            param="messages",
+            code="too_many_images",
+        )
+    return messages, images
+
+
+def load_image(url: str, limits: Limits, param: str) -> Image.Image:
+    """The RGB image of a ``data:`` URL (or, where enabled, an http(s) URL or a local file)."""
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if not header.endswith(";base64") or not header.startswith("data:image/"):
+            raise RequestError("image data URLs must be 'data:image/<type>;base64,...'", param=param)
+        if len(payload) * 3 // 4 > limits.max_image_bytes:
+            raise RequestError(
+                f"image larger than {limits.max_image_bytes} bytes", param=param, code="image_too_large"
+            )
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as error:
+            raise RequestError("image data is not valid base64", param=param) from error
+    elif url.startswith(("http://", "https://")):
+        if not limits.allow_remote_images:
+            raise RequestError(
+                "http(s) image URLs are disabled on this server; send a data: URL", param=param
+            )
+        data = _fetch(url, limits, param)
+    elif limits.allow_local_images and (url.startswith("file://") or pathlib.Path(url).is_absolute()):
+        path = pathlib.Path(url.removeprefix("file://"))
+        if not path.is_file() or path.stat().st_size > limits.max_image_bytes:
+            raise RequestError(
+                f"no readable image file under {limits.max_image_bytes} bytes at {path}", param=param
+            )
+        data = path.read_bytes()
+    else:
+        raise RequestError("image URLs must be data: URLs on this server", param=param)
+    return decode_image(data, limits, param)
+
+
+def _fetch(url: str, limits: Limits, param: str) -> bytes:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (scheme checked by the caller)
+            data = response.read(limits.max_image_bytes + 1)
+    except OSError as error:
+        raise RequestError(f"could not fetch the image: {error}", param=param) from error
+    if len(data) > limits.max_image_bytes:
+        raise RequestError(
+            f"image larger than {limits.max_image_bytes} bytes", param=param, code="image_too_large"
+        )
+    return data
+
+
+def decode_image(data: bytes, limits: Limits, param: str) -> Image.Image:
+    """Decode and check an image's bytes: a known format, within the pixel limit."""
+    if len(data) > limits.max_image_bytes:
+        raise RequestError(
+            f"image larger than {limits.max_image_bytes} bytes", param=param, code="image_too_large"
+        )
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > limits.max_image_pixels:
+                raise RequestError(
+                    f"image of {image.width}x{image.height} pixels; at most {limits.max_image_pixels} pixels",
+                    param=param,
+                    code="image_too_large",
+                )
+            return image.convert("RGB")
+    except RequestError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise RequestError(f"not a readable image: {error}", param=param, code="invalid_image") from error
