@@ -219,3 +219,30 @@ def test_concurrent_requests_are_batched(server, engine):
     batches = engine.metrics.totals["batches"] - before.get("batches", 0)
     assert engine.metrics.totals["batched_requests"] - before.get("batched_requests", 0) == 16
     assert batches < 16
+
+
+def test_load_of_64_clients_and_fuzz_of_200_requests(engine):
+    """The issue's load and fuzz runs, bounded: 64 concurrent clients with no failure and bounded memory,
+    with and without pruning; 200 malformed requests all answered 4xx JSON errors; still healthy."""
+    from tokenprune.eval.serve_load import run_serve_benchmark
+
+    results = run_serve_benchmark(engine, clients=64, rounds=1, max_tokens=3, max_batch=16, fuzz=200)
+    pruned, unpruned = results["load"]
+    for run in (pruned, unpruned):
+        assert run["requests"] == 64 and run["failures"] == 0
+        assert run["peak_rss_growth_mib"] < 1024
+    assert pruned["visual_tokens_after"] == 64 * 16 and unpruned["visual_tokens_after"] == 64 * 64
+    fuzz = results["fuzz"]
+    assert fuzz["four_xx_json_errors"] == fuzz["requests"] == 200, fuzz["other"][:5]
+    assert fuzz["healthy_after"]
+
+
+def test_serve_command_refuses_bad_settings(tmp_path):
+    from typer.testing import CliRunner
+
+    from tokenprune.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--method", "nope"])
+    assert result.exit_code == 2 and "unknown method" in result.output
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "no checkpoint directory" in result.output
