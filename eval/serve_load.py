@@ -121,9 +121,9 @@ def run_load(
     )
 
 
-def malformed_requests(model: str, count: int, seed: int = 0) -> list[tuple[bytes, dict[str, str]]]:
+def malformed_requests(model: str, count: int, limits, seed: int = 0) -> list[tuple[bytes, dict[str, str]]]:
     """``count`` malformed ``(body, headers)`` for the chat endpoint: broken JSON, wrong types and values,
-    unknown fields' values, bad images, unknown model, bad pruning overrides."""
+    bad images, unknown model, bad pruning overrides, and requests over the server's ``limits``."""
     rng = random.Random(seed)
     good = {"model": model, "messages": chat_messages("hi", data_url())}
     json_headers = {"content-type": "application/json"}
@@ -152,7 +152,8 @@ def malformed_requests(model: str, count: int, seed: int = 0) -> list[tuple[byte
                 ]
             )
         elif choice == 5:
-            body["messages"][0]["content"] = [body["messages"][0]["content"][0]] * rng.randrange(5, 9)
+            images = limits.max_images + rng.randrange(1, 4)
+            body["messages"][0]["content"] = [body["messages"][0]["content"][0]] * images
         elif choice == 6:
             body["max_tokens"] = rng.choice([0, -3, "many", 1.5])
         elif choice == 7:
@@ -173,7 +174,8 @@ def malformed_requests(model: str, count: int, seed: int = 0) -> list[tuple[byte
         elif choice == 9:
             body["n"] = rng.choice([0, 2, 5])
         elif choice == 10:
-            body["messages"][0]["content"][1]["text"] = "word " * rng.randrange(500, 900)
+            words = limits.max_prompt_tokens + rng.randrange(1, 99)
+            body["messages"][0]["content"][1]["text"] = "word " * words
         elif choice == 11:
             body["top_p"] = rng.choice([0, 1.5, "x"])
         elif choice == 12:
@@ -203,14 +205,14 @@ class FuzzResult:
     healthy_after: bool
 
 
-def run_fuzz(url: str, model: str, count: int = 200, seed: int = 0) -> FuzzResult:
+def run_fuzz(url: str, model: str, limits, count: int = 200, seed: int = 0) -> FuzzResult:
     """Send :func:`malformed_requests` concurrently; count the 4xx answers in the OpenAI error shape."""
 
     async def main() -> list[httpx.Response | Exception]:
         async with httpx.AsyncClient(timeout=120) as client:
             calls = [
                 client.post(f"{url}/v1/chat/completions", content=body, headers=headers)
-                for body, headers in malformed_requests(model, count, seed)
+                for body, headers in malformed_requests(model, count, limits, seed)
             ]
             return await asyncio.gather(*calls, return_exceptions=True)
 
@@ -231,6 +233,11 @@ def run_fuzz(url: str, model: str, count: int = 200, seed: int = 0) -> FuzzResul
     return FuzzResult(count, good, other, healthy)
 
 
+def _label(config) -> str:
+    amount = f"keep_ratio={config.keep_ratio}" if config.budget is None else f"budget={config.budget}"
+    return f"{config.method} {amount}"
+
+
 def run_serve_benchmark(
     engine, *, clients: int = 64, rounds: int = 2, max_tokens: int = 8, max_batch: int = 16, fuzz: int = 200
 ) -> dict:
@@ -246,7 +253,7 @@ def run_serve_benchmark(
         pruned = run_load(
             server.url,
             engine.name,
-            label=repr(engine.default),
+            label=_label(engine.default),
             clients=clients,
             rounds=rounds,
             max_tokens=max_tokens,
@@ -260,7 +267,7 @@ def run_serve_benchmark(
             max_tokens=max_tokens,
             extra_body={"tokenprune": {"method": "none"}},
         )
-        fuzzed = run_fuzz(server.url, engine.name, count=fuzz)
+        fuzzed = run_fuzz(server.url, engine.name, engine.limits, count=fuzz)
     return {
         "load": [asdict(pruned), asdict(unpruned)],
         "throughput_ratio": pruned.requests_per_s / unpruned.requests_per_s,
