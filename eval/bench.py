@@ -273,9 +273,23 @@ def plot_speedup(rows: list[BenchRow], path: Path, title: str) -> None:
         )
         style = {"color": "black", "linestyle": "--", "linewidth": 2} if name == "ideal" else {"marker": "o"}
         ax.plot(*zip(*points, strict=True), label=name, **style)
-    ax.set_xlabel("visual tokens kept per image")
-    ax.set_ylabel("prefill speedup vs unpruned")
-    ax.set_title(f"{title} (batch {batch})", fontsize=9)
+    save_plot(
+        fig,
+        ax,
+        path,
+        f"{title} (batch {batch})",
+        "visual tokens kept per image",
+        "prefill speedup vs unpruned",
+    )
+
+
+def save_plot(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    """Label, lay out and save a benchmark plot, and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -16,7 +16,7 @@ from rich.progress import Progress
 import tokenprune as tp
 from tokenprune.testing import tiny_pixels
 
-from .bench import median_ms, write_rows
+from .bench import median_ms, save_plot, write_rows
 
 
 @dataclass
@@ -100,14 +100,7 @@ def plot_throughput(rows: list[EncoderRow], path: Path, title: str) -> None:
         points = sorted((r.kept_tokens, r.speedup) for r in rows if r.method == name)
         ax.plot(*zip(*points, strict=True), marker="o", label=name)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="unpruned")
-    ax.set_xlabel("patch tokens at the output")
-    ax.set_ylabel("images/s vs unpruned")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, path, title, "patch tokens at the output", "images/s vs unpruned")
 
 
 def encoder_markdown_table(rows: list[EncoderRow]) -> str:

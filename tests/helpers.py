@@ -158,6 +158,16 @@ def select_sample(inputs: dict, b: int, images_per_prompt: tuple[int, ...]) -> d
     }
 
 
+def assert_batch_equals_each_sample_alone(model, inputs: dict, images_per_prompt: tuple[int, ...]) -> None:
+    """The last-token logits of the batch equal those of each prompt run alone (under whatever pruner the
+    model has)."""
+    with torch.no_grad():
+        batched = model(**inputs).logits[:, -1]
+        for b in range(len(images_per_prompt)):
+            alone = model(**select_sample(inputs, b, images_per_prompt)).logits[:, -1]
+            torch.testing.assert_close(batched[b : b + 1], alone, atol=ATOL, rtol=0)
+
+
 def cache_kwarg(cache) -> dict:
     """``{name: cache}`` under the name this transformers release gives the cache argument."""
     params = inspect.signature(LlavaForConditionalGeneration.forward).parameters

@@ -4,12 +4,12 @@ import pytest
 import torch
 from helpers import (
     ATOL,
+    assert_batch_equals_each_sample_alone,
     assert_generate_matches_reference,
     greedy_with_logits,
     kept_rows,
     masked_reference,
     reference_rows,
-    select_sample,
 )
 
 import tokenprune as tp
@@ -67,12 +67,8 @@ def test_schedule_generate_equals_recomputation(model, method, drop):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_schedule_batch_equals_each_sample_alone(model, method):
-    inputs = tiny_inputs(model, RAGGED)
-    with tp.pruned(model, method, schedule=SCHEDULES["from-1"]), torch.no_grad():
-        batched = model(**inputs).logits[:, -1]
-        for b in range(len(RAGGED)):
-            alone = model(**select_sample(inputs, b, RAGGED)).logits[:, -1]
-            torch.testing.assert_close(batched[b : b + 1], alone, atol=ATOL, rtol=0)
+    with tp.pruned(model, method, schedule=SCHEDULES["from-1"]):
+        assert_batch_equals_each_sample_alone(model, tiny_inputs(model, RAGGED), RAGGED)
 
 
 def test_schedule_layers_see_each_stage_count(model):

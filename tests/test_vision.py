@@ -5,13 +5,13 @@ import pytest
 import torch
 from helpers import (
     ATOL,
+    assert_batch_equals_each_sample_alone,
     assert_generate_matches_reference,
     greedy_with_logits,
     kept_rows,
     masked_reference,
     recorded_image_features,
     reference_rows,
-    select_sample,
     substituted_image_features,
     tokenprune_hooks,
 )
@@ -182,13 +182,8 @@ def test_composed_generate_equals_recomputation(model, vision, decoder):
 
 @pytest.mark.parametrize(("vision", "decoder"), COMPOSED[::3])
 def test_composed_batch_equals_each_sample_alone(model, vision, decoder):
-    images = (1, 2, 1)
-    inputs = tiny_inputs(model, images)
-    with tp.pruned(model, composed(vision, decoder)), torch.no_grad():
-        batched = model(**inputs).logits[:, -1]
-        for b in range(len(images)):
-            alone = model(**select_sample(inputs, b, images)).logits[:, -1]
-            torch.testing.assert_close(batched[b : b + 1], alone, atol=ATOL, rtol=0)
+    with tp.pruned(model, composed(vision, decoder)):
+        assert_batch_equals_each_sample_alone(model, tiny_inputs(model, (1, 2, 1)), (1, 2, 1))
 
 
 def test_composed_layers_see_each_stage_count(model):

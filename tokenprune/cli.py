@@ -31,6 +31,9 @@ DEFAULT_PROMPT = "What is in the image?"
 #: ``--model`` value that builds the tiny random checkpoint of :mod:`tokenprune.testing` and loads it.
 TINY = "tiny"
 
+DeviceOption = Annotated[str, typer.Option(help="'auto' (cuda when available), 'cpu', 'cuda'...")]
+DtypeOption = Annotated[str, typer.Option(help="'auto' (bfloat16 on GPU, float32 on CPU) or a dtype name.")]
+
 app = typer.Typer(
     name="tokenprune",
     help="Training-free visual token pruning for vision-language models in transformers.",
@@ -463,10 +466,8 @@ def bench(
     keep_ratios: Annotated[str, typer.Option(help="Comma-separated keep ratios.")] = "0.25,0.111",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
     attn: Annotated[str, typer.Option(help="Attention implementation.")] = "sdpa",
-    device: Annotated[str, typer.Option(help="'auto' (cuda when available), 'cpu', 'cuda'...")] = "auto",
-    dtype: Annotated[
-        str, typer.Option(help="'auto' (bfloat16 on GPU, float32 on CPU) or a dtype name.")
-    ] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs per measurement (median).")] = 3,
     new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated for the decode timing.")] = 8,
     out: Annotated[pathlib.Path, typer.Option(help="Folder for results.json, results.csv, speedup.png.")] = (
@@ -520,10 +521,8 @@ def bench_encoder(
     keep_ratios: Annotated[str, typer.Option(help="Keep ratios of hiprune and visionzip.")] = "0.5,0.25",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward.")] = 8,
     attn: Annotated[str, typer.Option(help="Attention implementation.")] = "sdpa",
-    device: Annotated[str, typer.Option(help="'auto' (cuda when available), 'cpu', 'cuda'...")] = "auto",
-    dtype: Annotated[
-        str, typer.Option(help="'auto' (bfloat16 on GPU, float32 on CPU) or a dtype name.")
-    ] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs per measurement (median).")] = 3,
     out: Annotated[
         pathlib.Path, typer.Option(help="Folder for results.json, results.csv, throughput.png.")
@@ -608,10 +607,8 @@ def serve(
     allow_remote_images: Annotated[bool, typer.Option(help="Accept http(s) image URLs.")] = False,
     allow_local_images: Annotated[bool, typer.Option(help="Accept file:// image URLs and paths.")] = False,
     attn: Annotated[str, typer.Option(help="Attention implementation.")] = "sdpa",
-    device: Annotated[str, typer.Option(help="'auto' (cuda when available), 'cpu', 'cuda'...")] = "auto",
-    dtype: Annotated[
-        str, typer.Option(help="'auto' (bfloat16 on GPU, float32 on CPU) or a dtype name.")
-    ] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the tiny model's weights.")] = 0,
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (chat completions, streaming), pruning visual tokens."""
