@@ -133,6 +133,8 @@ class LlavaAdapter:
     def _select_patches(self, module: nn.Module, args: tuple) -> tuple | None:
         """Before the projector: the patches the vision method kept (merging methods chose them already)."""
         (features,) = args
+        if not self.encoder.encoded:  # not features of the tower's last forward: left as they are
+            return None
         if self.encoder.merging:
             self._kept_patches = self.encoder.merged_origin(features.shape[0], features.device)
             return None
@@ -144,6 +146,8 @@ class LlavaAdapter:
         so that the prompt's placeholder count still matches; the decoder drops the zero placeholders
         before the language model (see ``DecoderPruningHooks._kept_by_vision_stage``)."""
         index, self._kept_patches = self._kept_patches, None
+        if index is None:
+            return output
         num_images, _, dim = output.shape
         full = output.new_zeros(num_images, self.tokens_per_image, dim)
         return full.scatter_(1, index[..., None].expand(-1, -1, dim), output)

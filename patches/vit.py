@@ -82,6 +82,12 @@ class EncoderPruningHooks:
         """Whether the attached method merges tokens layer by layer (rather than selecting at the output)."""
         return self._config.spec.per_layer
 
+    @property
+    def encoded(self) -> bool:
+        """Whether an encoder forward ran whose output :meth:`reduce` or :meth:`merged_origin` has not
+        taken yet."""
+        return self._call is not None
+
     def plan(self, config: PrunerConfig) -> int:
         """Patches kept per image under ``config`` (a vision method's) at the encoder's configured image
         size; ``ValueError`` if that is unreachable or the method cannot run on this encoder."""

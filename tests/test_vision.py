@@ -204,6 +204,15 @@ def test_composed_layers_see_each_stage_count(model):
     assert seen == [length - 32] * 2 + [length - 56] * 2
 
 
+def test_projector_called_alone_is_untouched(model):
+    features = torch.randn(2, 64, model.config.vision_config.hidden_size)
+    projector = model.model.multi_modal_projector
+    with torch.no_grad():
+        expected = projector(features)
+        with tp.pruned(model, "visionzip", keep_ratio=0.25):
+            assert torch.equal(projector(features), expected)
+
+
 def test_features_encoded_elsewhere_are_refused(model):
     inputs = tiny_inputs(model, (1,))
     with torch.no_grad():
