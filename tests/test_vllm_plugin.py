@@ -85,3 +85,36 @@ def test_images_of_different_sizes_are_selected_apart():
         positions = [int((source == row).all(-1).nonzero()) for row in rows]
         assert positions == sorted(positions)  # kept rows in their original order
     assert select_embeddings(embeddings, None, [None] * 3) == embeddings
+
+
+def test_register_replaces_llava_only_on_the_vllm_series_it_is_written_for(monkeypatch):
+    """With a stand-in ``vllm`` module: the entry point registers the pruned class by its import path on
+    0.33.x, and only warns on another release (vLLM itself cannot run on this CPU-only machine)."""
+    import sys
+    import types
+
+    import tokenprune.vllm_plugin as plugin
+
+    registered = {}
+    fake = types.ModuleType("vllm")
+    fake.ModelRegistry = types.SimpleNamespace(
+        register_model=lambda arch, cls: registered.update({arch: cls})
+    )
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(plugin, "version", lambda name: "0.33.1")
+    plugin.register()
+    assert registered == {
+        "LlavaForConditionalGeneration": "tokenprune.vllm_models:PrunedLlavaForConditionalGeneration"
+    }
+    registered.clear()
+    monkeypatch.setattr(plugin, "version", lambda name: "0.34.0")
+    with pytest.warns(UserWarning, match="written for vLLM 0.33.x, found 0.34.0"):
+        plugin.register()
+    assert registered == {}
+
+
+def test_entry_point_is_declared():
+    from importlib.metadata import entry_points
+
+    (entry,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "tokenprune"]
+    assert entry.value == "tokenprune.vllm_plugin:register"

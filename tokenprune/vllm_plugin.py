@@ -7,15 +7,18 @@ methods that need nothing but the image's own embeddings can do that (``random``
 ``divprune``, ``idpruner``); the others need the language model's layers or the encoder's attention,
 which vLLM's embedding step does not have.
 
-The config comes from the model's HF config (``--hf-overrides '{"tokenprune_method": "divprune",
-"tokenprune_keep_ratio": 0.25}'``) or, where absent, the environment (``TOKENPRUNE_METHOD``,
-``TOKENPRUNE_KEEP_RATIO`` or ``TOKENPRUNE_BUDGET``).
+:func:`register` is the ``vllm.general_plugins`` entry point (the ``[vllm]`` extra): it re-registers
+LLaVA-1.5 with :mod:`tokenprune.vllm_models`. The config comes from the model's HF config
+(``--hf-overrides '{"tokenprune_method": "divprune", "tokenprune_keep_ratio": 0.25}'``) or, where
+absent, the environment (``TOKENPRUNE_METHOD``, ``TOKENPRUNE_KEEP_RATIO`` or ``TOKENPRUNE_BUDGET``).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
+from importlib.metadata import version
 
 import torch
 
@@ -23,6 +26,28 @@ from .config import PrunerConfig
 from .context import SelectionContext
 
 _KEYS = ("method", "keep_ratio", "budget")
+#: The vLLM minor release the model classes of :mod:`tokenprune.vllm_models` are written for.
+VLLM_SERIES = "0.33."
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: serve ``LlavaForConditionalGeneration`` checkpoints with
+    :class:`tokenprune.vllm_models.PrunedLlavaForConditionalGeneration` (unpruned without a config).
+
+    Outside the vLLM series it is written for, it warns and registers nothing, so vLLM's own model runs.
+    """
+    found = version("vllm")
+    if not found.startswith(VLLM_SERIES):
+        warnings.warn(
+            f"tokenprune's vLLM plugin is written for vLLM {VLLM_SERIES}x, found {found}: not registered",
+            stacklevel=2,
+        )
+        return
+    from vllm import ModelRegistry
+
+    ModelRegistry.register_model(
+        "LlavaForConditionalGeneration", "tokenprune.vllm_models:PrunedLlavaForConditionalGeneration"
+    )
 
 
 def plugin_config(hf_config: object, environ: Mapping[str, str] = os.environ) -> PrunerConfig | None:
