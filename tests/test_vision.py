@@ -338,3 +338,16 @@ def test_dual_encoders_prune_their_image_side(family_name):
         out = model.get_image_features(pixel_values=pixels)
     assert out.last_hidden_state.shape[1] == WITH_CLS[family_name] + 10
     assert pruner.stats.kept_tokens == [10, 10]
+
+
+@pytest.mark.parametrize("method", VISION_METHODS)
+def test_beam_search_with_several_sequences_per_prompt(model, method):
+    """generate encodes the images once and repeats them for every returned sequence: the kept set must
+    follow (it travels with the features)."""
+    inputs = tiny_inputs(model, (1, 2))
+    with tp.pruned(model, method, keep_ratio=0.25) as pruner, torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2, pad_token_id=0
+        )
+    assert out.shape == (4, inputs["input_ids"].shape[1] + 3)
+    assert pruner.stats.kept_tokens == [16, 16, 32, 32]
