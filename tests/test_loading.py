@@ -44,3 +44,23 @@ def test_manual_decode_loop_without_positions_or_mask(model):
     grown_keep = torch.cat([keep, torch.ones(1, 1, dtype=torch.bool)], dim=1)
     expected = masked_reference(model, grown, {pruner.config.acting_layer: grown_keep})[:, -1]
     torch.testing.assert_close(step.logits[:, -1], expected, atol=ATOL, rtol=0)
+
+
+def test_a_random_benchmark_architecture_saves_and_loads(tmp_path):
+    """save_random_checkpoint writes a loadable checkpoint whose processor matches its vision tower."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from tokenprune.testing import IMAGE_TOKEN_ID, save_random_checkpoint, tiny_config
+
+    config = tiny_config()
+    config.vision_config.image_size = 48  # a 12x12 grid: not the tiny processor's 32x32
+    config.image_token_id = 99
+    path = save_random_checkpoint(tmp_path / "ckpt", config)
+    processor = AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path)
+    assert model.config.image_token_id == IMAGE_TOKEN_ID
+    from PIL import Image
+
+    inputs = processor(images=Image.new("RGB", (80, 60)), text="<image> what", return_tensors="pt")
+    assert int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum()) == 144
+    assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]

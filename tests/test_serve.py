@@ -246,3 +246,5 @@ def test_serve_command_refuses_bad_settings(tmp_path):
     assert result.exit_code == 2 and "unknown method" in result.output
     result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "no checkpoint directory" in result.output
+    result = CliRunner().invoke(app, ["bench-serve", "--arch", "vit-h", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown --arch 'vit-h'" in result.output

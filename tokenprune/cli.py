@@ -557,15 +557,21 @@ def bench_encoder(
     console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
 
 
-def _local_checkpoint(stack: contextlib.ExitStack, model: str, seed: int) -> str:
-    """``--model`` as a local checkpoint directory: the tiny model is written to a temporary one that
-    lives as long as ``stack``."""
+def _local_checkpoint(stack: contextlib.ExitStack, model: str, seed: int, arch: str | None = None) -> str:
+    """``--model`` as a local checkpoint directory: the tiny model (or, with ``arch``, a benchmark
+    architecture with random weights) is written to a temporary one that lives as long as ``stack``."""
     if model != TINY:
         return _checkpoint(model)
-    from .testing import save_tiny_checkpoint
+    from .testing import save_random_checkpoint, save_tiny_checkpoint
 
     folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="tokenprune-tiny-"))
-    return str(save_tiny_checkpoint(folder, seed=seed))
+    if arch is None or arch == TINY:
+        return str(save_tiny_checkpoint(folder, seed=seed))
+    from .eval.archs import ARCHS
+
+    if arch not in ARCHS:
+        raise CliError(f"unknown --arch {arch!r}; known: {', '.join(ARCHS)}")
+    return str(save_random_checkpoint(folder, ARCHS[arch](), seed=seed))
 
 
 def _default_config(method: str, keep_ratio: float | None, budget: int | None, layer: int | None):
@@ -649,6 +655,9 @@ def serve(
 @app.command("bench-serve")
 def bench_serve(
     model: Annotated[str, typer.Option("--model", "-m", help=f"Checkpoint directory or '{TINY}'.")] = TINY,
+    arch: Annotated[
+        str, typer.Option(help="Without --model: tiny or a benchmark architecture (random weights).")
+    ] = TINY,
     method: Annotated[str, typer.Option(help="The server's pruning method.")] = "dart",
     keep_ratio: Annotated[float, typer.Option(help="The server's keep ratio.")] = 0.25,
     clients: Annotated[int, typer.Option(min=1, help="Concurrent clients.")] = 64,
@@ -670,8 +679,8 @@ def bench_serve(
     with _exit_on_user_error(), contextlib.ExitStack() as stack:
         default = _default_config(method, keep_ratio, None, None)
         stack.enter_context(_quiet_transformers())
-        checkpoint = _local_checkpoint(stack, model, 0)
-        name = TINY if model == TINY else pathlib.Path(checkpoint).name
+        checkpoint = _local_checkpoint(stack, model, 0, arch)
+        name = arch if model == TINY else pathlib.Path(checkpoint).name
         with _user_errors(OSError, ValueError, TypeError, RuntimeError):
             engine = build_engine(checkpoint, name, default, Limits())
         results = run_serve_benchmark(

@@ -261,9 +261,14 @@ def tiny_processor(family: str = "llava"):
     an 8x8 grid of 4-pixel patches; the CLS token is dropped (``vision_feature_select_strategy="default"``),
     so each ``<image>`` in the text expands to 64 placeholder tokens. Returns the processor.
     """
+    return processor_for(tiny_config(family))
+
+
+def processor_for(config: LlavaConfig):
+    """A ``LlavaProcessor`` for a LLaVA-1.5-style ``config``: CLIP preprocessing (resize, centre crop) to
+    its vision tower's image size, the word-level :func:`tiny_tokenizer` and a plain chat template."""
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
-    config = tiny_config(family)
     vision = config.vision_config
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": vision.image_size},
@@ -293,4 +298,17 @@ def save_tiny_checkpoint(path: str | os.PathLike, family: str = "llava", seed: i
     path.mkdir(parents=True, exist_ok=True)
     tiny_model(family, seed=seed).save_pretrained(path)
     tiny_processor(family).save_pretrained(path)
+    return path
+
+
+def save_random_checkpoint(path: str | os.PathLike, config: LlavaConfig, seed: int = 0) -> pathlib.Path:
+    """Write a loadable checkpoint of a LLaVA ``config`` with random weights (for timing, e.g. the
+    benchmark architectures) to ``path``, with :func:`processor_for` and the word-level tokenizer, whose
+    ``<image>`` id the saved config takes. Returns the directory."""
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config.image_token_id = IMAGE_TOKEN_ID
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration._from_config(config).eval().save_pretrained(path)
+    processor_for(config).save_pretrained(path)
     return path
