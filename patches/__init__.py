@@ -9,11 +9,12 @@ from torch import nn
 
 from ._internals import InternalsMovedError
 from .llava import LlavaAdapter
+from .qwen_vl import Qwen2VLAdapter
 from .vit import VisionEncoderAdapter
 
 ADAPTERS = {
     model_type: adapter
-    for adapter in (LlavaAdapter, VisionEncoderAdapter)
+    for adapter in (LlavaAdapter, Qwen2VLAdapter, VisionEncoderAdapter)
     for model_type in adapter.model_types
 }
 

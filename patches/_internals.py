@@ -44,6 +44,13 @@ def output_cache(output: Any) -> Any:
     return None
 
 
+def has_image_inputs(kwargs: dict[str, Any]) -> bool:
+    """Whether a VLM's forward call (as its generation head makes it, by keyword) carries images:
+    ``pixel_values``, or image features that ``generate`` encoded beforehand (``mm_encoder_outputs``)."""
+    encoded = kwargs.get("mm_encoder_outputs") or {}
+    return kwargs.get("pixel_values") is not None or encoded.get("image") is not None
+
+
 def cache_length(cache: Any, layer_idx: int) -> int:
     """Tokens held by layer ``layer_idx`` of a cache (0 when there is no cache)."""
     return 0 if cache is None else int(cache.get_seq_length(layer_idx))

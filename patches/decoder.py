@@ -142,6 +142,14 @@ class DecoderPruningHooks(LanguageModelHooks):
             ]
         return handles
 
+    def set_image_tokens(self, tokens_per_image: int, grid: tuple[int, int] | None) -> None:
+        """For families whose image token count depends on the image size: the next forward's images
+        have ``tokens_per_image`` tokens each (in a ``grid``, if known); the stages keep their layers and
+        get the counts of the pruner's config for that size (``ValueError`` for a budget over it)."""
+        stages = self._pruner.config.stages(tokens_per_image)
+        self.tokens_per_image, self.grid = tokens_per_image, grid
+        self._stages = [(layer, keep) for (layer, _), (_, keep) in zip(self._stages, stages, strict=True)]
+
     def _needs(self) -> tuple[str, ...]:
         """What the decoder-stage method needs (nothing when the only method acts in the vision tower)."""
         config = self._pruner.config

@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from tokenprune.config import PrunerConfig
 
+from ._internals import has_image_inputs
 from .decoder import DecoderPruningHooks
 from .retrieval import DecodeRetrievalHooks
 from .vit import EncoderPruningHooks
@@ -121,8 +122,13 @@ class LlavaAdapter:
         return [*handles, *language_model.attach(pruner)]
 
     def _find_images(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Mark the image placeholders of this call's prompt, for the language-model hooks."""
+        """Mark the image placeholders of this call's prompt, for the language-model hooks (none in a call
+        without images: a decode step that generated the placeholder id is text)."""
         input_ids = args[0] if args else kwargs.get("input_ids")
+        if not has_image_inputs(kwargs):
+            reference = input_ids if input_ids is not None else kwargs["inputs_embeds"][..., 0]
+            self._language_model.pending_visual = torch.zeros(reference.shape, dtype=torch.bool)
+            return
         if input_ids is not None:
             self._language_model.pending_visual = input_ids == self.image_token_id
             return

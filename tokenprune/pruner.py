@@ -65,8 +65,14 @@ class Pruner:
         self.config = config
         self.adapter = adapter
         self.stages = stages  # (decoder layer, visual tokens kept per image); a vision stage is layer 0
-        # a kv method prunes nothing at prefill (no stages): it attends to this many per decode step
-        self.keep_per_image = stages[-1][1] if stages else config.kept_per_image(adapter.tokens_per_image)
+        # a kv method prunes nothing at prefill (no stages): it attends to this many per decode step;
+        # ``None`` where the count depends on each image's size (Qwen2-VL)
+        if stages:
+            self.keep_per_image = stages[-1][1]
+        elif adapter.tokens_per_image is not None:
+            self.keep_per_image = config.kept_per_image(adapter.tokens_per_image)
+        else:
+            self.keep_per_image = None
         self.stats: PruneStats | None = None
         self._selection_ms = 0.0
         self._handles = adapter.attach(self)
@@ -74,7 +80,8 @@ class Pruner:
 
     def __repr__(self) -> str:
         return (
-            f"Pruner({self.config.method!r}, keep={self.keep_per_image}/{self.adapter.tokens_per_image}, "
+            f"Pruner({self.config.method!r}, keep={self.keep_per_image or 'per image'}/"
+            f"{self.adapter.tokens_per_image or 'per image'}, "
             f"layer={self.config.acting_layer})"
         )
 

@@ -20,6 +20,8 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     PreTrainedModel,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
     SiglipVisionConfig,
     SiglipVisionModel,
     ViTConfig,
@@ -27,7 +29,7 @@ from transformers import (
     ViTModel,
 )
 
-FAMILIES = ("llava",)
+FAMILIES = ("llava", "qwen2_vl")
 ENCODER_FAMILIES = ("clip", "siglip", "vit", "vit-classifier")
 PAD_TOKEN_ID = 0
 IMAGE_TOKEN_ID = 3
@@ -47,11 +49,56 @@ def llava_config(vision: dict, text: dict, image_token_id: int, **extra: object)
     )
 
 
-def tiny_config(family: str = "llava") -> LlavaConfig:
-    """The config of the tiny model of ``family``: 32x32 images in an 8x8 patch grid, a 6-layer vision
-    tower (features of its fifth layer) and a 4-layer decoder."""
+#: Special ids of the tiny Qwen2-VL (``<image>`` is :data:`IMAGE_TOKEN_ID` as for LLaVA).
+QWEN_VIDEO_TOKEN_ID, QWEN_VISION_START_ID, QWEN_VISION_END_ID = 250, 251, 252
+#: Patches per side of a tiny Qwen2-VL image (16 x 16 patches of 4 px, merged 2 x 2 into 8 x 8 tokens).
+QWEN_PATCHES_PER_SIDE = 16
+
+
+def _qwen2_vl_config() -> Qwen2VLConfig:
+    text = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        initializer_range=0.1,
+    )
+    vision = dict(
+        depth=2,
+        embed_dim=32,
+        hidden_size=64,
+        num_heads=4,
+        mlp_ratio=2,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+    )
+    return Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=QWEN_VIDEO_TOKEN_ID,
+        vision_start_token_id=QWEN_VISION_START_ID,
+        vision_end_token_id=QWEN_VISION_END_ID,
+        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def tiny_config(family: str = "llava"):
+    """The config of the tiny model of ``family``. LLaVA: 32x32 images in an 8x8 patch grid, a 6-layer
+    vision tower (features of its fifth layer) and a 4-layer decoder. Qwen2-VL: 16x16 patches merged into
+    8x8 tokens per image, a 2-layer vision tower and a 4-layer decoder with multimodal RoPE."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; tiny models exist for: {', '.join(FAMILIES)}")
+    if family == "qwen2_vl":
+        return _qwen2_vl_config()
     return llava_config(
         vision=dict(
             hidden_size=32,
@@ -84,8 +131,8 @@ def tiny_model(family: str = "llava", attn_implementation: str = "sdpa", seed: i
     """A tiny random model of ``family`` in eval mode, float32, on the CPU."""
     config = tiny_config(family)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-    return model.eval()
+    model_class = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else LlavaForConditionalGeneration
+    return model_class._from_config(config, attn_implementation=attn_implementation).eval()
 
 
 _ENCODERS = {
@@ -123,14 +170,21 @@ def tiny_encoder(
 
 
 def tiny_pixels(model: PreTrainedModel, num_images: int = 2, seed: int = 0) -> torch.Tensor:
-    """Random ``pixel_values [num_images, 3, H, W]`` at the image size of ``model`` (an encoder or a VLM)."""
+    """Random ``pixel_values`` of ``num_images`` images for ``model`` (an encoder or a VLM): ``[I, 3, H, W]``
+    at its image size, or for Qwen2-VL the flattened patches ``[I * 16 * 16, 3 * 2 * 4 * 4]``."""
     config = getattr(model.config, "vision_config", model.config)
     generator = torch.Generator().manual_seed(seed)
+    if model.config.model_type == "qwen2_vl":
+        patch = config.in_channels * config.temporal_patch_size * config.patch_size**2
+        return torch.randn(num_images * QWEN_PATCHES_PER_SIDE**2, patch, generator=generator)
     return torch.randn(num_images, 3, config.image_size, config.image_size, generator=generator)
 
 
 def tokens_per_image(model: PreTrainedModel) -> int:
+    """Placeholder tokens of one image of the tiny inputs of ``model``."""
     vision = model.config.vision_config
+    if model.config.model_type == "qwen2_vl":
+        return (QWEN_PATCHES_PER_SIDE // vision.spatial_merge_size) ** 2
     return (vision.image_size // vision.patch_size) ** 2
 
 
@@ -144,20 +198,32 @@ def tiny_inputs(
 
     Prompt ``b`` is ``text_lengths[b]`` random text tokens (default 5 + 3b) split around its images, each
     image a run of placeholders followed by one text token. Returns ``input_ids``, ``attention_mask``,
-    ``position_ids`` (counting real tokens only, as ``generate`` does) and ``pixel_values`` (``None`` when
-    no prompt has an image).
+    ``pixel_values`` (``None`` when no prompt has an image) and, for LLaVA, ``position_ids`` (counting real
+    tokens only, as ``generate`` does); for Qwen2-VL, whose model computes its multimodal positions, each
+    image is wrapped in vision start/end tokens and the batch has ``image_grid_thw`` and
+    ``mm_token_type_ids`` instead.
     """
     generator = torch.Generator().manual_seed(seed)
     n = tokens_per_image(model)
     image_token = model.config.image_token_id
+    qwen = model.config.model_type == "qwen2_vl"
     if text_lengths is None:
         text_lengths = tuple(5 + 3 * b for b in range(len(images_per_prompt)))
+
+    def words(count: int) -> torch.Tensor:  # below every special id of the tiny models
+        return torch.randint(5, QWEN_VIDEO_TOKEN_ID, (count,), generator=generator)
+
     prompts = []
     for num_images, text_length in zip(images_per_prompt, text_lengths, strict=False):
-        text = torch.randint(4, VOCAB_SIZE, (text_length,), generator=generator)
+        text = words(text_length)
         pieces = [text[: text_length // 2]]
         for _ in range(num_images):
-            pieces += [torch.full((n,), image_token), torch.randint(4, VOCAB_SIZE, (1,), generator=generator)]
+            image = torch.full((n,), image_token)
+            if qwen:
+                image = torch.cat(
+                    [torch.tensor([QWEN_VISION_START_ID]), image, torch.tensor([QWEN_VISION_END_ID])]
+                )
+            pieces += [image, words(1)]
         pieces.append(text[text_length // 2 :])
         prompts.append(torch.cat(pieces))
     length = max(p.numel() for p in prompts)
@@ -166,15 +232,16 @@ def tiny_inputs(
     for b, prompt in enumerate(prompts):
         input_ids[b, length - prompt.numel() :] = prompt
         attention_mask[b, length - prompt.numel() :] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     total_images = sum(images_per_prompt)
     pixel_values = tiny_pixels(model, total_images, seed) if total_images else None
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "pixel_values": pixel_values,
-    }
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+    if not qwen:
+        inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return inputs
+    inputs["mm_token_type_ids"] = (input_ids == image_token).int()
+    grid = torch.tensor([[1, QWEN_PATCHES_PER_SIDE, QWEN_PATCHES_PER_SIDE]] * total_images)
+    inputs["image_grid_thw"] = grid if total_images else None
+    return inputs
 
 
 #: Tokens of the tiny tokenizer, in id order: the special tokens, then punctuation, digits and plain words,

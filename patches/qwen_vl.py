@@ -1,0 +1,112 @@
+"""Qwen2-VL (``Qwen2VLForConditionalGeneration``): prune image tokens before or inside the language model.
+
+Each image becomes a run of ``image_token_id`` placeholders between vision start/end tokens, one per 2x2
+group of patches, so the count depends on the image's size (``image_grid_thw``). Positions are 3-D
+(multimodal RoPE): the model computes them from the unpruned prompt before the language model, and its
+text model turns them into ordinary per-token rotary tables, which the decoder hooks gather with the kept
+tokens; at decode the model derives each new token's position from the full 2-D mask and its stored
+``rope_deltas``, so kept tokens and new tokens keep their original positions. The language model is a
+Llama-style decoder, pruned by :class:`~tokenprune.patches.decoder.DecoderPruningHooks`.
+
+Supported here: images (videos pass through unpruned), ``pre_llm`` and ``llm`` methods and schedules, a
+batch whose images all have one size (several sizes in one batch raise ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from tokenprune.config import PrunerConfig
+
+from ._internals import has_image_inputs
+from .decoder import DecoderPruningHooks
+
+
+class Qwen2VLAdapter:
+    """Adapter for ``model_type == "qwen2_vl"``."""
+
+    model_types = ("qwen2_vl",)
+
+    def __init__(self, model: nn.Module):
+        config = model.config
+        self.model = model
+        self.base = model.model
+        self.image_token_id = config.image_token_id
+        self.merge = config.vision_config.spatial_merge_size
+        self.tokens_per_image: int | None = None  # set per forward from the images' sizes
+        self.hooks = DecoderPruningHooks(self.base.language_model, 0, None)
+        self._grid_thw: torch.Tensor | None = None  # of the vision tower's last call
+
+    @property
+    def num_layers(self) -> int:
+        return self.hooks.num_layers
+
+    def image_grid(self) -> tuple[int, int] | None:
+        return self.hooks.grid
+
+    def stages(self, config: PrunerConfig) -> list[tuple[int, int | None]]:
+        """The pruning layers of ``config``; the kept counts follow each batch's image size."""
+        spec = config.spec
+        if spec.stage not in ("pre_llm", "llm") or config.vision is not None:
+            raise ValueError(
+                f"{config.method!r} ({spec.stage}) is not supported on Qwen2-VL yet: "
+                "use a pre_llm or llm method"
+            )
+        if config.last_layer >= self.num_layers:
+            raise ValueError(
+                f"layer={config.last_layer} is outside the language model's "
+                f"{self.num_layers} layers (valid: 0..{self.num_layers - 1})"
+            )
+        layers = (
+            [layer for layer, _ in config.stages(config.budget or 1)]
+            if config.schedule is None
+            else [layer for layer, _ in config.schedule]
+        )
+        return [(layer, None) for layer in layers]
+
+    def attach(self, pruner) -> list[RemovableHandle]:
+        return [
+            self.base.visual.register_forward_pre_hook(self._record_grid, with_kwargs=True),
+            self.base.register_forward_pre_hook(self._find_images, with_kwargs=True),
+            *self.hooks.attach(pruner),
+        ]
+
+    def _record_grid(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self._grid_thw = grid
+
+    def _find_images(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Mark the image placeholders of this call's prompt and set the batch's image size."""
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("Qwen2-VL pruning needs input_ids (the image placeholders are found by id)")
+        visual = (input_ids == self.image_token_id) & has_image_inputs(kwargs)
+        self.hooks.pending_visual = visual
+        if not bool(visual.any()):
+            return
+        runs = _run_lengths(visual)
+        if len(set(runs)) != 1:
+            raise ValueError(
+                f"Qwen2-VL images of different sizes in one batch ({sorted(set(runs))} tokens) are not "
+                "supported yet: batch images of one size"
+            )
+        tokens = runs[0]
+        grid_thw = kwargs.get("image_grid_thw")
+        grid_thw = self._grid_thw if grid_thw is None else grid_thw
+        grid = None
+        if grid_thw is not None and len(grid_thw) == len(runs):
+            t, h, w = (int(x) for x in grid_thw[0])
+            if t == 1 and (h // self.merge) * (w // self.merge) == tokens:
+                grid = (h // self.merge, w // self.merge)
+        self.hooks.set_image_tokens(tokens, grid)
+
+
+def _run_lengths(flags: torch.Tensor) -> list[int]:
+    """Lengths of the runs of True in each row of ``flags [B, L]``, row by row."""
+    padded = torch.nn.functional.pad(flags.int(), (1, 1))
+    edges = padded.diff(dim=1)
+    starts = (edges == 1).nonzero()[:, 1]
+    ends = (edges == -1).nonzero()[:, 1]
+    return (ends - starts).tolist()
