@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tokenprune.testing import tiny_model
+from tokenprune.testing import FAMILIES, tiny_model
 
 torch.set_num_threads(2)
 
@@ -20,14 +20,31 @@ def attn(request) -> str:
     return request.param
 
 
-_MODELS: dict[str, torch.nn.Module] = {}
+_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def shared_model(family: str, attn: str) -> torch.nn.Module:
+    if (family, attn) not in _MODELS:
+        _MODELS[family, attn] = tiny_model(family, attn_implementation=attn)
+    return _MODELS[family, attn]
 
 
 @pytest.fixture
 def model(attn):
     """The tiny LLaVA for ``attn``, shared by the session; the test must leave it unpatched."""
-    if attn not in _MODELS:
-        _MODELS[attn] = tiny_model("llava", attn_implementation=attn)
-    m = _MODELS[attn]
+    m = shared_model("llava", attn)
+    yield m
+    assert not hasattr(m, "_tokenprune_pruner"), "test left a pruner on the shared model"
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def any_model(family, attn):
+    """The tiny model of ``family`` for ``attn`` (every VLM family), shared; left unpatched by the test."""
+    m = shared_model(family, attn)
     yield m
     assert not hasattr(m, "_tokenprune_pruner"), "test left a pruner on the shared model"

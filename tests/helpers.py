@@ -74,12 +74,18 @@ def hide_tokens_from_layers(
             handle.remove()
 
 
+def image_feature_module(model) -> torch.nn.Module:
+    """The module whose output is the image features the language model receives: LLaVA's projector,
+    Qwen2-VL's vision tower (its merger is its last step)."""
+    return getattr(model.model, "multi_modal_projector", None) or model.model.visual
+
+
 @contextlib.contextmanager
 def recorded_image_features(model):
-    """In the block, every output of ``model``'s multimodal projector is appended to the yielded list."""
+    """In the block, every output of ``model``'s image-feature module is appended to the yielded list."""
     features: list[torch.Tensor] = []
-    handle = model.model.multi_modal_projector.register_forward_hook(
-        lambda module, args, output: features.append(output.detach().clone())
+    handle = image_feature_module(model).register_forward_hook(
+        lambda module, args, output: features.append(output)
     )
     try:
         yield features
@@ -94,7 +100,7 @@ def substituted_image_features(model, features: torch.Tensor | None):
     if features is None:
         yield
         return
-    handle = model.model.multi_modal_projector.register_forward_hook(lambda module, args, output: features)
+    handle = image_feature_module(model).register_forward_hook(lambda module, args, output: features)
     try:
         yield
     finally:
@@ -132,30 +138,43 @@ def reference_rows(reference_logits: torch.Tensor, keep: torch.Tensor, attention
 
 
 def extend(inputs: dict, new_tokens: torch.Tensor) -> dict:
-    """``inputs`` with ``new_tokens [B, T]`` appended, mask and positions extended as generate does."""
+    """``inputs`` with ``new_tokens [B, T]`` appended, mask, positions (LLaVA) and token types (Qwen2-VL)
+    extended as generate does."""
     batch, count = new_tokens.shape
     mask = torch.cat([inputs["attention_mask"], torch.ones(batch, count, dtype=torch.long)], dim=1)
-    last = inputs["position_ids"][:, -1:]
-    positions = torch.cat([inputs["position_ids"], last + torch.arange(1, count + 1)], dim=1)
-    return {
+    grown = {
         **inputs,
         "input_ids": torch.cat([inputs["input_ids"], new_tokens], dim=1),
         "attention_mask": mask,
-        "position_ids": positions,
     }
+    if "position_ids" in inputs:
+        last = inputs["position_ids"][:, -1:]
+        grown["position_ids"] = torch.cat([inputs["position_ids"], last + torch.arange(1, count + 1)], dim=1)
+    if "mm_token_type_ids" in inputs:
+        text = torch.zeros(batch, count, dtype=inputs["mm_token_type_ids"].dtype)
+        grown["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], text], dim=1)
+    return grown
 
 
 def select_sample(inputs: dict, b: int, images_per_prompt: tuple[int, ...]) -> dict:
     """Sample ``b`` of a left-padded batch on its own, without its padding."""
     real = inputs["attention_mask"][b].bool()
-    first = sum(images_per_prompt[:b])
-    pixels = inputs["pixel_values"]
-    return {
-        "input_ids": inputs["input_ids"][b : b + 1, real],
-        "attention_mask": inputs["attention_mask"][b : b + 1, real],
-        "position_ids": inputs["position_ids"][b : b + 1, real],
-        "pixel_values": None if pixels is None else pixels[first : first + images_per_prompt[b]],
+    first, count = sum(images_per_prompt[:b]), images_per_prompt[b]
+    alone = {
+        key: inputs[key][b : b + 1, real]
+        for key in ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids")
+        if key in inputs
     }
+    pixels, grid = inputs["pixel_values"], inputs.get("image_grid_thw")
+    if grid is None:  # one pixel_values entry per image
+        alone["pixel_values"] = None if pixels is None else pixels[first : first + count]
+    else:  # Qwen2-VL: rows of patches, grid.prod() per image
+        rows = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), grid.prod(-1)]), 0)
+        alone["pixel_values"] = pixels[rows[first] : rows[first + count]] if count else None
+        alone["image_grid_thw"] = grid[first : first + count] if count else None
+    if "image_grid_thw" in inputs and grid is None:
+        alone["image_grid_thw"] = None
+    return alone
 
 
 def assert_batch_equals_each_sample_alone(model, inputs: dict, images_per_prompt: tuple[int, ...]) -> None:
@@ -191,7 +210,10 @@ def assert_generate_matches_reference(
 
 
 def greedy_with_logits(model, inputs: dict, new_tokens: int = 4):
-    """Greedy, cached ``generate`` of ``new_tokens`` tokens: the sequences and each step's logits."""
+    """Greedy, cached ``generate`` of ``new_tokens`` tokens: the sequences and each step's (raw) logits.
+
+    The image placeholder id is never generated, so that recomputing on the prompt plus the generated
+    tokens sees the prompt's images only (a random model would otherwise emit it now and then)."""
     return model.generate(
         **inputs,
         max_new_tokens=new_tokens,
@@ -199,4 +221,5 @@ def greedy_with_logits(model, inputs: dict, new_tokens: int = 4):
         output_logits=True,
         return_dict_in_generate=True,
         pad_token_id=0,
+        suppress_tokens=[model.config.image_token_id],
     )

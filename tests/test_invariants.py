@@ -15,9 +15,19 @@ from helpers import (
 )
 
 import tokenprune as tp
-from tokenprune.testing import tiny_inputs, tokens_per_image
+from tokenprune.testing import FAMILIES, tiny_inputs, tokens_per_image
 
 METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage != "kv")  # kv: test_retrieval
+#: (family, method) pairs: every method on LLaVA; decoder methods on Qwen2-VL (no vision stage there yet)
+CASES = [(f, m) for f in FAMILIES for m in METHODS if f == "llava" or tp.list_methods()[m][0] != "vision"]
+
+
+@pytest.fixture
+def model(any_model):
+    """Every VLM family (see CASES)."""
+    return any_model
+
+
 RAGGED = (1, 2, 1)  # images per prompt in the ragged batch; prompt lengths differ too
 
 
@@ -26,7 +36,7 @@ def logits(model, inputs):
         return model(**inputs).logits
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("family", "method"), CASES)
 def test_keep_all_gives_unpatched_logits(model, method):
     inputs = tiny_inputs(model, RAGGED)
     expected = logits(model, inputs)
@@ -41,7 +51,7 @@ def vision_features(pruner, recorded: list[torch.Tensor]) -> torch.Tensor | None
     return recorded[-1] if pruner.config.vision_stage is not None else None
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("family", "method"), CASES)
 def test_dropping_equals_masking(model, method):
     inputs = tiny_inputs(model, RAGGED)
     with tp.pruned(model, method, keep_ratio=0.25) as pruner, recorded_image_features(model) as recorded:
@@ -60,7 +70,7 @@ def test_dropping_equals_masking(model, method):
     assert pruner.stats.visual_tokens == [n * k for k in RAGGED]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("family", "method"), CASES)
 def test_cached_generate_equals_recomputation(model, method):
     inputs = tiny_inputs(model, RAGGED)
     with tp.pruned(model, method, keep_ratio=0.25) as pruner, recorded_image_features(model) as recorded:
@@ -69,7 +79,7 @@ def test_cached_generate_equals_recomputation(model, method):
         assert_generate_matches_reference(model, inputs, out, pruner.stats.keep_masks)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("family", "method"), CASES)
 def test_batch_equals_each_sample_alone(model, method):
     inputs = tiny_inputs(model, RAGGED)
     with tp.pruned(model, method, keep_ratio=0.25) as pruner:
@@ -88,7 +98,7 @@ def test_batch_equals_each_sample_alone(model, method):
             assert torch.equal(batched_tokens[b, -3:], alone_tokens[0, -3:])
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("family", "method"), CASES)
 def test_remove_restores_exactly(model, method):
     inputs = tiny_inputs(model, RAGGED)
     before = logits(model, inputs)
@@ -101,7 +111,7 @@ def test_remove_restores_exactly(model, method):
     assert pruner.stats is not None
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("family", "method"), CASES)
 def test_pruned_layers_see_the_configured_count(model, method):
     inputs = tiny_inputs(model, (1,))
     length = inputs["input_ids"].shape[1]
@@ -127,7 +137,7 @@ def test_pruned_layers_see_the_configured_count(model, method):
     assert seen == [length] * k + [length - n + 10] * (len(layers) - k)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("family", "method"), CASES)
 def test_text_only_prompt_passes_through(model, method):
     inputs = tiny_inputs(model, (0, 0))
     expected = logits(model, inputs)
@@ -137,14 +147,14 @@ def test_text_only_prompt_passes_through(model, method):
     assert pruner.stats.visual_tokens == [0, 0]
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_attention_implementations_agree(method):
+@pytest.mark.parametrize(("family", "method"), CASES)
+def test_attention_implementations_agree(family, method):
     from tokenprune.testing import tiny_model
 
-    inputs = tiny_inputs(tiny_model(), RAGGED)
+    inputs = tiny_inputs(tiny_model(family), RAGGED)
     results = []
     for attn in ("eager", "sdpa"):
-        m = tiny_model(attn_implementation=attn)
+        m = tiny_model(family, attn_implementation=attn)
         with tp.pruned(m, method, keep_ratio=0.25) as pruner:
             results.append((logits(m, inputs)[:, -1], pruner.stats.keep_mask))
     assert torch.equal(results[0][1], results[1][1])

@@ -12,6 +12,12 @@ LLM_METHODS = ["dart", "fastv"]
 RAGGED = (1, 2, 1)
 
 
+@pytest.fixture
+def model(any_model):
+    """Every VLM family."""
+    return any_model
+
+
 @pytest.mark.parametrize("drop", [False, True])
 @pytest.mark.parametrize("method", LLM_METHODS)
 def test_cache_length_per_layer_after_prefill(model, method, drop):

@@ -18,6 +18,14 @@ from tokenprune.testing import tiny_inputs
 
 METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage in ("pre_llm", "llm"))
 RAGGED = (1, 2, 1)
+
+
+@pytest.fixture
+def model(any_model):
+    """Every VLM family."""
+    return any_model
+
+
 SCHEDULES = {"from-1": ((1, 0.5), (2, 0.25), (3, 0.125)), "from-0": ((0, 0.5), (2, 0.25))}
 NEEDS_A_LAYER = {name for name in METHODS if "transition" in tp.registry.get_method(name).needs}
 
