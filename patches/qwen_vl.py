@@ -8,8 +8,8 @@ tokens; at decode the model derives each new token's position from the full 2-D 
 ``rope_deltas``, so kept tokens and new tokens keep their original positions. The language model is a
 Llama-style decoder, pruned by :class:`~tokenprune.patches.decoder.DecoderPruningHooks`.
 
-Supported here: images (videos pass through unpruned), ``pre_llm`` and ``llm`` methods and schedules, a
-batch whose images all have one size (several sizes in one batch raise ``ValueError``).
+Supported here: images, ``pre_llm`` and ``llm`` methods and schedules, a batch whose images all have one
+size (several sizes in one batch raise ``ValueError``). Not yet: videos, vision-stage and kv methods.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 
 from tokenprune.config import PrunerConfig
 
-from ._internals import has_image_inputs
+from ._internals import InternalsMovedError, has_image_inputs
 from .decoder import DecoderPruningHooks
 
 
@@ -33,6 +33,9 @@ class Qwen2VLAdapter:
         config = model.config
         self.model = model
         self.base = model.model
+        for name in ("visual", "language_model"):
+            if not isinstance(getattr(self.base, name, None), nn.Module):
+                raise InternalsMovedError(f"{type(self.base).__name__} has no {name!r} module")
         self.image_token_id = config.image_token_id
         self.merge = config.vision_config.spatial_merge_size
         self.tokens_per_image: int | None = None  # set per forward from the images' sizes
