@@ -30,7 +30,14 @@ from torch.utils.hooks import RemovableHandle
 
 from tokenprune.attention import query_attention
 from tokenprune.context import SelectionContext
-from tokenprune.sequence import find_images, keep_mask, plan_compaction
+from tokenprune.sequence import (
+    VisualLayout,
+    image_groups,
+    image_ids_by_count,
+    image_ids_by_runs,
+    keep_masks,
+    plan_compaction,
+)
 from tokenprune.transition import transition_variation
 
 from . import _internals as internals
@@ -65,6 +72,8 @@ class _Call:
     """
 
     visual: torch.Tensor | None = None  # [B, L_cur] image token flags
+    image_id: torch.Tensor | None = None  # [B, L_cur] number of each token's image, -1 off images
+    image_sizes: torch.Tensor | None = None  # [num_images] tokens of each image in the prompt
     attention_mask: torch.Tensor | None = None  # [B, L_cur] 2-D mask
     origin: torch.Tensor | None = None  # [B, L_cur] prompt position of each row
     real: torch.Tensor | None = None  # [B, L_cur] the row holds a prompt token, not re-padding
@@ -93,11 +102,25 @@ class LanguageModelHooks:
         self.tokens_per_image = tokens_per_image
         self.grid = grid
         self.pending_visual: torch.Tensor | None = None
+        # families whose image size varies: each image is one run of placeholders, and the patch grid
+        # of an image of a given token count, where known (set per forward by the family adapter)
+        self.images_by_runs = False
+        self.grids: dict[int, tuple[int, int]] = {}
         self._pruner: Pruner | None = None
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def image_ids(self, visual: torch.Tensor) -> torch.Tensor:
+        """The number of each placeholder's image ``[B, L]`` (-1 off images)."""
+        if self.images_by_runs:
+            return image_ids_by_runs(visual)
+        return image_ids_by_count(visual, self.tokens_per_image)
+
+    def grid_for(self, tokens: int) -> tuple[int, int] | None:
+        """The patch grid of an image of ``tokens`` tokens, if known."""
+        return self.grids.get(tokens) if self.images_by_runs else self.grid
 
 
 class DecoderPruningHooks(LanguageModelHooks):
@@ -142,14 +165,6 @@ class DecoderPruningHooks(LanguageModelHooks):
             ]
         return handles
 
-    def set_image_tokens(self, tokens_per_image: int, grid: tuple[int, int] | None) -> None:
-        """For families whose image token count depends on the image size: the next forward's images
-        have ``tokens_per_image`` tokens each (in a ``grid``, if known); the stages keep their layers and
-        get the counts of the pruner's config for that size (``ValueError`` for a budget over it)."""
-        stages = self._pruner.config.stages(tokens_per_image)
-        self.tokens_per_image, self.grid = tokens_per_image, grid
-        self._stages = [(layer, keep) for (layer, _), (_, keep) in zip(self._stages, stages, strict=True)]
-
     def _needs(self) -> tuple[str, ...]:
         """What the decoder-stage method needs (nothing when the only method acts in the vision tower)."""
         config = self._pruner.config
@@ -185,8 +200,11 @@ class DecoderPruningHooks(LanguageModelHooks):
         if mask is None:
             mask = torch.ones(batch, length, dtype=torch.long, device=visual.device)
         origin = torch.arange(length, device=visual.device).expand(batch, length)
+        image_id = self.image_ids(visual)
         self._call = _Call(
             visual=visual,
+            image_id=image_id,
+            image_sizes=torch.bincount(image_id[visual]),
             attention_mask=mask,
             origin=origin,
             real=torch.ones_like(visual),
@@ -286,28 +304,33 @@ class DecoderPruningHooks(LanguageModelHooks):
         self, call: _Call, stage: int, hidden: torch.Tensor, args: tuple, kwargs: dict, cache: Any
     ) -> tuple[tuple, dict]:
         """Select and drop visual tokens at a stage layer; returns the layer's new arguments."""
-        layer, keep = self._stages[stage]
+        layer = self._stages[stage][0]
         batch, length = hidden.shape[:2]
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(length, device=hidden.device)[None]
         position_ids = position_ids.expand(batch, length)
         cos, sin = kwargs["position_embeddings"]
-        tokens_per_image = self.tokens_per_image if stage == 0 else self._stages[stage - 1][1]
 
         pruner = self._pruner
         with pruner.timed_selection():
-            layout = find_images(call.visual, tokens_per_image)
-            if stage == 0 and pruner.config.vision_stage is not None:
-                index = self._kept_by_vision_stage(layout.take(hidden), keep)
-            else:
-                index = pruner.select(self._context(call, layer, hidden, (cos, sin), layout, stage), keep)
-            plan = plan_compaction(keep_mask(call.visual, layout, index))
+            keeps = self._keeps(stage, call.image_sizes)
+            scores = self._scores(call, layer, hidden, (cos, sin))
+            selections = []
+            for layout in image_groups(call.image_id, keeps):
+                keep = int(keeps[layout.image[0]])
+                if stage == 0 and pruner.config.vision_stage is not None:
+                    index = self._kept_by_vision_stage(layout.take(hidden), keep)
+                else:
+                    index = pruner.select(self._context(call, hidden, scores, layout, stage), keep)
+                selections.append((layout, index))
+            plan = plan_compaction(keep_masks(call.visual, selections))
 
         pruned_hidden, pruned_positions, call.attention_mask = plan.gather_sequence(
             hidden, position_ids, call.attention_mask
         )
         call.visual = plan.gather(call.visual) & plan.valid
+        call.image_id = torch.where(call.visual, plan.gather(call.image_id), -1)
         call.origin = plan.gather(call.origin)
         call.real = plan.gather(call.real) & plan.valid
         call.previous_input, call.transition = pruned_hidden, None  # transitions restart at each stage
@@ -343,28 +366,50 @@ class DecoderPruningHooks(LanguageModelHooks):
             )
         return kept.nonzero()[:, 1].view(-1, keep)
 
-    def _context(
+    def _keeps(self, stage: int, image_sizes: torch.Tensor) -> torch.Tensor:
+        """Tokens each image keeps at ``stage`` ``[num_images]``: the stage's count, or, for a family whose
+        image size varies, the config's count for each image's size (``ValueError`` for a budget over it)."""
+        keep = self._stages[stage][1]
+        if keep is not None:
+            return torch.full_like(image_sizes, keep)
+        config = self._pruner.config
+        by_size = {size: config.stages(size)[stage][1] for size in image_sizes.unique().tolist()}
+        return torch.tensor([by_size[size] for size in image_sizes.tolist()], device=image_sizes.device)
+
+    def _scores(
         self,
         call: _Call,
         layer: int,
         hidden: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        layout: Any,
-        stage: int,
-    ) -> SelectionContext:
-        """What the decoder-stage method declared it needs, for the images of ``layout`` at ``layer``."""
-        grid = self.grid if stage == 0 else None  # later stages see a subset of the grid
-        ctx = SelectionContext(features=layout.take(hidden), grid=grid, image_index=layout.image_index)
+    ) -> dict[str, torch.Tensor]:
+        """What the decoder-stage method declared it needs, over the whole sequence ``[B, L, ...]``."""
         needs = self._needs()
+        scores = {}
         if "keys" in needs:
             scoring_layer, scoring_input = self._scoring_layer(call, layer, hidden)
             _, keys = internals.project_queries_keys(scoring_layer, scoring_input, position_embeddings, None)
-            ctx.keys = layout.take(keys.transpose(1, 2).flatten(2))
+            scores["keys"] = keys.transpose(1, 2).flatten(2)
         if "attention" in needs:
-            ctx.attention = self._last_token_attention(call, layer, hidden, position_embeddings, layout)
+            scores["attention"] = self._last_token_attention(call, layer, hidden, position_embeddings)
         if "transition" in needs:
             self._accumulate_transition(call, hidden)
-            ctx.transition = layout.take(call.transition)
+            scores["transition"] = call.transition
+        return scores
+
+    def _context(
+        self,
+        call: _Call,
+        hidden: torch.Tensor,
+        scores: dict[str, torch.Tensor],
+        layout: VisualLayout,
+        stage: int,
+    ) -> SelectionContext:
+        """The selection context of the images of ``layout``: their tokens and ``scores``."""
+        grid = self.grid_for(layout.positions.shape[1]) if stage == 0 else None  # later: a subset of it
+        ctx = SelectionContext(features=layout.take(hidden), grid=grid, image_index=layout.image_index)
+        for name, value in scores.items():
+            setattr(ctx, name, layout.take(value))
         return ctx
 
     def _scoring_layer(self, call: _Call, layer: int, hidden: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
@@ -383,14 +428,12 @@ class DecoderPruningHooks(LanguageModelHooks):
         layer: int,
         hidden: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        layout: Any,
     ) -> torch.Tensor:
-        """Attention of each prompt's last token to its visual tokens ``[I, N]``, at the scoring layer."""
+        """Attention of each prompt's last token to every token ``[B, L]``, at the scoring layer."""
         scoring_layer, scoring_input = self._scoring_layer(call, layer, hidden)
         valid = call.attention_mask.bool()
         positions = torch.arange(valid.shape[1], device=valid.device)
         last = torch.where(valid, positions, -1).amax(dim=1)  # last real token of each row
         query, keys = internals.project_queries_keys(scoring_layer, scoring_input, position_embeddings, last)
         key_mask = valid & (positions[None] <= last[:, None])
-        weights = query_attention(query, keys, key_mask, internals.attention_scaling(scoring_layer))
-        return weights[layout.sample[:, None], layout.positions]
+        return query_attention(query, keys, key_mask, internals.attention_scaling(scoring_layer))

@@ -1,15 +1,15 @@
 """Qwen2-VL (``Qwen2VLForConditionalGeneration``): prune image tokens before or inside the language model.
 
-Each image becomes a run of ``image_token_id`` placeholders between vision start/end tokens, one per 2x2
-group of patches, so the count depends on the image's size (``image_grid_thw``). Positions are 3-D
+Each image becomes one run of ``image_token_id`` placeholders between vision start/end tokens, one per
+2x2 group of patches, so the count depends on the image's size (``image_grid_thw``). Positions are 3-D
 (multimodal RoPE): the model computes them from the unpruned prompt before the language model, and its
 text model turns them into ordinary per-token rotary tables, which the decoder hooks gather with the kept
 tokens; at decode the model derives each new token's position from the full 2-D mask and its stored
 ``rope_deltas``, so kept tokens and new tokens keep their original positions. The language model is a
 Llama-style decoder, pruned by :class:`~tokenprune.patches.decoder.DecoderPruningHooks`.
 
-Supported here: images, ``pre_llm`` and ``llm`` methods and schedules, a batch whose images all have one
-size (several sizes in one batch raise ``ValueError``). Not yet: videos, vision-stage and kv methods.
+Supported here: images of any sizes, mixed in one batch (``keep_ratio`` and ``budget`` apply per image),
+``pre_llm`` and ``llm`` methods and schedules. Not yet: videos, vision-stage and kv methods.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class Qwen2VLAdapter:
         self.merge = config.vision_config.spatial_merge_size
         self.tokens_per_image: int | None = None  # set per forward from the images' sizes
         self.hooks = DecoderPruningHooks(self.base.language_model, 0, None)
+        self.hooks.images_by_runs = True  # each image's placeholders sit between vision start/end tokens
         self._grid_thw: torch.Tensor | None = None  # of the vision tower's last call
 
     @property
@@ -47,7 +48,9 @@ class Qwen2VLAdapter:
         return self.hooks.num_layers
 
     def image_grid(self) -> tuple[int, int] | None:
-        return self.hooks.grid
+        """The patch grid of the last batch's images, if they all had one (for overlays)."""
+        grids = set(self.hooks.grids.values())
+        return grids.pop() if len(grids) == 1 else None
 
     def stages(self, config: PrunerConfig) -> list[tuple[int, int | None]]:
         """The pruning layers of ``config``; the kept counts follow each batch's image size."""
@@ -81,35 +84,21 @@ class Qwen2VLAdapter:
         self._grid_thw = grid
 
     def _find_images(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Mark the image placeholders of this call's prompt and set the batch's image size."""
+        """Mark the image placeholders of this call's prompt, and the patch grid of each image size."""
         input_ids = args[0] if args else kwargs.get("input_ids")
         if input_ids is None:
             raise ValueError("Qwen2-VL pruning needs input_ids (the image placeholders are found by id)")
         visual = (input_ids == self.image_token_id) & has_image_inputs(kwargs)
         self.hooks.pending_visual = visual
-        if not bool(visual.any()):
-            return
-        runs = _run_lengths(visual)
-        if len(set(runs)) != 1:
-            raise ValueError(
-                f"Qwen2-VL images of different sizes in one batch ({sorted(set(runs))} tokens) are not "
-                "supported yet: batch images of one size"
-            )
-        tokens = runs[0]
         grid_thw = kwargs.get("image_grid_thw")
         grid_thw = self._grid_thw if grid_thw is None else grid_thw
-        grid = None
-        if grid_thw is not None and len(grid_thw) == len(runs):
-            t, h, w = (int(x) for x in grid_thw[0])
-            if t == 1 and (h // self.merge) * (w // self.merge) == tokens:
-                grid = (h // self.merge, w // self.merge)
-        self.hooks.set_image_tokens(tokens, grid)
+        self.hooks.grids = {} if grid_thw is None else self._grids(grid_thw)
 
-
-def _run_lengths(flags: torch.Tensor) -> list[int]:
-    """Lengths of the runs of True in each row of ``flags [B, L]``, row by row."""
-    padded = torch.nn.functional.pad(flags.int(), (1, 1))
-    edges = padded.diff(dim=1)
-    starts = (edges == 1).nonzero()[:, 1]
-    ends = (edges == -1).nonzero()[:, 1]
-    return (ends - starts).tolist()
+    def _grids(self, grid_thw: torch.Tensor) -> dict[int, tuple[int, int]]:
+        """Token count -> merged patch grid of single-frame images; a count two shapes share has none."""
+        grids: dict[int, tuple[int, int] | None] = {}
+        for t, h, w in grid_thw.tolist():
+            grid = (h // self.merge, w // self.merge) if t == 1 else None
+            count = t * (h // self.merge) * (w // self.merge)
+            grids[count] = grid if grids.get(count, grid) == grid else None
+        return {count: grid for count, grid in grids.items() if grid is not None}

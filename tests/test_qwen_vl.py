@@ -5,6 +5,15 @@ Every prefill invariant runs on Qwen2-VL in test_invariants.py, test_schedule.py
 
 import pytest
 import torch
+from helpers import (
+    ATOL,
+    assert_batch_equals_each_sample_alone,
+    assert_generate_matches_reference,
+    greedy_with_logits,
+    kept_rows,
+    masked_reference,
+    reference_rows,
+)
 
 import tokenprune as tp
 from tokenprune.patches import InternalsMovedError
@@ -22,19 +31,66 @@ def test_the_image_size_comes_from_the_batch(qwen):
         qwen(**inputs)
     assert pruner.adapter.tokens_per_image is None  # no fixed size
     assert pruner.adapter.image_grid() == (8, 8)  # 16 x 16 patches merged 2 x 2
+    assert pruner.adapter.hooks.grids == {64: (8, 8)}
     assert pruner.stats.visual_tokens == [64, 128] and pruner.stats.kept_tokens == [16, 32]
     assert "per image" in repr(pruner)
 
 
-def test_images_of_two_sizes_in_one_batch_are_refused(qwen):
-    inputs = tiny_inputs(qwen, (1, 1))
-    image = qwen.config.image_token_id
-    ids = inputs["input_ids"].clone()
-    last = (ids[1] == image).nonzero()[-4:, 0]  # make the second image 4 tokens shorter
-    ids[1, last] = 7
-    inputs.update(input_ids=ids, mm_token_type_ids=(ids == image).int())
-    with tp.pruned(qwen, "uniform", keep_ratio=0.25), pytest.raises(ValueError, match="different sizes"):
+IMAGES = (1, 2, 1)
+PATCHES = ((16, 16), (8, 12), (12, 16), (16, 8))  # 64, 24, 48 and 32 tokens
+TOKENS = [64, 24, 48, 32]
+PREFILL_METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage in ("pre_llm", "llm"))
+
+
+def mixed_inputs(model):
+    return tiny_inputs(model, IMAGES, image_patches=PATCHES)
+
+
+@pytest.mark.parametrize("method", PREFILL_METHODS)
+def test_mixed_sizes_equal_masking_with_the_ratio_per_image(qwen, method):
+    inputs = mixed_inputs(qwen)
+    with tp.pruned(qwen, method, keep_ratio=0.25) as pruner, torch.no_grad():
+        got = qwen(**inputs).logits
+    kept = [round(0.25 * n) for n in TOKENS]
+    assert pruner.stats.visual_tokens == [64, 24 + 48, 32]
+    assert pruner.stats.kept_tokens == [kept[0], kept[1] + kept[2], kept[3]]
+    keep = pruner.stats.keep_mask
+    expected = masked_reference(qwen, inputs, pruner.stats.keep_masks)
+    for g, e in zip(
+        kept_rows(got, keep, inputs["attention_mask"]),
+        reference_rows(expected, keep, inputs["attention_mask"]),
+        strict=True,
+    ):
+        torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["dart", "fastv", "uniform"])
+def test_mixed_sizes_generate_equals_recomputation(qwen, method):
+    inputs = mixed_inputs(qwen)
+    with tp.pruned(qwen, method, keep_ratio=0.25) as pruner:
+        out = greedy_with_logits(qwen, inputs)
+    assert_generate_matches_reference(qwen, inputs, out, pruner.stats.keep_masks)
+
+
+@pytest.mark.parametrize("method", ["dart", "divprune", "fastv"])
+def test_mixed_sizes_batch_equals_each_sample_alone(qwen, method):
+    with tp.pruned(qwen, method, budget=5):
+        assert_batch_equals_each_sample_alone(qwen, mixed_inputs(qwen), IMAGES)
+
+
+def test_mixed_sizes_schedule_keeps_each_images_share_at_each_stage(qwen):
+    inputs = mixed_inputs(qwen)
+    schedule = ((1, 0.5), (2, 0.25))
+    with tp.pruned(qwen, "fastv", schedule=schedule) as pruner, torch.no_grad():
         qwen(**inputs)
+    visual = inputs["input_ids"] == qwen.config.image_token_id
+    final = [round(0.25 * n) for n in TOKENS]
+    assert [int(v) for v in (pruner.stats.keep_masks[2] & visual).sum(dim=1)] == [
+        final[0],
+        final[1] + final[2],
+        final[3],
+    ]
+    assert bool((pruner.stats.keep_masks[2] <= pruner.stats.keep_masks[1]).all())
 
 
 def test_a_budget_over_the_image_raises_at_the_forward(qwen):

@@ -17,11 +17,13 @@ class VisualLayout:
         sample: batch row of each image ``[I]``.
         image_index: index of each image within its own prompt ``[I]``.
         positions: sequence position of each visual token ``[I, N]``.
+        image: each image's number in the batch, row by row ``[I]`` (``None`` where not tracked).
     """
 
     sample: torch.Tensor
     image_index: torch.Tensor
     positions: torch.Tensor
+    image: torch.Tensor | None = None
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """The visual rows of a sequence tensor ``x [B, L, *rest]`` as ``[I, N, *rest]``."""
@@ -96,7 +98,58 @@ def keep_mask(visual: torch.Tensor, layout: VisualLayout, keep_index: torch.Tens
 
     ``keep_index [I, k]`` indexes each image's tokens (0..N-1).
     """
+    return keep_masks(visual, [(layout, keep_index)])
+
+
+def keep_masks(visual: torch.Tensor, selections: list[tuple[VisualLayout, torch.Tensor]]) -> torch.Tensor:
+    """:func:`keep_mask` for images laid out in several groups, each with its own keep indices."""
     keep = ~visual
-    kept_positions = torch.gather(layout.positions, 1, keep_index)
-    keep[layout.sample[:, None].expand_as(kept_positions), kept_positions] = True
+    for layout, keep_index in selections:
+        kept_positions = torch.gather(layout.positions, 1, keep_index)
+        keep[layout.sample[:, None].expand_as(kept_positions), kept_positions] = True
     return keep
+
+
+def image_ids_by_count(visual: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
+    """Number each image's tokens ``[B, L]`` (-1 off images), images of ``tokens_per_image`` consecutive
+    visual tokens, numbered row by row. ``ValueError`` if a row's count is not a whole number of images."""
+    counts = visual.sum(dim=1)
+    if bool((counts % tokens_per_image != 0).any()):
+        raise ValueError(
+            f"each image must have {tokens_per_image} placeholder tokens, but the prompts hold "
+            f"{counts.tolist()} image tokens; build the prompt with the model's processor"
+        )
+    order = visual.flatten().cumsum(0).view_as(visual) - 1  # rank of each visual token, row-major
+    return torch.where(visual, order // tokens_per_image, -1)
+
+
+def image_ids_by_runs(visual: torch.Tensor) -> torch.Tensor:
+    """Number each image's tokens ``[B, L]`` (-1 off images) where every image is one run of visual
+    tokens between other tokens (as with vision start/end markers), numbered row by row."""
+    flat = torch.nn.functional.pad(visual, (1, 0)).int()
+    starts = (flat[:, 1:] - flat[:, :-1]) == 1  # [B, L]: a run begins here
+    ids = starts.flatten().cumsum(0).view_as(visual) - 1
+    return torch.where(visual, ids, -1)
+
+
+def image_groups(image_id: torch.Tensor, key: torch.Tensor | None = None) -> list[VisualLayout]:
+    """The images of ``image_id [B, L]`` (from :func:`image_ids_by_count` or :func:`image_ids_by_runs`,
+    possibly gathered since) in groups of equal token count (and equal ``key [num_images]``, if given):
+    one :class:`VisualLayout` per group, its ``image`` the images' numbers, in order."""
+    visual = image_id >= 0
+    rows, cols = visual.nonzero(as_tuple=True)  # row-major: images in order, tokens in order
+    ids = image_id[rows, cols]
+    num_images = int(ids.max()) + 1 if ids.numel() else 0
+    counts = torch.bincount(ids, minlength=num_images)
+    sample = torch.zeros(num_images, dtype=torch.long, device=image_id.device).scatter_(0, ids, rows)
+    per_row = torch.bincount(sample, minlength=image_id.shape[0])
+    first = torch.cumsum(per_row, 0) - per_row
+    image_index = torch.arange(num_images, device=image_id.device) - first[sample]
+    group_key = counts if key is None else torch.stack([counts, key], dim=1)
+    layouts = []
+    for value in torch.unique(group_key, dim=0):
+        members = (group_key == value).view(num_images, -1).all(dim=1).nonzero()[:, 0]
+        n = int(counts[members[0]])
+        positions = cols[torch.isin(ids, members)].view(len(members), n)
+        layouts.append(VisualLayout(sample[members], image_index[members], positions, members))
+    return layouts

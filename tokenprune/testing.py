@@ -193,6 +193,7 @@ def tiny_inputs(
     images_per_prompt: tuple[int, ...] = (1,),
     text_lengths: tuple[int, ...] | None = None,
     seed: int = 0,
+    image_patches: tuple[tuple[int, int], ...] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A left-padded batch for ``model``: one prompt per entry of ``images_per_prompt``.
 
@@ -201,12 +202,19 @@ def tiny_inputs(
     ``pixel_values`` (``None`` when no prompt has an image) and, for LLaVA, ``position_ids`` (counting real
     tokens only, as ``generate`` does); for Qwen2-VL, whose model computes its multimodal positions, each
     image is wrapped in vision start/end tokens and the batch has ``image_grid_thw`` and
-    ``mm_token_type_ids`` instead.
+    ``mm_token_type_ids`` instead. ``image_patches`` gives each Qwen2-VL image its own (rows, columns) of
+    patches (even numbers; default 16 x 16, 64 tokens).
     """
     generator = torch.Generator().manual_seed(seed)
-    n = tokens_per_image(model)
     image_token = model.config.image_token_id
     qwen = model.config.model_type == "qwen2_vl"
+    total_images = sum(images_per_prompt)
+    if image_patches is None:
+        image_patches = ((QWEN_PATCHES_PER_SIDE, QWEN_PATCHES_PER_SIDE),) * total_images
+    elif not qwen or len(image_patches) != total_images:
+        raise ValueError("image_patches gives one (rows, columns) per image, for Qwen2-VL only")
+    merge = model.config.vision_config.spatial_merge_size if qwen else 1
+    sizes = iter([rows * cols // merge**2 for rows, cols in image_patches] if qwen else [])
     if text_lengths is None:
         text_lengths = tuple(5 + 3 * b for b in range(len(images_per_prompt)))
 
@@ -218,7 +226,7 @@ def tiny_inputs(
         text = words(text_length)
         pieces = [text[: text_length // 2]]
         for _ in range(num_images):
-            image = torch.full((n,), image_token)
+            image = torch.full((next(sizes) if qwen else tokens_per_image(model),), image_token)
             if qwen:
                 image = torch.cat(
                     [torch.tensor([QWEN_VISION_START_ID]), image, torch.tensor([QWEN_VISION_END_ID])]
@@ -232,14 +240,17 @@ def tiny_inputs(
     for b, prompt in enumerate(prompts):
         input_ids[b, length - prompt.numel() :] = prompt
         attention_mask[b, length - prompt.numel() :] = 1
-    total_images = sum(images_per_prompt)
-    pixel_values = tiny_pixels(model, total_images, seed) if total_images else None
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if not qwen:
+        inputs["pixel_values"] = tiny_pixels(model, total_images, seed) if total_images else None
         inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         return inputs
+    vision = model.config.vision_config
+    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    rows = sum(r * c for r, c in image_patches)
+    inputs["pixel_values"] = torch.randn(rows, patch, generator=generator) if total_images else None
     inputs["mm_token_type_ids"] = (input_ids == image_token).int()
-    grid = torch.tensor([[1, QWEN_PATCHES_PER_SIDE, QWEN_PATCHES_PER_SIDE]] * total_images)
+    grid = torch.tensor([[1, r, c] for r, c in image_patches])
     inputs["image_grid_thw"] = grid if total_images else None
     return inputs
 
