@@ -27,7 +27,7 @@ from torch.utils.hooks import RemovableHandle
 
 from tokenprune.attention import query_attention
 from tokenprune.context import SelectionContext
-from tokenprune.sequence import VisualLayout, find_images, keep_mask
+from tokenprune.sequence import VisualLayout, image_groups, keep_masks
 
 from . import _internals as internals
 from .decoder import LanguageModelHooks
@@ -41,7 +41,7 @@ class _Prompt:
     """Where the image tokens of a cached prompt are."""
 
     visual: torch.Tensor  # [B, L]
-    layout: VisualLayout
+    layouts: list[VisualLayout]  # the images, in groups of one size
 
 
 @dataclass
@@ -91,9 +91,10 @@ class DecodeRetrievalHooks(LanguageModelHooks):
             return
         if internals.cache_length(cache, 0) > 0:
             raise ValueError("images must be in the first forward of a cache (no chunked prefill)")
-        layout = find_images(visual, self.tokens_per_image)
-        self._new_prompt = _Prompt(visual, layout)
-        images = torch.bincount(layout.sample, minlength=visual.shape[0])
+        layouts = image_groups(self.image_ids(visual))
+        self._new_prompt = _Prompt(visual, layouts)
+        samples = torch.cat([layout.sample for layout in layouts])
+        images = torch.bincount(samples, minlength=visual.shape[0])
         self._pruner.begin_prefill()
         self._pruner.record_decode_prompt(
             visual.sum(dim=1).tolist(), (images * self._pruner.keep_per_image).tolist()
@@ -142,14 +143,16 @@ class DecodeRetrievalHooks(LanguageModelHooks):
             query, _ = internals.project_queries_keys(module, hidden, kwargs["position_embeddings"], last)
             cached = keys.shape[2]
             weights = query_attention(query, keys, step.mask[:, :cached], internals.attention_scaling(module))
-            layout = prompt.layout
-            ctx = SelectionContext(
-                features=layout.take(keys.mean(dim=1)[:, :length]),
-                grid=self.grid,
-                image_index=layout.image_index,
-                attention=layout.take(weights[:, :length]),
-            )
-            visible = keep_mask(prompt.visual, layout, pruner.select(ctx, pruner.keep_per_image))
+            selections = []
+            for layout in prompt.layouts:
+                ctx = SelectionContext(
+                    features=layout.take(keys.mean(dim=1)[:, :length]),
+                    grid=self.grid_for(layout.positions.shape[1]),
+                    image_index=layout.image_index,
+                    attention=layout.take(weights[:, :length]),
+                )
+                selections.append((layout, pruner.select(ctx, pruner.keep_per_image)))
+            visible = keep_masks(prompt.visual, selections)
         step.visible[layer_idx] = visible
         mask = step.mask.clone()
         mask[:, :length] &= visible

@@ -30,28 +30,6 @@ class VisualLayout:
         return x[self.sample[:, None], self.positions]
 
 
-def find_images(visual: torch.Tensor, tokens_per_image: int) -> VisualLayout:
-    """Split the visual positions of ``visual [B, L]`` (bool) into images of ``tokens_per_image`` tokens.
-
-    The placeholders of one image are consecutive, so the k-th run of ``tokens_per_image`` visual
-    positions in a row is that row's k-th image. Raises ``ValueError`` when a row's visual token count is
-    not a whole number of images.
-    """
-    counts = visual.sum(dim=1)
-    if bool((counts % tokens_per_image != 0).any()):
-        raise ValueError(
-            f"each image must have {tokens_per_image} placeholder tokens, but the prompts hold "
-            f"{counts.tolist()} image tokens; build the prompt with the model's processor"
-        )
-    rows, cols = visual.nonzero(as_tuple=True)  # row-major: by sample, then position
-    positions = cols.view(-1, tokens_per_image)
-    sample = rows.view(-1, tokens_per_image)[:, 0]
-    images = torch.bincount(sample, minlength=visual.shape[0])
-    first = torch.cumsum(images, 0) - images  # index of each sample's first image
-    image_index = torch.arange(sample.shape[0], device=visual.device) - first[sample]
-    return VisualLayout(sample=sample, image_index=image_index, positions=positions)
-
-
 @dataclass
 class Compaction:
     """Layout of a pruned batch: row ``b`` holds its kept tokens in order, right-aligned (left padding).
@@ -93,16 +71,9 @@ def plan_compaction(keep: torch.Tensor) -> Compaction:
     return Compaction(index=index, valid=valid)
 
 
-def keep_mask(visual: torch.Tensor, layout: VisualLayout, keep_index: torch.Tensor) -> torch.Tensor:
-    """Per-token keep flags ``[B, L]``: every non-visual token, and the visual tokens in ``keep_index``.
-
-    ``keep_index [I, k]`` indexes each image's tokens (0..N-1).
-    """
-    return keep_masks(visual, [(layout, keep_index)])
-
-
 def keep_masks(visual: torch.Tensor, selections: list[tuple[VisualLayout, torch.Tensor]]) -> torch.Tensor:
-    """:func:`keep_mask` for images laid out in several groups, each with its own keep indices."""
+    """Per-token keep flags ``[B, L]``: every non-visual token, and of each group of images ``layout``
+    the visual tokens its ``keep_index [I, k]`` names (indices into each image's tokens, 0..N-1)."""
     keep = ~visual
     for layout, keep_index in selections:
         kept_positions = torch.gather(layout.positions, 1, keep_index)
