@@ -14,6 +14,8 @@ Supported here: images of any sizes, mixed in one batch (``keep_ratio`` and ``bu
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -36,6 +38,9 @@ class Qwen2VLAdapter:
         for name in ("visual", "language_model"):
             if not isinstance(getattr(self.base, name, None), nn.Module):
                 raise InternalsMovedError(f"{type(self.base).__name__} has no {name!r} module")
+        for module, argument in ((self.base, "image_grid_thw"), (self.base.visual, "grid_thw")):
+            if argument not in inspect.signature(type(module).forward).parameters:
+                raise InternalsMovedError(f"{type(module).__name__}.forward no longer takes {argument!r}")
         self.image_token_id = config.image_token_id
         self.merge = config.vision_config.spatial_merge_size
         self.tokens_per_image: int | None = None  # set per forward from the images' sizes

@@ -118,3 +118,10 @@ def test_a_moved_qwen_internal_is_named(name):
     delattr(model.model, name)
     with pytest.raises(InternalsMovedError, match=f"no '{name}' module"):
         tp.apply_pruner(model, "fastv", keep_ratio=0.5)
+
+
+def test_a_renamed_grid_argument_is_named(monkeypatch):
+    model = tiny_model("qwen2_vl")
+    monkeypatch.setattr(type(model.model.visual), "forward", lambda self, hidden_states, sizes: hidden_states)
+    with pytest.raises(InternalsMovedError, match="no longer takes 'grid_thw'"):
+        tp.apply_pruner(model, "fastv", keep_ratio=0.5)
