@@ -1,4 +1,4 @@
-"""Qwen2-VL (``Qwen2VLForConditionalGeneration``): prune image tokens before or inside the language model.
+"""Qwen2-VL and Qwen2.5-VL: prune image tokens before or inside the language model.
 
 Each image becomes one run of ``image_token_id`` placeholders between vision start/end tokens, one per
 2x2 group of patches, so the count depends on the image's size (``image_grid_thw``). Positions are 3-D
@@ -27,9 +27,10 @@ from .decoder import DecoderPruningHooks
 
 
 class Qwen2VLAdapter:
-    """Adapter for ``model_type == "qwen2_vl"``."""
+    """Adapter for ``model_type`` ``qwen2_vl`` and ``qwen2_5_vl`` (whose window-attention vision tower is
+    not cut inside: the ``pre_llm`` stage acts after its merger)."""
 
-    model_types = ("qwen2_vl",)
+    model_types = ("qwen2_vl", "qwen2_5_vl")
 
     def __init__(self, model: nn.Module):
         config = model.config

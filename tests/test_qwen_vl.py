@@ -1,6 +1,6 @@
-"""Qwen2-VL specifics: the image size comes from each batch, and what is not supported yet says so.
+"""Qwen2-VL and Qwen2.5-VL specifics: image sizes mixed in one batch, and what is not supported yet.
 
-Every prefill invariant runs on Qwen2-VL in test_invariants.py, test_schedule.py and test_kv_cache.py.
+Every prefill invariant runs on both in test_invariants.py, test_schedule.py and test_kv_cache.py.
 """
 
 import pytest
@@ -17,12 +17,12 @@ from helpers import (
 
 import tokenprune as tp
 from tokenprune.patches import InternalsMovedError
-from tokenprune.testing import tiny_inputs, tiny_model
+from tokenprune.testing import QWEN_FAMILIES, tiny_inputs, tiny_model
 
 
-@pytest.fixture(scope="module")
-def qwen():
-    return tiny_model("qwen2_vl")
+@pytest.fixture(scope="module", params=QWEN_FAMILIES)
+def qwen(request):
+    return tiny_model(request.param)
 
 
 def test_the_image_size_comes_from_the_batch(qwen):

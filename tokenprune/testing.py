@@ -20,6 +20,8 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     PreTrainedModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     SiglipVisionConfig,
@@ -29,7 +31,8 @@ from transformers import (
     ViTModel,
 )
 
-FAMILIES = ("llava", "qwen2_vl")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 ENCODER_FAMILIES = ("clip", "siglip", "vit", "vit-classifier")
 PAD_TOKEN_ID = 0
 IMAGE_TOKEN_ID = 3
@@ -55,7 +58,7 @@ QWEN_VIDEO_TOKEN_ID, QWEN_VISION_START_ID, QWEN_VISION_END_ID = 250, 251, 252
 QWEN_PATCHES_PER_SIDE = 16
 
 
-def _qwen2_vl_config() -> Qwen2VLConfig:
+def _qwen_config(family: str) -> Qwen2VLConfig | Qwen2_5_VLConfig:
     text = dict(
         hidden_size=64,
         intermediate_size=128,
@@ -67,18 +70,21 @@ def _qwen2_vl_config() -> Qwen2VLConfig:
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         initializer_range=0.1,
     )
-    vision = dict(
-        depth=2,
-        embed_dim=32,
-        hidden_size=64,
-        num_heads=4,
-        mlp_ratio=2,
-        patch_size=4,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        in_channels=3,
-    )
-    return Qwen2VLConfig(
+    vision = dict(num_heads=4, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if family == "qwen2_5_vl":  # window attention over 2 x 2 merged tokens, the last layer full
+        vision.update(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=64,
+            window_size=16,
+            fullatt_block_indexes=[1],
+        )
+        config_class = Qwen2_5_VLConfig
+    else:
+        vision.update(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2)
+        config_class = Qwen2VLConfig
+    return config_class(
         text_config=text,
         vision_config=vision,
         image_token_id=IMAGE_TOKEN_ID,
@@ -94,11 +100,12 @@ def _qwen2_vl_config() -> Qwen2VLConfig:
 def tiny_config(family: str = "llava"):
     """The config of the tiny model of ``family``. LLaVA: 32x32 images in an 8x8 patch grid, a 6-layer
     vision tower (features of its fifth layer) and a 4-layer decoder. Qwen2-VL: 16x16 patches merged into
-    8x8 tokens per image, a 2-layer vision tower and a 4-layer decoder with multimodal RoPE."""
+    8x8 tokens per image, a 2-layer vision tower (Qwen2.5-VL: window attention, then full) and a 4-layer
+    decoder with multimodal RoPE."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; tiny models exist for: {', '.join(FAMILIES)}")
-    if family == "qwen2_vl":
-        return _qwen2_vl_config()
+    if family in QWEN_FAMILIES:
+        return _qwen_config(family)
     return llava_config(
         vision=dict(
             hidden_size=32,
@@ -131,7 +138,10 @@ def tiny_model(family: str = "llava", attn_implementation: str = "sdpa", seed: i
     """A tiny random model of ``family`` in eval mode, float32, on the CPU."""
     config = tiny_config(family)
     torch.manual_seed(seed)
-    model_class = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else LlavaForConditionalGeneration
+    model_class = {
+        "qwen2_vl": Qwen2VLForConditionalGeneration,
+        "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    }.get(family, LlavaForConditionalGeneration)
     return model_class._from_config(config, attn_implementation=attn_implementation).eval()
 
 
@@ -174,7 +184,7 @@ def tiny_pixels(model: PreTrainedModel, num_images: int = 2, seed: int = 0) -> t
     at its image size, or for Qwen2-VL the flattened patches ``[I * 16 * 16, 3 * 2 * 4 * 4]``."""
     config = getattr(model.config, "vision_config", model.config)
     generator = torch.Generator().manual_seed(seed)
-    if model.config.model_type == "qwen2_vl":
+    if model.config.model_type in QWEN_FAMILIES:
         patch = config.in_channels * config.temporal_patch_size * config.patch_size**2
         return torch.randn(num_images * QWEN_PATCHES_PER_SIDE**2, patch, generator=generator)
     return torch.randn(num_images, 3, config.image_size, config.image_size, generator=generator)
@@ -183,7 +193,7 @@ def tiny_pixels(model: PreTrainedModel, num_images: int = 2, seed: int = 0) -> t
 def tokens_per_image(model: PreTrainedModel) -> int:
     """Placeholder tokens of one image of the tiny inputs of ``model``."""
     vision = model.config.vision_config
-    if model.config.model_type == "qwen2_vl":
+    if model.config.model_type in QWEN_FAMILIES:
         return (QWEN_PATCHES_PER_SIDE // vision.spatial_merge_size) ** 2
     return (vision.image_size // vision.patch_size) ** 2
 
@@ -207,7 +217,7 @@ def tiny_inputs(
     """
     generator = torch.Generator().manual_seed(seed)
     image_token = model.config.image_token_id
-    qwen = model.config.model_type == "qwen2_vl"
+    qwen = model.config.model_type in QWEN_FAMILIES
     total_images = sum(images_per_prompt)
     if image_patches is None:
         image_patches = ((QWEN_PATCHES_PER_SIDE, QWEN_PATCHES_PER_SIDE),) * total_images
