@@ -44,11 +44,13 @@ def output_cache(output: Any) -> Any:
     return None
 
 
-def has_image_inputs(kwargs: dict[str, Any]) -> bool:
-    """Whether a VLM's forward call (as its generation head makes it, by keyword) carries images:
-    ``pixel_values``, or image features that ``generate`` encoded beforehand (``mm_encoder_outputs``)."""
+def has_media_inputs(kwargs: dict[str, Any], modality: str = "image") -> bool:
+    """Whether a VLM's forward call (as its generation head makes it, by keyword) carries images (or, for
+    ``modality="video"``, videos): pixels (``pixel_values``, ``pixel_values_videos``), or features that
+    ``generate`` encoded beforehand (``mm_encoder_outputs``)."""
     encoded = kwargs.get("mm_encoder_outputs") or {}
-    return kwargs.get("pixel_values") is not None or encoded.get("image") is not None
+    pixels = kwargs.get("pixel_values" if modality == "image" else "pixel_values_videos")
+    return pixels is not None or encoded.get(modality) is not None
 
 
 def cache_length(cache: Any, layer_idx: int) -> int:

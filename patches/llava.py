@@ -18,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from tokenprune.config import PrunerConfig
 
-from ._internals import has_image_inputs
+from ._internals import has_media_inputs
 from .decoder import DecoderPruningHooks
 from .retrieval import DecodeRetrievalHooks
 from .vit import EncoderPruningHooks
@@ -125,7 +125,7 @@ class LlavaAdapter:
         """Mark the image placeholders of this call's prompt, for the language-model hooks (none in a call
         without images: a decode step that generated the placeholder id is text)."""
         input_ids = args[0] if args else kwargs.get("input_ids")
-        if not has_image_inputs(kwargs):
+        if not has_media_inputs(kwargs):
             reference = input_ids if input_ids is not None else kwargs["inputs_embeds"][..., 0]
             self._language_model.pending_visual = torch.zeros(reference.shape, dtype=torch.bool)
             return

@@ -8,8 +8,9 @@ tokens; at decode the model derives each new token's position from the full 2-D 
 ``rope_deltas``, so kept tokens and new tokens keep their original positions. The language model is a
 Llama-style decoder, pruned by :class:`~tokenprune.patches.decoder.DecoderPruningHooks`.
 
-Supported here: images of any sizes, mixed in one batch (``keep_ratio`` and ``budget`` apply per image),
-``pre_llm`` and ``llm`` methods and schedules. Not yet: videos, vision-stage and kv methods.
+Supported here: images and videos of any sizes, mixed in one batch (``keep_ratio`` and ``budget`` apply per
+image or video; ``media`` picks images, videos or both), ``pre_llm`` and ``llm`` methods and schedules. Not
+yet: vision-stage and kv methods.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from tokenprune.config import PrunerConfig
 
-from ._internals import InternalsMovedError, has_image_inputs
+from ._internals import InternalsMovedError, has_media_inputs
 from .decoder import DecoderPruningHooks
 
 
@@ -42,12 +43,13 @@ class Qwen2VLAdapter:
         for module, argument in ((self.base, "image_grid_thw"), (self.base.visual, "grid_thw")):
             if argument not in inspect.signature(type(module).forward).parameters:
                 raise InternalsMovedError(f"{type(module).__name__}.forward no longer takes {argument!r}")
-        self.image_token_id = config.image_token_id
+        self.image_token_id, self.video_token_id = config.image_token_id, config.video_token_id
         self.merge = config.vision_config.spatial_merge_size
         self.tokens_per_image: int | None = None  # set per forward from the images' sizes
         self.hooks = DecoderPruningHooks(self.base.language_model, 0, None)
         self.hooks.images_by_runs = True  # each image's placeholders sit between vision start/end tokens
-        self._grid_thw: torch.Tensor | None = None  # of the vision tower's last call
+        self._encoded_grids: list[torch.Tensor] = []  # grid_thw the vision tower saw since the last forward
+        self._modalities: tuple[str, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -79,6 +81,9 @@ class Qwen2VLAdapter:
         return [(layer, None) for layer in layers]
 
     def attach(self, pruner) -> list[RemovableHandle]:
+        self._modalities = {"images": ("image",), "videos": ("video",), "both": ("image", "video")}[
+            pruner.config.media
+        ]
         return [
             self.base.visual.register_forward_pre_hook(self._record_grid, with_kwargs=True),
             self.base.register_forward_pre_hook(self._find_images, with_kwargs=True),
@@ -86,22 +91,29 @@ class Qwen2VLAdapter:
         ]
 
     def _record_grid(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Remember the grids the vision tower encodes (``generate`` encodes before the forward)."""
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        self._grid_thw = grid
+        if grid is not None:
+            self._encoded_grids.append(grid)
 
     def _find_images(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Mark the image placeholders of this call's prompt, and the patch grid of each image size."""
+        """Mark the placeholders of the images and videos pruned in this call's prompt, and the patch grid
+        of each image size. A placeholder id in a call without that medium (a generated token) is text."""
         input_ids = args[0] if args else kwargs.get("input_ids")
         if input_ids is None:
             raise ValueError("Qwen2-VL pruning needs input_ids (the image placeholders are found by id)")
-        visual = (input_ids == self.image_token_id) & has_image_inputs(kwargs)
+        visual = torch.zeros_like(input_ids, dtype=torch.bool)
+        for modality in self._modalities:
+            token = self.image_token_id if modality == "image" else self.video_token_id
+            visual |= (input_ids == token) & has_media_inputs(kwargs, modality)
         self.hooks.pending_visual = visual
-        grid_thw = kwargs.get("image_grid_thw")
-        grid_thw = self._grid_thw if grid_thw is None else grid_thw
-        self.hooks.grids = {} if grid_thw is None else self._grids(grid_thw)
+        grids = [kwargs[k] for k in ("image_grid_thw", "video_grid_thw") if kwargs.get(k) is not None]
+        grids, self._encoded_grids = grids or self._encoded_grids, []
+        self.hooks.grids = self._grids(torch.cat(grids)) if grids else {}
 
     def _grids(self, grid_thw: torch.Tensor) -> dict[int, tuple[int, int]]:
-        """Token count -> merged patch grid of single-frame images; a count two shapes share has none."""
+        """Token count -> merged patch grid of single-frame images; a count two shapes (or a video) share
+        has none."""
         grids: dict[int, tuple[int, int] | None] = {}
         for t, h, w in grid_thw.tolist():
             grid = (h // self.merge, w // self.merge) if t == 1 else None

@@ -156,7 +156,9 @@ def extend(inputs: dict, new_tokens: torch.Tensor) -> dict:
     return grown
 
 
-def select_sample(inputs: dict, b: int, images_per_prompt: tuple[int, ...]) -> dict:
+def select_sample(
+    inputs: dict, b: int, images_per_prompt: tuple[int, ...], videos_per_prompt: tuple[int, ...] | None = None
+) -> dict:
     """Sample ``b`` of a left-padded batch on its own, without its padding."""
     real = inputs["attention_mask"][b].bool()
     first, count = sum(images_per_prompt[:b]), images_per_prompt[b]
@@ -174,6 +176,12 @@ def select_sample(inputs: dict, b: int, images_per_prompt: tuple[int, ...]) -> d
         alone["image_grid_thw"] = grid[first : first + count] if count else None
     if "image_grid_thw" in inputs and grid is None:
         alone["image_grid_thw"] = None
+    if videos_per_prompt is not None:  # Qwen2-VL videos: rows of patches, grid.prod() per video
+        first, count, grid = sum(videos_per_prompt[:b]), videos_per_prompt[b], inputs["video_grid_thw"]
+        rows = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), grid.prod(-1)]), 0)
+        if count:
+            alone["pixel_values_videos"] = inputs["pixel_values_videos"][rows[first] : rows[first + count]]
+            alone["video_grid_thw"] = grid[first : first + count]
     return alone
 
 

@@ -13,6 +13,7 @@ from helpers import (
     kept_rows,
     masked_reference,
     reference_rows,
+    select_sample,
 )
 
 import tokenprune as tp
@@ -91,6 +92,62 @@ def test_mixed_sizes_schedule_keeps_each_images_share_at_each_stage(qwen):
         final[3],
     ]
     assert bool((pruner.stats.keep_masks[2] <= pruner.stats.keep_masks[1]).all())
+
+
+VIDEOS = (1, 0, 2)  # 32 tokens each
+
+
+def media_inputs(model):
+    return tiny_inputs(model, IMAGES, image_patches=PATCHES, videos_per_prompt=VIDEOS)
+
+
+@pytest.mark.parametrize("method", PREFILL_METHODS)
+def test_images_and_videos_equal_masking(qwen, method):
+    inputs = media_inputs(qwen)
+    with tp.pruned(qwen, method, keep_ratio=0.25) as pruner, torch.no_grad():
+        got = qwen(**inputs).logits
+    kept = [round(0.25 * n) for n in TOKENS]
+    assert pruner.stats.visual_tokens == [64 + 32, 24 + 48, 32 + 64]
+    assert pruner.stats.kept_tokens == [kept[0] + 8, kept[1] + kept[2], kept[3] + 16]
+    keep = pruner.stats.keep_mask
+    expected = masked_reference(qwen, inputs, pruner.stats.keep_masks)
+    for g, e in zip(
+        kept_rows(got, keep, inputs["attention_mask"]),
+        reference_rows(expected, keep, inputs["attention_mask"]),
+        strict=True,
+    ):
+        torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("media", "pruned_token"), [("images", "image"), ("videos", "video")])
+def test_media_picks_what_is_pruned(qwen, media, pruned_token):
+    inputs = media_inputs(qwen)
+    with tp.pruned(qwen, "fastv", keep_ratio=0.25, media=media) as pruner, torch.no_grad():
+        qwen(**inputs)
+    ids = inputs["input_ids"]
+    tokens = {"image": ids == qwen.config.image_token_id, "video": ids == qwen.config.video_token_id}
+    untouched = tokens["video" if pruned_token == "image" else "image"]
+    assert bool(pruner.stats.keep_mask[untouched].all())
+    assert pruner.stats.visual_tokens == tokens[pruned_token].sum(dim=1).tolist()
+    assert int((pruner.stats.keep_mask & tokens[pruned_token]).sum()) == sum(pruner.stats.kept_tokens)
+
+
+def test_images_and_videos_generate_equals_recomputation_and_batch_equals_alone(qwen):
+    inputs = media_inputs(qwen)
+    with tp.pruned(qwen, "dart", keep_ratio=0.25) as pruner:
+        out = greedy_with_logits(qwen, inputs)
+        stages = pruner.stats.keep_masks  # of the generate's prefill, before the forwards below
+        with torch.no_grad():
+            batched = qwen(**inputs).logits[:, -1]
+            for b in range(len(IMAGES)):
+                alone = qwen(**select_sample(inputs, b, IMAGES, VIDEOS)).logits[:, -1]
+                torch.testing.assert_close(batched[b : b + 1], alone, atol=ATOL, rtol=0)
+    assert_generate_matches_reference(qwen, inputs, out, stages)
+
+
+def test_media_must_be_known(qwen):
+    with pytest.raises(ValueError, match="media must be one of"):
+        tp.apply_pruner(qwen, "fastv", keep_ratio=0.25, media="audio")
 
 
 def test_a_budget_over_the_image_raises_at_the_forward(qwen):

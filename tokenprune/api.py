@@ -22,6 +22,7 @@ def apply_pruner(
     layer: int | None = None,
     schedule: tuple[tuple[int, float], ...] | None = None,
     drop_early_kv: bool = False,
+    media: str = "both",
     **options: object,
 ) -> Pruner:
     """Prune the visual tokens of every forward pass of ``model`` (including inside ``generate``).
@@ -36,6 +37,7 @@ def apply_pruner(
             :class:`PrunerConfig`).
         drop_early_kv: also drop the pruned tokens' KV entries from the layers before ``layer`` once
             prefill is done (see :class:`PrunerConfig`).
+        media: in a family that takes videos, prune ``"images"``, ``"videos"`` or ``"both"``.
         **options: method-specific options (see the method's docstring).
 
     Returns:
@@ -46,7 +48,7 @@ def apply_pruner(
     """
     if isinstance(method, PrunerConfig):
         extra = (keep_ratio, budget, layer, schedule)
-        if any(x is not None for x in extra) or drop_early_kv or options:
+        if any(x is not None for x in extra) or drop_early_kv or options or media != "both":
             raise TypeError("pass either a PrunerConfig or a method name with its arguments, not both")
         config = method
     else:
@@ -58,6 +60,7 @@ def apply_pruner(
             options=dict(options),
             schedule=None if schedule is None else tuple(schedule),
             drop_early_kv=drop_early_kv,
+            media=media,
         )
     if attached_pruner(model) is not None:
         raise RuntimeError("this model already has a pruner; call tokenprune.remove_pruner(model) first")

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from .registry import MethodSpec, get_method, stage_for_layer
 
+#: Values of :attr:`PrunerConfig.media`.
+MEDIA = ("images", "videos", "both")
+
 
 @dataclass(frozen=True)
 class PrunerConfig:
@@ -33,7 +36,9 @@ class PrunerConfig:
             still counting the image's original tokens.
 
     A ``vision`` method (``tome``, ``hiprune``, ``visionzip``) counts patches, without the CLS token;
-    ``tome`` also takes ``r`` (tokens merged per layer) instead of ``keep_ratio``/``budget``. A ``kv``
+    ``tome`` also takes ``r`` (tokens merged per layer) instead of ``keep_ratio``/``budget``.
+    ``media`` says what is pruned in a family that takes videos (Qwen2-VL, Qwen2.5-VL): ``"images"``,
+    ``"videos"`` or ``"both"`` (the default); each video counts as one visual item, like an image. A ``kv``
     method (``sparsevila``) keeps every token at prefill; its ratio or budget is the visual tokens of each
     image that every decode step attends to, in each layer.
     """
@@ -46,9 +51,12 @@ class PrunerConfig:
     schedule: tuple[tuple[int, float], ...] | None = None
     drop_early_kv: bool = False
     vision: PrunerConfig | None = None
+    media: str = "both"
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
+        if self.media not in MEDIA:
+            raise ValueError(f"media must be one of {MEDIA} (what is pruned), got {self.media!r}")
         merges_by_r = spec.per_layer and self.options.get("r") is not None
         if spec.vision and (self.schedule is not None or self.layer is not None or self.drop_early_kv):
             raise ValueError(

@@ -204,6 +204,7 @@ def tiny_inputs(
     text_lengths: tuple[int, ...] | None = None,
     seed: int = 0,
     image_patches: tuple[tuple[int, int], ...] | None = None,
+    videos_per_prompt: tuple[int, ...] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A left-padded batch for ``model``: one prompt per entry of ``images_per_prompt``.
 
@@ -213,7 +214,8 @@ def tiny_inputs(
     tokens only, as ``generate`` does); for Qwen2-VL, whose model computes its multimodal positions, each
     image is wrapped in vision start/end tokens and the batch has ``image_grid_thw`` and
     ``mm_token_type_ids`` instead. ``image_patches`` gives each Qwen2-VL image its own (rows, columns) of
-    patches (even numbers; default 16 x 16, 64 tokens).
+    patches (even numbers; default 16 x 16, 64 tokens); ``videos_per_prompt`` adds Qwen2-VL videos after
+    the images (4 frames of 8 x 8 patches: 32 tokens each; ``pixel_values_videos``, ``video_grid_thw``).
     """
     generator = torch.Generator().manual_seed(seed)
     image_token = model.config.image_token_id
@@ -223,6 +225,10 @@ def tiny_inputs(
         image_patches = ((QWEN_PATCHES_PER_SIDE, QWEN_PATCHES_PER_SIDE),) * total_images
     elif not qwen or len(image_patches) != total_images:
         raise ValueError("image_patches gives one (rows, columns) per image, for Qwen2-VL only")
+    videos_per_prompt = videos_per_prompt or (0,) * len(images_per_prompt)
+    if any(videos_per_prompt) and not qwen:
+        raise ValueError("videos are for Qwen2-VL models only")
+    video_grid = (2, 8, 8)  # temporal groups of 2 frames, rows, columns of patches
     merge = model.config.vision_config.spatial_merge_size if qwen else 1
     sizes = iter([rows * cols // merge**2 for rows, cols in image_patches] if qwen else [])
     if text_lengths is None:
@@ -231,17 +237,23 @@ def tiny_inputs(
     def words(count: int) -> torch.Tensor:  # below every special id of the tiny models
         return torch.randint(5, QWEN_VIDEO_TOKEN_ID, (count,), generator=generator)
 
+    def media(token: int, count: int) -> torch.Tensor:
+        run = torch.full((count,), token)
+        if qwen:
+            run = torch.cat([torch.tensor([QWEN_VISION_START_ID]), run, torch.tensor([QWEN_VISION_END_ID])])
+        return run
+
     prompts = []
-    for num_images, text_length in zip(images_per_prompt, text_lengths, strict=False):
+    for num_images, num_videos, text_length in zip(
+        images_per_prompt, videos_per_prompt, text_lengths, strict=False
+    ):
         text = words(text_length)
         pieces = [text[: text_length // 2]]
         for _ in range(num_images):
-            image = torch.full((next(sizes) if qwen else tokens_per_image(model),), image_token)
-            if qwen:
-                image = torch.cat(
-                    [torch.tensor([QWEN_VISION_START_ID]), image, torch.tensor([QWEN_VISION_END_ID])]
-                )
-            pieces += [image, words(1)]
+            pieces += [media(image_token, next(sizes) if qwen else tokens_per_image(model)), words(1)]
+        for _ in range(num_videos):
+            t, h, w = video_grid
+            pieces += [media(QWEN_VIDEO_TOKEN_ID, t * h * w // merge**2), words(1)]
         pieces.append(text[text_length // 2 :])
         prompts.append(torch.cat(pieces))
     length = max(p.numel() for p in prompts)
@@ -259,9 +271,15 @@ def tiny_inputs(
     patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     rows = sum(r * c for r, c in image_patches)
     inputs["pixel_values"] = torch.randn(rows, patch, generator=generator) if total_images else None
-    inputs["mm_token_type_ids"] = (input_ids == image_token).int()
+    videos = input_ids == QWEN_VIDEO_TOKEN_ID
+    inputs["mm_token_type_ids"] = (input_ids == image_token).int() + 2 * videos.int()
     grid = torch.tensor([[1, r, c] for r, c in image_patches])
     inputs["image_grid_thw"] = grid if total_images else None
+    total_videos = sum(videos_per_prompt)
+    if total_videos:
+        t, h, w = video_grid
+        inputs["pixel_values_videos"] = torch.randn(total_videos * t * h * w, patch, generator=generator)
+        inputs["video_grid_thw"] = torch.tensor([video_grid] * total_videos)
     return inputs
 
 
