@@ -165,6 +165,14 @@ class DecoderPruningHooks(LanguageModelHooks):
             ]
         return handles
 
+    def prompt_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """During a prefill with images: the prompt position of each current row ``[B, L_cur]`` and
+        whether the row holds a prompt token (not re-padding); ``None`` otherwise."""
+        call = self._call
+        if call is None or call.visual is None:
+            return None
+        return call.origin, call.real
+
     def _needs(self) -> tuple[str, ...]:
         """What the decoder-stage method needs (nothing when the only method acts in the vision tower)."""
         config = self._pruner.config

@@ -9,8 +9,9 @@ tokens; at decode the model derives each new token's position from the full 2-D 
 Llama-style decoder, pruned by :class:`~tokenprune.patches.decoder.DecoderPruningHooks`.
 
 Supported here: images and videos of any sizes, mixed in one batch (``keep_ratio`` and ``budget`` apply per
-image or video; ``media`` picks images, videos or both), ``pre_llm`` and ``llm`` methods and schedules. Not
-yet: vision-stage and kv methods.
+image or video; ``media`` picks images, videos or both), ``pre_llm`` and ``llm`` methods and schedules.
+Qwen3-VL's DeepStack features follow the kept tokens. Not yet: Qwen3-VL videos (a ``ValueError`` says so),
+vision-stage and kv methods.
 """
 
 from __future__ import annotations
@@ -22,16 +23,17 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenprune.config import PrunerConfig
+from tokenprune.kernels import gather_tokens
 
 from ._internals import InternalsMovedError, has_media_inputs
 from .decoder import DecoderPruningHooks
 
 
 class Qwen2VLAdapter:
-    """Adapter for ``model_type`` ``qwen2_vl`` and ``qwen2_5_vl`` (whose window-attention vision tower is
-    not cut inside: the ``pre_llm`` stage acts after its merger)."""
+    """Adapter for ``model_type`` ``qwen2_vl``, ``qwen2_5_vl`` (whose window-attention vision tower is not
+    cut inside: the ``pre_llm`` stage acts after its merger) and ``qwen3_vl`` (DeepStack, below)."""
 
-    model_types = ("qwen2_vl", "qwen2_5_vl")
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
     def __init__(self, model: nn.Module):
         config = model.config
@@ -44,6 +46,7 @@ class Qwen2VLAdapter:
             if argument not in inspect.signature(type(module).forward).parameters:
                 raise InternalsMovedError(f"{type(module).__name__}.forward no longer takes {argument!r}")
         self.image_token_id, self.video_token_id = config.image_token_id, config.video_token_id
+        self.frames_apart = config.model_type == "qwen3_vl"  # its videos: a run of placeholders per frame
         self.merge = config.vision_config.spatial_merge_size
         self.tokens_per_image: int | None = None  # set per forward from the images' sizes
         self.hooks = DecoderPruningHooks(self.base.language_model, 0, None)
@@ -84,11 +87,28 @@ class Qwen2VLAdapter:
         self._modalities = {"images": ("image",), "videos": ("video",), "both": ("image", "video")}[
             pruner.config.media
         ]
-        return [
+        handles = [
             self.base.visual.register_forward_pre_hook(self._record_grid, with_kwargs=True),
             self.base.register_forward_pre_hook(self._find_images, with_kwargs=True),
             *self.hooks.attach(pruner),
         ]
+        if hasattr(type(self.base.language_model), "_deepstack_process"):
+            handles.append(_InstanceOverride(self.base.language_model, "_deepstack_process", self._deepstack))
+        return handles
+
+    def _deepstack(self, hidden: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor):
+        """Qwen3-VL's DeepStack step, after the first decoder layers: add each image token's deep vision
+        features to its row, wherever pruning has moved it (``visual_pos_masks`` and the features are laid
+        out over the unpruned prompt)."""
+        rows = self.hooks.prompt_rows()
+        if rows is None:
+            return type(self.base.language_model)._deepstack_process(
+                self.base.language_model, hidden, visual_pos_masks, visual_embeds
+            )
+        origin, real = rows
+        added = hidden.new_zeros(*visual_pos_masks.shape, hidden.shape[-1])
+        added[visual_pos_masks.to(hidden.device)] = visual_embeds.to(hidden.device, hidden.dtype)
+        return hidden + gather_tokens(added, origin) * real[..., None].to(hidden.dtype)
 
     def _record_grid(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Remember the grids the vision tower encodes (``generate`` encodes before the forward)."""
@@ -105,7 +125,13 @@ class Qwen2VLAdapter:
         visual = torch.zeros_like(input_ids, dtype=torch.bool)
         for modality in self._modalities:
             token = self.image_token_id if modality == "image" else self.video_token_id
-            visual |= (input_ids == token) & has_media_inputs(kwargs, modality)
+            found = (input_ids == token) & has_media_inputs(kwargs, modality)
+            if modality == "video" and self.frames_apart and bool(found.any()):
+                raise ValueError(
+                    f"pruning videos of {type(self.model).__name__} (one placeholder run per frame) is not "
+                    "supported yet: pass media='images'"
+                )
+            visual |= found
         self.hooks.pending_visual = visual
         grids = [kwargs[k] for k in ("image_grid_thw", "video_grid_thw") if kwargs.get(k) is not None]
         grids, self._encoded_grids = grids or self._encoded_grids, []
@@ -120,3 +146,18 @@ class Qwen2VLAdapter:
             count = t * (h // self.merge) * (w // self.merge)
             grids[count] = grid if grids.get(count, grid) == grid else None
         return {count: grid for count, grid in grids.items() if grid is not None}
+
+
+class _InstanceOverride:
+    """Shadows a method of one module instance with ``replacement`` until :meth:`remove` (a handle, like a
+    hook's): the class, and every other instance, keep the original."""
+
+    def __init__(self, module: nn.Module, name: str, replacement) -> None:
+        if name in vars(module):
+            raise RuntimeError(f"{type(module).__name__}.{name} is already overridden on this instance")
+        self.module, self.name = module, name
+        setattr(module, name, replacement)
+
+    def remove(self) -> None:
+        if self.name in vars(self.module):
+            delattr(self.module, self.name)

@@ -97,12 +97,19 @@ def test_mixed_sizes_schedule_keeps_each_images_share_at_each_stage(qwen):
 VIDEOS = (1, 0, 2)  # 32 tokens each
 
 
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def qwen_with_videos(request):
+    """The families whose videos are one run of placeholders each."""
+    return tiny_model(request.param)
+
+
 def media_inputs(model):
     return tiny_inputs(model, IMAGES, image_patches=PATCHES, videos_per_prompt=VIDEOS)
 
 
 @pytest.mark.parametrize("method", PREFILL_METHODS)
-def test_images_and_videos_equal_masking(qwen, method):
+def test_images_and_videos_equal_masking(qwen_with_videos, method):
+    qwen = qwen_with_videos
     inputs = media_inputs(qwen)
     with tp.pruned(qwen, method, keep_ratio=0.25) as pruner, torch.no_grad():
         got = qwen(**inputs).logits
@@ -120,7 +127,8 @@ def test_images_and_videos_equal_masking(qwen, method):
 
 
 @pytest.mark.parametrize(("media", "pruned_token"), [("images", "image"), ("videos", "video")])
-def test_media_picks_what_is_pruned(qwen, media, pruned_token):
+def test_media_picks_what_is_pruned(qwen_with_videos, media, pruned_token):
+    qwen = qwen_with_videos
     inputs = media_inputs(qwen)
     with tp.pruned(qwen, "fastv", keep_ratio=0.25, media=media) as pruner, torch.no_grad():
         qwen(**inputs)
@@ -132,7 +140,8 @@ def test_media_picks_what_is_pruned(qwen, media, pruned_token):
     assert int((pruner.stats.keep_mask & tokens[pruned_token]).sum()) == sum(pruner.stats.kept_tokens)
 
 
-def test_images_and_videos_generate_equals_recomputation_and_batch_equals_alone(qwen):
+def test_images_and_videos_generate_equals_recomputation_and_batch_equals_alone(qwen_with_videos):
+    qwen = qwen_with_videos
     inputs = media_inputs(qwen)
     with tp.pruned(qwen, "dart", keep_ratio=0.25) as pruner:
         out = greedy_with_logits(qwen, inputs)
@@ -143,6 +152,23 @@ def test_images_and_videos_generate_equals_recomputation_and_batch_equals_alone(
                 alone = qwen(**select_sample(inputs, b, IMAGES, VIDEOS)).logits[:, -1]
                 torch.testing.assert_close(batched[b : b + 1], alone, atol=ATOL, rtol=0)
     assert_generate_matches_reference(qwen, inputs, out, stages)
+
+
+def test_qwen3_videos_are_refused_until_supported():
+    qwen3 = tiny_model("qwen3_vl")
+    inputs = tiny_inputs(qwen3, (1,))
+    inputs["input_ids"][0, -3] = qwen3.config.video_token_id  # a video placeholder...
+    inputs["pixel_values_videos"] = torch.zeros(1, 96)  # ...with video inputs in the call
+    with tp.pruned(qwen3, "fastv", keep_ratio=0.25), pytest.raises(ValueError, match="media='images'"):
+        qwen3(**inputs)
+
+
+def test_qwen3_deepstack_is_restored_on_remove():
+    qwen3 = tiny_model("qwen3_vl")
+    language_model = qwen3.model.language_model
+    with tp.pruned(qwen3, "fastv", keep_ratio=0.25):
+        assert "_deepstack_process" in vars(language_model)
+    assert "_deepstack_process" not in vars(language_model)
 
 
 def test_media_must_be_known(qwen):

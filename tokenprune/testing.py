@@ -24,6 +24,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
     SiglipVisionModel,
     ViTConfig,
@@ -31,8 +33,8 @@ from transformers import (
     ViTModel,
 )
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 ENCODER_FAMILIES = ("clip", "siglip", "vit", "vit-classifier")
 PAD_TOKEN_ID = 0
 IMAGE_TOKEN_ID = 3
@@ -58,7 +60,7 @@ QWEN_VIDEO_TOKEN_ID, QWEN_VISION_START_ID, QWEN_VISION_END_ID = 250, 251, 252
 QWEN_PATCHES_PER_SIDE = 16
 
 
-def _qwen_config(family: str) -> Qwen2VLConfig | Qwen2_5_VLConfig:
+def _qwen_config(family: str) -> Qwen2VLConfig | Qwen2_5_VLConfig | Qwen3VLConfig:
     text = dict(
         hidden_size=64,
         intermediate_size=128,
@@ -71,7 +73,19 @@ def _qwen_config(family: str) -> Qwen2VLConfig | Qwen2_5_VLConfig:
         initializer_range=0.1,
     )
     vision = dict(num_heads=4, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    if family == "qwen2_5_vl":  # window attention over 2 x 2 merged tokens, the last layer full
+    if family == "qwen3_vl":  # DeepStack: features of both vision layers added to the first two LM layers
+        vision.update(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=64,
+            num_position_embeddings=256,
+            deepstack_visual_indexes=[0, 1],
+        )
+        text.update(head_dim=16)
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
+        config_class = Qwen3VLConfig
+    elif family == "qwen2_5_vl":  # window attention over 2 x 2 merged tokens, the last layer full
         vision.update(
             depth=2,
             hidden_size=32,
@@ -141,6 +155,7 @@ def tiny_model(family: str = "llava", attn_implementation: str = "sdpa", seed: i
     model_class = {
         "qwen2_vl": Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+        "qwen3_vl": Qwen3VLForConditionalGeneration,
     }.get(family, LlavaForConditionalGeneration)
     return model_class._from_config(config, attn_implementation=attn_implementation).eval()
 
@@ -226,8 +241,8 @@ def tiny_inputs(
     elif not qwen or len(image_patches) != total_images:
         raise ValueError("image_patches gives one (rows, columns) per image, for Qwen2-VL only")
     videos_per_prompt = videos_per_prompt or (0,) * len(images_per_prompt)
-    if any(videos_per_prompt) and not qwen:
-        raise ValueError("videos are for Qwen2-VL models only")
+    if any(videos_per_prompt) and model.config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ValueError("tiny videos are built for Qwen2-VL and Qwen2.5-VL only")
     video_grid = (2, 8, 8)  # temporal groups of 2 frames, rows, columns of patches
     merge = model.config.vision_config.spatial_merge_size if qwen else 1
     sizes = iter([rows * cols // merge**2 for rows, cols in image_patches] if qwen else [])
