@@ -137,6 +137,21 @@ def reference_rows(reference_logits: torch.Tensor, keep: torch.Tensor, attention
     return [reference_logits[b][keep[b] & attention_mask[b].bool()] for b in range(keep.shape[0])]
 
 
+def assert_kept_rows_match(
+    pruned_logits: torch.Tensor,
+    reference_logits: torch.Tensor,
+    keep: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> None:
+    """Each sample's pruned logits equal the reference's at the same (kept, real) prompt tokens."""
+    for got, expected in zip(
+        kept_rows(pruned_logits, keep, attention_mask),
+        reference_rows(reference_logits, keep, attention_mask),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
 def extend(inputs: dict, new_tokens: torch.Tensor) -> dict:
     """``inputs`` with ``new_tokens [B, T]`` appended, mask, positions (LLaVA) and token types (Qwen2-VL)
     extended as generate does."""

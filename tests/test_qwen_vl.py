@@ -9,10 +9,9 @@ from helpers import (
     ATOL,
     assert_batch_equals_each_sample_alone,
     assert_generate_matches_reference,
+    assert_kept_rows_match,
     greedy_with_logits,
-    kept_rows,
     masked_reference,
-    reference_rows,
     select_sample,
 )
 
@@ -57,12 +56,7 @@ def test_mixed_sizes_equal_masking_with_the_ratio_per_image(qwen, method):
     assert pruner.stats.kept_tokens == [kept[0], kept[1] + kept[2], kept[3]]
     keep = pruner.stats.keep_mask
     expected = masked_reference(qwen, inputs, pruner.stats.keep_masks)
-    for g, e in zip(
-        kept_rows(got, keep, inputs["attention_mask"]),
-        reference_rows(expected, keep, inputs["attention_mask"]),
-        strict=True,
-    ):
-        torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
+    assert_kept_rows_match(got, expected, keep, inputs["attention_mask"])
 
 
 @pytest.mark.parametrize("method", ["dart", "fastv", "uniform"])
@@ -118,12 +112,7 @@ def test_images_and_videos_equal_masking(qwen_with_videos, method):
     assert pruner.stats.kept_tokens == [kept[0] + 8, kept[1] + kept[2], kept[3] + 16]
     keep = pruner.stats.keep_mask
     expected = masked_reference(qwen, inputs, pruner.stats.keep_masks)
-    for g, e in zip(
-        kept_rows(got, keep, inputs["attention_mask"]),
-        reference_rows(expected, keep, inputs["attention_mask"]),
-        strict=True,
-    ):
-        torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
+    assert_kept_rows_match(got, expected, keep, inputs["attention_mask"])
 
 
 @pytest.mark.parametrize(("media", "pruned_token"), [("images", "image"), ("videos", "video")])

@@ -3,13 +3,11 @@
 import pytest
 import torch
 from helpers import (
-    ATOL,
     assert_batch_equals_each_sample_alone,
     assert_generate_matches_reference,
+    assert_kept_rows_match,
     greedy_with_logits,
-    kept_rows,
     masked_reference,
-    reference_rows,
 )
 
 import tokenprune as tp
@@ -51,11 +49,7 @@ def test_schedule_equals_masking_per_stage(model, method, schedule):
     for earlier, later in zip(masks, masks[1:], strict=False):
         assert bool((later <= earlier).all())  # each stage keeps a subset of the previous one
     expected = masked_reference(model, inputs, stats.keep_masks)
-    mask = inputs["attention_mask"]
-    for g, e in zip(
-        kept_rows(got, stats.keep_mask, mask), reference_rows(expected, stats.keep_mask, mask), strict=True
-    ):
-        torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
+    assert_kept_rows_match(got, expected, stats.keep_mask, inputs["attention_mask"])
 
 
 @pytest.mark.parametrize("drop", [False, True])

@@ -7,11 +7,10 @@ from helpers import (
     ATOL,
     assert_batch_equals_each_sample_alone,
     assert_generate_matches_reference,
+    assert_kept_rows_match,
     greedy_with_logits,
-    kept_rows,
     masked_reference,
     recorded_image_features,
-    reference_rows,
     substituted_image_features,
     tokenprune_hooks,
 )
@@ -163,12 +162,7 @@ def test_composed_stages_equal_masking(model, vision, decoder):
     assert stats.stage == "llm"
     with substituted_image_features(model, recorded[-1]):
         expected = masked_reference(model, inputs, stats.keep_masks)
-    for g, e in zip(
-        kept_rows(got, stats.keep_mask, inputs["attention_mask"]),
-        reference_rows(expected, stats.keep_mask, inputs["attention_mask"]),
-        strict=True,
-    ):
-        torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
+    assert_kept_rows_match(got, expected, stats.keep_mask, inputs["attention_mask"])
 
 
 @pytest.mark.parametrize(("vision", "decoder"), COMPOSED[:2])

@@ -60,18 +60,22 @@ QWEN_VIDEO_TOKEN_ID, QWEN_VISION_START_ID, QWEN_VISION_END_ID = 250, 251, 252
 QWEN_PATCHES_PER_SIDE = 16
 
 
+#: The decoder of every tiny VLM: 4 layers of width 64, 4 query and 2 KV heads.
+_TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB_SIZE,
+    max_position_embeddings=512,
+    initializer_range=0.1,
+)
+
+
 def _qwen_config(family: str) -> Qwen2VLConfig | Qwen2_5_VLConfig | Qwen3VLConfig:
-    text = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB_SIZE,
-        max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        initializer_range=0.1,
-    )
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    text = dict(_TINY_TEXT, rope_parameters=rope)
     vision = dict(num_heads=4, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     if family == "qwen3_vl":  # DeepStack: features of both vision layers added to the first two LM layers
         vision.update(
@@ -130,19 +134,7 @@ def tiny_config(family: str = "llava"):
             patch_size=4,
             projection_dim=32,
         ),
-        text=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB_SIZE,
-            max_position_embeddings=512,
-            pad_token_id=PAD_TOKEN_ID,
-            bos_token_id=1,
-            eos_token_id=2,
-            initializer_range=0.1,
-        ),
+        text=dict(_TINY_TEXT, pad_token_id=PAD_TOKEN_ID, bos_token_id=1, eos_token_id=2),
         image_token_id=IMAGE_TOKEN_ID,
         pad_token_id=PAD_TOKEN_ID,
     )
