@@ -130,7 +130,8 @@ class DecoderPruningHooks(LanguageModelHooks):
         super().__init__(language_model, tokens_per_image, grid)
         self._call: _Call | None = None
         self._sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
-        self._stages: list[tuple[int, int]] = []  # (layer, visual tokens kept per image)
+        # (layer, visual tokens kept per image; None where that follows each image's size)
+        self._stages: list[tuple[int, int | None]] = []
 
     def attach(self, pruner: Pruner) -> list[RemovableHandle]:
         """Register the hooks for ``pruner``; returns their handles."""
@@ -330,7 +331,7 @@ class DecoderPruningHooks(LanguageModelHooks):
                 if stage == 0 and pruner.config.vision_stage is not None:
                     index = self._kept_by_vision_stage(layout.take(hidden), keep)
                 else:
-                    index = pruner.select(self._context(call, hidden, scores, layout, stage), keep)
+                    index = pruner.select(self._context(hidden, scores, layout, stage), keep)
                 selections.append((layout, index))
             plan = plan_compaction(keep_masks(call.visual, selections))
 
@@ -407,7 +408,6 @@ class DecoderPruningHooks(LanguageModelHooks):
 
     def _context(
         self,
-        call: _Call,
         hidden: torch.Tensor,
         scores: dict[str, torch.Tensor],
         layout: VisualLayout,

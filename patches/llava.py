@@ -127,7 +127,7 @@ class LlavaAdapter:
         input_ids = args[0] if args else kwargs.get("input_ids")
         if not has_media_inputs(kwargs):
             reference = input_ids if input_ids is not None else kwargs["inputs_embeds"][..., 0]
-            self._language_model.pending_visual = torch.zeros(reference.shape, dtype=torch.bool)
+            self._language_model.pending_visual = torch.zeros_like(reference, dtype=torch.bool)
             return
         if input_ids is not None:
             self._language_model.pending_visual = input_ids == self.image_token_id
