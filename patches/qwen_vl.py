@@ -1,4 +1,4 @@
-"""Qwen2-VL and Qwen2.5-VL: prune image tokens before or inside the language model.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: prune image and video tokens before or inside the language model.
 
 Each image becomes one run of ``image_token_id`` placeholders between vision start/end tokens, one per
 2x2 group of patches, so the count depends on the image's size (``image_grid_thw``). Positions are 3-D
@@ -28,6 +28,9 @@ from tokenprune.kernels import gather_tokens
 from ._internals import InternalsMovedError, has_media_inputs
 from .decoder import DecoderPruningHooks
 
+#: Qwen3-VL's text-model method that adds the DeepStack features after its first layers.
+_DEEPSTACK = "_deepstack_process"
+
 
 class Qwen2VLAdapter:
     """Adapter for ``model_type`` ``qwen2_vl``, ``qwen2_5_vl`` (whose window-attention vision tower is not
@@ -47,6 +50,15 @@ class Qwen2VLAdapter:
                 raise InternalsMovedError(f"{type(module).__name__}.forward no longer takes {argument!r}")
         self.image_token_id, self.video_token_id = config.image_token_id, config.video_token_id
         self.frames_apart = config.model_type == "qwen3_vl"  # its videos: a run of placeholders per frame
+        self.deepstack = config.model_type == "qwen3_vl"
+        if self.deepstack:
+            step = getattr(type(self.base.language_model), _DEEPSTACK, None)
+            parameters = list(inspect.signature(step).parameters)[1:] if step is not None else []
+            if parameters != ["hidden_states", "visual_pos_masks", "visual_embeds"]:
+                raise InternalsMovedError(
+                    f"{type(self.base.language_model).__name__}.{_DEEPSTACK}"
+                    "(hidden_states, visual_pos_masks, visual_embeds) moved"
+                )
         self.merge = config.vision_config.spatial_merge_size
         self.tokens_per_image: int | None = None  # set per forward from the images' sizes
         self.hooks = DecoderPruningHooks(self.base.language_model, 0, None)
@@ -68,7 +80,7 @@ class Qwen2VLAdapter:
         spec = config.spec
         if spec.stage not in ("pre_llm", "llm") or config.vision is not None:
             raise ValueError(
-                f"{config.method!r} ({spec.stage}) is not supported on Qwen2-VL yet: "
+                f"{config.method!r} ({spec.stage}) is not supported on {type(self.model).__name__} yet: "
                 "use a pre_llm or llm method"
             )
         if config.last_layer >= self.num_layers:
@@ -76,11 +88,7 @@ class Qwen2VLAdapter:
                 f"layer={config.last_layer} is outside the language model's "
                 f"{self.num_layers} layers (valid: 0..{self.num_layers - 1})"
             )
-        layers = (
-            [layer for layer, _ in config.stages(config.budget or 1)]
-            if config.schedule is None
-            else [layer for layer, _ in config.schedule]
-        )
+        layers = [layer for layer, _ in config.schedule] if config.schedule else [config.acting_layer]
         return [(layer, None) for layer in layers]
 
     def attach(self, pruner) -> list[RemovableHandle]:
@@ -92,8 +100,8 @@ class Qwen2VLAdapter:
             self.base.register_forward_pre_hook(self._find_images, with_kwargs=True),
             *self.hooks.attach(pruner),
         ]
-        if hasattr(type(self.base.language_model), "_deepstack_process"):
-            handles.append(_InstanceOverride(self.base.language_model, "_deepstack_process", self._deepstack))
+        if self.deepstack:
+            handles.append(_InstanceOverride(self.base.language_model, _DEEPSTACK, self._deepstack))
         return handles
 
     def _deepstack(self, hidden: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor):
@@ -102,9 +110,8 @@ class Qwen2VLAdapter:
         out over the unpruned prompt)."""
         rows = self.hooks.prompt_rows()
         if rows is None:
-            return type(self.base.language_model)._deepstack_process(
-                self.base.language_model, hidden, visual_pos_masks, visual_embeds
-            )
+            original = getattr(type(self.base.language_model), _DEEPSTACK)
+            return original(self.base.language_model, hidden, visual_pos_masks, visual_embeds)
         origin, real = rows
         added = hidden.new_zeros(*visual_pos_masks.shape, hidden.shape[-1])
         added[visual_pos_masks.to(hidden.device)] = visual_embeds.to(hidden.device, hidden.dtype)

@@ -152,6 +152,13 @@ def test_qwen3_videos_are_refused_until_supported():
         qwen3(**inputs)
 
 
+def test_a_moved_deepstack_step_is_named(monkeypatch):
+    qwen3 = tiny_model("qwen3_vl")
+    monkeypatch.delattr(type(qwen3.model.language_model), "_deepstack_process")
+    with pytest.raises(InternalsMovedError, match="_deepstack_process"):
+        tp.apply_pruner(qwen3, "fastv", keep_ratio=0.25)
+
+
 def test_qwen3_deepstack_is_restored_on_remove():
     qwen3 = tiny_model("qwen3_vl")
     language_model = qwen3.model.language_model
@@ -173,8 +180,8 @@ def test_a_budget_over_the_image_raises_at_the_forward(qwen):
 @pytest.mark.parametrize(
     ("method", "kwargs", "match"),
     [
-        ("tome", {"keep_ratio": 0.5}, "'tome' \\(vision\\) is not supported on Qwen2-VL"),
-        ("sparsevila", {"keep_ratio": 0.5}, "'sparsevila' \\(kv\\) is not supported on Qwen2-VL"),
+        ("tome", {"keep_ratio": 0.5}, "'tome' \\(vision\\) is not supported on Qwen"),
+        ("sparsevila", {"keep_ratio": 0.5}, "'sparsevila' \\(kv\\) is not supported on Qwen"),
         ("fastv", {"keep_ratio": 0.5, "layer": 4}, r"outside .* 4 layers"),
     ],
 )
