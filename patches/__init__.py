@@ -9,12 +9,13 @@ from torch import nn
 
 from ._internals import InternalsMovedError
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 from .qwen_vl import Qwen2VLAdapter
 from .vit import VisionEncoderAdapter
 
 ADAPTERS = {
     model_type: adapter
-    for adapter in (LlavaAdapter, Qwen2VLAdapter, VisionEncoderAdapter)
+    for adapter in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, VisionEncoderAdapter)
     for model_type in adapter.model_types
 }
 

@@ -204,3 +204,19 @@ def check_decoder_internals(language_model: nn.Module) -> None:
     for name in ("hidden_states", "attention_mask", "position_ids", "position_embeddings"):
         if name not in layer_params:
             raise InternalsMovedError(f"{type(layer).__name__}.forward no longer takes {name!r}")
+
+
+class InstanceOverride:
+    """Shadows a method of one module instance with ``replacement`` until :meth:`remove` (a handle, like a
+    hook's), for the model code that calls a method rather than a module: the class, and every other
+    instance, keep the original."""
+
+    def __init__(self, module: nn.Module, name: str, replacement: Callable) -> None:
+        if name in vars(module):
+            raise RuntimeError(f"{type(module).__name__}.{name} is already overridden on this instance")
+        self.module, self.name = module, name
+        setattr(module, name, replacement)
+
+    def remove(self) -> None:
+        if self.name in vars(self.module):
+            delattr(self.module, self.name)

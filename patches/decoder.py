@@ -102,6 +102,7 @@ class LanguageModelHooks:
         self.tokens_per_image = tokens_per_image
         self.grid = grid
         self.pending_visual: torch.Tensor | None = None
+        self.pending_image_id: torch.Tensor | None = None  # [B, L] set by adapters that number images
         # families whose image size varies: each image is one run of placeholders, and the patch grid
         # of an image of a given token count, where known (set per forward by the family adapter)
         self.images_by_runs = False
@@ -183,6 +184,7 @@ class DecoderPruningHooks(LanguageModelHooks):
 
     def _before_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         visual, self.pending_visual = self.pending_visual, None
+        image_id, self.pending_image_id = self.pending_image_id, None
         self._call = None
         cache = internals.cache_argument(kwargs)
         has_images = visual is not None and bool(visual.any())
@@ -209,7 +211,7 @@ class DecoderPruningHooks(LanguageModelHooks):
         if mask is None:
             mask = torch.ones(batch, length, dtype=torch.long, device=visual.device)
         origin = torch.arange(length, device=visual.device).expand(batch, length)
-        image_id = self.image_ids(visual)
+        image_id = self.image_ids(visual) if image_id is None else image_id
         self._call = _Call(
             visual=visual,
             image_id=image_id,

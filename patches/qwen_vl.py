@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from tokenprune.config import PrunerConfig
 from tokenprune.kernels import gather_tokens
 
-from ._internals import InternalsMovedError, has_media_inputs
+from ._internals import InstanceOverride, InternalsMovedError, has_media_inputs
 from .decoder import DecoderPruningHooks
 
 #: Qwen3-VL's text-model method that adds the DeepStack features after its first layers.
@@ -101,7 +101,7 @@ class Qwen2VLAdapter:
             *self.hooks.attach(pruner),
         ]
         if self.deepstack:
-            handles.append(_InstanceOverride(self.base.language_model, _DEEPSTACK, self._deepstack))
+            handles.append(InstanceOverride(self.base.language_model, _DEEPSTACK, self._deepstack))
         return handles
 
     def _deepstack(self, hidden: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor):
@@ -153,18 +153,3 @@ class Qwen2VLAdapter:
             count = t * (h // self.merge) * (w // self.merge)
             grids[count] = grid if grids.get(count, grid) == grid else None
         return {count: grid for count, grid in grids.items() if grid is not None}
-
-
-class _InstanceOverride:
-    """Shadows a method of one module instance with ``replacement`` until :meth:`remove` (a handle, like a
-    hook's): the class, and every other instance, keep the original."""
-
-    def __init__(self, module: nn.Module, name: str, replacement) -> None:
-        if name in vars(module):
-            raise RuntimeError(f"{type(module).__name__}.{name} is already overridden on this instance")
-        self.module, self.name = module, name
-        setattr(module, name, replacement)
-
-    def remove(self) -> None:
-        if self.name in vars(self.module):
-            delattr(self.module, self.name)

@@ -1,7 +1,8 @@
 import pytest
 import torch
+from helpers import INVARIANT_FAMILIES
 
-from tokenprune.testing import FAMILIES, tiny_model
+from tokenprune.testing import tiny_model
 
 torch.set_num_threads(2)
 
@@ -37,7 +38,7 @@ def model(attn):
     assert not hasattr(m, "_tokenprune_pruner"), "test left a pruner on the shared model"
 
 
-@pytest.fixture(params=FAMILIES)
+@pytest.fixture(params=INVARIANT_FAMILIES)
 def family(request) -> str:
     return request.param
 

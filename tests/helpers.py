@@ -9,7 +9,12 @@ import inspect
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from tokenprune.testing import FAMILIES
+
 ATOL = 1e-4
+#: The families the generic invariant tests run on; LLaVA-NeXT, whose images differ in token count, has
+#: its own (test_llava_next.py).
+INVARIANT_FAMILIES = [f for f in FAMILIES if f != "llava_next"]
 
 
 def tokenprune_hooks(model) -> list[str]:
@@ -191,6 +196,8 @@ def select_sample(
         alone["image_grid_thw"] = grid[first : first + count] if count else None
     if "image_grid_thw" in inputs and grid is None:
         alone["image_grid_thw"] = None
+    if "image_sizes" in inputs:  # LLaVA-NeXT: each image's original size
+        alone["image_sizes"] = inputs["image_sizes"][first : first + count] if count else None
     if videos_per_prompt is not None:  # Qwen2-VL videos: rows of patches, grid.prod() per video
         first, count, grid = sum(videos_per_prompt[:b]), videos_per_prompt[b], inputs["video_grid_thw"]
         rows = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), grid.prod(-1)]), 0)

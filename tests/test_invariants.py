@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import (
     ATOL,
+    INVARIANT_FAMILIES,
     assert_generate_matches_reference,
     assert_kept_rows_match,
     greedy_with_logits,
@@ -14,11 +15,13 @@ from helpers import (
 )
 
 import tokenprune as tp
-from tokenprune.testing import FAMILIES, tiny_inputs, tokens_per_image
+from tokenprune.testing import tiny_inputs, tokens_per_image
 
 METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage != "kv")  # kv: test_retrieval
 #: (family, method) pairs: every method on LLaVA; decoder methods on Qwen2-VL (no vision stage there yet)
-CASES = [(f, m) for f in FAMILIES for m in METHODS if f == "llava" or tp.list_methods()[m][0] != "vision"]
+CASES = [
+    (f, m) for f in INVARIANT_FAMILIES for m in METHODS if f == "llava" or tp.list_methods()[m][0] != "vision"
+]
 
 
 @pytest.fixture

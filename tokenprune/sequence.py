@@ -94,6 +94,19 @@ def image_ids_by_count(visual: torch.Tensor, tokens_per_image: int) -> torch.Ten
     return torch.where(visual, order // tokens_per_image, -1)
 
 
+def image_ids_by_lengths(visual: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Number each image's tokens ``[B, L]`` (-1 off images), the images having ``lengths [num_images]``
+    consecutive visual tokens each, in order row by row. ``ValueError`` if the counts disagree."""
+    if int(visual.sum()) != int(lengths.sum()):
+        raise ValueError(
+            f"the prompts hold {int(visual.sum())} image tokens but the images have {lengths.tolist()}; "
+            "build the prompt with the model's processor"
+        )
+    order = visual.flatten().cumsum(0).view_as(visual) - 1
+    ids = torch.searchsorted(lengths.cumsum(0), order, right=True)
+    return torch.where(visual, ids, -1)
+
+
 def image_ids_by_runs(visual: torch.Tensor) -> torch.Tensor:
     """Number each image's tokens ``[B, L]`` (-1 off images) where every image is one run of visual
     tokens between other tokens (as with vision start/end markers), numbered row by row."""

@@ -19,6 +19,8 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
     PreTrainedModel,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -33,7 +35,7 @@ from transformers import (
     ViTModel,
 )
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next")
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 ENCODER_FAMILIES = ("clip", "siglip", "vit", "vit-classifier")
 PAD_TOKEN_ID = 0
@@ -71,6 +73,42 @@ _TINY_TEXT = dict(
     max_position_embeddings=512,
     initializer_range=0.1,
 )
+
+
+#: The AnyRes tilings of the tiny LLaVA-NeXT (32 x 32 tiles, as its vision tower).
+LLAVA_NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def _llava_next_config() -> LlavaNextConfig:
+    base = llava_config(
+        vision=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=4,
+            projection_dim=32,
+        ),
+        text=dict(
+            _TINY_TEXT,
+            max_position_embeddings=2048,
+            pad_token_id=PAD_TOKEN_ID,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        image_token_id=IMAGE_TOKEN_ID,
+        pad_token_id=PAD_TOKEN_ID,
+    )
+    return LlavaNextConfig(
+        vision_config=base.vision_config.to_dict(),
+        text_config=base.text_config.to_dict(),
+        image_token_id=IMAGE_TOKEN_ID,
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=PAD_TOKEN_ID,
+    )
 
 
 def _qwen_config(family: str) -> Qwen2VLConfig | Qwen2_5_VLConfig | Qwen3VLConfig:
@@ -124,6 +162,8 @@ def tiny_config(family: str = "llava"):
         raise ValueError(f"unknown family {family!r}; tiny models exist for: {', '.join(FAMILIES)}")
     if family in QWEN_FAMILIES:
         return _qwen_config(family)
+    if family == "llava_next":
+        return _llava_next_config()
     return llava_config(
         vision=dict(
             hidden_size=32,
@@ -148,6 +188,7 @@ def tiny_model(family: str = "llava", attn_implementation: str = "sdpa", seed: i
         "qwen2_vl": Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
         "qwen3_vl": Qwen3VLForConditionalGeneration,
+        "llava_next": LlavaNextForConditionalGeneration,
     }.get(family, LlavaForConditionalGeneration)
     return model_class._from_config(config, attn_implementation=attn_implementation).eval()
 
@@ -224,6 +265,8 @@ def tiny_inputs(
     patches (even numbers; default 16 x 16, 64 tokens); ``videos_per_prompt`` adds Qwen2-VL videos after
     the images (4 frames of 8 x 8 patches: 32 tokens each; ``pixel_values_videos``, ``video_grid_thw``).
     """
+    if model.config.model_type == "llava_next":
+        return _llava_next_inputs(images_per_prompt, text_lengths, seed)
     generator = torch.Generator().manual_seed(seed)
     image_token = model.config.image_token_id
     qwen = model.config.model_type in QWEN_FAMILIES
@@ -287,6 +330,34 @@ def tiny_inputs(
         t, h, w = video_grid
         inputs["pixel_values_videos"] = torch.randn(total_videos * t * h * w, patch, generator=generator)
         inputs["video_grid_thw"] = torch.tensor([video_grid] * total_videos)
+    return inputs
+
+
+def _llava_next_inputs(
+    images_per_prompt: tuple[int, ...], text_lengths: tuple[int, ...] | None, seed: int
+) -> dict[str, torch.Tensor]:
+    """Prompts for the tiny LLaVA-NeXT, made by its processor from random words and images of three
+    aspect ratios in turn (so the images of a batch have different token counts)."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    words = [w for w in _WORDS if w.isalpha()]
+    shapes = [(40, 80), (60, 60), (90, 30)]
+    if text_lengths is None:
+        text_lengths = tuple(5 + 3 * b for b in range(len(images_per_prompt)))
+    texts, images = [], []
+    for num_images, length in zip(images_per_prompt, text_lengths, strict=False):
+        picks = [words[int(i)] for i in torch.randint(len(words), (length,), generator=generator)]
+        pieces = picks[: length // 2] + ["<image> ok"] * num_images + picks[length // 2 :]
+        texts.append(" ".join(pieces))
+        for _ in range(num_images):
+            width, height = shapes[len(images) % len(shapes)]
+            pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+            images.append(Image.fromarray(pixels.numpy()))
+    processor = tiny_processor("llava_next")
+    inputs = dict(processor(images=images or None, text=texts, return_tensors="pt", padding=True))
+    inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    inputs.setdefault("pixel_values", None)
     return inputs
 
 
@@ -374,6 +445,27 @@ def tiny_processor(family: str = "llava"):
     an 8x8 grid of 4-pixel patches; the CLS token is dropped (``vision_feature_select_strategy="default"``),
     so each ``<image>`` in the text expands to 64 placeholder tokens. Returns the processor.
     """
+    if family == "llava_next":
+        from transformers import LlavaNextProcessor
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        config = tiny_config(family)
+        side = config.vision_config.image_size
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": side},
+            crop_size={"height": side, "width": side},
+            image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+            do_center_crop=True,
+        )
+        return LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tiny_tokenizer(),
+            patch_size=config.vision_config.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            num_additional_image_tokens=1,
+            image_token="<image>",
+            chat_template=_CHAT_TEMPLATE,
+        )
     return processor_for(tiny_config(family))
 
 

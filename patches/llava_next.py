@@ -1,0 +1,104 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): prune image tokens before or inside the language model.
+
+AnyRes: each image is its base tile's tokens followed by the unpadded high-resolution tiles, row by row,
+each row ended by the learned ``image_newline`` token; the prompt holds one ``image_token_id`` placeholder
+per token, newlines included, and an image's count depends on its size and aspect ratio. The adapter
+takes each image's count from the model's own packing step (``pack_image_features``, shadowed on this
+instance to read the lengths it returns), numbers the placeholders image by image, and leaves the newline
+rows, found by their exact ``image_newline`` features, out of the visual tokens: they are structure and
+always kept. ``keep_ratio`` and ``budget`` count the visual tokens of all tiles of an image together.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from tokenprune.config import PrunerConfig
+from tokenprune.sequence import image_ids_by_lengths
+
+from ._internals import InstanceOverride, InternalsMovedError, has_media_inputs
+from .decoder import DecoderPruningHooks
+
+_PACK = "pack_image_features"
+
+
+class LlavaNextAdapter:
+    """Adapter for ``model_type == "llava_next"`` (``pre_llm`` and ``llm`` methods)."""
+
+    model_types = ("llava_next",)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.base = model.model
+        if not isinstance(getattr(self.base, "image_newline", None), torch.Tensor):
+            raise InternalsMovedError(f"{type(self.base).__name__} has no 'image_newline' parameter")
+        pack = getattr(type(self.base), _PACK, None)
+        if pack is None or "image_newline" not in inspect.signature(pack).parameters:
+            raise InternalsMovedError(f"{type(self.base).__name__}.{_PACK}(..., image_newline) moved")
+        self.image_token_id = model.config.image_token_id
+        self.tokens_per_image: int | None = None  # varies with each image's size
+        self.hooks = DecoderPruningHooks(self.base.language_model, 0, None)
+        self._lengths: torch.Tensor | None = None  # tokens of each image of the last encoding
+
+    @property
+    def num_layers(self) -> int:
+        return self.hooks.num_layers
+
+    def image_grid(self) -> None:
+        """Tiles and newlines: an image's tokens are not one patch grid."""
+        return None
+
+    def stages(self, config: PrunerConfig) -> list[tuple[int, int | None]]:
+        """The pruning layers of ``config``; the kept counts follow each image's size."""
+        if config.spec.stage not in ("pre_llm", "llm") or config.vision is not None:
+            raise ValueError(
+                f"{config.method!r} ({config.spec.stage}) is not supported on LLaVA-NeXT yet: "
+                "use a pre_llm or llm method"
+            )
+        if config.last_layer >= self.num_layers:
+            raise ValueError(
+                f"layer={config.last_layer} is outside the language model's "
+                f"{self.num_layers} layers (valid: 0..{self.num_layers - 1})"
+            )
+        layers = [layer for layer, _ in config.schedule] if config.schedule else [config.acting_layer]
+        return [(layer, None) for layer in layers]
+
+    def attach(self, pruner) -> list[RemovableHandle]:
+        return [
+            InstanceOverride(self.base, _PACK, self._pack),
+            self.base.register_forward_pre_hook(self._find_images, with_kwargs=True),
+            self.hooks.language_model.register_forward_pre_hook(self._drop_newlines, with_kwargs=True),
+            *self.hooks.attach(pruner),
+        ]
+
+    def _pack(self, *args, **kwargs):
+        """The model's packing step, unchanged; remembers each image's token count."""
+        features, lengths = getattr(type(self.base), _PACK)(self.base, *args, **kwargs)
+        self._lengths = lengths
+        return features, lengths
+
+    def _find_images(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Mark the image placeholders of this call (none in a call without images)."""
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("LLaVA-NeXT pruning needs input_ids (the image placeholders are found by id)")
+        self.hooks.pending_visual = (input_ids == self.image_token_id) & has_media_inputs(kwargs)
+
+    def _drop_newlines(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Before the language model (registered ahead of the decoder hooks): number the placeholders by
+        image, then take the newline rows out of the visual tokens."""
+        visual = self.hooks.pending_visual
+        if visual is None or not bool(visual.any()):
+            return
+        lengths, self._lengths = self._lengths, None
+        if lengths is None:
+            raise ValueError("LLaVA-NeXT pruning needs the images encoded in this call (pass pixel_values)")
+        embeds = kwargs["inputs_embeds"]
+        newline = (embeds == self.base.image_newline.to(embeds)).all(dim=-1) & visual
+        image_id = image_ids_by_lengths(visual, lengths.to(visual.device))
+        self.hooks.pending_visual = visual & ~newline
+        self.hooks.pending_image_id = torch.where(newline, -1, image_id)
