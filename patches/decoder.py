@@ -90,6 +90,25 @@ class _Call:
     transition: torch.Tensor | None = None  # [B, L_cur] transition variation since the last stage
 
 
+def size_following_stages(config, num_layers: int, model_name: str) -> list[tuple[int, None]]:
+    """The stages of ``config`` for a family whose image token count varies with each image: its
+    pruning layers, each with a kept count the decoder computes per image. ``ValueError`` for a method
+    that does not act in the decoder (not supported there yet) or a layer outside the language model."""
+    spec = config.spec
+    if spec.stage not in ("pre_llm", "llm") or config.vision is not None:
+        raise ValueError(
+            f"{config.method!r} ({spec.stage}) is not supported on {model_name} yet: "
+            "use a pre_llm or llm method"
+        )
+    if config.last_layer >= num_layers:
+        raise ValueError(
+            f"layer={config.last_layer} is outside the language model's {num_layers} layers "
+            f"(valid: 0..{num_layers - 1})"
+        )
+    layers = [layer for layer, _ in config.schedule] if config.schedule else [config.acting_layer]
+    return [(layer, None) for layer in layers]
+
+
 class LanguageModelHooks:
     """What every set of hooks on a decoder-only language model holds: the model, its layers, the image
     token layout, and the image placeholders of the next forward (``pending_visual [B, L]``, set by the

@@ -21,7 +21,7 @@ from tokenprune.config import PrunerConfig
 from tokenprune.sequence import image_ids_by_lengths
 
 from ._internals import InstanceOverride, InternalsMovedError, has_media_inputs
-from .decoder import DecoderPruningHooks
+from .decoder import DecoderPruningHooks, size_following_stages
 
 _PACK = "pack_image_features"
 
@@ -52,20 +52,9 @@ class LlavaNextAdapter:
         """Tiles and newlines: an image's tokens are not one patch grid."""
         return None
 
-    def stages(self, config: PrunerConfig) -> list[tuple[int, int | None]]:
+    def stages(self, config: PrunerConfig) -> list[tuple[int, None]]:
         """The pruning layers of ``config``; the kept counts follow each image's size."""
-        if config.spec.stage not in ("pre_llm", "llm") or config.vision is not None:
-            raise ValueError(
-                f"{config.method!r} ({config.spec.stage}) is not supported on LLaVA-NeXT yet: "
-                "use a pre_llm or llm method"
-            )
-        if config.last_layer >= self.num_layers:
-            raise ValueError(
-                f"layer={config.last_layer} is outside the language model's "
-                f"{self.num_layers} layers (valid: 0..{self.num_layers - 1})"
-            )
-        layers = [layer for layer, _ in config.schedule] if config.schedule else [config.acting_layer]
-        return [(layer, None) for layer in layers]
+        return size_following_stages(config, self.num_layers, "LLaVA-NeXT")
 
     def attach(self, pruner) -> list[RemovableHandle]:
         return [

@@ -26,7 +26,7 @@ from tokenprune.config import PrunerConfig
 from tokenprune.kernels import gather_tokens
 
 from ._internals import InstanceOverride, InternalsMovedError, has_media_inputs
-from .decoder import DecoderPruningHooks
+from .decoder import DecoderPruningHooks, size_following_stages
 
 #: Qwen3-VL's text-model method that adds the DeepStack features after its first layers.
 _DEEPSTACK = "_deepstack_process"
@@ -75,21 +75,9 @@ class Qwen2VLAdapter:
         grids = set(self.hooks.grids.values())
         return grids.pop() if len(grids) == 1 else None
 
-    def stages(self, config: PrunerConfig) -> list[tuple[int, int | None]]:
-        """The pruning layers of ``config``; the kept counts follow each batch's image size."""
-        spec = config.spec
-        if spec.stage not in ("pre_llm", "llm") or config.vision is not None:
-            raise ValueError(
-                f"{config.method!r} ({spec.stage}) is not supported on {type(self.model).__name__} yet: "
-                "use a pre_llm or llm method"
-            )
-        if config.last_layer >= self.num_layers:
-            raise ValueError(
-                f"layer={config.last_layer} is outside the language model's "
-                f"{self.num_layers} layers (valid: 0..{self.num_layers - 1})"
-            )
-        layers = [layer for layer, _ in config.schedule] if config.schedule else [config.acting_layer]
-        return [(layer, None) for layer in layers]
+    def stages(self, config: PrunerConfig) -> list[tuple[int, None]]:
+        """The pruning layers of ``config``; the kept counts follow each image's size."""
+        return size_following_stages(config, self.num_layers, type(self.model).__name__)
 
     def attach(self, pruner) -> list[RemovableHandle]:
         self._modalities = {"images": ("image",), "videos": ("video",), "both": ("image", "video")}[

@@ -75,21 +75,24 @@ _TINY_TEXT = dict(
 )
 
 
+#: The vision tower of the tiny LLaVA models: 32x32 images in an 8x8 grid of 4-pixel patches, 4 layers.
+_TINY_CLIP = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=4,
+    projection_dim=32,
+)
+
 #: The AnyRes tilings of the tiny LLaVA-NeXT (32 x 32 tiles, as its vision tower).
 LLAVA_NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
 def _llava_next_config() -> LlavaNextConfig:
     base = llava_config(
-        vision=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=4,
-            projection_dim=32,
-        ),
+        vision=_TINY_CLIP,
         text=dict(
             _TINY_TEXT,
             max_position_embeddings=2048,
@@ -165,15 +168,7 @@ def tiny_config(family: str = "llava"):
     if family == "llava_next":
         return _llava_next_config()
     return llava_config(
-        vision=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=4,
-            projection_dim=32,
-        ),
+        vision=dict(_TINY_CLIP, num_hidden_layers=6),
         text=dict(_TINY_TEXT, pad_token_id=PAD_TOKEN_ID, bos_token_id=1, eos_token_id=2),
         image_token_id=IMAGE_TOKEN_ID,
         pad_token_id=PAD_TOKEN_ID,
