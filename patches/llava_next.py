@@ -27,9 +27,10 @@ _PACK = "pack_image_features"
 
 
 class LlavaNextAdapter:
-    """Adapter for ``model_type == "llava_next"`` (``pre_llm`` and ``llm`` methods)."""
+    """Adapter for ``model_type`` ``llava_next`` and ``llava_onevision`` (``pre_llm`` and ``llm`` methods on
+    images; OneVision's videos are left unpruned)."""
 
-    model_types = ("llava_next",)
+    model_types = ("llava_next", "llava_onevision")
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -54,7 +55,7 @@ class LlavaNextAdapter:
 
     def stages(self, config: PrunerConfig) -> list[tuple[int, None]]:
         """The pruning layers of ``config``; the kept counts follow each image's size."""
-        return size_following_stages(config, self.num_layers, "LLaVA-NeXT")
+        return size_following_stages(config, self.num_layers, type(self.model).__name__)
 
     def attach(self, pruner) -> list[RemovableHandle]:
         return [

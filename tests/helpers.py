@@ -9,12 +9,12 @@ import inspect
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from tokenprune.testing import FAMILIES
+from tokenprune.testing import ANYRES_FAMILIES, FAMILIES
 
 ATOL = 1e-4
-#: The families the generic invariant tests run on; LLaVA-NeXT, whose images differ in token count, has
-#: its own (test_llava_next.py).
-INVARIANT_FAMILIES = [f for f in FAMILIES if f != "llava_next"]
+#: The families the generic invariant tests run on; LLaVA-NeXT and OneVision, whose images differ in token
+#: count, have their own (test_llava_next.py).
+INVARIANT_FAMILIES = [f for f in FAMILIES if f not in ANYRES_FAMILIES]
 
 
 def tokenprune_hooks(model) -> list[str]:

@@ -58,7 +58,7 @@ def test_unsupported_model_names_supported_families():
     with pytest.raises(
         ValueError,
         match="unsupported model type 'llama'.*supports: clip, clip_vision_model, llava, llava_next, "
-        "qwen2_5_vl, qwen2_vl, qwen3_vl, siglip",
+        "llava_onevision, qwen2_5_vl, qwen2_vl, qwen3_vl, siglip",
     ):
         tp.apply_pruner(model, "fastv", keep_ratio=0.5)
     assert_untouched(model)

@@ -1,5 +1,5 @@
-"""LLaVA-NeXT: AnyRes images of different token counts in one batch, newline tokens kept as structure, and
-the invariants of DESIGN.md for every prefill method (eager and sdpa)."""
+"""LLaVA-NeXT and LLaVA-OneVision: AnyRes images of different token counts in one batch, newline tokens kept
+as structure, and the invariants of DESIGN.md for every prefill method (eager and sdpa)."""
 
 import pytest
 import torch
@@ -14,18 +14,19 @@ from helpers import (
 
 import tokenprune as tp
 from tokenprune.patches import InternalsMovedError
-from tokenprune.testing import tiny_inputs, tiny_model
+from tokenprune.testing import ANYRES_FAMILIES, tiny_inputs, tiny_model
 
 IMAGES = (1, 2, 1)
 PREFILL_METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage in ("pre_llm", "llm"))
-_MODELS: dict[str, torch.nn.Module] = {}
+_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
 
 
-@pytest.fixture
-def next_model(attn):
-    if attn not in _MODELS:
-        _MODELS[attn] = tiny_model("llava_next", attn_implementation=attn)
-    return _MODELS[attn]
+@pytest.fixture(params=ANYRES_FAMILIES)
+def next_model(request, attn):
+    key = (request.param, attn)
+    if key not in _MODELS:
+        _MODELS[key] = tiny_model(request.param, attn_implementation=attn)
+    return _MODELS[key]
 
 
 def placeholders(model, inputs):
@@ -105,7 +106,7 @@ def test_keep_all_text_only_and_remove(next_model):
 
 @pytest.mark.parametrize(("method", "stage"), [("tome", "vision"), ("sparsevila", "kv")])
 def test_unsupported_stages_are_refused(next_model, method, stage):
-    with pytest.raises(ValueError, match=f"'{method}' \\({stage}\\) is not supported on LLaVA-NeXT"):
+    with pytest.raises(ValueError, match=f"'{method}' \\({stage}\\) is not supported on Llava"):
         tp.apply_pruner(next_model, method, keep_ratio=0.5)
     assert not tokenprune_hooks(next_model)
 
@@ -122,3 +123,20 @@ def test_a_changed_packing_step_is_named(monkeypatch):
     monkeypatch.setattr(type(model.model), "pack_image_features", lambda self, features: features)
     with pytest.raises(InternalsMovedError, match="pack_image_features"):
         tp.apply_pruner(model, "fastv", keep_ratio=0.5)
+
+
+def test_the_tiny_llava_next_checkpoint_loads_and_prunes(tmp_path):
+    """save_tiny_checkpoint writes the tiny LLaVA-NeXT with its AnyRes processor; the processor's
+    placeholder counts are the model's, and a pruned forward runs on them."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from tokenprune.testing import save_tiny_checkpoint
+
+    path = save_tiny_checkpoint(tmp_path / "next", family="llava_next")
+    processor, model = AutoProcessor.from_pretrained(path), AutoModelForImageTextToText.from_pretrained(path)
+    images = [Image.new("RGB", (40, 80)), Image.new("RGB", (90, 30))]
+    inputs = processor(images=images, text=["a <image> b", "<image> c"], return_tensors="pt", padding=True)
+    with tp.pruned(model, "fastv", keep_ratio=0.25) as pruner, torch.no_grad():
+        model(**inputs)
+    assert len(set(pruner.stats.visual_tokens)) == 2

@@ -21,6 +21,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     PreTrainedModel,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -35,7 +37,8 @@ from transformers import (
     ViTModel,
 )
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next", "llava_onevision")
+ANYRES_FAMILIES = ("llava_next", "llava_onevision")
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 ENCODER_FAMILIES = ("clip", "siglip", "vit", "vit-classifier")
 PAD_TOKEN_ID = 0
@@ -90,27 +93,31 @@ _TINY_CLIP = dict(
 LLAVA_NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
-def _llava_next_config() -> LlavaNextConfig:
-    base = llava_config(
-        vision=_TINY_CLIP,
-        text=dict(
-            _TINY_TEXT,
-            max_position_embeddings=2048,
-            pad_token_id=PAD_TOKEN_ID,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
-        image_token_id=IMAGE_TOKEN_ID,
-        pad_token_id=PAD_TOKEN_ID,
+def _anyres_config(family: str) -> LlavaNextConfig | LlavaOnevisionConfig:
+    """LLaVA-NeXT (the tiny CLIP tower) or LLaVA-OneVision (a SigLIP tower of the same size, all its
+    tokens used), both tiling 32x32 images by :data:`LLAVA_NEXT_PINPOINTS`."""
+    text = dict(
+        _TINY_TEXT, max_position_embeddings=2048, pad_token_id=PAD_TOKEN_ID, bos_token_id=1, eos_token_id=2
     )
+    common = dict(
+        image_token_id=IMAGE_TOKEN_ID, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, pad_token_id=PAD_TOKEN_ID
+    )
+    if family == "llava_onevision":
+        vision = {k: v for k, v in _TINY_CLIP.items() if k != "projection_dim"}
+        return LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(**vision).to_dict(),
+            text_config=LlamaConfig(**text).to_dict(),
+            video_token_id=QWEN_VIDEO_TOKEN_ID,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            **common,
+        )
     return LlavaNextConfig(
-        vision_config=base.vision_config.to_dict(),
-        text_config=base.text_config.to_dict(),
-        image_token_id=IMAGE_TOKEN_ID,
-        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        vision_config=CLIPVisionConfig(**_TINY_CLIP).to_dict(),
+        text_config=LlamaConfig(**text).to_dict(),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
-        pad_token_id=PAD_TOKEN_ID,
+        **common,
     )
 
 
@@ -165,8 +172,8 @@ def tiny_config(family: str = "llava"):
         raise ValueError(f"unknown family {family!r}; tiny models exist for: {', '.join(FAMILIES)}")
     if family in QWEN_FAMILIES:
         return _qwen_config(family)
-    if family == "llava_next":
-        return _llava_next_config()
+    if family in ANYRES_FAMILIES:
+        return _anyres_config(family)
     return llava_config(
         vision=dict(_TINY_CLIP, num_hidden_layers=6),
         text=dict(_TINY_TEXT, pad_token_id=PAD_TOKEN_ID, bos_token_id=1, eos_token_id=2),
@@ -184,6 +191,7 @@ def tiny_model(family: str = "llava", attn_implementation: str = "sdpa", seed: i
         "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
         "qwen3_vl": Qwen3VLForConditionalGeneration,
         "llava_next": LlavaNextForConditionalGeneration,
+        "llava_onevision": LlavaOnevisionForConditionalGeneration,
     }.get(family, LlavaForConditionalGeneration)
     return model_class._from_config(config, attn_implementation=attn_implementation).eval()
 
@@ -260,8 +268,8 @@ def tiny_inputs(
     patches (even numbers; default 16 x 16, 64 tokens); ``videos_per_prompt`` adds Qwen2-VL videos after
     the images (4 frames of 8 x 8 patches: 32 tokens each; ``pixel_values_videos``, ``video_grid_thw``).
     """
-    if model.config.model_type == "llava_next":
-        return _llava_next_inputs(images_per_prompt, text_lengths, seed)
+    if model.config.model_type in ANYRES_FAMILIES:
+        return _anyres_inputs(model, images_per_prompt, text_lengths, seed)
     generator = torch.Generator().manual_seed(seed)
     image_token = model.config.image_token_id
     qwen = model.config.model_type in QWEN_FAMILIES
@@ -328,32 +336,74 @@ def tiny_inputs(
     return inputs
 
 
-def _llava_next_inputs(
-    images_per_prompt: tuple[int, ...], text_lengths: tuple[int, ...] | None, seed: int
+def _anyres_inputs(
+    model: PreTrainedModel,
+    images_per_prompt: tuple[int, ...],
+    text_lengths: tuple[int, ...] | None,
+    seed: int,
 ) -> dict[str, torch.Tensor]:
-    """Prompts for the tiny LLaVA-NeXT, made by its processor from random words and images of three
-    aspect ratios in turn (so the images of a batch have different token counts)."""
+    """Prompts for the tiny LLaVA-NeXT / OneVision: random words and images of three aspect ratios in turn
+    (so their token counts differ), each image as many placeholders as the model packs features for it."""
     from PIL import Image
 
     generator = torch.Generator().manual_seed(seed)
-    words = [w for w in _WORDS if w.isalpha()]
     shapes = [(40, 80), (60, 60), (90, 30)]
+    total = sum(images_per_prompt)
+    images = []
+    for i in range(total):
+        width, height = shapes[i % len(shapes)]
+        pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+        images.append(Image.fromarray(pixels.numpy()))
+    inputs: dict[str, torch.Tensor | None] = {"pixel_values": None, "image_sizes": None}
+    counts: list[int] = []
+    if images:
+        pixels = _anyres_image_processor(model.config)(images, return_tensors="pt")
+        inputs.update(pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"])
+        with torch.no_grad():
+            packed = model.model.get_image_features(
+                pixels["pixel_values"], pixels["image_sizes"]
+            ).pooler_output
+        counts = [int(feature.shape[0]) for feature in packed]
     if text_lengths is None:
         text_lengths = tuple(5 + 3 * b for b in range(len(images_per_prompt)))
-    texts, images = [], []
+    sizes = iter(counts)
+    prompts = []
     for num_images, length in zip(images_per_prompt, text_lengths, strict=False):
-        picks = [words[int(i)] for i in torch.randint(len(words), (length,), generator=generator)]
-        pieces = picks[: length // 2] + ["<image> ok"] * num_images + picks[length // 2 :]
-        texts.append(" ".join(pieces))
+        text = torch.randint(5, QWEN_VIDEO_TOKEN_ID, (length,), generator=generator)
+        pieces = [text[: length // 2]]
         for _ in range(num_images):
-            width, height = shapes[len(images) % len(shapes)]
-            pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
-            images.append(Image.fromarray(pixels.numpy()))
-    processor = tiny_processor("llava_next")
-    inputs = dict(processor(images=images or None, text=texts, return_tensors="pt", padding=True))
-    inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    inputs.setdefault("pixel_values", None)
-    return inputs
+            pieces += [torch.full((next(sizes),), model.config.image_token_id), text[:1]]
+        pieces.append(text[length // 2 :])
+        prompts.append(torch.cat(pieces))
+    width = max(p.numel() for p in prompts)
+    input_ids = torch.full((len(prompts), width), PAD_TOKEN_ID)
+    attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        input_ids[b, width - prompt.numel() :] = prompt
+        attention_mask[b, width - prompt.numel() :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **inputs}
+
+
+def _anyres_image_processor(config):
+    """The PIL image processor of a tiny AnyRes model: 32x32 tiles by :data:`LLAVA_NEXT_PINPOINTS`."""
+    side = config.vision_config.image_size
+    if config.model_type == "llava_onevision":
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+
+        return LlavaOnevisionImageProcessorPil(
+            size={"height": side, "width": side}, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS
+        )
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    return LlavaNextImageProcessorPil(
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        do_center_crop=True,
+    )
 
 
 #: Tokens of the tiny tokenizer, in id order: the special tokens, then punctuation, digits and plain words,
@@ -434,24 +484,21 @@ _CHAT_TEMPLATE = (
 
 
 def tiny_processor(family: str = "llava"):
-    """The ``LlavaProcessor`` matching :func:`tiny_model`: PIL CLIP preprocessing to 32x32, 64 placeholders.
+    """The processor matching :func:`tiny_model` of ``family`` (``llava`` or ``llava_next``).
 
-    Images are resized (short side 32) and centre-cropped to the tiny vision tower's 32x32, which gives
-    an 8x8 grid of 4-pixel patches; the CLS token is dropped (``vision_feature_select_strategy="default"``),
-    so each ``<image>`` in the text expands to 64 placeholder tokens. Returns the processor.
+    LLaVA: images are resized (short side 32) and centre-cropped to the tiny vision tower's 32x32, an 8x8
+    grid of 4-pixel patches; the CLS token is dropped (``vision_feature_select_strategy="default"``), so
+    each ``<image>`` in the text expands to 64 placeholder tokens. LLaVA-NeXT: AnyRes tiles of 32x32 by
+    :data:`LLAVA_NEXT_PINPOINTS`, as many placeholders as the image's size gives. Returns the processor;
+    ``ValueError`` for a family without one here.
     """
+    if family not in ("llava", "llava_next"):
+        raise ValueError(f"no tiny processor for {family!r}; there are for: llava, llava_next")
     if family == "llava_next":
         from transformers import LlavaNextProcessor
-        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
         config = tiny_config(family)
-        side = config.vision_config.image_size
-        image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": side},
-            crop_size={"height": side, "width": side},
-            image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
-            do_center_crop=True,
-        )
+        image_processor = _anyres_image_processor(config)
         return LlavaNextProcessor(
             image_processor=image_processor,
             tokenizer=tiny_tokenizer(),
