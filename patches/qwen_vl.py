@@ -10,8 +10,8 @@ Llama-style decoder, pruned by :class:`~tokenprune.patches.decoder.DecoderPrunin
 
 Supported here: images and videos of any sizes, mixed in one batch (``keep_ratio`` and ``budget`` apply per
 image or video; ``media`` picks images, videos or both), ``pre_llm`` and ``llm`` methods and schedules.
-Qwen3-VL's DeepStack features follow the kept tokens. Not yet: Qwen3-VL videos (a ``ValueError`` says so),
-vision-stage and kv methods.
+Qwen3-VL's DeepStack features follow the kept tokens, and its videos (one placeholder run per frame, a
+timestamp between) count as one item each. Not yet: vision-stage and kv methods.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from tokenprune.config import PrunerConfig
 from tokenprune.kernels import gather_tokens
+from tokenprune.sequence import image_ids_by_lengths, image_ids_by_runs
 
 from ._internals import InstanceOverride, InternalsMovedError, has_media_inputs
 from .decoder import DecoderPruningHooks, size_following_stages
@@ -122,9 +123,8 @@ class Qwen2VLAdapter:
             token = self.image_token_id if modality == "image" else self.video_token_id
             found = (input_ids == token) & has_media_inputs(kwargs, modality)
             if modality == "video" and self.frames_apart and bool(found.any()):
-                raise ValueError(
-                    f"pruning videos of {type(self.model).__name__} (one placeholder run per frame) is not "
-                    "supported yet: pass media='images'"
+                self.hooks.pending_image_id = _items_with_frames_apart(
+                    visual | found, found, _video_lengths(kwargs, self.merge)
                 )
             visual |= found
         self.hooks.pending_visual = visual
@@ -141,3 +141,30 @@ class Qwen2VLAdapter:
             count = t * (h // self.merge) * (w // self.merge)
             grids[count] = grid if grids.get(count, grid) == grid else None
         return {count: grid for count, grid in grids.items() if grid is not None}
+
+
+def _video_lengths(kwargs: dict, merge: int) -> torch.Tensor:
+    """Placeholder tokens of each video of a call: from its ``video_grid_thw``, or the features
+    ``generate`` encoded beforehand."""
+    encoded = (kwargs.get("mm_encoder_outputs") or {}).get("video")
+    if encoded is not None:
+        return torch.tensor([feature.shape[0] for feature in encoded.pooler_output])
+    grid = kwargs.get("video_grid_thw")
+    if grid is None:
+        raise ValueError("videos need their video_grid_thw in the same call")
+    return grid.prod(dim=-1) // merge**2
+
+
+def _items_with_frames_apart(
+    visual: torch.Tensor, videos: torch.Tensor, video_lengths: torch.Tensor
+) -> torch.Tensor:
+    """Number each image and video ``[B, L]`` (-1 elsewhere) where a video is one placeholder run per frame:
+    an image is its run, a video all its frames' runs (``video_lengths`` tokens each, in order)."""
+    runs = image_ids_by_runs(visual)
+    video = image_ids_by_lengths(videos, video_lengths.to(visual.device))
+    key = torch.where(videos, -1 - video, runs)[visual]  # one key per image run or per video
+    starts = torch.ones_like(key, dtype=torch.bool)
+    starts[1:] = key[1:] != key[:-1]
+    ids = torch.full_like(runs, -1)
+    ids[visual] = starts.cumsum(0) - 1
+    return ids

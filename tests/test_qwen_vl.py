@@ -91,9 +91,9 @@ def test_mixed_sizes_schedule_keeps_each_images_share_at_each_stage(qwen):
 VIDEOS = (1, 0, 2)  # 32 tokens each
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=QWEN_FAMILIES)
 def qwen_with_videos(request):
-    """The families whose videos are one run of placeholders each."""
+    """Every Qwen family with videos: one placeholder run per video (Qwen2/2.5), one per frame (Qwen3)."""
     return tiny_model(request.param)
 
 
@@ -143,13 +143,13 @@ def test_images_and_videos_generate_equals_recomputation_and_batch_equals_alone(
     assert_generate_matches_reference(qwen, inputs, out, stages)
 
 
-def test_qwen3_videos_are_refused_until_supported():
+def test_a_qwen3_video_is_one_item_across_its_frames():
     qwen3 = tiny_model("qwen3_vl")
-    inputs = tiny_inputs(qwen3, (1,))
-    inputs["input_ids"][0, -3] = qwen3.config.video_token_id  # a video placeholder...
-    inputs["pixel_values_videos"] = torch.zeros(1, 96)  # ...with video inputs in the call
-    with tp.pruned(qwen3, "fastv", keep_ratio=0.25), pytest.raises(ValueError, match="media='images'"):
+    inputs = tiny_inputs(qwen3, (0, 1), videos_per_prompt=(1, 1))  # 2 frames of 16 tokens per video
+    with tp.pruned(qwen3, "fastv", budget=5) as pruner, torch.no_grad():
         qwen3(**inputs)
+    assert pruner.stats.visual_tokens == [32, 64 + 32]
+    assert pruner.stats.kept_tokens == [5, 10]  # a budget per video, not per frame
 
 
 def test_a_moved_deepstack_step_is_named(monkeypatch):

@@ -265,8 +265,9 @@ def tiny_inputs(
     tokens only, as ``generate`` does); for Qwen2-VL, whose model computes its multimodal positions, each
     image is wrapped in vision start/end tokens and the batch has ``image_grid_thw`` and
     ``mm_token_type_ids`` instead. ``image_patches`` gives each Qwen2-VL image its own (rows, columns) of
-    patches (even numbers; default 16 x 16, 64 tokens); ``videos_per_prompt`` adds Qwen2-VL videos after
-    the images (4 frames of 8 x 8 patches: 32 tokens each; ``pixel_values_videos``, ``video_grid_thw``).
+    patches (even numbers; default 16 x 16, 64 tokens); ``videos_per_prompt`` adds Qwen-VL videos after
+    the images (4 frames of 8 x 8 patches: 32 tokens each; ``pixel_values_videos``, ``video_grid_thw``;
+    for Qwen3-VL each pair of frames is its own placeholder run after a timestamp-like word).
     """
     if model.config.model_type in ANYRES_FAMILIES:
         return _anyres_inputs(model, images_per_prompt, text_lengths, seed)
@@ -279,8 +280,9 @@ def tiny_inputs(
     elif not qwen or len(image_patches) != total_images:
         raise ValueError("image_patches gives one (rows, columns) per image, for Qwen2-VL only")
     videos_per_prompt = videos_per_prompt or (0,) * len(images_per_prompt)
-    if any(videos_per_prompt) and model.config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
-        raise ValueError("tiny videos are built for Qwen2-VL and Qwen2.5-VL only")
+    if any(videos_per_prompt) and not qwen:
+        raise ValueError("tiny videos are built for the Qwen-VL families only")
+    frames_apart = model.config.model_type == "qwen3_vl"  # a timestamp and a placeholder run per frame
     video_grid = (2, 8, 8)  # temporal groups of 2 frames, rows, columns of patches
     merge = model.config.vision_config.spatial_merge_size if qwen else 1
     sizes = iter([rows * cols // merge**2 for rows, cols in image_patches] if qwen else [])
@@ -306,7 +308,12 @@ def tiny_inputs(
             pieces += [media(image_token, next(sizes) if qwen else tokens_per_image(model)), words(1)]
         for _ in range(num_videos):
             t, h, w = video_grid
-            pieces += [media(QWEN_VIDEO_TOKEN_ID, t * h * w // merge**2), words(1)]
+            if frames_apart:
+                for _ in range(t):
+                    pieces += [words(1), media(QWEN_VIDEO_TOKEN_ID, h * w // merge**2)]
+                pieces.append(words(1))
+            else:
+                pieces += [media(QWEN_VIDEO_TOKEN_ID, t * h * w // merge**2), words(1)]
         pieces.append(text[text_length // 2 :])
         prompts.append(torch.cat(pieces))
     length = max(p.numel() for p in prompts)
