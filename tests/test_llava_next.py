@@ -74,7 +74,7 @@ def test_budgets_count_all_tiles_of_an_image_together(next_model):
     assert pruner.stats.kept_tokens == [7, 7, 7]
 
 
-@pytest.mark.parametrize("method", ["dart", "fastv", "divprune"])
+@pytest.mark.parametrize("method", PREFILL_METHODS)
 def test_cached_generate_equals_recomputation(next_model, method):
     inputs = tiny_inputs(next_model, IMAGES)
     with tp.pruned(next_model, method, keep_ratio=0.25) as pruner:
@@ -82,10 +82,31 @@ def test_cached_generate_equals_recomputation(next_model, method):
     assert_generate_matches_reference(next_model, inputs, out, pruner.stats.keep_masks)
 
 
-@pytest.mark.parametrize("method", ["dart", "uniform"])
+@pytest.mark.parametrize("method", PREFILL_METHODS)
 def test_batch_equals_each_sample_alone(next_model, method):
     with tp.pruned(next_model, method, budget=9):
         assert_batch_equals_each_sample_alone(next_model, tiny_inputs(next_model, IMAGES), IMAGES)
+
+
+@pytest.mark.parametrize("method", PREFILL_METHODS)
+def test_pruned_layers_see_the_kept_count(next_model, method):
+    inputs = tiny_inputs(next_model, (1,))
+    length = inputs["input_ids"].shape[1]
+    seen = []
+    layers = next_model.model.language_model.layers
+    with tp.pruned(next_model, method, budget=10) as pruner:
+        handles = [
+            layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1])) for layer in layers
+        ]
+        try:
+            with torch.no_grad():
+                next_model(**inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+    k = pruner.config.acting_layer
+    dropped = pruner.stats.visual_tokens[0] - 10
+    assert seen == [length] * k + [length - dropped] * (len(layers) - k)
 
 
 def test_keep_all_text_only_and_remove(next_model):
