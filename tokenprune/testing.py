@@ -316,12 +316,7 @@ def tiny_inputs(
                 pieces += [media(QWEN_VIDEO_TOKEN_ID, t * h * w // merge**2), words(1)]
         pieces.append(text[text_length // 2 :])
         prompts.append(torch.cat(pieces))
-    length = max(p.numel() for p in prompts)
-    input_ids = torch.full((len(prompts), length), PAD_TOKEN_ID)
-    attention_mask = torch.zeros(len(prompts), length, dtype=torch.long)
-    for b, prompt in enumerate(prompts):
-        input_ids[b, length - prompt.numel() :] = prompt
-        attention_mask[b, length - prompt.numel() :] = 1
+    input_ids, attention_mask = _left_padded(prompts)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if not qwen:
         inputs["pixel_values"] = tiny_pixels(model, total_images, seed) if total_images else None
@@ -382,14 +377,20 @@ def _anyres_inputs(
             pieces += [torch.full((next(sizes),), model.config.image_token_id), text[:1]]
         pieces.append(text[length // 2 :])
         prompts.append(torch.cat(pieces))
-    width = max(p.numel() for p in prompts)
-    input_ids = torch.full((len(prompts), width), PAD_TOKEN_ID)
-    attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for b, prompt in enumerate(prompts):
-        input_ids[b, width - prompt.numel() :] = prompt
-        attention_mask[b, width - prompt.numel() :] = 1
+    input_ids, attention_mask = _left_padded(prompts)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **inputs}
+
+
+def _left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompts`` as a left-padded batch: ``input_ids [B, L]`` and its ``attention_mask``."""
+    length = max(p.numel() for p in prompts)
+    input_ids = torch.full((len(prompts), length), PAD_TOKEN_ID)
+    attention_mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        input_ids[b, length - prompt.numel() :] = prompt
+        attention_mask[b, length - prompt.numel() :] = 1
+    return input_ids, attention_mask
 
 
 def _anyres_image_processor(config):
