@@ -217,6 +217,28 @@ def assert_batch_equals_each_sample_alone(model, inputs: dict, images_per_prompt
             torch.testing.assert_close(batched[b : b + 1], alone, atol=ATOL, rtol=0)
 
 
+def layer_input_lengths(model, inputs: dict) -> list[int]:
+    """Run ``model`` on ``inputs`` and return the sequence length each decoder layer receives; checks on
+    the way that attention kernels get ordinary dense inputs. Call it with the pruner applied: its hooks
+    registered first, so each length is what the layer really receives."""
+    seen = []
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append(hidden.shape[1])
+        assert hidden.is_contiguous() and all(t.is_contiguous() for t in kwargs["position_embeddings"])
+
+    layers = model.model.language_model.layers
+    handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
 def cache_kwarg(cache) -> dict:
     """``{name: cache}`` under the name this transformers release gives the cache argument."""
     params = inspect.signature(LlavaForConditionalGeneration.forward).parameters

@@ -8,6 +8,7 @@ from helpers import (
     assert_generate_matches_reference,
     assert_kept_rows_match,
     greedy_with_logits,
+    layer_input_lengths,
     masked_reference,
     recorded_image_features,
     select_sample,
@@ -113,25 +114,10 @@ def test_pruned_layers_see_the_configured_count(model, method):
     inputs = tiny_inputs(model, (1,))
     length = inputs["input_ids"].shape[1]
     n = tokens_per_image(model)
-    seen = []
-
-    def record(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        seen.append(hidden.shape[1])
-        # attention kernels get ordinary dense inputs
-        assert hidden.is_contiguous() and all(t.is_contiguous() for t in kwargs["position_embeddings"])
-
-    layers = model.model.language_model.layers
     with tp.pruned(model, method, budget=10) as pruner:
-        # registered after the pruner's hooks, so each records what its layer really receives
-        handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
-        try:
-            logits(model, inputs)
-        finally:
-            for h in handles:
-                h.remove()
+        seen = layer_input_lengths(model, inputs)
     k = pruner.config.acting_layer
-    assert seen == [length] * k + [length - n + 10] * (len(layers) - k)
+    assert seen == [length] * k + [length - n + 10] * (len(model.model.language_model.layers) - k)
 
 
 @pytest.mark.parametrize(("family", "method"), CASES)

@@ -8,6 +8,7 @@ from helpers import (
     assert_generate_matches_reference,
     assert_kept_rows_match,
     greedy_with_logits,
+    layer_input_lengths,
     masked_reference,
     tokenprune_hooks,
 )
@@ -92,21 +93,11 @@ def test_batch_equals_each_sample_alone(next_model, method):
 def test_pruned_layers_see_the_kept_count(next_model, method):
     inputs = tiny_inputs(next_model, (1,))
     length = inputs["input_ids"].shape[1]
-    seen = []
-    layers = next_model.model.language_model.layers
     with tp.pruned(next_model, method, budget=10) as pruner:
-        handles = [
-            layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1])) for layer in layers
-        ]
-        try:
-            with torch.no_grad():
-                next_model(**inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
+        seen = layer_input_lengths(next_model, inputs)
     k = pruner.config.acting_layer
     dropped = pruner.stats.visual_tokens[0] - 10
-    assert seen == [length] * k + [length - dropped] * (len(layers) - k)
+    assert seen == [length] * k + [length - dropped] * (len(next_model.model.language_model.layers) - k)
 
 
 def test_keep_all_text_only_and_remove(next_model):

@@ -7,6 +7,7 @@ from helpers import (
     assert_generate_matches_reference,
     assert_kept_rows_match,
     greedy_with_logits,
+    layer_input_lengths,
     masked_reference,
 )
 
@@ -76,19 +77,8 @@ def test_schedule_batch_equals_each_sample_alone(model, method):
 def test_schedule_layers_see_each_stage_count(model):
     inputs = tiny_inputs(model, (1,))
     length = inputs["input_ids"].shape[1]
-    seen = []
     with tp.pruned(model, "fastv", schedule=SCHEDULES["from-1"]):
-        layers = model.model.language_model.layers
-        handles = [
-            layer.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0].shape[1]), with_kwargs=True)
-            for layer in layers
-        ]
-        try:
-            with torch.no_grad():
-                model(**inputs)
-        finally:
-            for h in handles:
-                h.remove()
+        seen = layer_input_lengths(model, inputs)
     assert seen == [length, *(length - 64 + k for k in kept_per_stage(SCHEDULES["from-1"]))]
 
 

@@ -9,6 +9,7 @@ from helpers import (
     assert_generate_matches_reference,
     assert_kept_rows_match,
     greedy_with_logits,
+    layer_input_lengths,
     masked_reference,
     recorded_image_features,
     substituted_image_features,
@@ -183,18 +184,8 @@ def test_composed_batch_equals_each_sample_alone(model, vision, decoder):
 def test_composed_layers_see_each_stage_count(model):
     inputs = tiny_inputs(model, (1,))
     length = inputs["input_ids"].shape[1]
-    seen = []
-    layers = model.model.language_model.layers
     with tp.pruned(model, composed("tome", "fastv")):
-        handles = [
-            layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1])) for layer in layers
-        ]
-        try:
-            with torch.no_grad():
-                model(**inputs)
-        finally:
-            for h in handles:
-                h.remove()
+        seen = layer_input_lengths(model, inputs)
     assert seen == [length - 32] * 2 + [length - 56] * 2
 
 
