@@ -32,8 +32,12 @@ def user(text: str, *images: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    checkpoint = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
     limits = Limits(
         max_images=2, max_image_bytes=64 * 1024, max_image_pixels=512 * 512, max_prompt_tokens=400
     )
@@ -67,15 +71,17 @@ def test_chat_completion_reports_pruned_visual_tokens(client):
     assert isinstance(response.choices[0].message.content, str)
 
 
-def test_the_answer_is_the_pruned_models_answer(client, engine):
-    """Served text equals a direct greedy ``generate`` of the same prompt with the same pruner."""
+def test_the_answer_is_the_pruned_models_answer(client, engine, checkpoint):
+    """Served text equals a direct greedy ``generate`` of the same prompt with the same pruner, on the same
+    checkpoint loaded apart (the served model keeps its pruner between batches)."""
     import torch
+    from transformers import LlavaForConditionalGeneration
 
     import tokenprune as tp
 
     messages = user("describe the picture", image_url(color=(10, 90, 200)))
     response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6)
-    processor, model = engine.processor, engine.model
+    processor, model = engine.processor, LlavaForConditionalGeneration.from_pretrained(checkpoint).eval()
     template = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the picture"}]}
     ]
@@ -248,3 +254,15 @@ def test_serve_command_refuses_bad_settings(tmp_path):
     assert result.exit_code == 2 and "no checkpoint directory" in result.output
     result = CliRunner().invoke(app, ["bench-serve", "--arch", "vit-h", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "unknown --arch 'vit-h'" in result.output
+
+
+def test_the_pruner_stays_attached_while_the_config_does_not_change(client, engine):
+    client.chat.completions.create(model=MODEL, messages=user("a", image_url()), max_tokens=2)
+    first = engine.model._tokenprune_pruner
+    client.chat.completions.create(model=MODEL, messages=user("b", image_url()), max_tokens=2)
+    assert engine.model._tokenprune_pruner is first and first.config == engine.default
+    extra = {"tokenprune": {"method": "none"}}
+    client.chat.completions.create(
+        model=MODEL, messages=user("c", image_url()), max_tokens=2, extra_body=extra
+    )
+    assert not hasattr(engine.model, "_tokenprune_pruner")

@@ -10,7 +10,6 @@ delivered to each request of the batch as an event.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -20,9 +19,10 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from ..api import pruned
+from ..api import apply_pruner
 from ..config import PrunerConfig
 from ..patches import adapter_for
+from ..pruner import Pruner
 from .metrics import Metrics
 from .protocol import Limits, RequestError
 
@@ -123,6 +123,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self._lock = threading.Lock()  # one batch on the model at a time
         self._checked: set[str] = set()  # configs known to run on this model
+        self._pruner: Pruner | None = None  # attached to the model for the last batch's config
 
     def check(self, config: PrunerConfig | None) -> None:
         """``RequestError`` if ``config`` cannot run on this model (a budget over an image, a layer past
@@ -189,8 +190,8 @@ class Engine:
         if first.seed is not None:
             torch.manual_seed(first.seed)
         start = time.perf_counter()
-        scope = pruned(self.model, first.config) if first.config is not None else contextlib.nullcontext()
-        with torch.no_grad(), scope as pruner:
+        pruner = self._pruner_for(first.config)
+        with torch.no_grad():
             self.model.generate(
                 **inputs,
                 max_new_tokens=max(job.max_new_tokens for job in jobs),
@@ -198,7 +199,7 @@ class Engine:
                 streamer=streamer,
                 **sampling,
             )
-            stats = pruner.stats if pruner is not None else None
+        stats = pruner.stats if pruner is not None else None
         end = time.perf_counter()
         visual = self._visual_counts(input_ids, stats)
         first_token = streamer.first_token_at or end
@@ -220,6 +221,18 @@ class Engine:
                 kept_visual_tokens=after,
             )
             row.job.emit("done", completion)
+
+    def _pruner_for(self, config: PrunerConfig | None) -> Pruner | None:
+        """The model's pruner for ``config`` (``None``: unpruned). It stays attached between batches and is
+        replaced only when a batch asks for another config, so the hooks are not set up per batch."""
+        if self._pruner is not None and repr(self._pruner.config) == repr(config):
+            return self._pruner
+        if self._pruner is not None:
+            self._pruner.remove()
+            self._pruner = None
+        if config is not None:
+            self._pruner = apply_pruner(self.model, config)
+        return self._pruner
 
     def _visual_counts(self, input_ids: torch.Tensor, stats) -> list[tuple[int, int]]:
         """Per row: visual tokens in the prompt, and those the pruner kept (all, without a pruner)."""
