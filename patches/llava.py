@@ -42,7 +42,6 @@ class LlavaAdapter:
             self.tokens_per_image += 1
             grid = None
         self.hooks = DecoderPruningHooks(self.base.language_model, self.tokens_per_image, grid)
-        self.retrieval = DecodeRetrievalHooks(self.base.language_model, self.tokens_per_image, grid)
         self.encoder: EncoderPruningHooks | None = None
         self._kept_patches: torch.Tensor | None = None  # [I, k] of the current forward's images
         self._language_model: DecoderPruningHooks | DecodeRetrievalHooks = self.hooks
@@ -117,7 +116,11 @@ class LlavaAdapter:
                 projector.register_forward_pre_hook(self._select_patches),
                 projector.register_forward_hook(self._place_patches),
             ]
-        language_model = self.retrieval if pruner.config.spec.decode else self.hooks
+        language_model = self.hooks
+        if pruner.config.spec.decode:  # a kv method: decode-time hooks on the same language model
+            language_model = DecodeRetrievalHooks(
+                self.base.language_model, self.tokens_per_image, self.hooks.grid
+            )
         self._language_model = language_model
         return [*handles, *language_model.attach(pruner)]
 
