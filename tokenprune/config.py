@@ -37,10 +37,10 @@ class PrunerConfig:
 
     A ``vision`` method (``tome``, ``hiprune``, ``visionzip``) counts patches, without the CLS token;
     ``tome`` also takes ``r`` (tokens merged per layer) instead of ``keep_ratio``/``budget``.
-    ``media`` says what is pruned in a family that takes videos (Qwen2-VL, Qwen2.5-VL): ``"images"``,
-    ``"videos"`` or ``"both"`` (the default); each video counts as one visual item, like an image. A ``kv``
-    method (``sparsevila``) keeps every token at prefill; its ratio or budget is the visual tokens of each
-    image that every decode step attends to, in each layer.
+    ``media`` says what is pruned in a family that takes videos (Qwen2-VL, Qwen2.5-VL, Qwen3-VL):
+    ``"images"``, ``"videos"`` or ``"both"`` (the default); each video counts as one visual item, like an
+    image. A ``kv`` method (``sparsevila``) keeps every token at prefill; its ratio or budget is the
+    visual tokens of each image that every decode step attends to, in each layer.
     """
 
     method: str
