@@ -25,11 +25,13 @@ from rich.table import Table
 import tokenprune
 
 from .config import PrunerConfig
-from .overlay import save_overlay
+from .overlay import first_image_keep, save_overlay
 
 DEFAULT_PROMPT = "What is in the image?"
 #: ``--model`` value that builds the tiny random checkpoint of :mod:`tokenprune.testing` and loads it.
 TINY = "tiny"
+#: ``--model`` value of the trained shapes VLM shipped with the package (:mod:`tokenprune.eval.shapes_model`).
+SHAPES = "shapes"
 
 DeviceOption = Annotated[str, typer.Option(help="'auto' (cuda when available), 'cpu', 'cuda'...")]
 DtypeOption = Annotated[str, typer.Option(help="'auto' (bfloat16 on GPU, float32 on CPU) or a dtype name.")]
@@ -338,13 +340,7 @@ def _run(
 
         stack.enter_context(_quiet_transformers())
         with console.status(f"Loading {escape(model)}...", spinner="dots"):
-            if model == TINY:
-                from .testing import save_tiny_checkpoint
-
-                folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="tokenprune-tiny-"))
-                checkpoint = save_tiny_checkpoint(folder, seed=seed)
-            else:
-                checkpoint = _checkpoint(model)
+            checkpoint = _local_checkpoint(stack, model, seed)
             with _user_errors(OSError, ValueError):
                 processor = AutoProcessor.from_pretrained(checkpoint)
             vlm = _load_model(checkpoint, attn, torch_device, torch_dtype)
@@ -394,8 +390,7 @@ def _run(
     if grid is None:
         console.print("[yellow]this model's image tokens are not a patch grid; no overlay written[/]")
         return
-    image_positions = inputs["input_ids"][0] == vlm.config.image_token_id
-    keep = stats.keep_mask[0][image_positions][:per_image].cpu()
+    keep = first_image_keep(stats, inputs["input_ids"], vlm.config.image_token_id, per_image)
     path = save_overlay(_centre_square(picture), keep, grid, overlay)
     console.print(
         f"kept-token overlay ({grid[0]}x{grid[1]} grid, {int(keep.sum())}/{keep.numel()} kept) "
@@ -503,6 +498,76 @@ def bench(
     console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
 
 
+@app.command("eval")
+def eval_(
+    model: Annotated[
+        str,
+        typer.Option("--model", "-m", help=f"Checkpoint directory; '{SHAPES}' is the shipped shapes VLM."),
+    ] = SHAPES,
+    seed: Annotated[
+        int,
+        typer.Option(help="Seed of the questions: 2 is the test split; any other draws a fresh one."),
+    ] = 2,
+    count: Annotated[int, typer.Option(min=6, help="Questions (an equal share of each kind).")] = 600,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods; default: all registered.")] = "",
+    keep_ratios: Annotated[str, typer.Option(help="Comma-separated keep ratios.")] = "0.5,0.25,0.11,0.05",
+    batch_size: Annotated[int, typer.Option(min=1, help="Questions per generate call.")] = 32,
+    overlay_ratio: Annotated[float, typer.Option(help="Keep ratio of the kept-token overlays.")] = 0.11,
+    attn: Annotated[str, typer.Option(help="Attention implementation.")] = "sdpa",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    out: Annotated[
+        pathlib.Path, typer.Option(help="Folder for results.json/.csv, table.md, pareto.png, overlays.png.")
+    ] = pathlib.Path("eval-results"),
+    readme: Annotated[
+        pathlib.Path | None,
+        typer.Option(help="Also write table.md into this file between its shapes-eval markers."),
+    ] = None,
+) -> None:
+    """Accuracy of every method at every keep ratio on the shapes suite, with retention and prefill time."""
+    from .eval import suite
+    from .eval.accuracy import (
+        evaluate_methods,
+        markdown_tables,
+        overlay_sheet,
+        replace_between_markers,
+        write_accuracy_results,
+    )
+
+    console = Console()
+    with _exit_on_user_error(), contextlib.ExitStack() as stack:
+        names = [m for m in methods.split(",") if m] or sorted(tokenprune.list_methods())
+        ratios = tuple(_floats(keep_ratios))
+        with _user_errors(ValueError, TypeError):
+            for name in names:
+                for ratio in (*ratios, overlay_ratio):
+                    PrunerConfig(name, keep_ratio=ratio)
+        if readme is not None and not readme.is_file():
+            raise CliError(f"--readme {readme} is not a file")
+        torch_device, torch_dtype = _resolve_device(device, dtype)
+        checkpoint = _local_checkpoint(stack, model, seed=0)
+        stack.enter_context(_quiet_transformers())
+        from transformers import AutoProcessor
+
+        with console.status(f"Loading {escape(model)}...", spinner="dots"):
+            with _user_errors(OSError, ValueError):
+                processor = AutoProcessor.from_pretrained(checkpoint)
+            vlm = _load_model(checkpoint, attn, torch_device, torch_dtype)
+            examples = suite.examples(seed, count)
+        with console.status(f"Scoring {len(names)} methods x {len(ratios)} keep ratios...", spinner="dots"):
+            rows = evaluate_methods(vlm, processor, examples, names, ratios, batch_size)
+            meta = _run_meta(model, torch_device, attn, torch_dtype, seed=seed, examples=count)
+            paths = write_accuracy_results(rows, out, meta)
+            sheet = out / "overlays.png"
+            paths["overlays"] = overlay_sheet(vlm, processor, examples, names, overlay_ratio, sheet)
+    table = markdown_tables(rows)
+    if readme is not None:
+        readme.write_text(replace_between_markers(readme.read_text(), table, "shapes-eval"))
+        paths["readme"] = readme
+    console.print(table, highlight=False)
+    console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x]
@@ -560,6 +625,10 @@ def bench_encoder(
 def _local_checkpoint(stack: contextlib.ExitStack, model: str, seed: int, arch: str | None = None) -> str:
     """``--model`` as a local checkpoint directory: the tiny model (or, with ``arch``, a benchmark
     architecture with random weights) is written to a temporary one that lives as long as ``stack``."""
+    if model == SHAPES:
+        from .eval.shapes_model import shipped_checkpoint
+
+        return str(stack.enter_context(shipped_checkpoint()))
     if model != TINY:
         return _checkpoint(model)
     from .testing import save_random_checkpoint, save_tiny_checkpoint

@@ -77,6 +77,14 @@ def render_overlay(image: Image.Image, keep: torch.Tensor, grid: tuple[int, int]
     return canvas
 
 
+def first_image_keep(stats, input_ids: torch.Tensor, image_token_id: int, per_image: int, sample: int = 0):
+    """The keep flags (bool ``[per_image]``, on the CPU) of the first image of ``sample`` in the prefill
+    that ``stats`` (a :class:`~tokenprune.pruner.PruneStats` with a ``keep_mask``) describes: the flags of
+    the prompt's first ``per_image`` image-token positions, the layout a LLaVA-style prompt has."""
+    image_positions = input_ids[sample] == image_token_id
+    return stats.keep_mask[sample][image_positions][:per_image].cpu()
+
+
 def save_overlay(
     image: Image.Image, keep: torch.Tensor, grid: tuple[int, int], path: str | os.PathLike
 ) -> pathlib.Path:

@@ -437,28 +437,35 @@ _WORD_LIST = (
 _WORDS = tuple(_WORD_LIST.split())
 
 
-def _tiny_vocab() -> dict[str, int]:
-    tokens = list(_SPECIAL_TOKENS)
-    for word in _WORDS:
-        if word not in tokens:
-            tokens.append(word)
-    if len(tokens) > VOCAB_SIZE:
-        raise AssertionError(f"the tiny vocabulary has {len(tokens)} tokens, more than {VOCAB_SIZE}")
-    tokens += [f"w{i}" for i in range(VOCAB_SIZE - len(tokens))]  # never reached with the list above
-    return {token: i for i, token in enumerate(tokens)}
-
-
 def tiny_tokenizer():
     """A word-level ``PreTrainedTokenizerFast`` over the tiny models' 256 ids (lower-cased words).
 
     Ids 0-3 are ``<pad>``, ``<s>``, ``</s>`` and ``<image>`` (:data:`PAD_TOKEN_ID`, :data:`IMAGE_TOKEN_ID`),
-    then ``<unk>``, punctuation, digits and common English words. Text is split on whitespace and
-    punctuation; ``<s>`` is prepended to every sequence. Returns the tokenizer.
+    then ``<unk>``, punctuation, digits and common English words (:func:`word_tokenizer`). Returns the
+    tokenizer.
+    """
+    return word_tokenizer(_WORDS, size=VOCAB_SIZE)
+
+
+def word_tokenizer(words, size: int | None = None):
+    """A word-level ``PreTrainedTokenizerFast`` whose ids are the special tokens, then ``words`` in order.
+
+    Ids 0-4 are ``<pad>``, ``<s>``, ``</s>``, ``<image>`` and ``<unk>``; repeated words keep their first id;
+    ``size`` pads the vocabulary with unused ``w<i>`` entries (``ValueError`` when the words do not fit).
+    Text is lower-cased and split on whitespace and punctuation; ``<s>`` is prepended to every sequence;
+    padding is on the left, as batched generation wants. Built with the ``tokenizers`` library, so
+    ``save_pretrained`` writes an ordinary ``tokenizer.json``. Returns the tokenizer.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = _tiny_vocab()
+    tokens = list(_SPECIAL_TOKENS)
+    tokens += [word for word in dict.fromkeys(words) if word not in tokens]
+    if size is not None:
+        if len(tokens) > size:
+            raise ValueError(f"{len(tokens)} tokens do not fit a vocabulary of {size}")
+        tokens += [f"w{i}" for i in range(size - len(tokens))]
+    vocab = {token: i for i, token in enumerate(tokens)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -519,9 +526,10 @@ def tiny_processor(family: str = "llava"):
     return processor_for(tiny_config(family))
 
 
-def processor_for(config: LlavaConfig):
+def processor_for(config: LlavaConfig, tokenizer=None):
     """A ``LlavaProcessor`` for a LLaVA-1.5-style ``config``: CLIP preprocessing (resize, centre crop) to
-    its vision tower's image size, the word-level :func:`tiny_tokenizer` and a plain chat template."""
+    its vision tower's image size, ``tokenizer`` (the word-level :func:`tiny_tokenizer` by default) and a
+    plain chat template."""
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     vision = config.vision_config
@@ -532,7 +540,7 @@ def processor_for(config: LlavaConfig):
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=tiny_tokenizer(),
+        tokenizer=tokenizer if tokenizer is not None else tiny_tokenizer(),
         patch_size=vision.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # the CLS token, dropped again by the "default" strategy

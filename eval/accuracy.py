@@ -1,0 +1,270 @@
+"""Accuracy of a VLM on the shapes suite, unpruned and under every registered method and budget."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import tokenprune as tp
+from tokenprune.overlay import first_image_keep, render_overlay
+
+from . import shapes_model, suite
+from .bench import median_ms, write_rows
+
+
+@torch.no_grad()
+def answers(model, processor, examples: list[suite.Example], batch_size: int = 32) -> list[str]:
+    """The model's greedy answer to each example: the first word ``generate`` produces (left-padded
+    batches, at most three new tokens), or ``""`` when it produces none."""
+    replies = []
+    for _, inputs in shapes_model.batches(processor, examples, batch_size):
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        new = output[:, inputs["input_ids"].shape[1] :]
+        for text in processor.batch_decode(new, skip_special_tokens=True):
+            words = text.split()
+            replies.append(words[0] if words else "")
+    return replies
+
+
+def score(model, processor, examples: list[suite.Example], batch_size: int = 32) -> dict[str, float]:
+    """Accuracy per question kind of :data:`suite.KINDS` and ``"all"``, as fractions in [0, 1]."""
+    return accuracy_by_kind(examples, answers(model, processor, examples, batch_size))
+
+
+def accuracy_by_kind(examples: list[suite.Example], replies: list[str]) -> dict[str, float]:
+    """The fraction of ``replies`` equal to their example's answer, per kind present and ``"all"``."""
+    right, total = collections.Counter(), collections.Counter()
+    for item, reply in zip(examples, replies, strict=True):
+        for key in (item.kind, "all"):
+            total[key] += 1
+            right[key] += reply == item.answer
+    return {kind: right[kind] / total[kind] for kind in (*suite.KINDS, "all") if total[kind]}
+
+
+#: Fractions of each image's visual tokens kept in a suite run, from generous to harsh.
+KEEP_RATIOS = (0.5, 0.25, 0.11, 0.05)
+#: Question kinds the kept-token overlays show, one example each.
+OVERLAY_KINDS = ("reading", "count", "grounding")
+
+
+@dataclass
+class AccuracyRow:
+    """One method at one keep ratio on the suite (``method="none"``: the unpruned model, ratio 1).
+
+    ``kept_tokens`` is the mean number of visual tokens per image that reach the layers after pruning (for
+    a ``kv`` method: that each decode step attends to); ``retention`` is ``accuracy`` over the unpruned
+    model's; the kind columns hold the accuracy on that question kind.
+    """
+
+    method: str
+    stage: str
+    keep_ratio: float
+    kept_tokens: float
+    prefill_ms: float
+    prefill_speedup: float
+    accuracy: float
+    retention: float
+    color: float
+    shape: float
+    count: float
+    position: float
+    grounding: float
+    reading: float
+
+
+def evaluate_methods(
+    model,
+    processor,
+    examples: list[suite.Example],
+    methods: list[str],
+    keep_ratios: tuple[float, ...] = KEEP_RATIOS,
+    batch_size: int = 32,
+    timing_repeats: int = 3,
+) -> list[AccuracyRow]:
+    """Score the unpruned model, then every method at every keep ratio, on ``examples``.
+
+    Prefill time is the median of ``timing_repeats`` forward passes over the first batch, measured in
+    the same run as the unpruned baseline, so the speedups are ratios on one machine. Returns the rows,
+    the unpruned one first.
+    """
+    timing = next(shapes_model.batches(processor, examples, batch_size))[1]
+    timing["pixel_values"] = timing["pixel_values"].to(model.dtype)
+    device = next(model.parameters()).device
+
+    def prefill() -> None:
+        with torch.no_grad():
+            model(**timing)
+
+    base_ms = median_ms(prefill, device, timing_repeats)
+    base = score(model, processor, examples, batch_size)
+    visual = int((timing["input_ids"][0] == model.config.image_token_id).sum())
+    rows = [_row("none", "none", 1.0, visual, base_ms, base_ms, base, base)]
+    for method in methods:
+        for ratio in keep_ratios:
+            with tp.pruned(model, method, keep_ratio=ratio) as pruner:
+                ms = median_ms(prefill, device, timing_repeats)
+                accuracy = score(model, processor, examples, batch_size)
+                stats = pruner.stats
+            kept = sum(stats.kept_tokens) / len(stats.kept_tokens)
+            rows.append(_row(method, stats.stage, ratio, kept, ms, base_ms, accuracy, base))
+    return rows
+
+
+def _row(method, stage, ratio, kept, ms, base_ms, accuracy, base) -> AccuracyRow:
+    kinds = {kind: round(accuracy[kind], 4) for kind in suite.KINDS}
+    return AccuracyRow(
+        method=method,
+        stage=stage,
+        keep_ratio=ratio,
+        kept_tokens=round(kept, 2),
+        prefill_ms=round(ms, 2),
+        prefill_speedup=round(base_ms / ms, 3),
+        accuracy=round(accuracy["all"], 4),
+        retention=round(accuracy["all"] / base["all"], 4) if base["all"] else 0.0,
+        **kinds,
+    )
+
+
+def overlay_sheet(
+    model, processor, examples: list[suite.Example], methods: list[str], keep_ratio: float, path: Path
+) -> Path:
+    """Save one picture of which patches each method keeps at ``keep_ratio``: a row per method (``kv``
+    methods, which choose afresh at every decode step and layer, are left out), a column per example of
+    :data:`OVERLAY_KINDS`, each cell captioned with the question, the answer and the method's reply.
+
+    Returns the path written.
+    """
+    chosen = [next(item for item in examples if item.kind == kind) for kind in OVERLAY_KINDS]
+    rows = []
+    for method in methods:
+        config = tp.PrunerConfig(method, keep_ratio=keep_ratio)
+        if config.stage == "kv":
+            continue
+        with tp.pruned(model, config) as pruner:
+            cells = []
+            for item in chosen:
+                reply = answers(model, processor, [item])[0]  # the prefill of this answer fills pruner.stats
+                ids = next(shapes_model.batches(processor, [item], 1))[1]["input_ids"]
+                per_image = pruner.adapter.tokens_per_image
+                keep = first_image_keep(pruner.stats, ids, model.config.image_token_id, per_image)
+                picture = render_overlay(item.image, keep, pruner.adapter.image_grid())
+                cells.append((picture, f"{item.question}\n{item.answer} / {method}: {reply or '-'}"))
+        rows.append((f"{method} {keep_ratio:.0%}", cells))
+    return _save_sheet(rows, path)
+
+
+def _save_sheet(rows: list[tuple[str, list[tuple[Image.Image, str]]]], path: Path) -> Path:
+    """Tile captioned pictures into a grid with a label on the left of each row; returns ``path``."""
+    font = ImageFont.load_default(size=13)
+    label_width, caption_height, gap = 130, 40, 8
+    width, height = rows[0][1][0][0].size
+    columns = max(len(cells) for _, cells in rows)
+    sheet = Image.new(
+        "RGB",
+        (label_width + columns * (width + gap), len(rows) * (height + caption_height + gap)),
+        (255, 255, 255),
+    )
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, cells) in enumerate(rows):
+        top = r * (height + caption_height + gap)
+        draw.text((6, top + height // 2), label, fill=(0, 0, 0), font=font)
+        for c, (picture, caption) in enumerate(cells):
+            left = label_width + c * (width + gap)
+            sheet.paste(picture, (left, top))
+            draw.multiline_text((left + 4, top + height + 3), caption, fill=(0, 0, 0), font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, format="PNG")
+    return path
+
+
+def plot_pareto(rows: list[AccuracyRow], path: Path, title: str) -> None:
+    """Accuracy against visual tokens kept per image (left) and against prefill time (right): one line
+    per method through its keep ratios, the unpruned model as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    base = rows[0]
+    methods = list(dict.fromkeys(row.method for row in rows[1:]))
+    for ax, field, label in (
+        (axes[0], "kept_tokens", "visual tokens kept per image"),
+        (axes[1], "prefill_ms", "prefill time of one batch (ms)"),
+    ):
+        for method in methods:
+            points = sorted((getattr(r, field), r.accuracy * 100) for r in rows if r.method == method)
+            ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=method)
+        ax.plot(getattr(base, field), base.accuracy * 100, "k*", markersize=12, label="unpruned")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_xscale("log")
+    axes[0].set_ylabel("accuracy on the shapes suite (%)")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown_tables(rows: list[AccuracyRow]) -> str:
+    """Two markdown tables: accuracy and retention of every method by keep ratio, then accuracy per
+    question kind at each method's ratio closest to 11% kept."""
+    base = rows[0]
+    ratios = sorted({r.keep_ratio for r in rows[1:]}, reverse=True)
+    methods = list(dict.fromkeys(r.method for r in rows[1:]))
+    by_key = {(r.method, r.keep_ratio): r for r in rows[1:]}
+    header = "| method | stage | " + " | ".join(f"{ratio:.0%} kept" for ratio in ratios) + " |"
+    lines = [
+        f"Unpruned: **{base.accuracy:.1%}** ({base.kept_tokens:.0f} visual tokens per image). "
+        "Cells: accuracy (retention = pruned / unpruned accuracy); best retention per column in bold.",
+        "",
+        header,
+        "|" + "---|" * (len(ratios) + 2),
+    ]
+    best = {ratio: max(by_key[m, ratio].retention for m in methods) for ratio in ratios}
+    for method in methods:
+        cells = []
+        for ratio in ratios:
+            row = by_key[method, ratio]
+            cell = f"{row.accuracy:.1%} ({row.retention:.1%})"
+            cells.append(f"**{cell}**" if row.retention == best[ratio] else cell)
+        lines.append(f"| {method} | {by_key[method, ratios[0]].stage} | " + " | ".join(cells) + " |")
+    focus = min(ratios, key=lambda ratio: abs(ratio - 0.11))
+    lines += [
+        "",
+        f"Accuracy per question kind at {focus:.0%} kept (unpruned first):",
+        "",
+        "| method | " + " | ".join(suite.KINDS) + " |",
+        "|" + "---|" * (len(suite.KINDS) + 1),
+    ]
+    for row in [base, *(by_key[m, focus] for m in methods)]:
+        name = "unpruned" if row.method == "none" else row.method
+        lines.append(f"| {name} | " + " | ".join(f"{getattr(row, k):.0%}" for k in suite.KINDS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_accuracy_results(rows: list[AccuracyRow], out_dir: Path, meta: dict) -> dict[str, Path]:
+    """Write ``results.json`` / ``results.csv`` (rows with ``meta``), ``pareto.png`` and ``table.md`` to
+    ``out_dir``; return their paths by kind (``json``, ``csv``, ``plot``, ``table``)."""
+    title = f"{meta['arch']} on {meta['examples']} shapes questions (seed {meta['seed']}), {meta['machine']}"
+    paths = write_rows(rows, out_dir, meta, "pareto.png", lambda path: plot_pareto(rows, path, title))
+    paths["table"] = out_dir / "table.md"
+    paths["table"].write_text(markdown_tables(rows))
+    return paths
+
+
+def replace_between_markers(text: str, replacement: str, name: str) -> str:
+    """``text`` with what lies between ``<!-- name:start -->`` and ``<!-- name:end -->`` replaced;
+    ``ValueError`` when the markers are missing, so a stale README never passes for a fresh one."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    head, found, rest = text.partition(start)
+    _, found_end, tail = rest.partition(end)
+    if not (found and found_end):
+        raise ValueError(f"markers {start} and {end} not found; add them where the table belongs")
+    return f"{head}{start}\n{replacement}{end}{tail}"

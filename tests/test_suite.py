@@ -1,0 +1,107 @@
+"""The shapes suite: deterministic splits, answers that match what is drawn, and the model's vocabulary."""
+
+import collections
+
+import pytest
+
+from tokenprune.eval import shapes_model, suite
+from tokenprune.eval.train_shapes import learning_rate, training_batch
+
+
+def colours_in_cell(example, thing) -> collections.Counter:
+    """How many pixels of each colour ``thing``'s grid cell holds in ``example``'s picture."""
+    left, top = thing.column * suite.CELL, thing.row * suite.CELL
+    return collections.Counter(
+        example.image.getpixel((x, y))
+        for x in range(left, left + suite.CELL)
+        for y in range(top, top + suite.CELL)
+    )
+
+
+def test_same_seed_and_index_give_the_same_example():
+    first, again = suite.examples("test", 6), suite.examples("test", 6)
+    for a, b in zip(first, again, strict=True):
+        assert (a.question, a.answer, a.things) == (b.question, b.answer, b.things)
+        assert a.image.tobytes() == b.image.tobytes()
+    assert suite.examples("test", 3, start=3)[0].image.tobytes() == first[3].image.tobytes()
+
+
+def test_splits_and_fresh_seeds_differ():
+    pictures = {split: [e.image.tobytes() for e in suite.examples(split, 12)] for split in ("train", "test", 99)}
+    assert len({p for images in pictures.values() for p in images}) == 36
+
+
+def test_kinds_cycle_in_equal_shares():
+    counts = collections.Counter(e.kind for e in suite.examples(5, 60))
+    assert counts == {kind: 10 for kind in suite.KINDS}
+
+
+def test_answers_match_the_drawn_scene():
+    for example in suite.examples("validation", 120):
+        objects = [t for t in example.things if t.shape != "letter"]
+        cells = [(t.column, t.row) for t in example.things]
+        assert len(set(cells)) == len(cells)
+        for thing in objects:  # every shape is drawn in its own colour inside its own cell
+            assert colours_in_cell(example, thing)[suite.COLORS[thing.label]] > 150, (example.question, thing)
+        letters = [t for t in example.things if t.shape == "letter"]
+        for thing in letters:  # the glyph is black ink inside its cell
+            assert colours_in_cell(example, thing)[(0, 0, 0)] > 5
+        if example.kind == "count":
+            assert example.answer == str(len(objects))
+        elif example.kind == "color":
+            shape = example.question.split()[-2]
+            (target,) = [t for t in objects if t.shape == shape]
+            assert example.answer == target.label
+        elif example.kind in ("shape", "grounding"):
+            color = example.question.split()[-3]
+            (target,) = [t for t in objects if t.label == color]
+            assert example.answer == (target.shape if example.kind == "shape" else target.cell)
+        elif example.kind == "position":
+            words = example.question.split()
+            first, second = ([t for t in objects if t.label == words[i]][0] for i in (2, 9))
+            assert first.column != second.column
+            assert example.answer == ("left" if first.column < second.column else "right")
+        else:
+            assert [example.answer] == [t.label for t in letters]
+
+
+def test_bad_split_or_count_is_an_error():
+    with pytest.raises(ValueError, match="unknown split"):
+        suite.examples("dev", 1)
+    with pytest.raises(TypeError, match="split"):
+        suite.examples(1.5, 1)
+    with pytest.raises(ValueError, match=">= 0"):
+        suite.examples("test", -1)
+
+
+def test_processor_covers_every_word_and_gives_144_visual_tokens():
+    processor = shapes_model.processor()
+    unknown = processor.tokenizer.unk_token_id
+    examples = suite.examples("test", 60)
+    chunk, inputs = next(shapes_model.batches(processor, examples, 60))
+    assert chunk == examples
+    image_tokens = (inputs["input_ids"] == shapes_model.config().image_token_id).sum(1)
+    assert image_tokens.tolist() == [144] * 60
+    assert not (inputs["input_ids"] == unknown).any()
+    answers = processor.tokenizer([e.answer for e in examples], add_special_tokens=False)["input_ids"]
+    assert all(len(ids) == 1 and unknown not in ids for ids in answers)
+
+
+def test_training_batch_labels_only_the_answer_and_end_of_sequence():
+    processor = shapes_model.processor()
+    processor.tokenizer.padding_side = "right"
+    examples = suite.examples("train", 6)
+    batch = training_batch(processor, examples)
+    assert batch["input_ids"].shape[0] == 6
+    for row, example in zip(range(6), examples, strict=True):
+        labelled = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        answer = processor.tokenizer.convert_tokens_to_ids(example.answer)
+        assert labelled == [answer, processor.tokenizer.eos_token_id]
+        assert batch["attention_mask"][row, 0] == 1  # tokens start at position 0: right padding
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    rates = [learning_rate(step, 100, 1e-3, 10) for step in range(100)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))
+    assert rates[-1] == pytest.approx(1e-4, rel=0.01)
