@@ -11,24 +11,19 @@ from PIL import Image, ImageDraw, ImageFont
 
 import tokenprune as tp
 from tokenprune.overlay import first_image_keep, render_overlay
+from tokenprune.pruned_vlm import Generation, PrunedVLM, Request
 
 from . import shapes_model, suite
 from .bench import median_ms, write_rows
 
 
-@torch.no_grad()
 def answers(model, processor, examples: list[suite.Example], batch_size: int = 32) -> list[str]:
-    """The model's greedy answer to each example: the first word ``generate`` produces (left-padded
-    batches, at most three new tokens), or ``""`` when it produces none."""
-    replies = []
-    for _, inputs in shapes_model.batches(processor, examples, batch_size):
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        new = output[:, inputs["input_ids"].shape[1] :]
-        for text in processor.batch_decode(new, skip_special_tokens=True):
-            words = text.split()
-            replies.append(words[0] if words else "")
-    return replies
+    """The model's greedy answer to each example: the first word of at most three new tokens (``""``
+    when there are none), generated in left-padded batches by :class:`~tokenprune.pruned_vlm.PrunedVLM`
+    with whatever pruner the model has applied."""
+    requests = [Request(item.question, (item.image,), Generation(max_new_tokens=3)) for item in examples]
+    replies = PrunedVLM(model, processor, None, batch_size).answer(requests)
+    return [(reply.split() or [""])[0] for reply in replies]
 
 
 def score(model, processor, examples: list[suite.Example], batch_size: int = 32) -> dict[str, float]:
@@ -58,23 +53,26 @@ class AccuracyRow:
 
     ``kept_tokens`` is the mean number of visual tokens per image that reach the layers after pruning (for
     a ``kv`` method: that each decode step attends to); ``retention`` is ``accuracy`` over the unpruned
-    model's; the kind columns hold the accuracy on that question kind.
+    model's; the kind columns hold the accuracy on that question kind. A configuration the model cannot
+    run (e.g. more token merging than its encoder has layers for) has ``None`` numbers and the reason in
+    ``note``.
     """
 
     method: str
     stage: str
     keep_ratio: float
-    kept_tokens: float
-    prefill_ms: float
-    prefill_speedup: float
-    accuracy: float
-    retention: float
-    color: float
-    shape: float
-    count: float
-    position: float
-    grounding: float
-    reading: float
+    kept_tokens: float | None
+    prefill_ms: float | None
+    prefill_speedup: float | None
+    accuracy: float | None
+    retention: float | None
+    color: float | None
+    shape: float | None
+    count: float | None
+    position: float | None
+    grounding: float | None
+    reading: float | None
+    note: str = ""
 
 
 def evaluate_methods(
@@ -106,16 +104,26 @@ def evaluate_methods(
     rows = [_row("none", "none", 1.0, visual, base_ms, base_ms, base, base)]
     for method in methods:
         for ratio in keep_ratios:
-            with tp.pruned(model, method, keep_ratio=ratio) as pruner:
+            config = tp.PrunerConfig(method, keep_ratio=ratio)
+            try:
+                pruner = tp.apply_pruner(model, config)
+            except ValueError as error:  # e.g. more merging than the encoder's layers allow
+                rows.append(_row(method, config.stage, ratio, None, None, base_ms, None, base, str(error)))
+                continue
+            try:
                 ms = median_ms(prefill, device, timing_repeats)
                 accuracy = score(model, processor, examples, batch_size)
                 stats = pruner.stats
+            finally:
+                pruner.remove()
             kept = sum(stats.kept_tokens) / len(stats.kept_tokens)
             rows.append(_row(method, stats.stage, ratio, kept, ms, base_ms, accuracy, base))
     return rows
 
 
-def _row(method, stage, ratio, kept, ms, base_ms, accuracy, base) -> AccuracyRow:
+def _row(method, stage, ratio, kept, ms, base_ms, accuracy, base, note="") -> AccuracyRow:
+    if accuracy is None:
+        return AccuracyRow(method, stage, ratio, *(None,) * 5, **dict.fromkeys(suite.KINDS), note=note)
     kinds = {kind: round(accuracy[kind], 4) for kind in suite.KINDS}
     return AccuracyRow(
         method=method,
@@ -145,17 +153,26 @@ def overlay_sheet(
         config = tp.PrunerConfig(method, keep_ratio=keep_ratio)
         if config.stage == "kv":
             continue
-        with tp.pruned(model, config) as pruner:
-            cells = []
-            for item in chosen:
-                reply = answers(model, processor, [item])[0]  # the prefill of this answer fills pruner.stats
-                ids = next(shapes_model.batches(processor, [item], 1))[1]["input_ids"]
-                per_image = pruner.adapter.tokens_per_image
-                keep = first_image_keep(pruner.stats, ids, model.config.image_token_id, per_image)
-                picture = render_overlay(item.image, keep, pruner.adapter.image_grid())
-                cells.append((picture, f"{item.question}\n{item.answer} / {method}: {reply or '-'}"))
+        try:
+            pruner = tp.apply_pruner(model, config)
+        except ValueError:  # a configuration the model cannot run: its table cell says why
+            continue
+        try:
+            cells = [_overlay_cell(model, processor, pruner, method, item) for item in chosen]
+        finally:
+            pruner.remove()
         rows.append((f"{method} {keep_ratio:.0%}", cells))
     return _save_sheet(rows, path)
+
+
+def _overlay_cell(model, processor, pruner, method: str, item: suite.Example) -> tuple[Image.Image, str]:
+    """The overlay of the patches ``pruner`` keeps of ``item``'s image, and its caption."""
+    reply = answers(model, processor, [item])[0]  # the prefill of this answer fills pruner.stats
+    ids = next(shapes_model.batches(processor, [item], 1))[1]["input_ids"]
+    per_image = pruner.adapter.tokens_per_image
+    keep = first_image_keep(pruner.stats, ids, model.config.image_token_id, per_image)
+    picture = render_overlay(item.image, keep, pruner.adapter.image_grid())
+    return picture, f"{item.question}\n{item.answer} / {method}: {reply or '-'}"
 
 
 def _save_sheet(rows: list[tuple[str, list[tuple[Image.Image, str]]]], path: Path) -> Path:
@@ -198,8 +215,13 @@ def plot_pareto(rows: list[AccuracyRow], path: Path, title: str) -> None:
         (axes[1], "prefill_ms", "prefill time of one batch (ms)"),
     ):
         for method in methods:
-            points = sorted((getattr(r, field), r.accuracy * 100) for r in rows if r.method == method)
-            ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=method)
+            points = sorted(
+                (getattr(r, field), r.accuracy * 100)
+                for r in rows
+                if r.method == method and r.accuracy is not None
+            )
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=method)
         ax.plot(getattr(base, field), base.accuracy * 100, "k*", markersize=12, label="unpruned")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
@@ -227,11 +249,14 @@ def markdown_tables(rows: list[AccuracyRow]) -> str:
         header,
         "|" + "---|" * (len(ratios) + 2),
     ]
-    best = {ratio: max(by_key[m, ratio].retention for m in methods) for ratio in ratios}
+    best = {ratio: max(by_key[m, ratio].retention or 0.0 for m in methods) for ratio in ratios}
     for method in methods:
         cells = []
         for ratio in ratios:
             row = by_key[method, ratio]
+            if row.accuracy is None:
+                cells.append("n/a")
+                continue
             cell = f"{row.accuracy:.1%} ({row.retention:.1%})"
             cells.append(f"**{cell}**" if row.retention == best[ratio] else cell)
         lines.append(f"| {method} | {by_key[method, ratios[0]].stage} | " + " | ".join(cells) + " |")
@@ -245,7 +270,11 @@ def markdown_tables(rows: list[AccuracyRow]) -> str:
     ]
     for row in [base, *(by_key[m, focus] for m in methods)]:
         name = "unpruned" if row.method == "none" else row.method
-        lines.append(f"| {name} | " + " | ".join(f"{getattr(row, k):.0%}" for k in suite.KINDS) + " |")
+        values = ["n/a" if row.accuracy is None else f"{getattr(row, kind):.0%}" for kind in suite.KINDS]
+        lines.append(f"| {name} | " + " | ".join(values) + " |")
+    notes = [f"- {r.method} at {r.keep_ratio:.0%}: {r.note}" for r in rows if r.note]
+    if notes:
+        lines += ["", "n/a: the model cannot run that configuration:", *notes]
     return "\n".join(lines) + "\n"
 
 

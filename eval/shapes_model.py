@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..pruned_vlm import chat_prompt
 from ..testing import llava_config, processor_for, word_tokenizer
 from . import suite
 
@@ -71,12 +72,6 @@ def build(seed: int = 0):
     return LlavaForConditionalGeneration._from_config(config(), attn_implementation="sdpa")
 
 
-def prompt(processor_, question: str) -> str:
-    """The chat prompt asking ``question`` about one image, ending where the answer starts."""
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor_.apply_chat_template(conversation, add_generation_prompt=True)
-
-
 def shipped_checkpoint() -> contextlib.AbstractContextManager[pathlib.Path]:
     """A context manager giving the directory of the trained checkpoint shipped with the package."""
     return importlib.resources.as_file(importlib.resources.files("tokenprune") / "assets" / ASSETS_NAME)
@@ -89,7 +84,7 @@ def batches(processor_, examples: list[suite.Example], size: int) -> Iterator[tu
         chunk = examples[start : start + size]
         inputs = processor_(
             images=[item.image for item in chunk],
-            text=[prompt(processor_, item.question) for item in chunk],
+            text=[chat_prompt(processor_, item.question) for item in chunk],
             return_tensors="pt",
             padding=True,
         )

@@ -79,10 +79,24 @@ class Example:
 def vocabulary() -> list[str]:
     """Every word that a question or an answer of the suite uses, in a fixed order."""
     words = "what color is the shape object how many objects are there or of which cell holds letter in image"
-    words += " left right"
+    words += " left right describe ."
     cells = [f"{column}{row}" for row in range(1, GRID + 1) for column in COLUMNS]
     counts = [str(n) for n in range(1, MAX_OBJECTS + 1)]
     return [*words.split(), "?", *COLORS, *SHAPES, *LETTERS, *cells, *counts]
+
+
+#: The training-only prompt whose answer is :func:`description` (dense supervision: every item's colour,
+#: shape and cell), so that the model learns to read the scene faster than from one-word answers alone.
+DESCRIBE = "describe the image ."
+
+
+def description(things: tuple[Thing, ...]) -> str:
+    """Every item of a scene in row-major cell order: ``"red circle a1 letter e c2 ..."``."""
+    ordered = sorted(things, key=lambda thing: (thing.row, thing.column))
+    return " ".join(
+        f"letter {t.label} {t.cell}" if t.shape == "letter" else f"{t.label} {t.shape} {t.cell}"
+        for t in ordered
+    )
 
 
 def split_seed(split: str | int) -> int:
@@ -142,12 +156,28 @@ def _scene(rng: random.Random, kind: str) -> tuple[Thing, ...]:
         ]
         if with_letter:
             things.append(Thing("letter", rng.choice(LETTERS), cells[-1] % GRID, cells[-1] // GRID))
-        shapes = [thing.shape for thing in things]
-        if kind == "color" and not any(shapes.count(shape) == 1 for shape in SHAPES):
-            continue
-        if kind == "position" and len({thing.column for thing in _objects(things)}) < 2:
-            continue
-        return tuple(things)
+        if answerable(kind, things):
+            return tuple(things)
+
+
+def answerable(kind: str, things) -> bool:
+    """Whether a scene of ``things`` can answer a ``kind`` question: ``color`` needs a shape that occurs
+    once, ``position`` two shapes in different columns, ``reading`` a letter."""
+    objects = _objects(things)
+    shapes = [thing.shape for thing in objects]
+    if kind == "color":
+        return any(shapes.count(shape) == 1 for shape in SHAPES)
+    if kind == "position":
+        return len({thing.column for thing in objects}) >= 2
+    if kind == "reading":
+        return len(objects) < len(things)
+    return True
+
+
+def questions(things: tuple[Thing, ...], rng: random.Random) -> list[tuple[str, str, str]]:
+    """One ``(kind, question, answer)`` of every kind the scene of ``things`` can answer, drawn with
+    ``rng`` (training asks them all about one image)."""
+    return [(kind, *_ask(rng, kind, things)) for kind in KINDS if answerable(kind, things)]
 
 
 def _objects(things) -> list[Thing]:

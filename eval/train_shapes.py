@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import pathlib
+import random
 import time
 
 import torch
@@ -23,23 +24,117 @@ from . import shapes_model, suite
 from .accuracy import score
 
 
-def training_batch(processor, examples: list[suite.Example]) -> dict:
-    """Processor tensors of ``examples`` with their answers appended, right-padded, and ``labels`` that
-    are -100 everywhere except the answer word and the closing ``</s>`` of each row."""
-    texts = [f"{shapes_model.prompt(processor, item.question)} {item.answer}</s>" for item in examples]
+def training_batch(processor, examples: list[suite.Example], describe: list[bool] | None = None) -> dict:
+    """Processor tensors of ``examples``' conversations, right-padded, and ``labels`` that are -100
+    everywhere except the assistant's replies and their closing ``</s>``.
+
+    Each conversation shows the image once. Where ``describe`` is True it asks :data:`suite.DESCRIBE` and
+    the reply is the scene's :func:`~suite.description`; elsewhere the example's own question comes
+    first (exactly the prompt the model is scored on), then one question of every other kind the scene
+    can answer (:func:`suite.questions`), in random order: more answers per encoded image.
+    """
+    describe = describe or [False] * len(examples)
+    texts = [
+        processor.apply_chat_template(_conversation(item, dense), tokenize=False)
+        for item, dense in zip(examples, describe, strict=True)
+    ]
     inputs = processor(
         images=[item.image for item in examples], text=texts, return_tensors="pt", padding=True
     )
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    if bool(mask[:, 0].all()) and not bool(mask.all()):  # left padding: move every row's tokens right-aligned
-        order = torch.argsort(mask, dim=1, stable=True, descending=True)
-        ids, mask = ids.gather(1, order), mask.gather(1, order)
-    lengths = mask.sum(1)
+    ids = inputs["input_ids"]
+    return dict(
+        input_ids=ids,
+        attention_mask=inputs["attention_mask"],
+        pixel_values=inputs["pixel_values"],
+        labels=_reply_labels(ids, processor.tokenizer),
+    )
+
+
+def _conversation(item: suite.Example, dense: bool) -> list[dict]:
+    if dense:
+        turns = [(suite.DESCRIBE, suite.description(item.things))]
+    else:
+        rng = random.Random(item.question + item.answer + str(item.things))
+        others = [(q, a) for kind, q, a in suite.questions(item.things, rng) if kind != item.kind]
+        rng.shuffle(others)
+        turns = [(item.question, item.answer), *others]
+    (first_question, _), *_ = turns
+    conversation = []
+    for number, (question, reply) in enumerate(turns):
+        content = question if number else [{"type": "image"}, {"type": "text", "text": first_question}]
+        conversation += [{"role": "user", "content": content}, {"role": "assistant", "content": reply}]
+    return conversation
+
+
+def _reply_labels(ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """``ids`` where a token belongs to a reply (after an ``ASSISTANT:`` colon, up to and including its
+    ``</s>``), -100 elsewhere."""
+    colon, eos = tokenizer.convert_tokens_to_ids(":"), tokenizer.eos_token_id
     labels = torch.full_like(ids, -100)
-    rows = torch.arange(len(examples))
-    for back in (1, 2):
-        labels[rows, lengths - back] = ids[rows, lengths - back]
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"], labels=labels)
+    for row, tokens in enumerate(ids.tolist()):
+        start = None
+        for position, token in enumerate(tokens):
+            if token == colon:
+                start = position + 1
+            elif token == eos and start is not None:
+                labels[row, start : position + 1] = ids[row, start : position + 1]
+                start = None
+    return labels
+
+
+#: Classes of the per-patch auxiliary targets: colour (letters are black), shape (or "letter"), letter;
+#: class 0 of each is "nothing here".
+PATCH_CLASSES = (
+    ("", *suite.COLORS, "black"),
+    ("", *suite.SHAPES, "letter"),
+    ("", *suite.LETTERS),
+)
+
+
+def patch_targets(examples: list[suite.Example], patches_per_cell: int) -> torch.Tensor:
+    """Long ``[B, patches, 3]``: for every patch of every example, the colour, shape and letter class of
+    the item in the grid cell the patch lies in (0 where the cell is empty). A coarse but free dense
+    signal that teaches the vision tower what each region holds."""
+    side = suite.GRID * patches_per_cell
+    targets = torch.zeros(len(examples), side, side, 3, dtype=torch.long)
+    for row, item in enumerate(examples):
+        for thing in item.things:
+            letter = thing.shape == "letter"
+            classes = (
+                PATCH_CLASSES[0].index("black" if letter else thing.label),
+                PATCH_CLASSES[1].index(thing.shape),
+                PATCH_CLASSES[2].index(thing.label) if letter else 0,
+            )
+            top, left = thing.row * patches_per_cell, thing.column * patches_per_cell
+            targets[row, top : top + patches_per_cell, left : left + patches_per_cell] = torch.tensor(classes)
+    return targets.flatten(1, 2)
+
+
+class PatchProbe(torch.nn.Module):
+    """Linear heads on the vision features LLaVA projects (the tower's ``vision_feature_layer`` output),
+    read through a forward hook on the tower; used for the auxiliary loss only, never saved."""
+
+    def __init__(self, model):
+        super().__init__()
+        config = model.config
+        self.heads = torch.nn.ModuleList(
+            torch.nn.Linear(config.vision_config.hidden_size, len(classes)) for classes in PATCH_CLASSES
+        )
+        self.layer = config.vision_feature_layer
+        self.features = None
+        self.handle = model.model.vision_tower.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self.features = output.hidden_states[self.layer][:, 1:]  # without CLS, as the "default" strategy
+
+    def loss(self, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the three heads on the last forward's patch features."""
+        return sum(
+            torch.nn.functional.cross_entropy(
+                head(self.features).flatten(0, 1).float(), targets[..., i].flatten()
+            )
+            for i, head in enumerate(self.heads)
+        ) / len(self.heads)
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -61,22 +156,34 @@ def train(args: argparse.Namespace) -> None:
     else:
         model = shapes_model.build(args.seed)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
+    probe = PatchProbe(model) if args.patch_loss else None
+    parameters = [*model.parameters(), *(probe.parameters() if probe else ())]
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
+    patches_per_cell = suite.CELL // model.config.vision_config.patch_size
     stream = suite.iter_examples("train", start=args.start)
-    validation = suite.examples("validation", 300)
+    validation = suite.examples("validation", args.validate)
     out = pathlib.Path(args.out)
+    random.seed(args.seed)
     began, running = time.time(), []
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        batch = training_batch(processor, [next(stream) for _ in range(args.batch)])
+        describe = [random.random() < args.describe for _ in range(args.batch)]
+        examples = [next(stream) for _ in range(args.batch)]
+        batch = training_batch(processor, examples, describe)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             loss = model(**batch).loss
+            if probe is not None:
+                loss = loss + args.patch_loss * probe.loss(patch_targets(examples, patches_per_cell))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         running.append(loss.item())
+        if (step + 1) % 50 == 0:
+            print(
+                f"step {step + 1} loss {sum(running[-50:]) / 50:.3f} ({time.time() - began:.0f}s)", flush=True
+            )
         if (step + 1) % args.every == 0 or step + 1 == args.steps:
             model.eval()
             processor.tokenizer.padding_side = "left"
@@ -105,8 +212,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--every", type=int, default=250, help="validate and save every this many steps")
+    parser.add_argument("--validate", type=int, default=300, help="validation examples per report")
     parser.add_argument("--start", type=int, default=0, help="index of the first training example")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--patch-loss", type=float, default=0.0, help="weight of the auxiliary per-patch loss (0: none)"
+    )
+    parser.add_argument(
+        "--describe", type=float, default=0.5, help="share of rows asked to describe the scene"
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False)
     train(parser.parse_args())

@@ -33,6 +33,8 @@ def test_wheel_contains_mapped_packages(tmp_path):
         "tokenprune/eval/__init__.py",
         "tokenprune/methods/dart.py",
         "tokenprune/assets/example.png",
+        "tokenprune/assets/shapes-vlm/model.safetensors",
+        "tokenprune/assets/shapes-vlm/tokenizer.json",
     ):
         assert required in names, f"{required} missing from the wheel"
 

@@ -1,6 +1,7 @@
 """The shapes suite: deterministic splits, answers that match what is drawn, and the model's vocabulary."""
 
 import collections
+import random
 
 import pytest
 
@@ -27,8 +28,8 @@ def test_same_seed_and_index_give_the_same_example():
 
 
 def test_splits_and_fresh_seeds_differ():
-    pictures = {split: [e.image.tobytes() for e in suite.examples(split, 12)] for split in ("train", "test", 99)}
-    assert len({p for images in pictures.values() for p in images}) == 36
+    pictures = {e.image.tobytes() for split in ("train", "test", 99) for e in suite.examples(split, 12)}
+    assert len(pictures) == 36
 
 
 def test_kinds_cycle_in_equal_shares():
@@ -46,23 +47,33 @@ def test_answers_match_the_drawn_scene():
         letters = [t for t in example.things if t.shape == "letter"]
         for thing in letters:  # the glyph is black ink inside its cell
             assert colours_in_cell(example, thing)[(0, 0, 0)] > 5
-        if example.kind == "count":
-            assert example.answer == str(len(objects))
-        elif example.kind == "color":
-            shape = example.question.split()[-2]
-            (target,) = [t for t in objects if t.shape == shape]
-            assert example.answer == target.label
-        elif example.kind in ("shape", "grounding"):
-            color = example.question.split()[-3]
-            (target,) = [t for t in objects if t.label == color]
-            assert example.answer == (target.shape if example.kind == "shape" else target.cell)
-        elif example.kind == "position":
-            words = example.question.split()
-            first, second = ([t for t in objects if t.label == words[i]][0] for i in (2, 9))
-            assert first.column != second.column
-            assert example.answer == ("left" if first.column < second.column else "right")
-        else:
-            assert [example.answer] == [t.label for t in letters]
+        assert_right_answer(example.kind, example.question, example.answer, example.things)
+        for kind, question, answer in suite.questions(example.things, random.Random(0)):
+            assert suite.answerable(kind, example.things)
+            assert_right_answer(kind, question, answer, example.things)
+
+
+def assert_right_answer(kind, question, answer, things):
+    """Check ``answer`` to ``question`` against the scene's items, independently of the suite's code."""
+    objects = [t for t in things if t.shape != "letter"]
+    letters = [t for t in things if t.shape == "letter"]
+    if kind == "count":
+        assert answer == str(len(objects))
+    elif kind == "color":
+        shape = question.split()[-2]
+        (target,) = [t for t in objects if t.shape == shape]
+        assert answer == target.label
+    elif kind in ("shape", "grounding"):
+        color = question.split()[-3]
+        (target,) = [t for t in objects if t.label == color]
+        assert answer == (target.shape if kind == "shape" else target.cell)
+    elif kind == "position":
+        words = question.split()
+        first, second = ([t for t in objects if t.label == words[i]][0] for i in (2, 9))
+        assert first.column != second.column
+        assert answer == ("left" if first.column < second.column else "right")
+    else:
+        assert [answer] == [t.label for t in letters]
 
 
 def test_bad_split_or_count_is_an_error():
@@ -87,17 +98,28 @@ def test_processor_covers_every_word_and_gives_144_visual_tokens():
     assert all(len(ids) == 1 and unknown not in ids for ids in answers)
 
 
-def test_training_batch_labels_only_the_answer_and_end_of_sequence():
+def test_training_batch_labels_only_the_replies():
     processor = shapes_model.processor()
     processor.tokenizer.padding_side = "right"
+    tokenizer = processor.tokenizer
     examples = suite.examples("train", 6)
-    batch = training_batch(processor, examples)
-    assert batch["input_ids"].shape[0] == 6
-    for row, example in zip(range(6), examples, strict=True):
-        labelled = batch["labels"][row][batch["labels"][row] != -100].tolist()
-        answer = processor.tokenizer.convert_tokens_to_ids(example.answer)
-        assert labelled == [answer, processor.tokenizer.eos_token_id]
+    batch = training_batch(processor, examples, describe=[True, False, False, False, False, False])
+    eos = tokenizer.eos_token_id
+    for row, example in enumerate(examples):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
         assert batch["attention_mask"][row, 0] == 1  # tokens start at position 0: right padding
+        assert int((ids == tokenizer.convert_tokens_to_ids("<image>")).sum()) == 144  # one image
+        labelled = tokenizer.convert_ids_to_tokens(labels[labels != -100].tolist())
+        replies = " ".join(labelled).split(" </s>")[:-1]
+        if row == 0:
+            assert [reply.strip() for reply in replies] == [suite.description(example.things)]
+            continue
+        # the example's own question is asked first, as it is scored; then one of every other kind
+        prompt = tokenizer.decode(ids[: (labels != -100).nonzero()[0, 0]], skip_special_tokens=True)
+        assert prompt.endswith(f"{example.question} assistant :")
+        kinds = [k for k in suite.KINDS if suite.answerable(k, example.things)]
+        assert len(replies) == len(kinds) and replies[0].strip() == example.answer
+        assert labelled.count("</s>") == len(kinds) and int((ids == eos).sum()) == len(kinds)
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():

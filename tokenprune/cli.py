@@ -27,7 +27,8 @@ import tokenprune
 from .config import PrunerConfig
 from .overlay import first_image_keep, save_overlay
 
-DEFAULT_PROMPT = "What is in the image?"
+#: The question of the bundled example image (``assets/example.png``: example 4 of the shapes suite's seed 7).
+DEFAULT_PROMPT = "which cell holds the blue object ?"
 #: ``--model`` value that builds the tiny random checkpoint of :mod:`tokenprune.testing` and loads it.
 TINY = "tiny"
 #: ``--model`` value of the trained shapes VLM shipped with the package (:mod:`tokenprune.eval.shapes_model`).
@@ -87,9 +88,10 @@ def run(
         typer.Option(
             "--model",
             "-m",
-            help=f"Checkpoint directory (or hub id); '{TINY}' builds a tiny random LLaVA.",
+            help=f"Checkpoint directory (or hub id); '{SHAPES}': the shipped shapes VLM; '{TINY}': a tiny "
+            "random LLaVA.",
         ),
-    ] = TINY,
+    ] = SHAPES,
     image: Annotated[
         pathlib.Path | None,
         typer.Option(
@@ -293,7 +295,9 @@ def _checkpoint(model: str) -> str:
     if path.is_dir():
         return str(path)
     if path.is_absolute() or model.startswith((".", "~")) or path.exists():
-        raise CliError(f"no checkpoint directory at {model} (give a directory with config.json, or '{TINY}')")
+        raise CliError(
+            f"no checkpoint directory at {model} (give a directory with config.json, '{SHAPES}' or '{TINY}')"
+        )
     return model
 
 
@@ -566,6 +570,19 @@ def eval_(
         paths["readme"] = readme
     console.print(table, highlight=False)
     console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
+
+
+@app.command("lmms-task")
+def lmms_task(
+    directory: Annotated[pathlib.Path, typer.Argument(help="Folder to write the task into.")],
+    seed: Annotated[int, typer.Option(help="Seed of the questions: 2 is the test split.")] = 2,
+    count: Annotated[int, typer.Option(min=1, help="Questions.")] = 600,
+) -> None:
+    """Write the shapes suite as the lmms-eval task tokenprune_shapes (use with --include_path DIR)."""
+    from .eval.lmms_task import export_lmms_task
+
+    path = export_lmms_task(directory, seed, count)
+    typer.echo(f"wrote {path}; run: python -m lmms_eval --model tokenprune --include_path {directory} ...")
 
 
 def _ints(text: str) -> list[int]:

@@ -164,6 +164,14 @@ def batches(keys: Sequence[Hashable], size: int) -> list[list[int]]:
     return [group[start : start + size] for group in groups.values() for start in range(0, len(group), size)]
 
 
+def chat_prompt(processor, text: str, num_images: int = 1) -> str:
+    """The processor's chat prompt of one user turn showing ``num_images`` images, then ``text``, ending
+    where the reply starts."""
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
+    conversation = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     """One question: its text, its images (in the order the prompt shows them) and how to generate."""
@@ -198,12 +206,6 @@ class PrunedVLM:
         pruner = None if args.pruner is None else apply_pruner(model, args.pruner)
         return cls(model, processor, pruner, args.batch_size)
 
-    def prompt(self, text: str, num_images: int) -> str:
-        """The chat prompt showing ``num_images`` images, then ``text``, ending where the reply starts."""
-        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
-        conversation = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-
     @torch.no_grad()
     def generate(self, requests: Sequence[Request]) -> list[str]:
         """The replies to one batch of requests sharing one :class:`Generation`: the decoded new tokens,
@@ -212,7 +214,7 @@ class PrunedVLM:
         images = [image for request in requests for image in request.images]
         inputs = self.processor(
             images=images or None,
-            text=[self.prompt(request.text, len(request.images)) for request in requests],
+            text=[chat_prompt(self.processor, request.text, len(request.images)) for request in requests],
             return_tensors="pt",
             padding=True,
         ).to(self.model.device, dtype=self.model.dtype)
