@@ -1,9 +1,12 @@
 """Scoring on the shapes suite, the results tables and the README markers they are written between."""
 
 import dataclasses
+import json
 
 import pytest
+from typer.testing import CliRunner
 
+from tokenprune.cli import app
 from tokenprune.eval import suite
 from tokenprune.eval.accuracy import (
     AccuracyRow,
@@ -53,3 +56,43 @@ def test_markers_are_replaced_and_missing_markers_are_an_error():
     assert replace_between_markers(new, "new table\n", "shapes-eval") == new
     with pytest.raises(ValueError, match="markers"):
         replace_between_markers("no markers here", "x", "shapes-eval")
+
+
+def test_eval_command_scores_methods_and_updates_the_readme(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- shapes-eval:start -->\nstale\n<!-- shapes-eval:end -->\n")
+    args = ["eval", "--count", "12", "--methods", "dart,tome", "--keep-ratios", "0.5,0.05"]
+    args += ["--batch-size", "12", "--out", str(tmp_path / "out"), "--readme", str(readme)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert [(r["method"], r["keep_ratio"]) for r in rows] == [
+        ("none", 1.0),
+        ("dart", 0.5),
+        ("dart", 0.05),
+        ("tome", 0.5),
+        ("tome", 0.05),
+    ]
+    assert rows[0]["kept_tokens"] == 144 and rows[0]["retention"] == 1.0
+    assert rows[1]["kept_tokens"] == 72 and rows[2]["kept_tokens"] == 7
+    # ToMe cannot merge 145 tokens down to 8 in the tower's three merge steps: reported, not run
+    assert rows[4]["accuracy"] is None and "cannot merge" in rows[4]["note"]
+    for row in rows[:4]:
+        assert 0 <= row["accuracy"] <= 1 and row["prefill_ms"] > 0
+    text = readme.read_text()
+    assert "stale" not in text and "| dart | llm |" in text and "n/a" in text
+    for name in ("results.csv", "pareto.png", "overlays.png", "table.md"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+def test_eval_command_rejects_a_bad_method_before_loading(tmp_path):
+    result = CliRunner().invoke(app, ["eval", "--methods", "nope", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "nope" in result.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_lmms_task_command_writes_the_task(tmp_path):
+    result = CliRunner().invoke(app, ["lmms-task", str(tmp_path / "task"), "--count", "6"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "task" / "tokenprune_shapes.yaml").is_file()
+    assert len((tmp_path / "task" / "data.jsonl").read_text().splitlines()) == 6
