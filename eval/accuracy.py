@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,13 +83,14 @@ def evaluate_methods(
     methods: list[str],
     keep_ratios: tuple[float, ...] = KEEP_RATIOS,
     batch_size: int = 32,
-    timing_repeats: int = 3,
+    timing_repeats: int = 5,
 ) -> list[AccuracyRow]:
     """Score the unpruned model, then every method at every keep ratio, on ``examples``.
 
-    Prefill time is the median of ``timing_repeats`` forward passes over the first batch, measured in
-    the same run as the unpruned baseline, so the speedups are ratios on one machine. Returns the rows,
-    the unpruned one first.
+    Prefill time is the median of ``timing_repeats`` forward passes over the first batch; the unpruned
+    model is timed right before each configuration and the speedup is the ratio of the two, so that
+    slow drift of a shared machine cancels (the unpruned row's time is the median of those baselines).
+    Returns the rows, the unpruned one first.
     """
     timing = next(shapes_model.batches(processor, examples, batch_size))[1]
     timing["pixel_values"] = timing["pixel_values"].to(model.dtype)
@@ -98,17 +100,17 @@ def evaluate_methods(
         with torch.no_grad():
             model(**timing)
 
-    base_ms = median_ms(prefill, device, timing_repeats)
-    base = score(model, processor, examples, batch_size)
-    visual = int((timing["input_ids"][0] == model.config.image_token_id).sum())
-    rows = [_row("none", "none", 1.0, visual, base_ms, base_ms, base, base)]
+    base = score(model, processor, examples, batch_size)  # also warms up every kernel the timings use
+    baselines = []
+    rows = []
     for method in methods:
         for ratio in keep_ratios:
             config = tp.PrunerConfig(method, keep_ratio=ratio)
+            baselines.append(median_ms(prefill, device, timing_repeats))  # right before, as drift is slow
             try:
                 pruner = tp.apply_pruner(model, config)
             except ValueError as error:  # e.g. more merging than the encoder's layers allow
-                rows.append(_row(method, config.stage, ratio, None, None, base_ms, None, base, str(error)))
+                rows.append(_row(method, config.stage, ratio, None, None, None, None, base, str(error)))
                 continue
             try:
                 ms = median_ms(prefill, device, timing_repeats)
@@ -117,8 +119,10 @@ def evaluate_methods(
             finally:
                 pruner.remove()
             kept = sum(stats.kept_tokens) / len(stats.kept_tokens)
-            rows.append(_row(method, stats.stage, ratio, kept, ms, base_ms, accuracy, base))
-    return rows
+            rows.append(_row(method, stats.stage, ratio, kept, ms, baselines[-1], accuracy, base))
+    visual = int((timing["input_ids"][0] == model.config.image_token_id).sum())
+    base_ms = statistics.median(baselines) if baselines else median_ms(prefill, device, timing_repeats)
+    return [_row("none", "none", 1.0, visual, base_ms, base_ms, base, base), *rows]
 
 
 def _row(method, stage, ratio, kept, ms, base_ms, accuracy, base, note="") -> AccuracyRow:
@@ -210,18 +214,20 @@ def plot_pareto(rows: list[AccuracyRow], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     base = rows[0]
     methods = list(dict.fromkeys(row.method for row in rows[1:]))
+    colours = plt.get_cmap("tab20").colors
     for ax, field, label in (
         (axes[0], "kept_tokens", "visual tokens kept per image"),
         (axes[1], "prefill_ms", "prefill time of one batch (ms)"),
     ):
-        for method in methods:
+        for i, method in enumerate(methods):
             points = sorted(
                 (getattr(r, field), r.accuracy * 100)
                 for r in rows
                 if r.method == method and r.accuracy is not None
             )
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=method)
+                style = dict(color=colours[2 * (i % 10) + i // 10], marker="os^D"[i % 4], markersize=4)
+                ax.plot(*zip(*points, strict=True), label=method, **style)
         ax.plot(getattr(base, field), base.accuracy * 100, "k*", markersize=12, label="unpruned")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
@@ -244,12 +250,17 @@ def markdown_tables(rows: list[AccuracyRow]) -> str:
     header = "| method | stage | " + " | ".join(f"{ratio:.0%} kept" for ratio in ratios) + " |"
     lines = [
         f"Unpruned: **{base.accuracy:.1%}** ({base.kept_tokens:.0f} visual tokens per image). "
-        "Cells: accuracy (retention = pruned / unpruned accuracy); best retention per column in bold.",
+        "Cells: accuracy (retention = pruned / unpruned accuracy); in bold the best retention of the methods "
+        "that prune at prefill (a kv method prunes at decode steps only).",
         "",
         header,
         "|" + "---|" * (len(ratios) + 2),
     ]
-    best = {ratio: max(by_key[m, ratio].retention or 0.0 for m in methods) for ratio in ratios}
+    prefill_methods = [m for m in methods if by_key[m, ratios[0]].stage != "kv"]
+    best = {
+        ratio: max((by_key[m, ratio].retention or 0.0 for m in prefill_methods), default=None)
+        for ratio in ratios
+    }
     for method in methods:
         cells = []
         for ratio in ratios:
@@ -258,7 +269,7 @@ def markdown_tables(rows: list[AccuracyRow]) -> str:
                 cells.append("n/a")
                 continue
             cell = f"{row.accuracy:.1%} ({row.retention:.1%})"
-            cells.append(f"**{cell}**" if row.retention == best[ratio] else cell)
+            cells.append(f"**{cell}**" if row.stage != "kv" and row.retention == best[ratio] else cell)
         lines.append(f"| {method} | {by_key[method, ratios[0]].stage} | " + " | ".join(cells) + " |")
     focus = min(ratios, key=lambda ratio: abs(ratio - 0.11))
     lines += [
@@ -281,7 +292,9 @@ def markdown_tables(rows: list[AccuracyRow]) -> str:
 def write_accuracy_results(rows: list[AccuracyRow], out_dir: Path, meta: dict) -> dict[str, Path]:
     """Write ``results.json`` / ``results.csv`` (rows with ``meta``), ``pareto.png`` and ``table.md`` to
     ``out_dir``; return their paths by kind (``json``, ``csv``, ``plot``, ``table``)."""
-    title = f"{meta['arch']} on {meta['examples']} shapes questions (seed {meta['seed']}), {meta['machine']}"
+    title = (
+        f"model {meta['arch']}: {meta['examples']} shapes questions (seed {meta['seed']}), {meta['machine']}"
+    )
     paths = write_rows(rows, out_dir, meta, "pareto.png", lambda path: plot_pareto(rows, path, title))
     paths["table"] = out_dir / "table.md"
     paths["table"].write_text(markdown_tables(rows))
