@@ -79,17 +79,8 @@ def test_run_unknown_method_is_a_clear_error():
 
 
 def test_run_budget_larger_than_image_is_a_clear_error(tmp_path):
-    args = [
-        "run",
-        "--model",
-        "tiny",
-        "--method",
-        "uniform",
-        "--budget",
-        "65",
-        "--overlay",
-        str(tmp_path / "o.png"),
-    ]
+    args = ["run", "--model", "tiny", "--method", "uniform", "--budget", "65"]
+    args += ["--overlay", str(tmp_path / "o.png")]
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "budget=65" in plain(result.output)
