@@ -2,12 +2,15 @@
 
     python -m tokenprune.eval.train_shapes --out DIR [--steps N] [--batch B] [--init DIR]
 
-Every step draws a fresh batch from the endless ``train`` stream (no example is seen twice), builds
-``USER: <image>\\n{question} ASSISTANT: {answer}</s>`` and takes the cross-entropy of the answer word and
-the end-of-sequence token only. AdamW with a linear warm-up and cosine decay; bf16 autocast where the
-CPU or GPU supports it. Every ``--every`` steps the model is scored on 300 validation examples and
-saved to ``--out`` (weights, config and processor: a complete checkpoint); ``--init`` continues from
-such a checkpoint, so training can run in pieces. Prints one line per report.
+Every step draws a fresh batch from the endless ``train`` stream (no example is seen twice; ``--start``
+is the first one) and trains on the replies only (:func:`training_batch`): a ``--describe`` share of the
+rows asks for the scene's description, the others ask the example's own question, then one question of
+every other kind the scene answers, in one conversation. ``--patch-loss`` adds an auxiliary loss of linear
+heads on the tower's patch features (:class:`PatchProbe`, not saved). AdamW with a linear warm-up and
+cosine decay on ``--device``; ``--bf16`` autocasts. Every 50 steps it prints the loss; every ``--every`` steps
+it scores ``--validate`` validation questions and saves a complete checkpoint (weights, config and
+processor) to ``--out``; ``--init`` continues from such a checkpoint, so training can run in pieces
+(the shipped model's card lists its pieces).
 """
 
 from __future__ import annotations
@@ -155,8 +158,9 @@ def train(args: argparse.Namespace) -> None:
         model = LlavaForConditionalGeneration.from_pretrained(args.init, attn_implementation="sdpa")
     else:
         model = shapes_model.build(args.seed)
-    model.train()
-    probe = PatchProbe(model) if args.patch_loss else None
+    device = torch.device(args.device)
+    model.to(device).train()
+    probe = PatchProbe(model).to(device) if args.patch_loss else None
     parameters = [*model.parameters(), *(probe.parameters() if probe else ())]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
     patches_per_cell = suite.CELL // model.config.vision_config.patch_size
@@ -170,11 +174,14 @@ def train(args: argparse.Namespace) -> None:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         describe = [random.random() < args.describe for _ in range(args.batch)]
         examples = [next(stream) for _ in range(args.batch)]
-        batch = training_batch(processor, examples, describe)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        batch = {
+            key: value.to(device) for key, value in training_batch(processor, examples, describe).items()
+        }
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             loss = model(**batch).loss
             if probe is not None:
-                loss = loss + args.patch_loss * probe.loss(patch_targets(examples, patches_per_cell))
+                targets = patch_targets(examples, patches_per_cell).to(device)
+                loss = loss + args.patch_loss * probe.loss(targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -222,6 +229,7 @@ def main() -> None:
         "--describe", type=float, default=0.5, help="share of rows asked to describe the scene"
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="'cpu', 'cuda', ...")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False)
     train(parser.parse_args())
 

@@ -4,6 +4,7 @@ import collections
 import random
 
 import pytest
+import torch
 
 from tokenprune.eval import shapes_model, suite
 from tokenprune.eval.train_shapes import learning_rate, training_batch
@@ -127,3 +128,21 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))
     assert rates[-1] == pytest.approx(1e-4, rel=0.01)
+
+
+def test_training_script_updates_the_weights_and_saves_a_loadable_checkpoint(tmp_path, monkeypatch, capsys):
+    from transformers import LlavaForConditionalGeneration
+
+    from tokenprune.eval import train_shapes
+
+    out = tmp_path / "ckpt"
+    argv = ["train_shapes", "--out", str(out), "--steps", "2", "--batch", "2", "--every", "2"]
+    argv += ["--validate", "6", "--patch-loss", "1", "--warmup", "1", "--threads", "1"]
+    monkeypatch.setattr("sys.argv", argv)
+    train_shapes.main()
+    assert "step 2 loss" in capsys.readouterr().out
+    trained = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
+    initial = shapes_model.build(0).state_dict()
+    assert trained.keys() == initial.keys()  # the probe's heads are not saved
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+    assert (out / "tokenizer.json").is_file() and (out / "processor_config.json").is_file()
