@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,17 +108,15 @@ def evaluate_methods(
         for ratio in keep_ratios:
             config = tp.PrunerConfig(method, keep_ratio=ratio)
             baselines.append(median_ms(prefill, device, timing_repeats))  # right before, as drift is slow
-            try:
-                pruner = tp.apply_pruner(model, config)
-            except ValueError as error:  # e.g. more merging than the encoder's layers allow
-                rows.append(_row(method, config.stage, ratio, None, None, None, None, base, str(error)))
-                continue
-            try:
+            with contextlib.ExitStack() as scope:
+                try:
+                    pruner = scope.enter_context(tp.pruned(model, config))
+                except ValueError as error:  # e.g. more merging than the encoder's layers allow
+                    rows.append(_row(method, config.stage, ratio, None, None, None, None, base, str(error)))
+                    continue
                 ms = median_ms(prefill, device, timing_repeats)
                 accuracy = score(model, processor, examples, batch_size)
                 stats = pruner.stats
-            finally:
-                pruner.remove()
             kept = sum(stats.kept_tokens) / len(stats.kept_tokens)
             rows.append(_row(method, stats.stage, ratio, kept, ms, baselines[-1], accuracy, base))
     visual = int((timing["input_ids"][0] == model.config.image_token_id).sum())
@@ -157,14 +156,12 @@ def overlay_sheet(
         config = tp.PrunerConfig(method, keep_ratio=keep_ratio)
         if config.stage == "kv":
             continue
-        try:
-            pruner = tp.apply_pruner(model, config)
-        except ValueError:  # a configuration the model cannot run: its table cell says why
-            continue
-        try:
+        with contextlib.ExitStack() as scope:
+            try:
+                pruner = scope.enter_context(tp.pruned(model, config))
+            except ValueError:  # a configuration the model cannot run: its table cell says why
+                continue
             cells = [_overlay_cell(model, processor, pruner, method, item) for item in chosen]
-        finally:
-            pruner.remove()
         rows.append((f"{method} {keep_ratio:.0%}", cells))
     return _save_sheet(rows, path)
 

@@ -193,8 +193,7 @@ def train(args: argparse.Namespace) -> None:
             )
         if (step + 1) % args.every == 0 or step + 1 == args.steps:
             model.eval()
-            processor.tokenizer.padding_side = "left"
-            accuracy = score(model, processor, validation, batch_size=50)
+            accuracy = score(model, processor, validation, batch_size=50)  # pads on the left for generate
             processor.tokenizer.padding_side = "right"
             model.train()
             kinds = " ".join(f"{kind}={value:.2f}" for kind, value in accuracy.items())

@@ -532,7 +532,6 @@ def eval_(
     from .eval import suite
     from .eval.accuracy import (
         evaluate_methods,
-        markdown_tables,
         overlay_sheet,
         replace_between_markers,
         write_accuracy_results,
@@ -564,7 +563,7 @@ def eval_(
             paths = write_accuracy_results(rows, out, meta)
             sheet = out / "overlays.png"
             paths["overlays"] = overlay_sheet(vlm, processor, examples, names, overlay_ratio, sheet)
-    table = markdown_tables(rows)
+    table = paths["table"].read_text()
     if readme is not None:
         readme.write_text(replace_between_markers(readme.read_text(), table, "shapes-eval"))
         paths["readme"] = readme
