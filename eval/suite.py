@@ -11,8 +11,8 @@ Each example asks one question of one of :data:`KINDS`:
 * ``count`` - "how many objects are there ?" (shapes only; the letter is not an object)
 * ``position`` - "is the red object left or right of the blue object ?" (they sit in different columns)
 * ``grounding`` - "which cell holds the red object ?" (``a1`` ... ``d4``)
-* ``reading`` - "what letter is in the image ?" (an 18-point glyph about 13 pixels tall, on one to four
-  patches: the fine-detail kind)
+* ``reading`` - "what letter is in the image ?" (a 26-point capital about 18 pixels tall and 12 wide, on
+  two to six patches: the fine-detail kind)
 
 Splits are deterministic streams: :func:`examples` draws example ``i`` of a split from a generator
 seeded by the split's seed and ``i`` alone, so any prefix of a split is reproducible and the training,
@@ -47,7 +47,7 @@ LETTERS = ("e", "h", "k", "p", "r", "t", "x", "z")
 MAX_OBJECTS = 5
 #: Seeds of the named splits; any other seed draws a fresh split of its own.
 SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
-LETTER_SIZE = 18
+LETTER_SIZE = 26
 
 
 @dataclasses.dataclass(frozen=True)

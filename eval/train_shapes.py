@@ -21,6 +21,7 @@ import pathlib
 import random
 import time
 
+import numpy
 import torch
 
 from . import shapes_model, suite
@@ -85,31 +86,39 @@ def _reply_labels(ids: torch.Tensor, tokenizer) -> torch.Tensor:
     return labels
 
 
-#: Classes of the per-patch auxiliary targets: colour (letters are black), shape (or "letter"), letter;
-#: class 0 of each is "nothing here".
+#: Classes of the per-patch auxiliary targets: colour (letters are black) and shape (or "letter"), where
+#: class 0 is "nothing here", and the letter, asked only of patches with ink on them.
 PATCH_CLASSES = (
     ("", *suite.COLORS, "black"),
     ("", *suite.SHAPES, "letter"),
-    ("", *suite.LETTERS),
+    suite.LETTERS,
 )
+#: A pixel whose brightest channel is below this is ink of a letter (shapes' colours all have a channel
+#: above 180, backgrounds all above 225).
+INK = 128
 
 
-def patch_targets(examples: list[suite.Example], patches_per_cell: int) -> torch.Tensor:
-    """Long ``[B, patches, 3]``: for every patch of every example, the colour, shape and letter class of
-    the item in the grid cell the patch lies in (0 where the cell is empty). A coarse but free dense
-    signal that teaches the vision tower what each region holds."""
+def patch_targets(examples: list[suite.Example], patch_size: int) -> torch.Tensor:
+    """Long ``[B, patches, 3]``: for every patch of every example, the colour and shape class of the item
+    in the grid cell the patch lies in (0 where the cell is empty), and the letter class where the patch
+    holds ink of the scene's letter (-100, ignored, elsewhere). A free dense signal that teaches the
+    vision tower what each region holds; the letter targets sit on the glyph itself, since a cell-wide
+    letter target asks mostly blank patches to name it."""
+    patches_per_cell = suite.CELL // patch_size
     side = suite.GRID * patches_per_cell
     targets = torch.zeros(len(examples), side, side, 3, dtype=torch.long)
+    targets[..., 2] = -100
     for row, item in enumerate(examples):
         for thing in item.things:
             letter = thing.shape == "letter"
-            classes = (
-                PATCH_CLASSES[0].index("black" if letter else thing.label),
-                PATCH_CLASSES[1].index(thing.shape),
-                PATCH_CLASSES[2].index(thing.label) if letter else 0,
-            )
             top, left = thing.row * patches_per_cell, thing.column * patches_per_cell
-            targets[row, top : top + patches_per_cell, left : left + patches_per_cell] = torch.tensor(classes)
+            cell = targets[row, top : top + patches_per_cell, left : left + patches_per_cell]
+            cell[..., 0] = PATCH_CLASSES[0].index("black" if letter else thing.label)
+            cell[..., 1] = PATCH_CLASSES[1].index(thing.shape)
+            if letter:
+                ink = torch.from_numpy(numpy.asarray(item.image).max(-1) < INK)
+                inked = ink.unflatten(0, (side, patch_size)).unflatten(2, (side, patch_size)).any(3).any(1)
+                targets[row, inked, 2] = PATCH_CLASSES[2].index(thing.label)
     return targets.flatten(1, 2)
 
 
@@ -131,13 +140,16 @@ class PatchProbe(torch.nn.Module):
         self.features = output.hidden_states[self.layer][:, 1:]  # without CLS, as the "default" strategy
 
     def loss(self, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the three heads on the last forward's patch features."""
-        return sum(
+        """Mean cross-entropy of the three heads on the last forward's patch features (a head whose
+        targets are all ignored, as the letter head's in a batch without letters, adds nothing)."""
+        losses = [
             torch.nn.functional.cross_entropy(
-                head(self.features).flatten(0, 1).float(), targets[..., i].flatten()
+                head(self.features).flatten(0, 1).float(), targets[..., i].flatten(), reduction="sum"
             )
+            / (targets[..., i] != -100).sum().clamp(min=1)
             for i, head in enumerate(self.heads)
-        ) / len(self.heads)
+        ]
+        return sum(losses) / len(losses)
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -163,7 +175,6 @@ def train(args: argparse.Namespace) -> None:
     probe = PatchProbe(model).to(device) if args.patch_loss else None
     parameters = [*model.parameters(), *(probe.parameters() if probe else ())]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
-    patches_per_cell = suite.CELL // model.config.vision_config.patch_size
     stream = suite.iter_examples("train", start=args.start)
     validation = suite.examples("validation", args.validate)
     out = pathlib.Path(args.out)
@@ -180,7 +191,7 @@ def train(args: argparse.Namespace) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             loss = model(**batch).loss
             if probe is not None:
-                targets = patch_targets(examples, patches_per_cell).to(device)
+                targets = patch_targets(examples, model.config.vision_config.patch_size).to(device)
                 loss = loss + args.patch_loss * probe.loss(targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tokenprune.eval import shapes_model, suite
-from tokenprune.eval.train_shapes import learning_rate, training_batch
+from tokenprune.eval.train_shapes import PATCH_CLASSES, learning_rate, patch_targets, training_batch
 
 
 def colours_in_cell(example, thing) -> collections.Counter:
@@ -121,6 +121,28 @@ def test_training_batch_labels_only_the_replies():
         kinds = [k for k in suite.KINDS if suite.answerable(k, example.things)]
         assert len(replies) == len(kinds) and replies[0].strip() == example.answer
         assert labelled.count("</s>") == len(kinds) and int((ids == eos).sum()) == len(kinds)
+
+
+def test_patch_targets_name_each_cells_item_and_the_letter_only_where_its_ink_is():
+    examples = [e for e in suite.examples("train", 24) if e.kind == "reading"]
+    targets = patch_targets(examples, 16).unflatten(1, (12, 12))
+    for example, target in zip(examples, targets, strict=True):
+        for thing in example.things:
+            cell = target[thing.row * 3 : thing.row * 3 + 3, thing.column * 3 : thing.column * 3 + 3]
+            letter = thing.shape == "letter"
+            assert (cell[..., 0] == PATCH_CLASSES[0].index("black" if letter else thing.label)).all()
+            assert (cell[..., 1] == PATCH_CLASSES[1].index(thing.shape)).all()
+        (letter,) = [t for t in example.things if t.shape == "letter"]
+        inked = (target[..., 2] != -100).nonzero().tolist()
+        assert 2 <= len(inked) <= 6  # the glyph spans a few patches, all in its own cell
+        assert {(row // 3, column // 3) for row, column in inked} == {(letter.row, letter.column)}
+        assert set(target[..., 2][target[..., 2] != -100].tolist()) == {PATCH_CLASSES[2].index(letter.label)}
+        for row, column in inked:  # and each of them does hold black pixels
+            pixels = [
+                example.image.getpixel((column * 16 + x, row * 16 + y)) for x in range(16) for y in range(16)
+            ]
+            assert min(max(pixel) for pixel in pixels) < 128
+        assert int((target[..., 0] == 0).sum()) == 144 - 9 * len(example.things)
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
