@@ -72,6 +72,13 @@ def test_uniform_covers_the_grid():
     assert rows.min() <= 1 and rows.max() >= 4 and cols.min() <= 1 and cols.max() >= 6
 
 
+def test_uniform_samples_of_a_12x12_grid_keep_the_rows_of_evenly_spaced_bins():
+    # 8 rows kept of 12: the bins are 1.5 rows wide, centred at 0.75, 2.25, ... -> rows 0, 2, 3, 5, ...;
+    # 4 rows of 12: bins 3 rows wide, centred at 1.5, 4.5, ... -> rows 1, 4, 7, 10 (README's shapes findings)
+    assert sorted(set((grid_sample(72, 12, 12) // 12).tolist())) == [0, 2, 3, 5, 6, 8, 9, 11]
+    assert sorted(set((grid_sample(16, 12, 12) // 12).tolist())) == [1, 4, 7, 10]
+
+
 @pytest.mark.parametrize(
     ("keep", "rows", "cols"), [(1, 1, 1), (7, 3, 3), (9, 3, 3), (13, 4, 5), (20, 4, 5), (5, 1, 9)]
 )
