@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import masking_utils
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from tokenprune.kernels import gather_kv
 
@@ -54,22 +54,67 @@ def has_media_inputs(kwargs: dict[str, Any], modality: str = "image") -> bool:
 
 
 def cache_length(cache: Any, layer_idx: int) -> int:
-    """Tokens held by layer ``layer_idx`` of a cache (0 when there is no cache)."""
-    return 0 if cache is None else int(cache.get_seq_length(layer_idx))
+    """Rows held by layer ``layer_idx`` of a cache (0 when there is no cache), whatever a pruned cache reports
+    to ``generate`` (see :func:`mark_pruned_cache`)."""
+    return 0 if cache is None else int(type(cache).get_seq_length(cache, layer_idx))
 
 
-def cached_keys(cache: Any, layer_idx: int) -> torch.Tensor:
-    """The keys ``[B, H_kv, C, d]`` (RoPE applied) that layer ``layer_idx`` of a dynamic cache holds."""
+#: The attribute of a cache that holds what a pruner recorded about the prompt in it.
+_CACHE_RECORD = "_tokenprune_prompt"
+
+
+def cache_record(cache: Any) -> Any:
+    """What a pruner recorded on ``cache`` at its prefill (see :func:`mark_pruned_cache`), or ``None``.
+
+    The record lives on the cache itself, not in a table of the pruner's: a compiled decode step reads it as
+    an attribute, which ``torch.compile`` guards without recompiling for every new cache."""
+    return None if cache is None else getattr(cache, _CACHE_RECORD, None)
+
+
+def mark_pruned_cache(cache: Any, record: Any, dropped: list[int]) -> None:
+    """Attach ``record`` to ``cache`` and make the cache count what its prompt was, not what it holds.
+
+    ``dropped[i]`` prompt tokens were pruned from layer ``i``. ``get_seq_length(i)`` then reports the tokens
+    processed so far, the rows held plus ``dropped[i]``: ``generate`` slices the tokens still to feed by it
+    when it continues from the cache, and the models place new tokens' positions by it. ``get_query_offset``,
+    which the mask code reads to place the new rows among the held ones, keeps counting the rows held.
+    Both are shadowed on this cache instance only; the cache class and every other cache are unchanged.
+    """
+    setattr(cache, _CACHE_RECORD, record)
+    if not any(dropped):
+        return
+    held = type(cache).get_seq_length
+
+    def get_seq_length(layer_idx: int = 0):
+        return held(cache, layer_idx) + dropped[layer_idx]
+
+    def get_query_offset(layer_idx: int = 0):
+        return held(cache, layer_idx)
+
+    cache.get_seq_length = get_seq_length
+    cache.get_query_offset = get_query_offset
+
+
+def _cache_layer(cache: Any, layer_idx: int) -> Any:
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise InternalsMovedError(f"{type(cache).__name__} has no 'layers' list")
     layer = layers[layer_idx]
-    if not isinstance(layer, DynamicLayer):
-        raise ValueError(f"decode-time selection needs a dynamic cache, got {type(layer).__name__} layers")
-    keys = getattr(layer, "keys", None)
-    if not isinstance(keys, torch.Tensor):
-        raise InternalsMovedError(f"{type(layer).__name__} no longer holds its key states in 'keys'")
-    return keys
+    if not isinstance(layer, (DynamicLayer, StaticLayer)):
+        raise ValueError(
+            f"tokenprune supports dynamic and static caches, not {type(layer).__name__} layers; "
+            'use generate\'s default cache or cache_implementation="static"'
+        )
+    for name in ("keys", "values"):
+        if not isinstance(getattr(layer, name, None), torch.Tensor):
+            raise InternalsMovedError(f"{type(layer).__name__} no longer holds its states in {name!r}")
+    return layer
+
+
+def cached_keys(cache: Any, layer_idx: int) -> torch.Tensor:
+    """The keys ``[B, H_kv, C, d]`` (RoPE applied) that layer ``layer_idx`` of a cache holds: its rows for a
+    dynamic cache, every slot (``C`` = the capacity, the slots after its rows unused) for a static one."""
+    return _cache_layer(cache, layer_idx).keys
 
 
 def cache_nbytes(cache: Any) -> int:
@@ -84,28 +129,74 @@ def cache_nbytes(cache: Any) -> int:
 def compact_cache_layers(cache: Any, layer_indices: range, index: torch.Tensor) -> None:
     """Keep only the sequence rows ``index [B, L']`` in the keys and values of the listed cache layers.
 
-    Only growing (dynamic) cache layers can shrink; a static cache raises ``ValueError``.
+    A dynamic layer's tensors are replaced by the gathered rows; a static layer's are overwritten in place
+    (their addresses are what a compiled decode step reads) and its row count set to ``L'``, the slots after
+    it left for the tokens to come.
     """
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise InternalsMovedError(f"{type(cache).__name__} has no 'layers' list")
     for i in layer_indices:
-        layer = layers[i]
-        if not isinstance(layer, DynamicLayer):
-            raise ValueError(f"drop_early_kv needs a dynamic cache, got {type(layer).__name__} layers")
-        layer.keys, layer.values = gather_kv(layer.keys, layer.values, index)
+        layer = _cache_layer(cache, i)
+        if isinstance(layer, StaticLayer):
+            rows = cache_length(cache, i)
+            keys, values = gather_kv(layer.keys[:, :, :rows], layer.values[:, :, :rows], index)
+            layer.keys[:, :, : index.shape[1]].copy_(keys)
+            layer.values[:, :, : index.shape[1]].copy_(values)
+            layer.cumulative_length.fill_(index.shape[1])
+        else:
+            layer.keys, layer.values = gather_kv(layer.keys, layer.values, index)
 
 
 def causal_mask(
-    config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor, cache: Any, layer_idx: int
+    config: Any,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: Any,
+    layer_idx: int,
+    sequence_ids: torch.Tensor | None = None,
 ) -> Any:
     """The attention mask that the model's own code would build for layer ``layer_idx``.
 
     ``attention_mask`` is 2-D over the cache plus the new tokens of that layer. Position ids are not
     passed: pruned rows keep their original, non-contiguous positions, which transformers would
-    otherwise read as packed sequences.
+    otherwise read as packed sequences. Packed sequences are given instead as ``sequence_ids [B, L]``
+    (see :func:`packed_sequence_ids`): a token then attends only within its own sequence.
     """
-    return masking_utils.create_causal_mask(config, hidden, attention_mask, cache, None, layer_idx=layer_idx)
+    within = None if sequence_ids is None else masking_utils.packed_sequence_mask_function(sequence_ids)
+    return masking_utils.create_causal_mask(
+        config, hidden, attention_mask, cache, None, and_mask_function=within, layer_idx=layer_idx
+    )
+
+
+def packed_sequence_ids(position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """The sequence each token of a padding-free (packed) batch belongs to ``[B, L]``, read from its text
+    position ids as the model's own mask code reads them (a new sequence where positions do not go up by
+    one); ``None`` when every row is one sequence. The model does this only for a call with neither an
+    attention mask nor a cache."""
+    if position_ids is None:
+        return None
+    return masking_utils.find_packed_sequence_indices(position_ids)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The base model of a VLM (``LlavaModel``, ``Qwen2VLModel``, ...): ``model`` itself, or the one its
+    generation head wraps. It holds the vision tower, the projector and the language model."""
+    return model if hasattr(model, "language_model") else model.model
+
+
+def placeholder_mask(
+    base: nn.Module, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, token_id: int
+) -> torch.Tensor:
+    """Where a call's prompt holds ``token_id`` placeholders ``[B, L]``: by id, or, for a call made with
+    ``inputs_embeds`` only, where the embedding equals that token's, as the model itself finds them."""
+    if input_ids is not None:
+        return input_ids == token_id
+    token = torch.tensor(token_id, device=inputs_embeds.device)
+    return (inputs_embeds == base.get_input_embeddings()(token).to(inputs_embeds.dtype)).all(dim=-1)
+
+
+def mask_for_generate_function(model: nn.Module) -> Callable:
+    """The function ``generate`` calls on ``model`` to turn the 2-D mask into the layers' masks when the cache
+    is compileable (static): the model's own ``create_masks_for_generate`` or transformers' default."""
+    return getattr(type(model), "create_masks_for_generate", masking_utils.create_masks_for_generate)
 
 
 def layer_hidden_states(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -184,8 +275,17 @@ def check_decoder_internals(language_model: nn.Module) -> None:
         if name not in forward_params:
             raise InternalsMovedError(f"{type(language_model).__name__}.forward no longer takes {name!r}")
     mask_params = inspect.signature(masking_utils.create_causal_mask).parameters
-    if "layer_idx" not in mask_params or list(mask_params)[:4][3] not in _CACHE_NAMES:
+    if (
+        any(name not in mask_params for name in ("layer_idx", "and_mask_function"))
+        or list(mask_params)[:4][3] not in _CACHE_NAMES
+    ):
         raise InternalsMovedError("transformers.masking_utils.create_causal_mask changed its signature")
+    for name in ("packed_sequence_mask_function", "find_packed_sequence_indices"):
+        if not callable(getattr(masking_utils, name, None)):
+            raise InternalsMovedError(f"transformers.masking_utils.{name} moved")
+    for name in ("get_seq_length", "get_query_offset"):
+        if not callable(getattr(Cache, name, None)):
+            raise InternalsMovedError(f"transformers.cache_utils.Cache.{name} moved")
     layers = getattr(language_model, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise InternalsMovedError(f"{type(language_model).__name__} has no 'layers' ModuleList")

@@ -19,7 +19,7 @@ from K on see only the kept tokens. K = 0 is the ``pre_llm`` stage.
 
 from __future__ import annotations
 
-import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -56,11 +56,25 @@ class _StageCache:
 
 @dataclass
 class _Session:
-    """How a cache was pruned at prefill: what decode steps need to extend its masks and positions."""
+    """How a cache was pruned at prefill: what decode steps need to extend its masks and positions.
+
+    Kept on the cache itself (``_internals.mark_pruned_cache``), which then reports the prompt's length.
+    """
 
     original_length: int  # L, the prompt length before pruning
     stages: list[_StageCache]
     first_index: torch.Tensor  # [B, L_1] prompt position of each row after the first stage
+    # layer masks of the coming decode step for the stages after layer 0, when ``generate`` builds the masks
+    # ahead of a compiled step (see ``DecoderPruningHooks.masks_for_generate``): first layer -> mask
+    step_masks: dict[int, Any] = field(default_factory=dict)
+
+    def dropped(self, num_layers: int) -> list[int]:
+        """Prompt tokens pruned from each layer's cache."""
+        dropped = [0] * num_layers
+        for stage in self.stages:
+            for i in range(stage.first_layer, num_layers):
+                dropped[i] = self.original_length - stage.prefix_mask.shape[1]
+        return dropped
 
 
 @dataclass
@@ -83,7 +97,9 @@ class _Call:
     new_stages: list[_StageCache] = field(default_factory=list)
     first_index: torch.Tensor | None = None
     session: _Session | None = None
-    tail: torch.Tensor | None = None  # [B, T] 2-D mask of the tokens after the prompt (decode)
+    tail: torch.Tensor | None = None  # [B, T] 2-D mask of the tokens after the prompt (unprepared decode)
+    packed: bool = False  # the call may hold packed sequences (no mask, no cache): the model reads positions
+    sequence_ids: torch.Tensor | None = None  # [B, L_cur] packed sequence of each row, where packed
     layer_kwargs: dict[str, Any] = field(default_factory=dict)  # what the following layers get
     scoring_input: torch.Tensor | None = None  # input of the layer whose keys/attention score tokens
     previous_input: torch.Tensor | None = None  # input of the previous layer, for transitions
@@ -142,6 +158,20 @@ class LanguageModelHooks:
         """The patch grid of an image of ``tokens`` tokens, if known."""
         return self.grids.get(tokens) if self.images_by_runs else self.grid
 
+    def masks_for_generate(self, model: nn.Module) -> Callable:
+        """The ``create_masks_for_generate`` that ``model``'s ``generate`` uses while these hooks are attached
+        (see :meth:`generation_overrides`)."""
+        raise NotImplementedError
+
+    def generation_overrides(self, model: nn.Module) -> list[internals.InstanceOverride]:
+        """Shadow ``create_masks_for_generate`` on ``model`` (a model that generates) with
+        :meth:`masks_for_generate`: with a static cache ``generate`` builds the layers' masks itself, ahead of
+        each forward, and those of a pruned cache must follow the pruned layout."""
+        if not hasattr(model, "prepare_inputs_for_generation"):
+            return []
+        masks = self.masks_for_generate(model)
+        return [internals.InstanceOverride(model, "create_masks_for_generate", masks)]
+
 
 class DecoderPruningHooks(LanguageModelHooks):
     """Installs and removes the hooks of one pruner on one decoder-only language model."""
@@ -149,12 +179,11 @@ class DecoderPruningHooks(LanguageModelHooks):
     def __init__(self, language_model: nn.Module, tokens_per_image: int, grid: tuple[int, int] | None):
         super().__init__(language_model, tokens_per_image, grid)
         self._call: _Call | None = None
-        self._sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
         # (layer, visual tokens kept per image; None where that follows each image's size)
         self._stages: list[tuple[int, int | None]] = []
 
-    def attach(self, pruner: Pruner) -> list[RemovableHandle]:
-        """Register the hooks for ``pruner``; returns their handles."""
+    def attach(self, pruner: Pruner, model: nn.Module) -> list[RemovableHandle]:
+        """Register the hooks for ``pruner``, whose VLM is ``model``; returns their handles."""
         self._pruner = pruner
         self._stages = pruner.stages
         stage_layers = [layer for layer, _ in self._stages]
@@ -162,6 +191,7 @@ class DecoderPruningHooks(LanguageModelHooks):
         handles = [
             lm.register_forward_pre_hook(self._before_language_model, with_kwargs=True),
             lm.register_forward_hook(self._after_language_model, with_kwargs=True, always_call=True),
+            *self.generation_overrides(model),
         ]
         for i, layer in enumerate(self.layers[stage_layers[0] :], start=stage_layers[0]):
             hook = (
@@ -206,27 +236,35 @@ class DecoderPruningHooks(LanguageModelHooks):
         image_id, self.pending_image_id = self.pending_image_id, None
         self._call = None
         cache = internals.cache_argument(kwargs)
+        # ``visual`` is None in a call without images, so that a decode step (compiled, perhaps) reads no data
         has_images = visual is not None and bool(visual.any())
-        session = self._sessions.get(cache) if cache is not None else None
-        if session is not None:
+        session = internals.cache_record(cache)
+        if isinstance(session, _Session):
             if has_images:
                 raise ValueError(
                     "cannot add images to a cache whose visual tokens were pruned; start a new cache"
                 )
             return args, self._decode_inputs(kwargs, cache, session)
         if not has_images:
-            if visual is not None:
-                self._pruner.record_text_only(visual.shape[0])
+            if not torch.compiler.is_compiling():
+                self._pruner.record_text_only(kwargs["inputs_embeds"].shape[0])
             return args, kwargs
         if internals.cache_length(cache, 0) > 0:
             raise ValueError(
                 "images must be in the first forward of a cache to be pruned (no chunked prefill "
                 "or continuation of an unpruned cache)"
             )
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            raise ValueError(
+                "pruning a prompt needs its 2-D attention mask [batch, tokens] (or none), not "
+                f"{'a mask per layer type' if isinstance(mask, dict) else f'a {mask.dim()}-D mask'}: pass "
+                "the padding mask the processor returns; the pruner builds each layer's mask itself"
+            )
         if self._pruner.config.vision_stage is None:  # else the vision tower began this prefill
             self._pruner.begin_prefill()
         batch, length = visual.shape
-        mask = kwargs.get("attention_mask")
+        packed = mask is None and cache is None  # as the model's mask code, which then reads the positions
         if mask is None:
             mask = torch.ones(batch, length, dtype=torch.long, device=visual.device)
         origin = torch.arange(length, device=visual.device).expand(batch, length)
@@ -240,37 +278,87 @@ class DecoderPruningHooks(LanguageModelHooks):
             real=torch.ones_like(visual),
             original_length=length,
             visual_in=visual.sum(1).tolist(),
+            packed=packed,
         )
         return args, kwargs
 
     def _decode_inputs(self, kwargs: dict, cache: Any, session: _Session) -> dict:
-        """Decode-step inputs for a pruned cache: original-space positions, pruned-space 2-D masks."""
-        embeds = kwargs.get("inputs_embeds")
+        """Inputs of a step on a pruned cache: original-space positions, pruned-space masks.
+
+        With a 2-D mask (over every token so far, as ``generate`` keeps it) the masks of the pruned layers
+        are built from it here and at each stage layer. A prepared mask (4-D, or one per layer type) is what
+        :meth:`masks_for_generate` built for this step, the later stages' masks with it: used as they are,
+        so that a compiled step builds nothing from tensors whose size grows each step.
+        """
+        embeds = kwargs["inputs_embeds"]
         batch, new = embeds.shape[:2]
-        last = session.stages[-1]
-        pruned_before = internals.cache_length(cache, last.first_layer) - last.prefix_mask.shape[1]
         mask = kwargs.get("attention_mask")
-        if mask is None:
-            tail = last.prefix_mask.new_ones(batch, pruned_before + new)
-        elif mask.dim() == 2:
-            tail = mask[:, session.original_length :].to(last.prefix_mask.dtype)
-        else:
-            raise ValueError("decode steps on a pruned cache need a 2-D attention mask (or none)")
-        if tail.shape[1] != pruned_before + new:
-            raise ValueError(
-                f"attention_mask covers {mask.shape[1]} tokens but the cache holds "
-                f"{session.original_length + pruned_before} before pruning, plus {new} new"
-            )
-        self._call = _Call(session=session, tail=tail)
+        done = cache.get_seq_length()  # tokens processed, prompt included (the cache counts its pruned ones)
         kwargs = dict(kwargs)
         if kwargs.get("position_ids") is None:
-            start = session.original_length + pruned_before
-            positions = torch.arange(start, start + new, device=embeds.device)
-            kwargs["position_ids"] = positions[None].expand(batch, -1)
+            kwargs["position_ids"] = (torch.arange(new, device=embeds.device) + done)[None].expand(batch, -1)
+        if isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4):
+            missing = [s.first_layer for s in session.stages if s.first_layer > 0]
+            if any(layer not in session.step_masks for layer in missing):
+                raise ValueError(
+                    "decode steps on a pruned cache need the 2-D attention mask, or the masks generate "
+                    "prepares with the pruner attached (not masks built elsewhere)"
+                )
+            self._call = _Call(session=session)
+            return kwargs
+        if mask is None:
+            tail = session.stages[0].prefix_mask.new_ones(batch, int(done) - session.original_length + new)
+        elif mask.dim() == 2:
+            if not torch.compiler.is_compiling() and mask.shape[1] != int(done) + new:
+                raise ValueError(
+                    f"attention_mask covers {mask.shape[1]} tokens but the cache holds {int(done)} (its "
+                    f"prompt counted before pruning), plus {new} new"
+                )
+            tail = mask[:, session.original_length :].to(session.stages[0].prefix_mask.dtype)
+        else:
+            raise ValueError("decode steps on a pruned cache need a 2-D attention mask (or none)")
+        self._call = _Call(session=session, tail=tail)
         first = session.stages[0]
         if first.first_layer == 0:
             kwargs["attention_mask"] = torch.cat([first.prefix_mask, tail], dim=1)
         return kwargs
+
+    def masks_for_generate(self, model: nn.Module) -> Callable:
+        """A ``create_masks_for_generate`` for ``model`` (shadowed on that instance while the pruner is
+        attached), which ``generate`` calls to build each step's layer masks ahead of the forward when its
+        cache is static, so that a compiled step receives fixed-size masks.
+
+        For a cache this pruner pruned it builds them in the pruned layout: the first stage's mask over
+        its rows, returned for the forward, and the later stages' masks, left on the cache's record for the
+        stage layers. At a prefill it returns the 2-D mask, from which the pruner builds its own masks.
+        Elsewhere it is the model's own function.
+        """
+        original = internals.mask_for_generate_function(model)
+        text_config = self.language_model.config
+
+        def create_masks_for_generate(**kwargs):  # generate passes every argument by keyword
+            mask, cache = kwargs.get("attention_mask"), internals.cache_argument(kwargs)
+            session = internals.cache_record(cache)
+            if not isinstance(session, _Session):
+                return mask if kwargs.get("is_first_iteration") else original(**kwargs)
+            embeds = kwargs["inputs_embeds"]
+            if mask is None:
+                done = int(cache.get_seq_length())
+                mask = session.stages[0].prefix_mask.new_ones(embeds.shape[0], done + embeds.shape[1])
+            tail = mask[:, session.original_length :].to(session.stages[0].prefix_mask.dtype)
+            session.step_masks = {
+                stage.first_layer: internals.causal_mask(
+                    text_config, embeds, torch.cat([stage.prefix_mask, tail], dim=1), cache, stage.first_layer
+                )
+                for stage in session.stages
+                if stage.first_layer > 0
+            }
+            first = session.stages[0]
+            if first.first_layer == 0:
+                mask = torch.cat([first.prefix_mask, tail], dim=1)
+            return original(**{**kwargs, "attention_mask": mask})
+
+        return create_masks_for_generate
 
     def _after_language_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         call, self._call = self._call, None
@@ -284,7 +372,7 @@ class DecoderPruningHooks(LanguageModelHooks):
         if self._pruner.config.drop_early_kv and first.first_layer > 0:
             internals.compact_cache_layers(cache, range(first.first_layer), session.first_index)
             first.first_layer = 0
-        self._sessions[cache] = session
+        internals.mark_pruned_cache(cache, session, session.dropped(self.num_layers))
 
     # -- decoder layers -------------------------------------------------------------------------
 
@@ -324,10 +412,12 @@ class DecoderPruningHooks(LanguageModelHooks):
         rows = call.session.stages[stage]
         if rows.first_layer == 0:
             return None  # the language model already built this mask from the pruned 2-D mask
-        mask_2d = torch.cat([rows.prefix_mask, call.tail], dim=1)
-        call.layer_kwargs = {
-            "attention_mask": internals.causal_mask(self.language_model.config, hidden, mask_2d, cache, layer)
-        }
+        if call.tail is None:  # prepared with the step's other masks
+            mask = call.session.step_masks[layer]
+        else:
+            mask_2d = torch.cat([rows.prefix_mask, call.tail], dim=1)
+            mask = internals.causal_mask(self.language_model.config, hidden, mask_2d, cache, layer)
+        call.layer_kwargs = {"attention_mask": mask}
         return args, {**kwargs, **call.layer_kwargs}
 
     def _prune(
@@ -341,6 +431,9 @@ class DecoderPruningHooks(LanguageModelHooks):
             position_ids = torch.arange(length, device=hidden.device)[None]
         position_ids = position_ids.expand(batch, length)
         cos, sin = kwargs["position_embeddings"]
+
+        if stage == 0 and call.packed:
+            call.sequence_ids = internals.packed_sequence_ids(kwargs.get("position_ids"))
 
         pruner = self._pruner
         with pruner.timed_selection():
@@ -364,9 +457,12 @@ class DecoderPruningHooks(LanguageModelHooks):
         call.origin = plan.gather(call.origin)
         call.real = plan.gather(call.real) & plan.valid
         call.previous_input, call.transition = pruned_hidden, None  # transitions restart at each stage
+        if call.sequence_ids is not None:
+            call.sequence_ids = plan.gather(call.sequence_ids)
+        config = self.language_model.config
         call.layer_kwargs = {
             "attention_mask": internals.causal_mask(
-                self.language_model.config, pruned_hidden, call.attention_mask, cache, layer
+                config, pruned_hidden, call.attention_mask, cache, layer, call.sequence_ids
             ),
             "position_ids": pruned_positions,
             "position_embeddings": (plan.gather(cos), plan.gather(sin)),

@@ -18,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from tokenprune.config import PrunerConfig
 
-from ._internals import has_media_inputs
+from ._internals import base_model, has_media_inputs, placeholder_mask
 from .decoder import DecoderPruningHooks
 from .retrieval import DecodeRetrievalHooks
 from .vit import EncoderPruningHooks
@@ -32,7 +32,7 @@ class LlavaAdapter:
     def __init__(self, model: nn.Module):
         config = model.config
         self.model = model
-        self.base = model if hasattr(model, "language_model") else model.model  # LlavaModel or the LM head
+        self.base = base_model(model)
         self.image_token_id = config.image_token_id
         vision = config.vision_config
         patches_per_side = vision.image_size // vision.patch_size
@@ -122,22 +122,17 @@ class LlavaAdapter:
                 self.base.language_model, self.tokens_per_image, self.hooks.grid
             )
         self._language_model = language_model
-        return [*handles, *language_model.attach(pruner)]
+        return [*handles, *language_model.attach(pruner, self.model)]
 
     def _find_images(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Mark the image placeholders of this call's prompt, for the language-model hooks (none in a call
+        """Mark the image placeholders of this call's prompt, for the language-model hooks (``None`` in a call
         without images: a decode step that generated the placeholder id is text)."""
-        input_ids = args[0] if args else kwargs.get("input_ids")
-        if not has_media_inputs(kwargs):
-            reference = input_ids if input_ids is not None else kwargs["inputs_embeds"][..., 0]
-            self._language_model.pending_visual = torch.zeros_like(reference, dtype=torch.bool)
-            return
-        if input_ids is not None:
-            self._language_model.pending_visual = input_ids == self.image_token_id
-            return
-        embeds = kwargs["inputs_embeds"]
-        token = torch.tensor(self.image_token_id, device=embeds.device)
-        self._language_model.pending_visual = (embeds == self.base.get_input_embeddings()(token)).all(dim=-1)
+        self._language_model.pending_visual = None
+        if has_media_inputs(kwargs):
+            input_ids = args[0] if args else kwargs.get("input_ids")
+            self._language_model.pending_visual = placeholder_mask(
+                self.base, input_ids, kwargs.get("inputs_embeds"), self.image_token_id
+            )
 
     def _select_patches(self, module: nn.Module, args: tuple) -> tuple | None:
         """Before the projector: the patches the vision method kept (merging methods chose them already)."""

@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from tokenprune.config import PrunerConfig
 from tokenprune.sequence import image_ids_by_lengths
 
-from ._internals import InstanceOverride, InternalsMovedError, has_media_inputs
+from ._internals import InstanceOverride, InternalsMovedError, base_model, has_media_inputs, placeholder_mask
 from .decoder import DecoderPruningHooks, size_following_stages
 
 _PACK = "pack_image_features"
@@ -34,7 +34,7 @@ class LlavaNextAdapter:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.base = model.model
+        self.base = base_model(model)
         if not isinstance(getattr(self.base, "image_newline", None), torch.Tensor):
             raise InternalsMovedError(f"{type(self.base).__name__} has no 'image_newline' parameter")
         pack = getattr(type(self.base), _PACK, None)
@@ -62,7 +62,7 @@ class LlavaNextAdapter:
             InstanceOverride(self.base, _PACK, self._pack),
             self.base.register_forward_pre_hook(self._find_images, with_kwargs=True),
             self.hooks.language_model.register_forward_pre_hook(self._drop_newlines, with_kwargs=True),
-            *self.hooks.attach(pruner),
+            *self.hooks.attach(pruner, self.model),
         ]
 
     def _pack(self, *args, **kwargs):
@@ -72,11 +72,13 @@ class LlavaNextAdapter:
         return features, lengths
 
     def _find_images(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Mark the image placeholders of this call (none in a call without images)."""
-        input_ids = args[0] if args else kwargs.get("input_ids")
-        if input_ids is None:
-            raise ValueError("LLaVA-NeXT pruning needs input_ids (the image placeholders are found by id)")
-        self.hooks.pending_visual = (input_ids == self.image_token_id) & has_media_inputs(kwargs)
+        """Mark the image placeholders of this call, by id or by embedding (``None`` without images)."""
+        self.hooks.pending_visual = None
+        if has_media_inputs(kwargs):
+            input_ids = args[0] if args else kwargs.get("input_ids")
+            self.hooks.pending_visual = placeholder_mask(
+                self.base, input_ids, kwargs.get("inputs_embeds"), self.image_token_id
+            )
 
     def _drop_newlines(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Before the language model (registered ahead of the decoder hooks): number the placeholders by

@@ -26,7 +26,7 @@ from tokenprune.config import PrunerConfig
 from tokenprune.kernels import gather_tokens
 from tokenprune.sequence import image_ids_by_lengths, image_ids_by_runs
 
-from ._internals import InstanceOverride, InternalsMovedError, has_media_inputs
+from ._internals import InstanceOverride, InternalsMovedError, base_model, has_media_inputs, placeholder_mask
 from .decoder import DecoderPruningHooks, size_following_stages
 
 #: Qwen3-VL's text-model method that adds the DeepStack features after its first layers.
@@ -42,7 +42,7 @@ class Qwen2VLAdapter:
     def __init__(self, model: nn.Module):
         config = model.config
         self.model = model
-        self.base = model.model
+        self.base = base_model(model)
         for name in ("visual", "language_model"):
             if not isinstance(getattr(self.base, name, None), nn.Module):
                 raise InternalsMovedError(f"{type(self.base).__name__} has no {name!r} module")
@@ -87,7 +87,7 @@ class Qwen2VLAdapter:
         handles = [
             self.base.visual.register_forward_pre_hook(self._record_grid, with_kwargs=True),
             self.base.register_forward_pre_hook(self._find_images, with_kwargs=True),
-            *self.hooks.attach(pruner),
+            *self.hooks.attach(pruner, self.model),
         ]
         if self.deepstack:
             handles.append(InstanceOverride(self.base.language_model, _DEEPSTACK, self._deepstack))
@@ -113,15 +113,20 @@ class Qwen2VLAdapter:
             self._encoded_grids.append(grid)
 
     def _find_images(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Mark the placeholders of the images and videos pruned in this call's prompt, and the patch grid
-        of each image size. A placeholder id in a call without that medium (a generated token) is text."""
+        """Mark the placeholders of the images and videos pruned in this call's prompt (by id, or by embedding
+        for a call made with ``inputs_embeds``), and the patch grid of each image size. A call without media
+        (a decode step, whose generated token may be a placeholder id) has none: ``None``."""
+        self.hooks.pending_visual = None
+        modalities = [modality for modality in self._modalities if has_media_inputs(kwargs, modality)]
+        if not modalities:
+            return
         input_ids = args[0] if args else kwargs.get("input_ids")
-        if input_ids is None:
-            raise ValueError("Qwen2-VL pruning needs input_ids (the image placeholders are found by id)")
-        visual = torch.zeros_like(input_ids, dtype=torch.bool)
-        for modality in self._modalities:
+        visual = None
+        for modality in modalities:
             token = self.image_token_id if modality == "image" else self.video_token_id
-            found = (input_ids == token) & has_media_inputs(kwargs, modality)
+            found = placeholder_mask(self.base, input_ids, kwargs.get("inputs_embeds"), token)
+            if visual is None:
+                visual = torch.zeros_like(found)
             if modality == "video" and self.frames_apart and bool(found.any()):
                 self.hooks.pending_image_id = _items_with_frames_apart(
                     visual | found, found, _video_lengths(kwargs, self.merge)

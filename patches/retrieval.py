@@ -16,7 +16,7 @@ Prefill runs unpruned, and per layer the cache holds ``prompt + generated`` entr
 
 from __future__ import annotations
 
-import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -58,36 +58,50 @@ class DecodeRetrievalHooks(LanguageModelHooks):
 
     def __init__(self, language_model: nn.Module, tokens_per_image: int, grid: tuple[int, int] | None):
         super().__init__(language_model, tokens_per_image, grid)
-        self._prompts: weakref.WeakKeyDictionary[Any, _Prompt] = weakref.WeakKeyDictionary()
         self._new_prompt: _Prompt | None = None
         self._step: _Step | None = None
 
-    def attach(self, pruner: Pruner) -> list[RemovableHandle]:
-        """Register the hooks for ``pruner``; returns their handles."""
+    def attach(self, pruner: Pruner, model: nn.Module) -> list[RemovableHandle]:
+        """Register the hooks for ``pruner``, whose VLM is ``model``; returns their handles."""
         self._pruner = pruner
         lm = self.language_model
         handles = [
             lm.register_forward_pre_hook(self._before_language_model, with_kwargs=True),
             lm.register_forward_hook(self._after_language_model, with_kwargs=True, always_call=True),
+            *self.generation_overrides(model),
         ]
         for i, layer in enumerate(self.layers):
             handles.append(layer.register_forward_pre_hook(partial(self._select, i), with_kwargs=True))
         return handles
+
+    def masks_for_generate(self, model: nn.Module) -> Callable:
+        """A ``create_masks_for_generate`` that hands a step on a cache with images its 2-D mask (and a
+        prefill too): each layer's mask hides what that layer's query does not select, so it is built per
+        layer from the 2-D one. Elsewhere the model's own function."""
+        original = internals.mask_for_generate_function(model)
+
+        def create_masks_for_generate(**kwargs):  # generate passes every argument by keyword
+            prompt = internals.cache_record(internals.cache_argument(kwargs))
+            if isinstance(prompt, _Prompt) or kwargs.get("is_first_iteration"):
+                return kwargs.get("attention_mask")
+            return original(**kwargs)
+
+        return create_masks_for_generate
 
     def _before_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         visual, self.pending_visual = self.pending_visual, None
         self._new_prompt = self._step = None
         cache = internals.cache_argument(kwargs)
         has_images = visual is not None and bool(visual.any())
-        prompt = self._prompts.get(cache) if cache is not None else None
-        if prompt is not None:
+        prompt = internals.cache_record(cache)
+        if isinstance(prompt, _Prompt):
             if has_images:
                 raise ValueError("cannot add images to a cache whose decode steps select visual tokens")
             self._step = _Step(prompt, self._step_mask(kwargs, cache, prompt))
             return
         if not has_images:
-            if visual is not None:
-                self._pruner.record_text_only(visual.shape[0])
+            if not torch.compiler.is_compiling():
+                self._pruner.record_text_only(kwargs["inputs_embeds"].shape[0])
             return
         if internals.cache_length(cache, 0) > 0:
             raise ValueError("images must be in the first forward of a cache (no chunked prefill)")
@@ -109,7 +123,7 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         mask = kwargs.get("attention_mask")
         if mask is None:
             return prompt.visual.new_ones(batch, total)
-        if mask.dim() != 2 or mask.shape[1] != total:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] != total:
             raise ValueError(
                 f"decode steps need a 2-D attention mask over the {total} cached and new tokens (or none)"
             )
@@ -121,7 +135,7 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         if prompt is not None:
             cache = internals.output_cache(output)
             if cache is not None:
-                self._prompts[cache] = prompt
+                internals.mark_pruned_cache(cache, prompt, [0] * self.num_layers)
         if step is not None and step.visible:
             self._pruner.record_decode_step(step.visible)
 
@@ -141,8 +155,10 @@ class DecodeRetrievalHooks(LanguageModelHooks):
             keys = internals.cached_keys(cache, layer_idx)  # this step's entries are not in yet
             last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
             query, _ = internals.project_queries_keys(module, hidden, kwargs["position_embeddings"], last)
-            cached = keys.shape[2]
-            weights = query_attention(query, keys, step.mask[:, :cached], internals.attention_scaling(module))
+            cached = step.mask.shape[1] - hidden.shape[1]
+            # a static cache's keys run on past its rows, into slots no token holds yet
+            key_mask = torch.nn.functional.pad(step.mask[:, :cached], (0, keys.shape[2] - cached))
+            weights = query_attention(query, keys, key_mask, internals.attention_scaling(module))
             selections = []
             for layout in prompt.layouts:
                 ctx = SelectionContext(

@@ -29,9 +29,12 @@ def test_cache_length_per_layer_after_prefill(model, method, drop):
     pruned_length = int(pruner.stats.keep_mask.sum(dim=1).max())
     # rows are re-padded to the longest: the row that dropped the fewest tokens (one image, 64 -> 10)
     assert pruned_length == length - (64 - 10) * min(RAGGED)
-    lengths = [cache.get_seq_length(i) for i in range(len(model.model.language_model.layers))]
+    layers = range(len(model.model.language_model.layers))
+    rows = [cache.layers[i].keys.shape[2] for i in layers]
     early = pruned_length if drop else length
-    assert lengths == [early] * k + [pruned_length] * (len(lengths) - k)
+    assert rows == [early] * k + [pruned_length] * (len(rows) - k)
+    # what generate reads to know how many tokens are done: the whole prompt, in every layer
+    assert [cache.get_seq_length(i) for i in layers] == [length] * len(rows)
 
 
 @pytest.mark.parametrize("method", LLM_METHODS)

@@ -63,7 +63,7 @@ def test_schedule_generate_equals_recomputation(model, method, drop):
         cache = output_cache(model(**inputs, use_cache=True))
     early = inputs["input_ids"].shape[1] if drop else None
     assert_generate_matches_reference(model, inputs, out, pruner.stats.keep_masks, early_from_query=early)
-    lengths = [cache.get_seq_length(i) for i in range(4)]
+    lengths = [cache.layers[i].keys.shape[2] for i in range(4)]  # rows each layer holds
     stage_lengths = [int(pruner.stats.keep_masks[layer].sum(1).max()) for layer, _ in schedule]
     assert lengths == [stage_lengths[0] if drop else inputs["input_ids"].shape[1], *stage_lengths]
 
