@@ -261,8 +261,9 @@ def assert_generate_matches_reference(
         torch.testing.assert_close(step_logits, expected, atol=ATOL, rtol=0)
 
 
-def greedy_with_logits(model, inputs: dict, new_tokens: int = 4):
-    """Greedy, cached ``generate`` of ``new_tokens`` tokens: the sequences and each step's (raw) logits.
+def greedy_with_logits(model, inputs: dict, new_tokens: int = 4, **generate_kwargs):
+    """Greedy, cached ``generate`` of ``new_tokens`` tokens: the sequences and each step's (raw) logits
+    (``generate_kwargs``: a cache implementation, a compile config...).
 
     The image placeholder id is never generated, so that recomputing on the prompt plus the generated
     tokens sees the prompt's images only (a random model would otherwise emit it now and then)."""
@@ -274,4 +275,5 @@ def greedy_with_logits(model, inputs: dict, new_tokens: int = 4):
         return_dict_in_generate=True,
         pad_token_id=0,
         suppress_tokens=[model.config.image_token_id],
+        **generate_kwargs,
     )
