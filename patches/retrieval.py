@@ -119,13 +119,15 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         """The 2-D mask ``[B, C + T]`` of a decode step over the cache and its new tokens."""
         embeds = kwargs.get("inputs_embeds")
         batch, new = embeds.shape[:2]
-        total = internals.cache_length(cache, 0) + new
         mask = kwargs.get("attention_mask")
         if mask is None:
-            return prompt.visual.new_ones(batch, total)
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] != total:
+            return prompt.visual.new_ones(batch, internals.cache_length(cache, 0) + new)
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            raise ValueError("decode steps need a 2-D attention mask over the cached and new tokens (or none)")
+        if not torch.compiler.is_compiling() and mask.shape[1] != internals.cache_length(cache, 0) + new:
             raise ValueError(
-                f"decode steps need a 2-D attention mask over the {total} cached and new tokens (or none)"
+                f"decode steps need a 2-D attention mask over the {internals.cache_length(cache, 0)} cached "
+                f"and {new} new tokens (or none), not over {mask.shape[1]}"
             )
         return mask.bool()
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import shared_model
 from helpers import ATOL, cache_kwarg, greedy_with_logits, masked_reference
+from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
 import tokenprune as tp
@@ -102,17 +103,19 @@ COMPILED = [("divprune", {}), ("fastv", {}), ("dart", {"drop_early_kv": True}), 
 @pytest.mark.parametrize(("method", "options"), COMPILED, ids=[m + "-".join(o) for m, o in COMPILED])
 def test_compiled_static_decode_equals_eager(method, options):
     """transformers' own compiled decode (static cache, ``fullgraph=True``: our decode-step hooks trace
-    without a graph break) after an eager pruned prefill: the tokens and logits of eager decoding, and no
-    recompilation for a second prompt batch of the same shape."""
+    without a graph break) after an eager pruned prefill: the tokens and logits of eager decoding, one graph
+    for every step, and no recompilation for a second generate of the same shape."""
     model = shared_model("llava", "sdpa")
     inputs = prompts(model)
     config = CompileConfig(fullgraph=True, dynamic=False)
     config._compile_all_devices = True  # compile on the CPU too
     torch.compiler.reset()
+    counters.clear()
     with tp.pruned(model, method, keep_ratio=0.25, **options), torch.no_grad():
         eager = greedy_with_logits(model, inputs)
+        compiled = greedy_with_logits(model, inputs, cache_implementation="static", compile_config=config)
+        assert counters["stats"]["unique_graphs"] == 1
         with torch.compiler.set_stance("fail_on_recompile"):
-            compiled = greedy_with_logits(model, inputs, cache_implementation="static", compile_config=config)
             again = greedy_with_logits(model, inputs, cache_implementation="static", compile_config=config)
     assert hasattr(model, "_compiled_call")  # decode ran compiled
     del model._compiled_call

@@ -102,7 +102,12 @@ class Pruner:
     @contextlib.contextmanager
     def timed_selection(self) -> Iterator[None]:
         """Add the enclosed selection work to this forward's time (synchronising the device so the time
-        is real)."""
+        is real). Not timed inside a compiled graph (a decode step of a ``kv`` method), which cannot wait
+        for the device."""
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                yield
+            return
         device = next(self.model.parameters()).device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
