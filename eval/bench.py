@@ -22,6 +22,7 @@ from rich.progress import Progress
 from transformers import LlavaForConditionalGeneration
 
 import tokenprune as tp
+from tokenprune.compile import compiled_decoding
 from tokenprune.patches._internals import cache_nbytes, output_cache
 from tokenprune.testing import tiny_inputs, tokens_per_image
 
@@ -31,7 +32,9 @@ class BenchRow:
     """One measured configuration. Times in milliseconds; peak memory in MiB (CUDA only, else ``None``).
 
     ``decode_tokens_per_s`` is NaN when the decode time could not be told apart from timing noise.
-    ``kv_cache_mib`` is what the KV cache holds after prefill, every layer together.
+    ``compiled_decode_tokens_per_s`` is the same with a static cache and transformers' compiled decode
+    step (``--compile``; NaN when not measured). ``kv_cache_mib`` is what the KV cache holds after
+    prefill, every layer together.
     """
 
     method: str
@@ -46,6 +49,7 @@ class BenchRow:
     end_to_end_ms: float
     peak_memory_mib: float | None
     kv_cache_mib: float = float("nan")
+    compiled_decode_tokens_per_s: float = float("nan")
     prefill_speedup: float = 1.0
     ideal_speedup: float = 1.0
     speedup_vs_ideal: float = 1.0
@@ -86,9 +90,11 @@ def benchmark_inputs(model, batch_size: int, text_tokens: int, device: torch.dev
 
 
 class _Runner:
-    def __init__(self, model, inputs: dict, device: torch.device, repeats: int, new_tokens: int):
+    def __init__(
+        self, model, inputs: dict, device: torch.device, repeats: int, new_tokens: int, compile: bool = False
+    ):
         self.model, self.inputs, self.device = model, inputs, device
-        self.repeats, self.new_tokens = repeats, new_tokens
+        self.repeats, self.new_tokens, self.compile = repeats, new_tokens, compile
 
     @torch.no_grad()
     def prefill(self) -> None:
@@ -112,27 +118,45 @@ class _Runner:
         return cache_nbytes(cache) / 2**20
 
     @torch.no_grad()
-    def generate(self, new_tokens: int) -> None:
+    def generate(self, new_tokens: int, **generate_kwargs) -> None:
         self.model.generate(
             **self.inputs,
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=0,
+            **generate_kwargs,
         )
+
+    def decode(self, **generate_kwargs) -> tuple[float, float]:
+        """End-to-end ``generate`` ms and decode tokens/s (the steps after the first token)."""
+        end_to_end, first_token = (
+            median_ms(lambda n=n: self.generate(n, **generate_kwargs), self.device, self.repeats)
+            for n in (self.new_tokens, 1)
+        )
+        batch = self.inputs["input_ids"].shape[0]
+        # the same prefill is in both; on a noisy machine a tiny model's decode can vanish in it
+        decode_s = (end_to_end - first_token) / 1e3
+        return end_to_end, batch * (self.new_tokens - 1) / decode_s if decode_s > 0 else float("nan")
+
+    def compiled_decode_rate(self) -> float:
+        """Decode tokens/s with a static cache and a compiled decode step, compiled afresh for this
+        configuration (the warm-up run compiles). The compiled code is dropped afterwards: left in place,
+        it slows the eager calls of the next measurements (5x on the tiny model on a CPU)."""
+        torch.compiler.reset()
+        try:
+            return self.decode(**compiled_decoding(self.device))[1]
+        finally:
+            torch.compiler.reset()
 
     def measure(self, method: str, layer: int | None, kept: int, pruner: tp.Pruner | None = None) -> BenchRow:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         prefill = median_ms(self.prefill, self.device, self.repeats)
         selection = pruner.stats.selection_ms if pruner is not None else 0.0
-        end_to_end = median_ms(lambda: self.generate(self.new_tokens), self.device, self.repeats)
-        first_token = median_ms(lambda: self.generate(1), self.device, self.repeats)
-        batch = self.inputs["input_ids"].shape[0]
-        # the same prefill is in both; on a noisy machine a tiny model's decode can vanish in it
-        decode_s = (end_to_end - first_token) / 1e3
-        decode_rate = batch * (self.new_tokens - 1) / decode_s if decode_s > 0 else float("nan")
+        end_to_end, decode_rate = self.decode()
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+        batch = self.inputs["input_ids"].shape[0]
         return BenchRow(
             method=method,
             layer=layer,
@@ -146,6 +170,7 @@ class _Runner:
             end_to_end_ms=end_to_end,
             peak_memory_mib=peak,
             kv_cache_mib=self.kv_cache_mib(),
+            compiled_decode_tokens_per_s=self.compiled_decode_rate() if self.compile else float("nan"),
         )
 
 
@@ -166,11 +191,13 @@ def run_benchmark(
     repeats: int = 3,
     new_tokens: int = 8,
     text_tokens: int = 40,
+    compile: bool = False,
 ) -> list[BenchRow]:
     """Measure the unpruned model, the ideal and every method, per batch size and keep ratio.
 
     Returns one row per (batch size, ratio, method), plus an ``unpruned`` row per batch size and an
     ``ideal`` row per (batch size, ratio); every ratio is relative to that batch size's unpruned row.
+    With ``compile``, every row also measures decoding with a static cache and a compiled step.
     """
     device = next(model.parameters()).device
     n = tokens_per_image(model)
@@ -179,9 +206,8 @@ def run_benchmark(
     with Progress(transient=True) as progress:
         task = progress.add_task("benchmark", total=steps)
         for batch_size in batch_sizes:
-            runner = _Runner(
-                model, benchmark_inputs(model, batch_size, text_tokens, device), device, repeats, new_tokens
-            )
+            inputs = benchmark_inputs(model, batch_size, text_tokens, device)
+            runner = _Runner(model, inputs, device, repeats, new_tokens, compile)
             progress.update(task, description=f"bs={batch_size} unpruned")
             base = runner.measure("unpruned", None, n)
             rows.append(base)
@@ -298,11 +324,12 @@ def save_plot(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> None
 
 
 def markdown_table(rows: list[BenchRow]) -> str:
-    """The rows as a README table."""
+    """The rows as a README table (with a compiled-decode column where it was measured)."""
+    compiled = any(r.compiled_decode_tokens_per_s == r.compiled_decode_tokens_per_s for r in rows)  # not NaN
     lines = [
         "| batch | method | layer | kept | prefill ms | speedup | ideal | of ideal | selection % "
-        "| decode tok/s | KV MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| decode tok/s |{' compiled decode tok/s |' if compiled else ''} KV MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if compiled else ""),
     ]
     for r in rows:
         if r.method == "ideal":
@@ -311,6 +338,7 @@ def markdown_table(rows: list[BenchRow]) -> str:
             f"| {r.batch_size} | {r.method} | {'-' if r.layer is None else r.layer} | {r.kept_tokens} | "
             f"{r.prefill_ms:.1f} | {r.prefill_speedup:.2f}x | {r.ideal_speedup:.2f}x | "
             f"{r.speedup_vs_ideal:.2f} | {100 * r.selection_share:.1f} | {r.decode_tokens_per_s:.1f} | "
-            f"{r.kv_cache_mib:.1f} |"
+            + (f"{r.compiled_decode_tokens_per_s:.1f} | " if compiled else "")
+            + f"{r.kv_cache_mib:.1f} |"
         )
     return "\n".join(lines)

@@ -123,7 +123,7 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         if mask is None:
             return prompt.visual.new_ones(batch, internals.cache_length(cache, 0) + new)
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-            raise ValueError("decode steps need a 2-D attention mask over the cached and new tokens (or none)")
+            raise ValueError("decode steps need a 2-D attention mask over the cached and new tokens, or none")
         if not torch.compiler.is_compiling() and mask.shape[1] != internals.cache_length(cache, 0) + new:
             raise ValueError(
                 f"decode steps need a 2-D attention mask over the {internals.cache_length(cache, 0)} cached "

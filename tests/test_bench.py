@@ -104,6 +104,24 @@ def test_bench_command(tmp_path):
     assert bad.exit_code == 2 and "unknown method" in bad.output
 
 
+def test_bench_compile_times_a_compiled_static_decode_beside_eager(tmp_path, monkeypatch):
+    import tokenprune.eval.bench as bench
+
+    compiled_calls = []
+    original = bench.compiled_decoding
+    spy = lambda device: compiled_calls.append(device) or original(device)  # noqa: E731
+    monkeypatch.setattr(bench, "compiled_decoding", spy)
+    args = ["bench", "--methods", "divprune", "--keep-ratios", "0.25", "--repeats", "1", "--new-tokens", "4"]
+    result = CliRunner().invoke(app, [*args, "--compile", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["compile"] is True
+    measured = [r for r in data["rows"] if r["method"] != "ideal"]
+    assert [r["method"] for r in measured] == ["unpruned", "divprune"] and len(compiled_calls) == 2
+    assert all(not r["compiled_decode_tokens_per_s"] <= 0 for r in measured)  # a rate (NaN if lost in noise)
+    assert "compiled decode tok/s" in markdown_table([bench.BenchRow(**r) for r in data["rows"]])
+
+
 @pytest.fixture(scope="module")
 def encoder_rows():
     from tokenprune.eval.archs import ENCODER_ARCHS

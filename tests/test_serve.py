@@ -97,6 +97,21 @@ def test_the_answer_is_the_pruned_models_answer(client, engine, checkpoint):
     assert response.choices[0].message.content == processor.tokenizer.decode(new, skip_special_tokens=True)
 
 
+def test_compiled_decoding_serves_the_eager_answer(client, checkpoint):
+    """``serve --compile``: a static cache and a compiled decode step behind the pruner give the answer the
+    eager server gives."""
+    limits = Limits(max_images=1, max_prompt_tokens=400)
+    engine = build_engine(str(checkpoint), MODEL, PrunerConfig("dart", keep_ratio=0.25), limits, compile=True)
+    assert engine.decoding["cache_implementation"] == "static"
+    messages = user("describe the picture", image_url(color=(10, 90, 200)))
+    with BackgroundServer(create_app(engine, max_batch=2, window_s=0.0)) as live:
+        compiled = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        answer = compiled.chat.completions.create(model=MODEL, messages=messages, max_tokens=6)
+    assert engine.model._compiled_call is not None  # the decode steps ran compiled
+    eager = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6)
+    assert answer.choices[0].message.content == eager.choices[0].message.content
+
+
 def test_streaming_yields_chunks_and_usage(client):
     stream = client.chat.completions.create(
         model=MODEL, messages=user("and now?", image_url()), max_tokens=6, stream=True

@@ -469,6 +469,9 @@ def bench(
     dtype: DtypeOption = "auto",
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs per measurement (median).")] = 3,
     new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated for the decode timing.")] = 8,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="Also time decoding with a static cache and a compiled step.")
+    ] = False,
     out: Annotated[pathlib.Path, typer.Option(help="Folder for results.json, results.csv, speedup.png.")] = (
         pathlib.Path("bench-results")
     ),
@@ -495,8 +498,11 @@ def bench(
             else:
                 vlm = _load_model(_checkpoint(model), attn, torch_device, torch_dtype)
         with _quiet_transformers():
-            rows = run_benchmark(vlm, names, ratios, sizes, repeats=repeats, new_tokens=new_tokens)
-    meta = _run_meta(model or arch, torch_device, attn, torch_dtype, repeats=repeats, new_tokens=new_tokens)
+            rows = run_benchmark(
+                vlm, names, ratios, sizes, repeats=repeats, new_tokens=new_tokens, compile=compile
+            )
+    settings = {"repeats": repeats, "new_tokens": new_tokens, "compile": compile}
+    meta = _run_meta(model or arch, torch_device, attn, torch_dtype, **settings)
     paths = write_results(rows, out, meta)
     console.print(markdown_table(rows), highlight=False)
     console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
@@ -701,6 +707,9 @@ def serve(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the tiny model's weights.")] = 0,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="Decode with a static cache and a compiled step.")
+    ] = False,
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (chat completions, streaming), pruning visual tokens."""
     try:
@@ -730,7 +739,14 @@ def serve(
         name = served_model_name or (TINY if model == TINY else pathlib.Path(checkpoint).name)
         with _user_errors(OSError, ValueError, TypeError, RuntimeError):
             engine = build_engine(
-                checkpoint, name, default, limits, attn=attn, device=torch_device, dtype=torch_dtype
+                checkpoint,
+                name,
+                default,
+                limits,
+                attn=attn,
+                device=torch_device,
+                dtype=torch_dtype,
+                compile=compile,
             )
         console.print(f"serving [bold]{escape(name)}[/] ({escape(repr(default))}) on http://{host}:{port}/v1")
         app_ = create_app(engine, max_batch=max_batch, window_s=batch_window_ms / 1e3)

@@ -23,11 +23,13 @@ def build_engine(
     attn: str = "sdpa",
     device: torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    compile: bool = False,
 ) -> Engine:
     """Load ``checkpoint`` (a local directory) and its processor for serving as model ``name``.
 
     The default pruner config is applied once here, so an unsupported family or a budget over the image
-    fails at startup rather than at the first request.
+    fails at startup rather than at the first request. With ``compile``, batches decode with a static
+    cache and a compiled step.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -39,7 +41,7 @@ def build_engine(
     model = model.to(device or torch.device("cpu")).eval()
     if default is not None:
         apply_pruner(model, default).remove()
-    return Engine(model, processor, name, default, limits, Metrics())
+    return Engine(model, processor, name, default, limits, Metrics(), compile=compile)
 
 
 __all__ = ["Engine", "Limits", "build_engine"]

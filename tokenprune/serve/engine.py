@@ -20,6 +20,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from ..api import apply_pruner
+from ..compile import compiled_decoding
 from ..config import PrunerConfig
 from ..patches import adapter_for
 from ..pruner import Pruner
@@ -112,7 +113,14 @@ class Engine:
     """A loaded VLM and its processor, with the server's default pruner config and limits."""
 
     def __init__(
-        self, model, processor, name: str, default: PrunerConfig | None, limits: Limits, metrics: Metrics
+        self,
+        model,
+        processor,
+        name: str,
+        default: PrunerConfig | None,
+        limits: Limits,
+        metrics: Metrics,
+        compile: bool = False,
     ):
         self.model, self.processor, self.name = model, processor, name
         self.default, self.limits, self.metrics = default, limits, metrics
@@ -121,6 +129,7 @@ class Engine:
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.device = next(model.parameters()).device
+        self.decoding = compiled_decoding(self.device) if compile else {}  # generate's cache and compile args
         self._lock = threading.Lock()  # one batch on the model at a time
         self._checked: set[str] = set()  # configs known to run on this model
         self._pruner: Pruner | None = None  # attached to the model for the last batch's config
@@ -198,6 +207,7 @@ class Engine:
                 pad_token_id=self.pad_id,
                 streamer=streamer,
                 **sampling,
+                **self.decoding,
             )
         stats = pruner.stats if pruner is not None else None
         end = time.perf_counter()
