@@ -53,6 +53,10 @@ class _StageCache:
     first_layer: int
     prefix_mask: torch.Tensor  # [B, L_s] 2-D mask of those rows
 
+    def followed_by(self, tail: torch.Tensor) -> torch.Tensor:
+        """The 2-D mask ``[B, L_s + T]`` of these rows and then the tokens after the prompt (``tail``)."""
+        return torch.cat([self.prefix_mask, tail], dim=1)
+
 
 @dataclass
 class _Session:
@@ -67,6 +71,10 @@ class _Session:
     # layer masks of the coming decode step for the stages after layer 0, when ``generate`` builds the masks
     # ahead of a compiled step (see ``DecoderPruningHooks.masks_for_generate``): first layer -> mask
     step_masks: dict[int, Any] = field(default_factory=dict)
+
+    def tail(self, mask: torch.Tensor) -> torch.Tensor:
+        """The part ``[B, T]`` of a 2-D mask over every token so far ``[B, L + T]`` after the prompt."""
+        return mask[:, self.original_length :].to(self.stages[0].prefix_mask.dtype)
 
     def dropped(self, num_layers: int) -> list[int]:
         """Prompt tokens pruned from each layer's cache."""
@@ -314,13 +322,13 @@ class DecoderPruningHooks(LanguageModelHooks):
                     f"attention_mask covers {mask.shape[1]} tokens but the cache holds {int(done)} (its "
                     f"prompt counted before pruning), plus {new} new"
                 )
-            tail = mask[:, session.original_length :].to(session.stages[0].prefix_mask.dtype)
+            tail = session.tail(mask)
         else:
             raise ValueError("decode steps on a pruned cache need a 2-D attention mask (or none)")
         self._call = _Call(session=session, tail=tail)
         first = session.stages[0]
         if first.first_layer == 0:
-            kwargs["attention_mask"] = torch.cat([first.prefix_mask, tail], dim=1)
+            kwargs["attention_mask"] = first.followed_by(tail)
         return kwargs
 
     def masks_for_generate(self, model: nn.Module) -> Callable:
@@ -345,17 +353,17 @@ class DecoderPruningHooks(LanguageModelHooks):
             if mask is None:
                 done = int(cache.get_seq_length())
                 mask = session.stages[0].prefix_mask.new_ones(embeds.shape[0], done + embeds.shape[1])
-            tail = mask[:, session.original_length :].to(session.stages[0].prefix_mask.dtype)
+            tail = session.tail(mask)
             session.step_masks = {
                 stage.first_layer: internals.causal_mask(
-                    text_config, embeds, torch.cat([stage.prefix_mask, tail], dim=1), cache, stage.first_layer
+                    text_config, embeds, stage.followed_by(tail), cache, stage.first_layer
                 )
                 for stage in session.stages
                 if stage.first_layer > 0
             }
             first = session.stages[0]
             if first.first_layer == 0:
-                mask = torch.cat([first.prefix_mask, tail], dim=1)
+                mask = first.followed_by(tail)
             return original(**{**kwargs, "attention_mask": mask})
 
         return create_masks_for_generate
@@ -415,7 +423,7 @@ class DecoderPruningHooks(LanguageModelHooks):
         if call.tail is None:  # prepared with the step's other masks
             mask = call.session.step_masks[layer]
         else:
-            mask_2d = torch.cat([rows.prefix_mask, call.tail], dim=1)
+            mask_2d = rows.followed_by(call.tail)
             mask = internals.causal_mask(self.language_model.config, hidden, mask_2d, cache, layer)
         call.layer_kwargs = {"attention_mask": mask}
         return args, {**kwargs, **call.layer_kwargs}
@@ -447,7 +455,8 @@ class DecoderPruningHooks(LanguageModelHooks):
                 else:
                     index = pruner.select(self._context(hidden, scores, layout, stage), keep)
                 selections.append((layout, index))
-            plan = plan_compaction(keep_masks(call.visual, selections))
+            # padding goes too: the pruned batch is as long as its longest kept row, not its longest prompt
+            plan = plan_compaction(keep_masks(call.visual, selections) & call.attention_mask.bool())
 
         pruned_hidden, pruned_positions, call.attention_mask = plan.gather_sequence(
             hidden, position_ids, call.attention_mask

@@ -121,6 +121,19 @@ def test_pruned_layers_see_the_configured_count(model, method):
 
 
 @pytest.mark.parametrize(("family", "method"), CASES)
+def test_a_ragged_batch_is_as_long_as_its_longest_kept_row(model, method):
+    """Pruning drops the padding too: the layers after it see the longest row's kept tokens (its prompt less
+    the dropped visual tokens), not the longest prompt less the fewest dropped."""
+    inputs = tiny_inputs(model, RAGGED)
+    with tp.pruned(model, method, keep_ratio=0.25) as pruner:
+        seen = layer_input_lengths(model, inputs)
+    dropped = (tokens_per_image(model) - 16) * torch.tensor(RAGGED)
+    longest = int((inputs["attention_mask"].sum(dim=1) - dropped).max())
+    k = pruner.config.acting_layer
+    assert seen == [inputs["input_ids"].shape[1]] * k + [longest] * (len(seen) - k)
+
+
+@pytest.mark.parametrize(("family", "method"), CASES)
 def test_text_only_prompt_passes_through(model, method):
     inputs = tiny_inputs(model, (0, 0))
     expected = logits(model, inputs)

@@ -27,8 +27,9 @@ def test_cache_length_per_layer_after_prefill(model, method, drop):
         cache = output_cache(model(**inputs, use_cache=True))
     k = pruner.config.acting_layer
     pruned_length = int(pruner.stats.keep_mask.sum(dim=1).max())
-    # rows are re-padded to the longest: the row that dropped the fewest tokens (one image, 64 -> 10)
-    assert pruned_length == length - (64 - 10) * min(RAGGED)
+    # rows are re-padded to the longest kept row: its prompt tokens less 64 - 10 per image
+    real = inputs["attention_mask"].sum(dim=1)
+    assert pruned_length == int((real - (64 - 10) * torch.tensor(RAGGED)).max())
     layers = range(len(model.model.language_model.layers))
     rows = [cache.layers[i].keys.shape[2] for i in layers]
     early = pruned_length if drop else length
