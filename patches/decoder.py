@@ -455,8 +455,10 @@ class DecoderPruningHooks(LanguageModelHooks):
                 else:
                     index = pruner.select(self._context(hidden, scores, layout, stage), keep)
                 selections.append((layout, index))
-            # padding goes too: the pruned batch is as long as its longest kept row, not its longest prompt
-            plan = plan_compaction(keep_masks(call.visual, selections) & call.attention_mask.bool())
+            keep = keep_masks(call.visual, selections)
+            if bool((call.visual & ~keep).any()):  # else (keep-all) the batch stays exactly as it was
+                keep &= call.attention_mask.bool()  # padding goes: as long as the longest kept row
+            plan = plan_compaction(keep)
 
         pruned_hidden, pruned_positions, call.attention_mask = plan.gather_sequence(
             hidden, position_ids, call.attention_mask

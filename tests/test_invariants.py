@@ -49,6 +49,25 @@ def test_keep_all_gives_unpatched_logits(model, method):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(("family", "method"), CASES)
+def test_keep_all_keeps_a_padding_column_that_every_row_has(model, method):
+    """Pruning drops padding with the tokens it drops; keeping all, it drops nothing, not even a padding
+    column that no row needs."""
+    inputs = tiny_inputs(model, RAGGED)
+    padded = {
+        key: torch.nn.functional.pad(value, (1, 0)) if key in PER_TOKEN else value
+        for key, value in inputs.items()
+    }
+    expected = logits(model, padded)
+    with tp.pruned(model, method, keep_ratio=1.0):
+        got = logits(model, padded)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+#: the inputs with one entry per prompt token (left-padded with zeros: pad id, masked, position 0)
+PER_TOKEN = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids")
+
+
 def vision_features(pruner, recorded: list[torch.Tensor]) -> torch.Tensor | None:
     """The projected image features a vision-stage method handed the language model (None otherwise)."""
     return recorded[-1] if pruner.config.vision_stage is not None else None
