@@ -1,3 +1,7 @@
+import importlib
+import os
+import sys
+
 import pytest
 import torch
 from helpers import INVARIANT_FAMILIES
@@ -49,3 +53,19 @@ def any_model(family, attn):
     m = shared_model(family, attn)
     yield m
     assert not hasattr(m, "_tokenprune_pruner"), "test left a pruner on the shared model"
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The Triton kernels module under the Triton interpreter (``TRITON_INTERPRET=1`` before the kernels
+    are decorated), for the tests of one module; the dispatcher runs them on CPU tensors meanwhile."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.modules.pop("tokenprune.kernels.triton_kernels", None)  # decorate the kernels in interpreter mode
+    module = importlib.import_module("tokenprune.kernels.triton_kernels")
+    yield module
+    sys.modules.pop("tokenprune.kernels.triton_kernels", None)
+    if previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = previous

@@ -1,34 +1,17 @@
 """Triton kernels under the interpreter on the CPU, against their torch references.
 
-The interpreter is switched on for this module only (``TRITON_INTERPRET=1`` before the kernels are
-first imported); elsewhere in the suite the dispatcher picks the torch reference on the CPU.
+The interpreter is switched on for this module only (the ``kernels`` fixture of conftest.py); elsewhere in
+the suite the dispatcher picks the torch reference on the CPU.
 """
-
-import importlib
-import os
-import sys
 
 import pytest
 import torch
 
 from tokenprune.kernels import gather as reference
-from tokenprune.kernels import use_triton
+from tokenprune.kernels import greedy, use_triton
+from tokenprune.methods._select import cosine_similarity_matrix, min_max
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    sys.modules.pop("tokenprune.kernels.triton_kernels", None)  # decorate the kernels in interpreter mode
-    module = importlib.import_module("tokenprune.kernels.triton_kernels")
-    yield module
-    sys.modules.pop("tokenprune.kernels.triton_kernels", None)
-    if previous is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = previous
 
 
 def ragged_plan(batch: int, length: int, keep: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +102,52 @@ def test_merge_reference_is_a_weighted_mean():
     )
     torch.testing.assert_close(merged, torch.tensor([[[2.5], [10.0]]]))
     torch.testing.assert_close(total, torch.tensor([[4.0, 2.0]]))
+
+
+def similar_tokens(num_images: int, num_tokens: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Random visual tokens ``[I, N, 32]`` with exact duplicates (tied scores) and a zero token."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(num_images, num_tokens, 32, generator=g)
+    tokens[:, 5], tokens[:, 9] = tokens[:, 3], tokens[:, 3]
+    tokens[:, 7] = 0.0
+    return tokens.to(dtype)
+
+
+#: (images, tokens per image, kept)
+GREEDY = {
+    "one": (2, 64, 1),
+    "some": (3, 64, 16),
+    "all": (2, 40, 40),
+    "odd": (4, 100, 37),
+    "llava": (2, 576, 64),
+}
+
+
+@pytest.mark.parametrize("case", GREEDY.values(), ids=GREEDY.keys())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_greedy_max_min_kernel(kernels, case, dtype):
+    """DivPrune's loop in one program per image keeps exactly the reference's tokens, ties included."""
+    num_images, num_tokens, keep = case
+    tokens = similar_tokens(num_images, num_tokens, dtype)
+    distance = 1.0 - cosine_similarity_matrix(tokens, tokens)
+    first = torch.randint(0, num_tokens, (num_images,), generator=torch.Generator().manual_seed(1))
+    got = kernels.greedy_select(distance, None, first, keep, 0.0)
+    assert torch.equal(got, greedy.greedy_max_min_reference(distance, first, keep))
+    assert (got[:, 1:] > got[:, :-1]).all() and bool((got == first[:, None]).any(dim=1).all())
+
+
+@pytest.mark.parametrize("case", GREEDY.values(), ids=GREEDY.keys())
+@pytest.mark.parametrize("lam", [0.0, 0.3, 0.5, 1.0])
+def test_greedy_mmr_kernel(kernels, case, lam):
+    """IDPruner's loop in one program per image keeps exactly the reference's tokens, ties included."""
+    num_images, num_tokens, keep = case
+    tokens = similar_tokens(num_images, num_tokens, torch.float32, seed=2)
+    similarity = cosine_similarity_matrix(tokens, tokens)
+    importance = min_max(tokens.norm(dim=-1))
+    first = importance.argmax(dim=1)
+    got = kernels.greedy_select(similarity, lam * importance, first, keep, 1.0 - lam)
+    expected = greedy.greedy_mmr_reference(similarity, lam * importance, 1.0 - lam, first, keep)
+    assert torch.equal(got, expected)
 
 
 def test_dispatch_picks_the_reference_on_cpu(monkeypatch):

@@ -240,3 +240,73 @@ def merge_tokens(x, size, dest, num_out):
         BLOCK=_block(dim),
     )
     return (acc / total[..., None].clamp_min(1e-12)).to(x.dtype), total.to(size.dtype)
+
+
+@triton.jit
+def _larger(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _smaller(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _greedy_select_kernel(
+    matrix_ptr,
+    relevance_ptr,
+    first_ptr,
+    out_ptr,
+    num_tokens,
+    keep,
+    penalty,
+    MMR: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One image's greedy loop. ``MMR``: pick the max of ``relevance - penalty * running max similarity``;
+    else (max-min): the max of the running min distance. The running row starts at the first pick's row."""
+    image = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < num_tokens
+    matrix = matrix_ptr + image * num_tokens * num_tokens
+    pick = tl.load(first_ptr + image)
+    tl.store(out_ptr + image * keep, pick)
+    selected = cols == pick
+    running = tl.load(matrix + pick * num_tokens + cols, mask=inside, other=0.0)
+    if MMR:
+        relevance = tl.load(relevance_ptr + image * num_tokens + cols, mask=inside, other=0.0)
+    for step in range(1, keep):
+        score = relevance - penalty * running if MMR else running
+        score = tl.where(selected | ~inside, float("-inf"), score)
+        # reductions by combine functions of this module: in the test suite's process the interpreter
+        # fails on tl.max / tl.min of triton.language.standard ("Cannot call @triton.jit'd outside of the
+        # scope of a kernel")
+        best = tl.reduce(score, 0, _larger)
+        pick = tl.reduce(tl.where(score == best, cols, BLOCK), 0, _smaller)  # lowest index of the max: argmax
+        tl.store(out_ptr + image * keep + step, pick)
+        selected = selected | (cols == pick)
+        row = tl.load(matrix + pick * num_tokens + cols, mask=inside, other=0.0)
+        running = tl.maximum(running, row) if MMR else tl.minimum(running, row)
+
+
+def greedy_select(matrix, relevance, first, keep, penalty):
+    """Triton version of :func:`~tokenprune.kernels.greedy.greedy_mmr` (``relevance`` given) and
+    :func:`~tokenprune.kernels.greedy.greedy_max_min` (``relevance`` None): one program per image."""
+    num_images, num_tokens = matrix.shape[:2]
+    matrix = matrix.float().contiguous()
+    out = torch.empty(num_images, keep, dtype=torch.long, device=matrix.device)
+    mmr = relevance is not None
+    _greedy_select_kernel[(num_images,)](
+        matrix,
+        relevance.float().contiguous() if mmr else matrix,
+        first.contiguous(),
+        out,
+        num_tokens,
+        keep,
+        penalty,
+        MMR=mmr,
+        BLOCK=triton.next_power_of_2(num_tokens),
+        enable_fp_fusion=False,  # relevance - penalty * running rounded as torch rounds it, not fused
+    )
+    return out.sort(dim=1).values

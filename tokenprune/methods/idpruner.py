@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..context import SelectionContext
+from ..kernels import greedy_mmr
 from ..registry import register_method
 from ._select import cosine_similarity_matrix, min_max
 
@@ -27,15 +28,5 @@ def idpruner(ctx: SelectionContext, keep: int, *, lam: float = 0.5) -> torch.Ten
     features = ctx.features
     importance = min_max(features.float().norm(dim=-1))  # [I, N]
     similarity = cosine_similarity_matrix(features, features)  # [I, N, N]
-    num_images, num_tokens = importance.shape
-    rows = torch.arange(num_images, device=features.device)
-    selected = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=features.device)
-    pick = importance.argmax(dim=1)  # with nothing kept yet, MMR is importance alone
-    selected[rows, pick] = True
-    redundancy = similarity[rows, pick]  # [I, N] max similarity to the kept set
-    for _ in range(keep - 1):
-        score = (lam * importance - (1.0 - lam) * redundancy).masked_fill(selected, float("-inf"))
-        pick = score.argmax(dim=1)
-        selected[rows, pick] = True
-        redundancy = torch.maximum(redundancy, similarity[rows, pick])
-    return selected.nonzero()[:, 1].view(num_images, keep)
+    first = importance.argmax(dim=1)  # with nothing kept yet, MMR is importance alone
+    return greedy_mmr(similarity, lam * importance, 1.0 - lam, first, keep)

@@ -1,0 +1,76 @@
+"""The CPU's view of GPU launch cost: how many torch ops a pruned forward dispatches.
+
+On a GPU each op is at least one kernel launch, and at batch 1 a 7B model's eager forward is bound by them.
+Selection must cost a fixed number of ops whatever the budget (a loop over kept tokens is a GPU bug even
+where CPU timings look fine), and a decode step on a pruned cache only a few more than an unpruned step.
+The Triton kernels run under the interpreter here, as they would run compiled on a GPU.
+"""
+
+import pytest
+import torch
+from helpers import cache_kwarg
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tokenprune as tp
+from tokenprune.patches._internals import output_cache
+from tokenprune.testing import tiny_inputs, tiny_model
+
+PREFILL_METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage != "kv")
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the torch ops dispatched in the block (``.count``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return tiny_model("llava")
+
+
+def prefill_ops(model, inputs: dict) -> int:
+    with torch.no_grad(), CountOps() as ops:
+        model(**inputs)
+    return ops.count
+
+
+@pytest.mark.parametrize("method", PREFILL_METHODS)
+def test_prefill_ops_do_not_grow_with_the_budget(kernels, llava, method):
+    """16 or 40 of each image's 64 tokens kept: the same number of ops (DART's loop is over its 8 pivots,
+    the greedy loops of DivPrune and IDPruner are one kernel)."""
+    inputs = tiny_inputs(llava, (1, 2, 1))
+    counts = []
+    for budget in (16, 40):
+        with tp.pruned(llava, method, budget=budget):
+            counts.append(prefill_ops(llava, inputs))
+    assert counts[1] <= counts[0], counts
+
+
+def decode_step_ops(model, inputs: dict) -> int:
+    """Ops of the first decode step after a cached prefill of ``inputs``."""
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+        positions = inputs["position_ids"][:, -1:] + 1
+        step = {"input_ids": token, "attention_mask": mask, "position_ids": positions}
+        with CountOps() as ops:
+            model(**step, **cache_kwarg(output_cache(out)))
+    return ops.count
+
+
+@pytest.mark.parametrize("method", PREFILL_METHODS)
+def test_a_decode_step_on_a_pruned_cache_costs_about_an_unpruned_one(llava, method):
+    """Within 15% of the unpruned step's ops: the step's positions and masks, nothing else of ours."""
+    inputs = tiny_inputs(llava, (1, 2, 1))
+    unpruned = decode_step_ops(llava, inputs)
+    with tp.pruned(llava, method, keep_ratio=0.25):
+        pruned = decode_step_ops(llava, inputs)
+    assert pruned <= 1.15 * unpruned, (pruned, unpruned)
