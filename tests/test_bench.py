@@ -18,6 +18,15 @@ def rows():
     return run_benchmark(model, methods, [0.5, 0.25], [1, 2], repeats=1, new_tokens=3)
 
 
+def test_the_7b_model_is_built_on_the_target_device():
+    """Every weight is created where the benchmark runs (``meta`` stands in for the GPU: nothing is
+    allocated, and nothing of the 7 billion parameters passes through the CPU)."""
+    model = build_model(ARCHS["llava-1.5-7b"](), "sdpa", torch.device("meta"), torch.bfloat16)
+    devices = {p.device.type for p in model.parameters()}
+    assert devices == {"meta"} and sum(p.numel() for p in model.parameters()) > 7e9
+    assert not model.training
+
+
 def test_rows_cover_every_configuration(rows):
     keys = [(r.batch_size, r.method, r.kept_tokens) for r in rows]
     for batch in (1, 2):
