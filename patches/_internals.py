@@ -72,17 +72,15 @@ def cache_record(cache: Any) -> Any:
 
 
 def mark_pruned_cache(cache: Any, record: Any, dropped: list[int]) -> None:
-    """Attach ``record`` to ``cache`` and make the cache count what its prompt was, not what it holds.
+    """Attach ``record`` to ``cache`` and, where its prefill dropped tokens, make the cache count what its
+    prompt was, not what it holds, until ``cache.reset()`` (which also drops the record).
 
     ``dropped[i]`` prompt tokens were pruned from layer ``i``. ``get_seq_length(i)`` then reports the tokens
     processed so far, the rows held plus ``dropped[i]``: ``generate`` slices the tokens still to feed by it
     when it continues from the cache, and the models place new tokens' positions by it. ``get_query_offset``,
     which the mask code reads to place the new rows among the held ones, keeps counting the rows held.
-    Both are shadowed on this cache instance only; the cache class and every other cache are unchanged.
+    These are shadowed on this cache instance only; the cache class and every other cache are unchanged.
     """
-    setattr(cache, _CACHE_RECORD, record)
-    if not any(dropped):
-        return
     held = type(cache).get_seq_length
 
     def get_seq_length(layer_idx: int = 0):
@@ -91,8 +89,16 @@ def mark_pruned_cache(cache: Any, record: Any, dropped: list[int]) -> None:
     def get_query_offset(layer_idx: int = 0):
         return held(cache, layer_idx)
 
-    cache.get_seq_length = get_seq_length
-    cache.get_query_offset = get_query_offset
+    def reset() -> None:
+        for name in (_CACHE_RECORD, "get_seq_length", "get_query_offset", "reset"):
+            vars(cache).pop(name, None)
+        cache.reset()
+
+    setattr(cache, _CACHE_RECORD, record)
+    cache.reset = reset
+    if any(dropped):
+        cache.get_seq_length = get_seq_length
+        cache.get_query_offset = get_query_offset
 
 
 def _cache_layer(cache: Any, layer_idx: int) -> Any:

@@ -7,7 +7,7 @@ import torch
 from conftest import shared_model
 from helpers import ATOL, cache_kwarg, greedy_with_logits, masked_reference
 from torch._dynamo.utils import counters
-from transformers import CompileConfig
+from transformers import CompileConfig, DynamicCache
 
 import tokenprune as tp
 from tokenprune.testing import ANYRES_FAMILIES, FAMILIES, tiny_inputs
@@ -95,6 +95,23 @@ def test_images_in_a_continued_cache_are_refused_before_any_work():
         with pytest.raises(ValueError, match="cannot add images to a cache whose visual tokens were pruned"):
             model(**{**inputs, **cache_kwarg(cache)})
     assert [layer.keys.shape[2] for layer in cache.layers] == rows
+
+
+@pytest.mark.parametrize("method", ["divprune", "fastv", "sparsevila"])
+def test_a_reset_cache_takes_a_new_prompt(method):
+    """A cache object reused for a new prompt after ``cache.reset()`` (as with a static cache kept across
+    requests) forgets how its last prompt was pruned: the new prefill equals one on a fresh cache."""
+    model = shared_model("llava", "sdpa")
+    inputs = prompts(model)
+    other = tiny_inputs(model, (2, 1, 1), seed=1)
+    with tp.pruned(model, method, keep_ratio=0.25), torch.no_grad():
+        expected = model(**other, **cache_kwarg(DynamicCache(config=model.config.text_config))).logits
+        cache = DynamicCache(config=model.config.text_config)
+        model(**inputs, **cache_kwarg(cache))
+        cache.reset()
+        assert cache.get_seq_length() == 0
+        got = model(**other, **cache_kwarg(cache)).logits
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
 COMPILED = [("divprune", {}), ("fastv", {}), ("dart", {"drop_early_kv": True}), ("tome", {})]
