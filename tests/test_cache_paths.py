@@ -140,6 +140,21 @@ def test_compiled_static_decode_equals_eager(method, options):
     assert_same_generation(again, eager)
 
 
+def test_compiled_forward_equals_eager():
+    """``torch.compile`` of the whole forward, prefill and selection included (graph breaks where selection
+    reads the data), on a pruned ragged batch: the eager logits and the same kept tokens."""
+    model = shared_model("llava", "sdpa")
+    inputs = prompts(model)
+    torch.compiler.reset()
+    with tp.pruned(model, "fastv", keep_ratio=0.25) as pruner, torch.no_grad():
+        expected = model(**inputs).logits
+        kept = pruner.stats.keep_mask
+        got = torch.compile(model.forward)(**inputs).logits
+        assert torch.equal(pruner.stats.keep_mask, kept)
+    torch.compiler.reset()
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("method", ["divprune", "dart"])
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_packed_sequences_equal_padded_ones(vlm, method):
