@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from rich.progress import Progress
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlavaForConditionalGeneration
 
 import tokenprune as tp
@@ -34,7 +35,8 @@ class BenchRow:
     ``decode_tokens_per_s`` is NaN when the decode time could not be told apart from timing noise.
     ``compiled_decode_tokens_per_s`` is the same with a static cache and transformers' compiled decode
     step (``--compile``; NaN when not measured). ``kv_cache_mib`` is what the KV cache holds after
-    prefill, every layer together.
+    prefill, every layer together. ``prefill_launches`` counts what one prefill launches: CUDA kernels on
+    a GPU (torch profiler), torch ops dispatched on a CPU (their GPU launches, one or more each).
     """
 
     method: str
@@ -50,10 +52,36 @@ class BenchRow:
     peak_memory_mib: float | None
     kv_cache_mib: float = float("nan")
     compiled_decode_tokens_per_s: float = float("nan")
+    prefill_launches: int = 0
     prefill_speedup: float = 1.0
     ideal_speedup: float = 1.0
     speedup_vs_ideal: float = 1.0
     selection_share: float = 0.0
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the torch ops dispatched in the block (``.count``): on a CPU, the honest proxy for what a GPU
+    would launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def launches(fn: Callable[[], object], device: torch.device) -> int:
+    """CUDA kernels ``fn`` launches on a GPU (torch profiler), or the torch ops it dispatches elsewhere."""
+    if device.type != "cuda":
+        with CountOps() as ops:
+            fn()
+        return ops.count
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        fn()
+        torch.cuda.synchronize(device)
+    return sum(1 for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def _sync(device: torch.device) -> None:
@@ -172,6 +200,7 @@ class _Runner:
             end_to_end_ms=end_to_end,
             peak_memory_mib=peak,
             kv_cache_mib=self.kv_cache_mib(),
+            prefill_launches=launches(self.prefill, self.device),
             compiled_decode_tokens_per_s=self.compiled_decode_rate() if self.compile else float("nan"),
         )
 
@@ -329,9 +358,9 @@ def markdown_table(rows: list[BenchRow]) -> str:
     """The rows as a README table (with a compiled-decode column where it was measured)."""
     compiled = any(r.compiled_decode_tokens_per_s == r.compiled_decode_tokens_per_s for r in rows)  # not NaN
     lines = [
-        "| batch | method | layer | kept | prefill ms | speedup | ideal | of ideal | selection % "
+        "| batch | method | layer | kept | prefill ms | speedup | ideal | of ideal | selection % | launches "
         f"| decode tok/s |{' compiled decode tok/s |' if compiled else ''} KV MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if compiled else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if compiled else ""),
     ]
     for r in rows:
         if r.method == "ideal":
@@ -339,7 +368,8 @@ def markdown_table(rows: list[BenchRow]) -> str:
         lines.append(
             f"| {r.batch_size} | {r.method} | {'-' if r.layer is None else r.layer} | {r.kept_tokens} | "
             f"{r.prefill_ms:.1f} | {r.prefill_speedup:.2f}x | {r.ideal_speedup:.2f}x | "
-            f"{r.speedup_vs_ideal:.2f} | {100 * r.selection_share:.1f} | {r.decode_tokens_per_s:.1f} | "
+            f"{r.speedup_vs_ideal:.2f} | {100 * r.selection_share:.1f} | {r.prefill_launches} | "
+            f"{r.decode_tokens_per_s:.1f} | "
             + (f"{r.compiled_decode_tokens_per_s:.1f} | " if compiled else "")
             + f"{r.kv_cache_mib:.1f} |"
         )

@@ -55,6 +55,8 @@ def test_ratios_are_consistent(rows):
                 and r.layer == {"uniform": 0, "fastv": 2, "fastv+drop_early_kv": 2}[r.method]
             )
             assert not r.decode_tokens_per_s <= 0  # a rate, or NaN when lost in timing noise
+            base_launches = next(b for b in rows if b.method == "unpruned" and b.batch_size == r.batch_size)
+            assert 0 < r.prefill_launches < 2 * base_launches.prefill_launches
 
 
 def test_kv_cache_falls_with_the_kept_tokens(rows):
@@ -129,6 +131,36 @@ def test_bench_compile_times_a_compiled_static_decode_beside_eager(tmp_path, mon
     assert [r["method"] for r in measured] == ["unpruned", "divprune"] and len(compiled_calls) == 2
     assert all(not r["compiled_decode_tokens_per_s"] <= 0 for r in measured)  # a rate (NaN if lost in noise)
     assert "compiled decode tok/s" in markdown_table([bench.BenchRow(**r) for r in data["rows"]])
+
+
+def test_gpu_benchmark_script_runs_its_plan_on_the_tiny_model(tmp_path):
+    """``eval/gpu_bench.sh``, the prepared H100 run, with the tiny architecture on the CPU: both of its runs
+    write their results (batch 1 and 8 at two budgets; then compiled decoding at batch 8)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "eval" / "gpu_bench.sh"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "ARCH": "tiny",
+        "DEVICE": "cpu",
+        "DTYPE": "float32",
+        "METHODS": "random,fastv",
+        "REPEATS": "1",
+        "OUT": str(tmp_path / "gpu"),
+    }
+    subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
+    main = json.loads((tmp_path / "gpu" / "results.json").read_text())
+    assert {(r["batch_size"], r["kept_tokens"]) for r in main["rows"] if r["method"] == "fastv"} == {
+        (1, 7), (1, 16), (8, 7), (8, 16)
+    }
+    compiled = json.loads((tmp_path / "gpu-compile" / "results.json").read_text())
+    assert compiled["meta"]["compile"] is True
+    measured = [r["method"] for r in compiled["rows"] if r["method"] != "ideal"]
+    assert measured == ["unpruned", "divprune", "fastv"]
 
 
 @pytest.fixture(scope="module")

@@ -9,25 +9,13 @@ The Triton kernels run under the interpreter here, as they would run compiled on
 import pytest
 import torch
 from helpers import cache_kwarg
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokenprune as tp
+from tokenprune.eval.bench import CountOps
 from tokenprune.patches._internals import output_cache
 from tokenprune.testing import tiny_inputs, tiny_model
 
 PREFILL_METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage != "kv")
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the torch ops dispatched in the block (``.count``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")
