@@ -182,3 +182,25 @@ def test_feather_keeps_a_uniform_sample_and_the_most_attended():
         assert int((row < 16).sum()) >= 1  # and the top of the image is still covered
     with pytest.raises(ValueError, match="uniform_share"):
         get_method("feather").select(ctx, 8, {"uniform_share": 1.5})
+
+
+@pytest.mark.parametrize(
+    ("indices", "error"),
+    [
+        ([[3, 1]], "must return sorted, unique indices"),
+        ([[2, 2]], "must return sorted, unique indices"),
+        ([[-1, 2]], r"returned indices outside \[0, 8\)"),
+        ([[2, 8]], r"returned indices outside \[0, 8\)"),
+    ],
+)
+def test_a_method_breaking_the_index_contract_is_named(indices, error):
+    from tokenprune.registry import _REGISTRY
+
+    tp.register_method("_broken", default_layer=0)(lambda ctx, keep: torch.tensor(indices))
+    try:
+        image_index = torch.zeros(1, dtype=torch.long)
+        ctx = SelectionContext(features=torch.zeros(1, 8, 4), grid=None, image_index=image_index)
+        with pytest.raises(RuntimeError, match=f"method '_broken' {error}"):
+            get_method("_broken").select(ctx, 2, {})
+    finally:
+        del _REGISTRY["_broken"]

@@ -48,7 +48,8 @@ def bipartite_soft_matching(
     survives.scatter_(1, src_pos, False)
     rank = survives.cumsum(dim=1) - 1
     dest = rank.scatter(1, src_pos, torch.gather(rank, 1, dst_pos))
-    kept = torch.arange(n, device=metric.device).expand(batch, n)[survives].view(batch, n - r)
+    # the survivors' positions in order, by a stable sort (boolean indexing would read the device)
+    kept = torch.sort(survives.to(torch.int8), dim=1, descending=True, stable=True).indices[:, : n - r]
     return dest, kept
 
 
