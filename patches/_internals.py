@@ -188,15 +188,16 @@ def base_model(model: nn.Module) -> nn.Module:
     return model if hasattr(model, "language_model") else model.model
 
 
-def placeholder_mask(
-    base: nn.Module, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, token_id: int
-) -> torch.Tensor:
-    """Where a call's prompt holds ``token_id`` placeholders ``[B, L]``: by id, or, for a call made with
-    ``inputs_embeds`` only, where the embedding equals that token's, as the model itself finds them."""
+def placeholder_mask(base: nn.Module, args: tuple, kwargs: dict[str, Any], token_id: int) -> torch.Tensor:
+    """Where the prompt of a call to the VLM ``base`` (its ``args`` and ``kwargs``) holds ``token_id``
+    placeholders ``[B, L]``: by id, or, for a call made with ``inputs_embeds`` only, where the embedding
+    equals that token's, as the model itself finds them."""
+    input_ids = args[0] if args else kwargs.get("input_ids")
     if input_ids is not None:
         return input_ids == token_id
-    token = torch.tensor(token_id, device=inputs_embeds.device)
-    return (inputs_embeds == base.get_input_embeddings()(token).to(inputs_embeds.dtype)).all(dim=-1)
+    embeds = kwargs["inputs_embeds"]
+    token = torch.tensor(token_id, device=embeds.device)
+    return (embeds == base.get_input_embeddings()(token).to(embeds.dtype)).all(dim=-1)
 
 
 def mask_for_generate_function(model: nn.Module) -> Callable:

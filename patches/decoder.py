@@ -72,9 +72,13 @@ class _Session:
     # ahead of a compiled step (see ``DecoderPruningHooks.masks_for_generate``): first layer -> mask
     step_masks: dict[int, Any] = field(default_factory=dict)
 
-    def tail(self, mask: torch.Tensor) -> torch.Tensor:
-        """The part ``[B, T]`` of a 2-D mask over every token so far ``[B, L + T]`` after the prompt."""
-        return mask[:, self.original_length :].to(self.stages[0].prefix_mask.dtype)
+    def tail(self, mask: torch.Tensor | None, cache: Any, batch: int, new: int) -> torch.Tensor:
+        """The 2-D mask ``[B, T]`` of the tokens after the prompt, ``new`` of them in this step: that part of
+        ``mask`` (over every token so far, ``[B, L + T]``), or, without one, every such token visible."""
+        prefix = self.stages[0].prefix_mask
+        if mask is None:
+            return prefix.new_ones(batch, int(cache.get_seq_length()) - self.original_length + new)
+        return mask[:, self.original_length :].to(prefix.dtype)
 
     def dropped(self, num_layers: int) -> list[int]:
         """Prompt tokens pruned from each layer's cache."""
@@ -314,17 +318,14 @@ class DecoderPruningHooks(LanguageModelHooks):
                 )
             self._call = _Call(session=session)
             return kwargs
-        if mask is None:
-            tail = session.stages[0].prefix_mask.new_ones(batch, int(done) - session.original_length + new)
-        elif mask.dim() == 2:
-            if not torch.compiler.is_compiling() and mask.shape[1] != int(done) + new:
-                raise ValueError(
-                    f"attention_mask covers {mask.shape[1]} tokens but the cache holds {int(done)} (its "
-                    f"prompt counted before pruning), plus {new} new"
-                )
-            tail = session.tail(mask)
-        else:
+        if mask is not None and mask.dim() != 2:
             raise ValueError("decode steps on a pruned cache need a 2-D attention mask (or none)")
+        if mask is not None and not torch.compiler.is_compiling() and mask.shape[1] != int(done) + new:
+            raise ValueError(
+                f"attention_mask covers {mask.shape[1]} tokens but the cache holds {int(done)} (its "
+                f"prompt counted before pruning), plus {new} new"
+            )
+        tail = session.tail(mask, cache, batch, new)
         self._call = _Call(session=session, tail=tail)
         first = session.stages[0]
         if first.first_layer == 0:
@@ -350,10 +351,7 @@ class DecoderPruningHooks(LanguageModelHooks):
             if not isinstance(session, _Session):
                 return mask if kwargs.get("is_first_iteration") else original(**kwargs)
             embeds = kwargs["inputs_embeds"]
-            if mask is None:
-                done = int(cache.get_seq_length())
-                mask = session.stages[0].prefix_mask.new_ones(embeds.shape[0], done + embeds.shape[1])
-            tail = session.tail(mask)
+            tail = session.tail(mask, cache, *embeds.shape[:2])
             session.step_masks = {
                 stage.first_layer: internals.causal_mask(
                     text_config, embeds, stage.followed_by(tail), cache, stage.first_layer

@@ -127,12 +127,9 @@ class LlavaAdapter:
     def _find_images(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Mark the image placeholders of this call's prompt, for the language-model hooks (``None`` in a call
         without images: a decode step that generated the placeholder id is text)."""
-        self._language_model.pending_visual = None
-        if has_media_inputs(kwargs):
-            input_ids = args[0] if args else kwargs.get("input_ids")
-            self._language_model.pending_visual = placeholder_mask(
-                self.base, input_ids, kwargs.get("inputs_embeds"), self.image_token_id
-            )
+        images = has_media_inputs(kwargs)
+        placeholders = placeholder_mask(self.base, args, kwargs, self.image_token_id) if images else None
+        self._language_model.pending_visual = placeholders
 
     def _select_patches(self, module: nn.Module, args: tuple) -> tuple | None:
         """Before the projector: the patches the vision method kept (merging methods chose them already)."""

@@ -73,12 +73,9 @@ class LlavaNextAdapter:
 
     def _find_images(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Mark the image placeholders of this call, by id or by embedding (``None`` without images)."""
-        self.hooks.pending_visual = None
-        if has_media_inputs(kwargs):
-            input_ids = args[0] if args else kwargs.get("input_ids")
-            self.hooks.pending_visual = placeholder_mask(
-                self.base, input_ids, kwargs.get("inputs_embeds"), self.image_token_id
-            )
+        images = has_media_inputs(kwargs)
+        placeholders = placeholder_mask(self.base, args, kwargs, self.image_token_id) if images else None
+        self.hooks.pending_visual = placeholders
 
     def _drop_newlines(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Before the language model (registered ahead of the decoder hooks): number the placeholders by

@@ -120,11 +120,10 @@ class Qwen2VLAdapter:
         modalities = [modality for modality in self._modalities if has_media_inputs(kwargs, modality)]
         if not modalities:
             return
-        input_ids = args[0] if args else kwargs.get("input_ids")
         visual = None
         for modality in modalities:
             token = self.image_token_id if modality == "image" else self.video_token_id
-            found = placeholder_mask(self.base, input_ids, kwargs.get("inputs_embeds"), token)
+            found = placeholder_mask(self.base, args, kwargs, token)
             if visual is None:
                 visual = torch.zeros_like(found)
             if modality == "video" and self.frames_apart and bool(found.any()):
