@@ -8,15 +8,18 @@ silently inside a forward pass.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import masking_utils
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from tokenprune.kernels import gather_kv
 
@@ -327,3 +330,64 @@ class InstanceOverride:
     def remove(self) -> None:
         if self.name in vars(self.module):
             delattr(self.module, self.name)
+
+
+ROUTED_ATTENTION = "tokenprune_routed"  # the implementation name a routed attention module looks up
+
+
+def _routed_attention(module: nn.Module, *args, **kwargs):
+    return module._tokenprune_attention(module, *args, **kwargs)
+
+
+def eager_attention_function(attention: nn.Module) -> Callable:
+    """``eager_attention_forward`` of the modeling file that defines ``attention`` (what ``eager`` runs)."""
+    module = sys.modules[type(attention).__module__]
+    fn = getattr(module, "eager_attention_forward", None)
+    if fn is None:
+        raise InternalsMovedError(f"{module.__name__} no longer defines eager_attention_forward")
+    return fn
+
+
+class AttentionRoute:
+    """Sends one attention module's call of its attention function to
+    ``function(original, module, query, key, value, attention_mask, **kwargs)`` until :meth:`remove` (a
+    handle, like a hook's), where ``original`` is what the module called before (sdpa, eager, flash, ...).
+
+    A transformers attention module looks its function up by ``self.config._attn_implementation``; the module
+    gets a shallow copy of its config whose implementation names a function registered for routing. The
+    masks, built by the model from its own config, and every other module are unchanged. The original
+    function is called with the module's own config back (FlashAttention reads its kernel's name there).
+    """
+
+    def __init__(self, attention: nn.Module, function: Callable) -> None:
+        if "_tokenprune_attention" in vars(attention):
+            raise RuntimeError(f"this {type(attention).__name__}'s attention is already routed")
+        config = attention.config
+        name = config._attn_implementation
+        AttentionInterface.register(ROUTED_ATTENTION, _routed_attention)
+        self.original = ALL_ATTENTION_FUNCTIONS.get_interface(name, eager_attention_function(attention))
+        self.attention, self.config = attention, config
+        self.routed = copy.copy(config)
+        self.routed._attn_implementation_internal = ROUTED_ATTENTION
+        if self.routed._attn_implementation != ROUTED_ATTENTION:
+            raise InternalsMovedError(
+                "PretrainedConfig._attn_implementation no longer reads _attn_implementation_internal"
+            )
+        attention.config = self.routed
+        attention._tokenprune_attention = partial(function, self.call_original)
+
+    def call_original(self, module: nn.Module, *args, **kwargs):
+        """The module's own attention function on these arguments, with the module's own config back (in a
+        compiled graph, as it is: swapping a module's attribute there would recompile)."""
+        if torch.compiler.is_compiling():
+            return self.original(module, *args, **kwargs)
+        module.config = self.config
+        try:
+            return self.original(module, *args, **kwargs)
+        finally:
+            module.config = self.routed
+
+    def remove(self) -> None:
+        if vars(self.attention).get("_tokenprune_attention") is not None:
+            del self.attention._tokenprune_attention
+            self.attention.config = self.config

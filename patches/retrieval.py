@@ -2,13 +2,15 @@
 its query selects, while the cache keeps every entry.
 
 Shared by every family whose language model is a Llama-style decoder, like
-:mod:`tokenprune.patches.decoder`; the family module says where the images are. Per-instance hooks only:
+:mod:`tokenprune.patches.decoder`; the family module says where the images are. Per-instance hooks, and
+each decoder layer's attention routed through :meth:`DecodeRetrievalHooks._attend`:
 
 * on the language model (pre): at a prefill with images, remembers where the image tokens are, for the
   cache this forward fills; at a decode step on such a cache, starts the step.
-* on every layer (pre), at a decode step: the step's last query, from the layer's own projections and
-  RoPE, scores the cached keys; the method picks each image's visible tokens; the layer gets the mask
-  that hides the others (text and generated tokens stay visible).
+* in every layer's attention, at a decode step: the scores of the layer's own queries over the cached
+  keys (computed once, as eager attention does) rank each image's tokens by the last query's attention;
+  the method picks each image's visible tokens; the same scores, with the others hidden, give the
+  layer's output (text and generated tokens stay visible). Elsewhere the layer's own attention runs.
 * on the language model (post): keys the prompt by the returned cache; records the step's selections.
 
 Prefill runs unpruned, and per layer the cache holds ``prompt + generated`` entries as without a pruner.
@@ -18,14 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenprune.attention import query_attention
 from tokenprune.context import SelectionContext
 from tokenprune.sequence import VisualLayout, image_groups, keep_masks
 
@@ -51,6 +51,21 @@ class _Step:
     prompt: _Prompt
     mask: torch.Tensor  # [B, C + T] over the cache and the new tokens
     visible: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L]
+    _hidden: dict[tuple[int, int | None], torch.Tensor] = field(default_factory=dict)
+
+    def hidden(self, keys: int, new: int, window: int | None) -> torch.Tensor:
+        """``[B, 1, 1, T, keys]`` bool, True where one of the ``new`` tokens may not attend: padding, a later
+        new token, outside the sliding ``window`` if any, or a static cache's empty slot (its keys run on
+        past the tokens held). Built once per step for each shape, in the layout of the step's scores."""
+        if (keys, window) not in self._hidden:
+            mask = torch.nn.functional.pad(self.mask, (0, keys - self.mask.shape[1]))
+            columns = torch.arange(keys, device=mask.device)
+            rows = self.mask.shape[1] - new + torch.arange(new, device=mask.device)[:, None]
+            causal = columns <= rows
+            if window is not None:
+                causal &= columns > rows - window
+            self._hidden[keys, window] = ~(mask[:, None, :] & causal)[:, None, None]
+        return self._hidden[keys, window]
 
 
 class DecodeRetrievalHooks(LanguageModelHooks):
@@ -65,14 +80,12 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         """Register the hooks for ``pruner``, whose VLM is ``model``; returns their handles."""
         self._pruner = pruner
         lm = self.language_model
-        handles = [
+        return [
             lm.register_forward_pre_hook(self._before_language_model, with_kwargs=True),
             lm.register_forward_hook(self._after_language_model, with_kwargs=True, always_call=True),
             *self.generation_overrides(model),
+            *(internals.AttentionRoute(layer.self_attn, self._attend) for layer in self.layers),
         ]
-        for i, layer in enumerate(self.layers):
-            handles.append(layer.register_forward_pre_hook(partial(self._select, i), with_kwargs=True))
-        return handles
 
     def masks_for_generate(self, model: nn.Module) -> Callable:
         """A ``create_masks_for_generate`` that hands a step on a cache with images its 2-D mask (and a
@@ -141,38 +154,61 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         if step is not None and step.visible:
             self._pruner.record_decode_step(step.visible)
 
-    def _select(
-        self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict
-    ) -> tuple[tuple, dict] | None:
-        """At a decode step: mask the visual entries this layer's query does not select."""
+    def _attend(
+        self,
+        original: Callable,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One layer's attention. At a decode step on a cache with images: the new tokens' attention over
+        the cache (``key``/``value [B, H_kv, C', d]``, this step's entries in) with the visual entries this
+        layer's last query does not select hidden, as eager attention computes it; ``[B, T, H, d]`` and the
+        weights. Elsewhere the layer's ``original`` attention function on the same arguments."""
         step = self._step
         if step is None:
-            return None
-        hidden = internals.layer_hidden_states(args, kwargs)
-        cache = internals.cache_argument(kwargs)
+            return original(module, query, key, value, attention_mask, **kwargs)
+        batch, heads, new, head_dim = query.shape
+        kv_heads, keys = key.shape[1], key.shape[2]
+        groups = heads // kv_heads
+        scaling = kwargs.get("scaling") or head_dim**-0.5
+        # grouped queries share their key head: [B, H_kv, groups * T, C'] without repeating the cache
+        scores = torch.matmul(query.reshape(batch, kv_heads, groups * new, head_dim), key.transpose(2, 3))
+        scores = (scores * scaling).view(batch, kv_heads, groups, new, keys)
+        lowest = torch.finfo(scores.dtype).min
+        scores = scores.masked_fill(step.hidden(keys, new, kwargs.get("sliding_window")), lowest)
+        cached = step.mask.shape[1] - new
+        with self._pruner.timed_selection():
+            visible = self._visible(step, key, scores[:, :, :, -1, :cached])
+        step.visible[module.layer_idx] = visible
+        scores[..., : visible.shape[1]].masked_fill_(~visible[:, None, None, None], lowest)
+        weights = scores.view(batch, heads, new, keys).softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+        output = torch.matmul(weights.view(batch, kv_heads, groups * new, keys), value)
+        return output.view(batch, heads, new, head_dim).transpose(1, 2).contiguous(), weights
+
+    def _visible(self, step: _Step, key: torch.Tensor, last_scores: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` bool over the prompt: the tokens one layer's last query may see (text, and the visual
+        tokens the method keeps of each image), from that query's scores ``[B, H_kv, groups, C]`` over the
+        cached keys (masked where it may not attend)."""
+        pruner = self._pruner
         prompt = step.prompt
         length = prompt.visual.shape[1]
-        pruner = self._pruner
-        with pruner.timed_selection():
-            keys = internals.cached_keys(cache, layer_idx)  # this step's entries are not in yet
-            last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
-            query, _ = internals.project_queries_keys(module, hidden, kwargs["position_embeddings"], last)
-            cached = step.mask.shape[1] - hidden.shape[1]
-            # a static cache's keys run on past its rows, into slots no token holds yet
-            key_mask = torch.nn.functional.pad(step.mask[:, :cached], (0, keys.shape[2] - cached))
-            weights = query_attention(query, keys, key_mask, internals.attention_scaling(module))
-            selections = []
-            for layout in prompt.layouts:
-                ctx = SelectionContext(
-                    features=layout.take(keys.mean(dim=1)[:, :length]),
-                    grid=self.grid_for(layout.positions.shape[1]),
-                    image_index=layout.image_index,
-                    attention=layout.take(weights[:, :length]),
-                )
-                selections.append((layout, pruner.select(ctx, pruner.keep_per_image)))
-            visible = keep_masks(prompt.visual, selections)
-        step.visible[layer_idx] = visible
-        mask = step.mask.clone()
-        mask[:, :length] &= visible
-        attention_mask = internals.causal_mask(self.language_model.config, hidden, mask, cache, layer_idx)
-        return args, {**kwargs, "attention_mask": attention_mask}
+        # the ranking of the method: softmax over the cache, averaged over heads (the new tokens left out)
+        attention = last_scores.softmax(dim=-1, dtype=torch.float32).mean(dim=(1, 2))[:, :length]
+        keys = key[:, :, :length].mean(dim=1) if "keys" in pruner.config.spec.needs else None
+        selections = []
+        for layout in prompt.layouts:
+            # the kv stage has no hidden states of the prompt: features are its keys, or nothing
+            taken = None if keys is None else layout.take(keys)
+            ctx = SelectionContext(
+                features=attention.new_empty(*layout.positions.shape, 0) if taken is None else taken,
+                grid=self.grid_for(layout.positions.shape[1]),
+                image_index=layout.image_index,
+                keys=taken,
+                attention=layout.take(attention),
+            )
+            selections.append((layout, pruner.select(ctx, pruner.keep_per_image)))
+        return keep_masks(prompt.visual, selections)

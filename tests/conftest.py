@@ -55,10 +55,32 @@ def any_model(family, attn):
     assert not hasattr(m, "_tokenprune_pruner"), "test left a pruner on the shared model"
 
 
+class _OnGpu:
+    """A kernels module whose functions take and return CPU tensors but run compiled on the GPU, so that the
+    kernel tests compare the real kernels with the torch references unchanged."""
+
+    def __init__(self, module) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._module, name)
+
+        def on_gpu(*args, **kwargs):
+            moved = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.cuda(), (args, kwargs))
+            out = fn(*moved[0], **moved[1])
+            return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.cpu(), out)
+
+        return on_gpu
+
+
 @pytest.fixture(scope="module")
 def kernels():
     """The Triton kernels module under the Triton interpreter (``TRITON_INTERPRET=1`` before the kernels
-    are decorated), for the tests of one module; the dispatcher runs them on CPU tensors meanwhile."""
+    are decorated), for the tests of one module; the dispatcher runs them on CPU tensors meanwhile. With
+    ``TOKENPRUNE_KERNELS=cuda`` (on a GPU machine), the kernels compiled for the GPU instead."""
+    if os.environ.get("TOKENPRUNE_KERNELS") == "cuda":
+        yield _OnGpu(importlib.import_module("tokenprune.kernels.triton_kernels"))
+        return
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     sys.modules.pop("tokenprune.kernels.triton_kernels", None)  # decorate the kernels in interpreter mode

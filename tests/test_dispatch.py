@@ -62,3 +62,53 @@ def test_a_decode_step_on_a_pruned_cache_costs_about_an_unpruned_one(llava, meth
     with tp.pruned(llava, method, keep_ratio=0.25):
         pruned = decode_step_ops(llava, inputs)
     assert pruned <= 1.15 * unpruned, (pruned, unpruned)
+
+
+class CountDeviceReads(CountOps):
+    """Counts the reads of a tensor's value by the host in the block (``.count``): each is a host sync on a
+    GPU, which stalls the launches queued behind it."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_merging_tower_reads_the_device_once(llava):
+    """ToMe merges before every CLIP layer: no sync per merge (the selection timer uses CUDA events, and the
+    method's answer is checked at its first merge only)."""
+    pixels = tiny_inputs(llava, (1, 2, 1))["pixel_values"]
+    with tp.pruned(llava, "tome", keep_ratio=0.25), torch.no_grad(), CountDeviceReads() as reads:
+        llava.model.get_image_features(pixel_values=pixels)
+    assert reads.count == 1
+
+
+def decode_steps(model, inputs: dict, steps: int, counter: type[CountOps]) -> list[int]:
+    """What ``counter`` counts in each of the first ``steps`` decode steps after a cached prefill."""
+    counts = []
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        mask, positions = inputs["attention_mask"], inputs["position_ids"][:, -1:]
+        for _ in range(steps):
+            token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+            mask, positions = torch.cat([mask, torch.ones_like(token)], dim=1), positions + 1
+            step = {"input_ids": token, "attention_mask": mask, "position_ids": positions}
+            with counter() as count:
+                out = model(**step, **cache_kwarg(output_cache(out)))
+            counts.append(count.count)
+    return counts
+
+
+def test_a_kv_decode_step_costs_a_fixed_number_of_ops_per_layer(llava):
+    """SparseVILA selects in every layer of every step, from the scores the layer's attention computes
+    anyway: the same ops whatever the budget and the step, within 1.6x of an unpruned step (the ranking,
+    top-k and masking of each layer), and no device read of ours after the first step's checks."""
+    inputs = tiny_inputs(llava, (1, 2, 1))
+    unpruned = decode_steps(llava, inputs, 3, CountOps)
+    unpruned_reads = decode_steps(llava, inputs, 3, CountDeviceReads)  # transformers' mask code reads too
+    counts = []
+    for budget in (4, 40):
+        with tp.pruned(llava, "sparsevila", budget=budget):
+            counts.append(decode_steps(llava, inputs, 3, CountOps))
+            assert decode_steps(llava, inputs, 3, CountDeviceReads)[1:] == unpruned_reads[1:]
+    assert counts[0] == counts[1]
+    assert counts[0][1] == counts[0][2] and max(counts[0]) <= 1.6 * max(unpruned), (counts, unpruned)

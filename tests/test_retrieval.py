@@ -5,9 +5,10 @@ import pytest
 import torch
 from helpers import ATOL, cache_kwarg, greedy_with_logits, select_sample, tokenprune_hooks
 from transformers import DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 import tokenprune as tp
-from tokenprune.testing import tiny_inputs
+from tokenprune.testing import tiny_inputs, tiny_model
 
 RAGGED = (1, 2, 1)
 NEW_TOKENS = 4
@@ -132,7 +133,30 @@ def test_text_only_and_remove(model):
     greedy_with_logits(model, inputs, NEW_TOKENS)
     tp.remove_pruner(model)
     assert not tokenprune_hooks(model)
+    for layer in model.model.language_model.layers:  # each attention's own config and function again
+        assert layer.self_attn.config is model.config.text_config
+        assert not hasattr(layer.self_attn, "_tokenprune_attention")
     assert torch.equal(greedy_with_logits(model, inputs, NEW_TOKENS).sequences, expected.sequences)
+
+
+def test_an_attention_that_reads_its_name_off_the_config_sees_its_own():
+    """FlashAttention's function reads ``module.config._attn_implementation`` to pick its kernel: at a
+    prefill, routed through the kv hooks, it still reads its own name, and computes what it did before."""
+    seen = []
+
+    def reads_its_name(module, *args, **kwargs):
+        seen.append(module.config._attn_implementation)
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, *args, **kwargs)
+
+    AttentionInterface.register("name_reading_probe", reads_its_name)
+    model = tiny_model("llava", attn_implementation="name_reading_probe")
+    inputs = tiny_inputs(model, RAGGED)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        with tp.pruned(model, "sparsevila", keep_ratio=0.25):
+            got = model(**inputs).logits
+    assert torch.equal(got, expected)
+    assert set(seen) == {"name_reading_probe"}
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,11 @@ class SelectionContext:
     sees the ``protected`` CLS token first), ``keys`` are the key states of the output layer averaged
     over heads ``[I, N, d]``, and:
 
+    In the ``kv`` stage (a decode step, in each layer) ``attention`` is the step's last query's, over the
+    cached prompt; ``keys`` are the cached keys averaged over heads ``[I, N, d]``, and ``features`` the same
+    keys where the method declares ``needs=("keys",)``, else empty ``[I, N, 0]`` (the prompt's hidden states
+    are not kept, and reading the whole cache again in every layer and step would cost what it saves).
+
     Attributes:
         encoder_attention: by encoder layer (those the method's ``encoder_layers`` names), the attention
             each token receives there ``[I, N]``: from the CLS query where the encoder has one, else

@@ -16,6 +16,54 @@ from .context import Merged, SelectionContext
 _ATTRIBUTE = "_tokenprune_pruner"
 
 
+class SelectionTimer:
+    """The selection time of one forward (and, for a ``kv`` method, of its decode steps).
+
+    On a CPU, wall time. On a GPU, a pair of CUDA events around each selection, read only when the total
+    is asked for: timing never stalls the device (a synchronize around every selection would, and a
+    decode step of a ``kv`` method selects in every layer).
+    """
+
+    _PENDING_LIMIT = 1024  # event pairs kept unread before the finished ones are added up
+
+    def __init__(self) -> None:
+        self._ms = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextlib.contextmanager
+    def measure(self, device: torch.device) -> Iterator[None]:
+        """Add the enclosed work on ``device`` to the total."""
+        if device.type != "cuda":
+            start = time.perf_counter()
+            yield
+            self._ms += (time.perf_counter() - start) * 1e3
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._events.append((start, end))
+        if len(self._events) > self._PENDING_LIMIT:
+            self._add_up(wait=False)
+
+    def _add_up(self, wait: bool) -> None:
+        """Move the event pairs that have finished (all of them, waiting, if ``wait``) into the total."""
+        pending = []
+        for start, end in self._events:
+            if wait or end.query():
+                end.synchronize()
+                self._ms += start.elapsed_time(end)
+            else:
+                pending.append((start, end))
+        self._events = pending
+
+    @property
+    def ms(self) -> float:
+        """The total in milliseconds, once the timed work has finished."""
+        self._add_up(wait=True)
+        return self._ms
+
+
 @dataclass
 class PruneStats:
     """What the last prefill did.
@@ -25,7 +73,8 @@ class PruneStats:
         layer: decoder layer where tokens were dropped (0 = before the language model, and for ``vision``).
         visual_tokens: visual tokens in each sample's prompt.
         kept_tokens: visual tokens kept for each sample.
-        selection_ms: wall time of selection (scoring, top-k and layout), milliseconds.
+        selection_ms: time of selection (scoring, top-k and layout), milliseconds: wall time on a CPU,
+            CUDA events on a GPU (reading it waits for the selection to finish; timing never does).
         keep_mask: ``[B, L]`` bool over the original prompt, True for every token that reached the last
             pruning layer and the layers after it (``None`` for a text-only prompt).
         keep_masks: the same for every pruning layer of a schedule, by layer.
@@ -39,10 +88,14 @@ class PruneStats:
     layer: int
     visual_tokens: list[int] = field(default_factory=list)
     kept_tokens: list[int] = field(default_factory=list)
-    selection_ms: float = 0.0
+    timer: SelectionTimer = field(default_factory=SelectionTimer, repr=False)
     keep_mask: torch.Tensor | None = None
     keep_masks: dict[int, torch.Tensor] = field(default_factory=dict)
     decode_keep_masks: list[dict[int, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def selection_ms(self) -> float:
+        return self.timer.ms
 
     def as_dict(self) -> dict[str, object]:
         """The numbers, without the mask: for printing or JSON."""
@@ -74,7 +127,8 @@ class Pruner:
         else:
             self.keep_per_image = None
         self.stats: PruneStats | None = None
-        self._selection_ms = 0.0
+        self._timer = SelectionTimer()
+        self._values_checked: set[str] = set()
         self._handles = adapter.attach(self)
         setattr(model, _ATTRIBUTE, self)
 
@@ -96,41 +150,38 @@ class Pruner:
     # -- called by adapters ---------------------------------------------------------------------
 
     def begin_prefill(self) -> None:
-        """Start timing a new forward's selection work."""
-        self._selection_ms = 0.0
+        """Start timing (and checking) a new forward's selection work."""
+        self._timer = SelectionTimer()
+        self._values_checked = set()
 
     @contextlib.contextmanager
     def timed_selection(self) -> Iterator[None]:
-        """Add the enclosed selection work to this forward's time (synchronising the device so the time
-        is real). Not timed inside a compiled graph (a decode step of a ``kv`` method), which cannot wait
-        for the device."""
-        if torch.compiler.is_compiling():
-            with torch.no_grad():
-                yield
-            return
-        device = next(self.model.parameters()).device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        """Add the enclosed selection work to this forward's selection time (see :class:`SelectionTimer`).
+        Not timed inside a compiled graph (a decode step of a ``kv`` method), which cannot record events."""
         with torch.no_grad():
-            yield
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self._selection_ms += (time.perf_counter() - start) * 1e3
+            if torch.compiler.is_compiling():
+                yield
+                return
+            with self._timer.measure(next(self.model.parameters()).device):
+                yield
 
     def select(self, ctx: SelectionContext, keep: int) -> torch.Tensor:
         """Keep indices ``[I, keep]`` for the images in ``ctx``, from the decoder-stage method."""
         return self.select_with(self.config, ctx, keep)
 
-    @staticmethod
-    def select_with(config: PrunerConfig, ctx: SelectionContext, keep: int) -> torch.Tensor | Merged:
-        """What ``config``'s method keeps (or merges) of the images in ``ctx``."""
-        return config.spec.select(ctx, keep, config.options)
+    def select_with(self, config: PrunerConfig, ctx: SelectionContext, keep: int) -> torch.Tensor | Merged:
+        """What ``config``'s method keeps (or merges) of the images in ``ctx``. The answer's values are
+        checked at the method's first selection of each forward (or of a ``kv`` method's decode steps) only:
+        a check reads the device, and a merging tower or a decode step selects in every layer."""
+        check = not torch.compiler.is_compiling() and config.method not in self._values_checked
+        if check:
+            self._values_checked.add(config.method)
+        return config.spec.select(ctx, keep, config.options, check_values=check)
 
     def record_encoder(self, visual: list[int], kept: list[int]) -> None:
         """Record the vision stage of the current forward (a VLM's decoder stages then add to it)."""
         self.stats = PruneStats(
-            stage="vision", layer=0, visual_tokens=visual, kept_tokens=kept, selection_ms=self._selection_ms
+            stage="vision", layer=0, visual_tokens=visual, kept_tokens=kept, timer=self._timer
         )
 
     def record_prefill(self, visual: list[int], kept: list[int], keep_masks: dict[int, torch.Tensor]) -> None:
@@ -140,20 +191,21 @@ class Pruner:
             layer=self.config.acting_layer,
             visual_tokens=visual,
             kept_tokens=kept,
-            selection_ms=self._selection_ms,
+            timer=self._timer,
             keep_mask=keep_masks[max(keep_masks)],
             keep_masks=keep_masks,
         )
 
     def record_decode_prompt(self, visual: list[int], attended: list[int]) -> None:
         """Record the unpruned prefill of a ``kv`` method: visual tokens, and those each step attends to."""
-        self.stats = PruneStats(stage=self.config.stage, layer=0, visual_tokens=visual, kept_tokens=attended)
+        self.stats = PruneStats(
+            stage=self.config.stage, layer=0, visual_tokens=visual, kept_tokens=attended, timer=self._timer
+        )
 
     def record_decode_step(self, visible: dict[int, torch.Tensor]) -> None:
         """Record one decode step of a ``kv`` method: the prompt tokens each layer attended to."""
         if self.stats is not None:
             self.stats.decode_keep_masks.append(visible)
-            self.stats.selection_ms = self._selection_ms
 
     def record_text_only(self, batch_size: int) -> None:
         self.stats = PruneStats(
