@@ -62,6 +62,19 @@ def cache_length(cache: Any, layer_idx: int) -> int:
     return 0 if cache is None else int(type(cache).get_seq_length(cache, layer_idx))
 
 
+def cache_fill(cache: Any, layer_idx: int) -> int | torch.Tensor:
+    """Rows held by layer ``layer_idx`` of a cache as the cache counts them, without reading the device: an
+    int for a dynamic cache, the 0-d device tensor a static one keeps (which its next update advances in
+    place; a compiled step reads it without recompiling as it grows)."""
+    return type(cache).get_seq_length(cache, layer_idx)
+
+
+def cache_capacity(cache: Any, layer_idx: int) -> int | None:
+    """The slots of layer ``layer_idx`` of a static cache (its keys run past the rows held), or ``None``."""
+    layer = _cache_layer(cache, layer_idx)
+    return layer.max_cache_len if isinstance(layer, StaticLayer) else None
+
+
 #: The attribute of a cache that holds what a pruner recorded about the prompt in it.
 _CACHE_RECORD = "_tokenprune_prompt"
 

@@ -46,24 +46,26 @@ class _Prompt:
 
 @dataclass
 class _Step:
-    """One decode step on a cache with images: its 2-D mask and each layer's visible prompt tokens."""
+    """One decode step on a cache with images: where its new tokens go, and each layer's visible prompt
+    tokens."""
 
     prompt: _Prompt
-    mask: torch.Tensor  # [B, C + T] over the cache and the new tokens
+    mask: torch.Tensor  # [B, M] bool over the cache's slots: M = rows held + new tokens, or a static capacity
+    rows: torch.Tensor  # [T] the cache slot of each new token
     visible: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L]
     _hidden: dict[tuple[int, int | None], torch.Tensor] = field(default_factory=dict)
 
-    def hidden(self, keys: int, new: int, window: int | None) -> torch.Tensor:
-        """``[B, 1, 1, T, keys]`` bool, True where one of the ``new`` tokens may not attend: padding, a later
-        new token, outside the sliding ``window`` if any, or a static cache's empty slot (its keys run on
-        past the tokens held). Built once per step for each shape, in the layout of the step's scores."""
+    def hidden(self, keys: int, window: int | None) -> torch.Tensor:
+        """``[B, 1, 1, T, keys]`` bool, True where a new token may not attend: padding, a later new token or
+        an empty slot of a static cache, and outside the sliding ``window`` if any. Built once per step for
+        each shape, in the layout of the step's scores; no shape depends on the step's length (a compiled
+        step on a static cache is one graph)."""
         if (keys, window) not in self._hidden:
             mask = torch.nn.functional.pad(self.mask, (0, keys - self.mask.shape[1]))
             columns = torch.arange(keys, device=mask.device)
-            rows = self.mask.shape[1] - new + torch.arange(new, device=mask.device)[:, None]
-            causal = columns <= rows
+            causal = columns <= self.rows[:, None]
             if window is not None:
-                causal &= columns > rows - window
+                causal &= columns > self.rows[:, None] - window
             self._hidden[keys, window] = ~(mask[:, None, :] & causal)[:, None, None]
         return self._hidden[keys, window]
 
@@ -94,9 +96,15 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         original = internals.mask_for_generate_function(model)
 
         def create_masks_for_generate(**kwargs):  # generate passes every argument by keyword
-            prompt = internals.cache_record(internals.cache_argument(kwargs))
-            if isinstance(prompt, _Prompt) or kwargs.get("is_first_iteration"):
-                return kwargs.get("attention_mask")
+            cache = internals.cache_argument(kwargs)
+            mask = kwargs.get("attention_mask")
+            if isinstance(internals.cache_record(cache), _Prompt) and mask is not None:
+                capacity = internals.cache_capacity(cache, 0)  # a static cache: one shape for every step
+                return (
+                    mask if capacity is None else torch.nn.functional.pad(mask, (0, capacity - mask.shape[1]))
+                )
+            if kwargs.get("is_first_iteration"):
+                return mask
             return original(**kwargs)
 
         return create_masks_for_generate
@@ -110,7 +118,9 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         if isinstance(prompt, _Prompt):
             if has_images:
                 raise ValueError("cannot add images to a cache whose decode steps select visual tokens")
-            self._step = _Step(prompt, self._step_mask(kwargs, cache, prompt))
+            new = kwargs["inputs_embeds"].shape[1]
+            rows = internals.cache_fill(cache, 0) + torch.arange(new, device=prompt.visual.device)
+            self._step = _Step(prompt, self._step_mask(kwargs, cache, prompt), rows)
             return
         if not has_images:
             if not torch.compiler.is_compiling():
@@ -129,15 +139,17 @@ class DecodeRetrievalHooks(LanguageModelHooks):
 
     @staticmethod
     def _step_mask(kwargs: dict, cache: Any, prompt: _Prompt) -> torch.Tensor:
-        """The 2-D mask ``[B, C + T]`` of a decode step over the cache and its new tokens."""
-        embeds = kwargs.get("inputs_embeds")
-        batch, new = embeds.shape[:2]
+        """The 2-D mask ``[B, M]`` of a decode step over the cache's slots: the cached and new tokens, or
+        every slot of a static cache (as :meth:`masks_for_generate` pads it)."""
+        batch, new = kwargs["inputs_embeds"].shape[:2]
         mask = kwargs.get("attention_mask")
+        capacity = internals.cache_capacity(cache, 0)
         if mask is None:
-            return prompt.visual.new_ones(batch, internals.cache_length(cache, 0) + new)
+            return prompt.visual.new_ones(batch, capacity or internals.cache_length(cache, 0) + new)
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             raise ValueError("decode steps need a 2-D attention mask over the cached and new tokens, or none")
-        if not torch.compiler.is_compiling() and mask.shape[1] != internals.cache_length(cache, 0) + new:
+        checked = torch.compiler.is_compiling() or mask.shape[1] == capacity  # no reading a static length
+        if not checked and mask.shape[1] != internals.cache_length(cache, 0) + new:
             raise ValueError(
                 f"decode steps need a 2-D attention mask over the {internals.cache_length(cache, 0)} cached "
                 f"and {new} new tokens (or none), not over {mask.shape[1]}"
@@ -151,7 +163,7 @@ class DecodeRetrievalHooks(LanguageModelHooks):
             cache = internals.output_cache(output)
             if cache is not None:
                 internals.mark_pruned_cache(cache, prompt, [0] * self.num_layers)
-        if step is not None and step.visible:
+        if step is not None and step.visible and not torch.compiler.is_compiling():  # a list grows: a guard
             self._pruner.record_decode_step(step.visible)
 
     def _attend(
@@ -179,10 +191,9 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         scores = torch.matmul(query.reshape(batch, kv_heads, groups * new, head_dim), key.transpose(2, 3))
         scores = (scores * scaling).view(batch, kv_heads, groups, new, keys)
         lowest = torch.finfo(scores.dtype).min
-        scores = scores.masked_fill(step.hidden(keys, new, kwargs.get("sliding_window")), lowest)
-        cached = step.mask.shape[1] - new
+        scores = scores.masked_fill(step.hidden(keys, kwargs.get("sliding_window")), lowest)
         with self._pruner.timed_selection():
-            visible = self._visible(step, key, scores[:, :, :, -1, :cached])
+            visible = self._visible(step, key, scores[:, :, :, -1])
         step.visible[module.layer_idx] = visible
         scores[..., : visible.shape[1]].masked_fill_(~visible[:, None, None, None], lowest)
         weights = scores.view(batch, heads, new, keys).softmax(dim=-1, dtype=torch.float32).to(query.dtype)
@@ -192,11 +203,11 @@ class DecodeRetrievalHooks(LanguageModelHooks):
     def _visible(self, step: _Step, key: torch.Tensor, last_scores: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` bool over the prompt: the tokens one layer's last query may see (text, and the visual
         tokens the method keeps of each image), from that query's scores ``[B, H_kv, groups, C]`` over the
-        cached keys (masked where it may not attend)."""
+        cache, its own entry included (masked where it may not attend)."""
         pruner = self._pruner
         prompt = step.prompt
         length = prompt.visual.shape[1]
-        # the ranking of the method: softmax over the cache, averaged over heads (the new tokens left out)
+        # what the method ranks by: the query's attention row, averaged over heads
         attention = last_scores.softmax(dim=-1, dtype=torch.float32).mean(dim=(1, 2))[:, :length]
         keys = key[:, :, :length].mean(dim=1) if "keys" in pruner.config.spec.needs else None
         selections = []

@@ -114,7 +114,13 @@ def test_a_reset_cache_takes_a_new_prompt(method):
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
-COMPILED = [("divprune", {}), ("fastv", {}), ("dart", {"drop_early_kv": True}), ("tome", {})]
+COMPILED = [
+    ("divprune", {}),
+    ("fastv", {}),
+    ("dart", {"drop_early_kv": True}),
+    ("tome", {}),
+    ("sparsevila", {}),
+]
 
 
 @pytest.mark.parametrize(("method", "options"), COMPILED, ids=[m + "-".join(o) for m, o in COMPILED])

@@ -81,7 +81,7 @@ class PruneStats:
         decode_keep_masks: for a ``kv`` method, one entry per decode step since the prefill: by decoder
             layer, ``[B, L]`` bool over the prompt, True for the tokens that step's query attended to.
             ``kept_tokens`` then counts the visual tokens each step attends to, and ``selection_ms``
-            adds up the selections of every step.
+            adds up the selections of every step (steps run compiled are neither recorded nor timed).
     """
 
     stage: str
