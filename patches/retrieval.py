@@ -90,19 +90,19 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         ]
 
     def masks_for_generate(self, model: nn.Module) -> Callable:
-        """A ``create_masks_for_generate`` that hands a step on a cache with images its 2-D mask (and a
-        prefill too): each layer's mask hides what that layer's query does not select, so it is built per
-        layer from the 2-D one. Elsewhere the model's own function."""
+        """A ``create_masks_for_generate`` that hands a step on a cache with images its 2-D mask (or none),
+        padded to a static cache's slots, and a prefill its 2-D mask: each layer's attention hides what that
+        layer's query does not select, from the 2-D mask. Elsewhere the model's own function."""
         original = internals.mask_for_generate_function(model)
 
         def create_masks_for_generate(**kwargs):  # generate passes every argument by keyword
             cache = internals.cache_argument(kwargs)
             mask = kwargs.get("attention_mask")
-            if isinstance(internals.cache_record(cache), _Prompt) and mask is not None:
+            if isinstance(internals.cache_record(cache), _Prompt):
                 capacity = internals.cache_capacity(cache, 0)  # a static cache: one shape for every step
-                return (
-                    mask if capacity is None else torch.nn.functional.pad(mask, (0, capacity - mask.shape[1]))
-                )
+                if mask is None or capacity is None:
+                    return mask
+                return torch.nn.functional.pad(mask, (0, capacity - mask.shape[1]))
             if kwargs.get("is_first_iteration"):
                 return mask
             return original(**kwargs)

@@ -171,3 +171,15 @@ def test_bad_kv_config(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         tp.apply_pruner(model, "sparsevila", **kwargs)
     assert not tokenprune_hooks(model)
+
+
+def test_a_static_cache_without_an_attention_mask_decodes_as_a_dynamic_one(model):
+    """``generate`` with no mask (an unpadded prompt): each step's mask covers the static cache's slots."""
+    unpadded = tiny_inputs(model, (2,))
+    inputs = {k: v for k, v in unpadded.items() if k not in ("attention_mask", "position_ids")}
+    with tp.pruned(model, "sparsevila", keep_ratio=0.25), torch.no_grad():
+        dynamic = greedy_with_logits(model, inputs)
+        static = greedy_with_logits(model, inputs, cache_implementation="static")
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for s, d in zip(static.logits, dynamic.logits, strict=True):
+        torch.testing.assert_close(s, d, atol=ATOL, rtol=0)

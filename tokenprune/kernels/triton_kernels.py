@@ -270,7 +270,7 @@ def _greedy_select_kernel(
     cols = tl.arange(0, BLOCK)
     inside = cols < num_tokens
     matrix = matrix_ptr + image * num_tokens * num_tokens
-    pick = tl.load(first_ptr + image)
+    pick = tl.load(first_ptr + image).to(tl.int32)  # as the argmax below
     tl.store(out_ptr + image * keep, pick)
     selected = cols == pick
     running = tl.load(matrix + pick * num_tokens + cols, mask=inside, other=0.0)
