@@ -234,12 +234,13 @@ def with_layer_hidden_states(args: tuple, kwargs: dict[str, Any], hidden: torch.
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def rotary_function(attention: nn.Module) -> Callable:
-    """``apply_rotary_pos_emb(q, k, cos, sin)`` of the modeling file that defines ``attention``."""
+def modeling_function(attention: nn.Module, name: str) -> Callable:
+    """Function ``name`` of the modeling file that defines ``attention``: ``apply_rotary_pos_emb(q, k, cos,
+    sin)``, or ``eager_attention_forward`` (what the ``eager`` implementation runs)."""
     module = sys.modules[type(attention).__module__]
-    fn = getattr(module, "apply_rotary_pos_emb", None)
+    fn = getattr(module, name, None)
     if fn is None:
-        raise InternalsMovedError(f"{module.__name__} no longer defines apply_rotary_pos_emb")
+        raise InternalsMovedError(f"{module.__name__} no longer defines {name}")
     return fn
 
 
@@ -266,7 +267,7 @@ def project_queries_keys(
     batch, length = hidden.shape[:2]
     keys = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
     cos, sin = (t.expand(batch, *t.shape[1:]) for t in position_embeddings)
-    rotate = rotary_function(attn)
+    rotate = modeling_function(attn, "apply_rotary_pos_emb")
     if query_rows is None:
         _, keys = rotate(keys, keys, cos, sin)
         return None, keys
@@ -322,7 +323,10 @@ def check_decoder_internals(language_model: nn.Module) -> None:
     for attr in ("head_dim", "scaling"):
         if not hasattr(layer.self_attn, attr):
             raise InternalsMovedError(f"{type(layer.self_attn).__name__} has no {attr!r}")
-    rotary_function(layer.self_attn)
+    for name in ("apply_rotary_pos_emb", "eager_attention_forward"):
+        modeling_function(layer.self_attn, name)
+    if "_attn_implementation_internal" not in vars(layer.self_attn.config):
+        raise InternalsMovedError("PretrainedConfig no longer keeps _attn_implementation_internal")
     layer_params = inspect.signature(type(layer).forward).parameters
     for name in ("hidden_states", "attention_mask", "position_ids", "position_embeddings"):
         if name not in layer_params:
@@ -352,15 +356,6 @@ def _routed_attention(module: nn.Module, *args, **kwargs):
     return module._tokenprune_attention(module, *args, **kwargs)
 
 
-def eager_attention_function(attention: nn.Module) -> Callable:
-    """``eager_attention_forward`` of the modeling file that defines ``attention`` (what ``eager`` runs)."""
-    module = sys.modules[type(attention).__module__]
-    fn = getattr(module, "eager_attention_forward", None)
-    if fn is None:
-        raise InternalsMovedError(f"{module.__name__} no longer defines eager_attention_forward")
-    return fn
-
-
 class AttentionRoute:
     """Sends one attention module's call of its attention function to
     ``function(original, module, query, key, value, attention_mask, **kwargs)`` until :meth:`remove` (a
@@ -378,7 +373,9 @@ class AttentionRoute:
         config = attention.config
         name = config._attn_implementation
         AttentionInterface.register(ROUTED_ATTENTION, _routed_attention)
-        self.original = ALL_ATTENTION_FUNCTIONS.get_interface(name, eager_attention_function(attention))
+        self.original = ALL_ATTENTION_FUNCTIONS.get_interface(
+            name, modeling_function(attention, "eager_attention_forward")
+        )
         self.attention, self.config = attention, config
         self.routed = copy.copy(config)
         self.routed._attn_implementation_internal = ROUTED_ATTENTION

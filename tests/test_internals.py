@@ -30,13 +30,17 @@ def test_a_moved_internal_is_named(break_it, named):
         adapter_for(model)
 
 
-def test_moved_rotary_function_is_named(monkeypatch):
+@pytest.mark.parametrize(
+    ("name", "method"), [("apply_rotary_pos_emb", "fastv"), ("eager_attention_forward", "sparsevila")]
+)
+def test_a_moved_modeling_function_is_named_before_any_hook(monkeypatch, name, method):
     model = tiny_model()
-    module = __import__(type(model.model.language_model.layers[0].self_attn).__module__, fromlist=["x"])
-    monkeypatch.delattr(module, "apply_rotary_pos_emb")
-    with pytest.raises(internals.InternalsMovedError, match="apply_rotary_pos_emb"):
-        tp.apply_pruner(model, "fastv", keep_ratio=0.5)
-    assert not hasattr(model, "_tokenprune_pruner")
+    attention = model.model.language_model.layers[0].self_attn
+    module = __import__(type(attention).__module__, fromlist=["x"])
+    monkeypatch.delattr(module, name)
+    with pytest.raises(internals.InternalsMovedError, match=name):
+        tp.apply_pruner(model, method, keep_ratio=0.5)
+    assert not hasattr(model, "_tokenprune_pruner") and attention.config is model.config.text_config
 
 
 def test_recomputed_attention_row_equals_eager_weights():
