@@ -205,7 +205,8 @@ class EncoderPruningHooks:
     def reduce(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Select (or merge) the output layer's patch tokens ``features [I, N, D]`` of this forward.
 
-        Returns the kept patches ``index [I, k]`` (sorted) and their tokens ``[I, k, D]``.
+        Returns the kept patches ``index [I, k]`` (sorted, or in a merge's layout) and their tokens
+        ``[I, k, D]``.
         """
         call, self._call = self._call, None
         config, spec = self._config, self._config.spec

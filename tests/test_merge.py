@@ -22,17 +22,28 @@ def vision_context(images=2, rows=6, cols=8, dim=16, layers=(2, 5), seed=0, prot
 
 
 @pytest.mark.parametrize("protected", [0, 1])
-@pytest.mark.parametrize("r", [0, 1, 9, 24])
-def test_bipartite_matching_keeps_order_and_protected_tokens(protected, r):
+@pytest.mark.parametrize("r", [1, 9, 24])
+def test_bipartite_matching_lays_tokens_out_as_tome_and_keeps_protected_ones(protected, r):
+    """Slots: the unmerged sources (even positions; in order where a token is protected), then every
+    destination (odd positions) in order; each token's slot is its own or its destination's."""
     metric = torch.randn(3, 49, 8, generator=torch.Generator().manual_seed(r))
     r = min(r, max_merges(49, protected))
     dest, kept = bipartite_soft_matching(metric, r, protected)
+    unmerged = 25 - r
     assert kept.shape == (3, 49 - r)
-    assert bool((kept.diff(dim=1) > 0).all())  # survivors in their original order
+    assert bool((kept[:, :unmerged] % 2 == 0).all())
+    assert torch.equal(kept[:, unmerged:], torch.arange(1, 49, 2).expand(3, -1))
+    assert bool((kept[:, :unmerged].diff(dim=1) > 0).all()) == bool(protected) or unmerged == 1
     assert torch.equal(torch.gather(dest, 1, kept), torch.arange(49 - r).expand(3, -1))
     assert torch.equal(dest[:, :protected], torch.zeros(3, protected, dtype=torch.long))
     merged_away = torch.ones(3, 49, dtype=torch.bool).scatter_(1, kept, False)
-    assert bool((merged_away.nonzero()[:, 1] % 2 == 0).all())  # only sources (even positions) merge
+    assert bool((merged_away.nonzero()[:, 1] % 2 == 0).all())  # only sources merge
+    assert bool((dest[merged_away] >= unmerged).all())  # into destinations
+
+
+def test_bipartite_matching_without_merges_is_the_identity():
+    dest, kept = bipartite_soft_matching(torch.randn(2, 9, 4), 0, protected=1)
+    assert torch.equal(dest, torch.arange(9).expand(2, -1)) and torch.equal(kept, dest)
 
 
 def test_bipartite_matching_merges_a_token_into_its_copy():

@@ -64,10 +64,11 @@ class SelectionContext:
 
 @dataclass
 class Merged:
-    """A merging method's answer: ``index [I, k]`` sorted tokens that stay, each now standing for a merge.
+    """A merging method's answer: ``index [I, k]`` the tokens that stay, each now standing for a merge.
 
     Attributes:
-        index: the token whose place (and position) each output token takes ``[I, k]``.
+        index: the token whose place (and position) each output token takes ``[I, k]``, unique, in the
+            method's layout (ToMe's: not sorted).
         features: the output tokens ``[I, k, D]``.
         sizes: how many patches each output token stands for ``[I, k]``.
     """

@@ -18,18 +18,21 @@ def max_merges(num_tokens: int, protected: int) -> int:
 def bipartite_soft_matching(
     metric: torch.Tensor, r: int, protected: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where each token goes when ``r`` tokens are merged away.
+    """Where each token goes when ``r`` tokens are merged away, laid out as ToMe lays them out.
 
     Returns ``dest [B, n]``, each token's slot in ``[0, n - r)``, and ``kept [B, n - r]``, the token
-    that survives in each slot (the others were merged into it).
+    whose place each slot takes (the others were merged into it).
 
     Tokens alternate between a source set (even positions) and a destination set (odd positions); each
     source token finds its most similar destination by cosine similarity of ``metric [B, n, C]`` (ToMe
     uses the attention keys, averaged over heads), and the ``r`` sources with the most similar match
     are merged into it. The first ``protected`` tokens (a CLS token) are never merged.
 
-    Survivors keep their relative order, so ``dest`` is non-decreasing over the survivors: the merged
-    sequence stays in the original token order and a protected first token stays first.
+    The slots are ToMe's layout (``merge`` of facebookresearch/ToMe's ``tome/merge.py``): first the
+    unmerged sources, then every destination in its order. The unmerged sources are in their order where
+    a token is protected (so a CLS token stays first), else in the order of their best match, most similar
+    first. The next step's alternating split runs over this layout, so a schedule of steps pairs the
+    tokens ToMe pairs.
     """
     batch, n, _ = metric.shape
     if r == 0:
@@ -41,15 +44,19 @@ def bipartite_soft_matching(
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)  # [B, n_src, n_dst]
     scores[:, :protected] = float("-inf")
     best, match = scores.max(dim=-1)
-    merged_src = best.argsort(dim=-1, descending=True)[:, :r]  # source rows merged away
-    src_pos = 2 * merged_src
-    dst_pos = 2 * torch.gather(match, 1, merged_src) + 1
-    survives = torch.ones(batch, n, dtype=torch.bool, device=metric.device)
-    survives.scatter_(1, src_pos, False)
-    rank = survives.cumsum(dim=1) - 1
-    dest = rank.scatter(1, src_pos, torch.gather(rank, 1, dst_pos))
-    # the survivors' positions in order, by a stable sort (boolean indexing would read the device)
-    kept = torch.sort(survives.to(torch.int8), dim=1, descending=True, stable=True).indices[:, : n - r]
+    order = best.argsort(dim=-1, descending=True)
+    merged_src, unmerged_src = order[:, :r], order[:, r:]  # source rows merged away, and the others
+    if protected:
+        unmerged_src = unmerged_src.sort(dim=-1).values
+    unmerged, n_dst = unmerged_src.shape[1], n // 2
+    slots = torch.arange(max(unmerged, n_dst), device=metric.device).expand(batch, -1)
+    src_slot = torch.empty_like(best, dtype=torch.long)
+    src_slot.scatter_(1, unmerged_src, slots[:, :unmerged])
+    src_slot.scatter_(1, merged_src, unmerged + torch.gather(match, 1, merged_src))
+    dest = torch.stack([src_slot[:, :n_dst], unmerged + slots[:, :n_dst]], dim=2).flatten(1)
+    if n % 2:
+        dest = torch.cat([dest, src_slot[:, -1:]], dim=1)
+    kept = torch.cat([2 * unmerged_src, 2 * slots[:, :n_dst] + 1], dim=1)
     return dest, kept
 
 

@@ -60,8 +60,8 @@ class MethodSpec:
         self, ctx: SelectionContext, keep: int, options: dict[str, object], check_values: bool = True
     ) -> torch.Tensor | Merged:
         """Run the method and check its contract: indices ``[I, keep]``, alone or in a :class:`Merged` whose
-        features and sizes match them; and, if ``check_values``, sorted, unique and in range (a read of the
-        device: a host sync on a GPU)."""
+        features and sizes match them; and, if ``check_values``, unique, in range and sorted (a merge's in
+        the layout of its choice) (a read of the device: a host sync on a GPU)."""
         result = self.fn(ctx, keep, **options)
         index = result.index if isinstance(result, Merged) else result
         num_images, num_tokens = ctx.features.shape[:2]
@@ -76,11 +76,14 @@ class MethodSpec:
         if not check_values or torch.compiler.is_compiling():  # no reading the device in a compiled graph
             return result
         # one read of the device for the whole contract (a host sync on a GPU); which part broke, after
+        if isinstance(result, Merged):
+            index = index.sort(dim=1).values
         in_order = (index[:, 1:] > index[:, :-1]).all()
         in_range = (index[:, 0] >= 0).all() & (index[:, -1] < num_tokens).all()
         if not bool(in_order & in_range):
             if not bool(in_order):
-                raise RuntimeError(f"method {self.name!r} must return sorted, unique indices")
+                sorted_ = "" if isinstance(result, Merged) else "sorted, "
+                raise RuntimeError(f"method {self.name!r} must return {sorted_}unique indices")
             raise RuntimeError(f"method {self.name!r} returned indices outside [0, {num_tokens})")
         return result
 

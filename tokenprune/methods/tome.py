@@ -24,9 +24,15 @@ def tome(ctx: SelectionContext, keep: int, *, r: int | None = None, proportional
     used, merging ``r`` tokens per step (ToMe's constant schedule) or, without ``r``, as evenly as needed
     to end at ``keep_ratio``/``budget``. With ``proportional`` (ToMe's proportional attention) every later
     attention adds ``log(size)`` to each key's logits, so a merged token weighs as the patches it stands
-    for. A CLS token is never merged. Deviation: ToMe merges inside each layer, between attention and
-    MLP, with that layer's keys; here the merge happens after the MLP (the same matching, half a layer
-    later), so that only the layer inputs are touched.
+    for. A CLS token is never merged. The merged tokens are laid out as ToMe lays them out (unmerged
+    sources, then destinations; see :func:`~tokenprune.merge.bipartite_soft_matching`), so every step pairs
+    the tokens ToMe's would on the same inputs; a VLM's language model gets them back in patch order, each
+    in its first patch's place, and a standalone encoder returns them in ToMe's layout.
+
+    Deviations: ToMe merges inside each layer, between attention and MLP, with that layer's keys; here
+    the merge happens after the MLP (the same matching, half a layer later), so that only the layer inputs
+    are touched. The step's merged tokens are averaged in float32 (one kernel on a GPU) rather than in the
+    model's dtype.
     """
     num_tokens = ctx.features.shape[1]
     dest, kept = bipartite_soft_matching(ctx.require("keys"), num_tokens - keep, ctx.protected)
