@@ -25,7 +25,8 @@ def dart(ctx: SelectionContext, keep: int, *, pivots: int = 8) -> torch.Tensor:
     tokens, so each pivot's share of the budget is the same. (2) Similarity is on the hidden states
     entering layer K; the reference first applies the model's final RMSNorm. (3) Shares are sized so that
     exactly ``keep`` tokens survive (the reference keeps a few more, e.g. 132 for a budget of 128).
-    (4) Pivots are visited in order of position, deterministic where the reference's set order is not.
+    (4) Pivots are visited in order of position; the reference visits them in the order of a Python set
+    of their indices (deterministic: by index modulo the set's table size, neither by position nor norm).
     At ``layer=0`` the keys are layer 0's projections of the input embeddings.
     """
     features = ctx.features
