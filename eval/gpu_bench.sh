@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The prepared GPU benchmark: one run on one H100, in three parts, each written as soon as it ends (a run cut
-# short keeps the parts before; a part that fails does not stop the next, and the run then exits non-zero).
+# The prepared GPU benchmark: one run on one H100 (5.5 minutes the first time, its compiled part cut
+# short), in three parts, each written as soon as it ends (a run cut short keeps the parts before; a part
+# that fails does not stop the next, and the run then exits non-zero).
 # The LLaVA-1.5-7B architecture with random weights, bf16, sdpa:
 #   1. eval/results/gpu-h100: batch 8, 64 and 144 of the 576 image tokens kept, every registered method,
 #      prefill (with its kernel launches) and decode;
