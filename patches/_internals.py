@@ -365,6 +365,8 @@ class AttentionRoute:
     gets a shallow copy of its config whose implementation names a function registered for routing. The
     masks, built by the model from its own config, and every other module are unchanged. The original
     function is called with the module's own config back (FlashAttention reads its kernel's name there).
+    The copy is taken when routing starts: a later ``set_attn_implementation`` reaches the module once the
+    route is removed.
     """
 
     def __init__(self, attention: nn.Module, function: Callable) -> None:
