@@ -133,12 +133,6 @@ def _cache_layer(cache: Any, layer_idx: int) -> Any:
     return layer
 
 
-def cached_keys(cache: Any, layer_idx: int) -> torch.Tensor:
-    """The keys ``[B, H_kv, C, d]`` (RoPE applied) that layer ``layer_idx`` of a cache holds: its rows for a
-    dynamic cache, every slot (``C`` = the capacity, the slots after its rows unused) for a static one."""
-    return _cache_layer(cache, layer_idx).keys
-
-
 def cache_nbytes(cache: Any) -> int:
     """Bytes of the keys and values a cache holds, over all its layers."""
     layers = getattr(cache, "layers", None)
