@@ -127,8 +127,7 @@ class Pruner:
         else:
             self.keep_per_image = None
         self.stats: PruneStats | None = None
-        self._timer = SelectionTimer()
-        self._values_checked: set[str] = set()
+        self.begin_prefill()
         self._handles = adapter.attach(self)
         setattr(model, _ATTRIBUTE, self)
 
@@ -152,7 +151,7 @@ class Pruner:
     def begin_prefill(self) -> None:
         """Start timing (and checking) a new forward's selection work."""
         self._timer = SelectionTimer()
-        self._values_checked = set()
+        self._values_checked: set[str] = set()
 
     @contextlib.contextmanager
     def timed_selection(self) -> Iterator[None]:
