@@ -221,6 +221,21 @@ def layer_hidden_states(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def sublayers(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The attention and MLP modules of a decoder layer, each called on the normalised residual stream
+    and returning what is added back to it."""
+    return layer.self_attn, layer.mlp
+
+
+def sublayer_input_output(
+    args: tuple, kwargs: dict[str, Any], output: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a sub-layer (attention or MLP, see :func:`sublayers`) was called with and what it returned
+    (without the attention weights), ``[B, L, D]`` each."""
+    inputs = args[0] if args else kwargs["hidden_states"]
+    return inputs, output[0] if isinstance(output, tuple) else output
+
+
 def with_layer_hidden_states(args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[tuple, dict]:
     """``(args, kwargs)`` of a decoder layer call with the hidden states replaced."""
     if args:
@@ -238,6 +253,13 @@ def modeling_function(attention: nn.Module, name: str) -> Callable:
     return fn
 
 
+def _head_norm(attention: nn.Module, name: str, states: torch.Tensor) -> torch.Tensor:
+    """``states [B, L, H, d]`` through the attention's per-head norm ``name`` (Qwen3's ``q_norm`` and
+    ``k_norm``, before RoPE), or as they are where it has none."""
+    norm = getattr(attention, name, None)
+    return states if norm is None else norm(states)
+
+
 def project_queries_keys(
     layer: nn.Module,
     hidden: torch.Tensor,
@@ -250,25 +272,29 @@ def project_queries_keys(
         layer: a decoder layer with ``input_layernorm`` and ``self_attn.{q_proj,k_proj}``.
         hidden: the layer's input ``[B, L, D]``.
         position_embeddings: the layer's rotary ``(cos, sin)``, ``[B or 1, L, d]`` each.
-        query_rows: ``[B]`` one row per sample whose queries are wanted, or ``None`` for keys only.
+        query_rows: ``[B]`` one row per sample whose queries are wanted, or ``[B, Q]`` several rows per
+            sample, or ``None`` for keys only.
 
     Returns:
-        ``(query [B, H, 1, d] or None, keys [B, H_kv, L, d])``, RoPE applied to both.
+        ``(query [B, H, Q, d] or None, keys [B, H_kv, L, d])`` (``Q = 1`` for ``[B]`` rows), RoPE applied
+        to both.
     """
     attn = layer.self_attn
     head_dim = attn.head_dim
     normed = layer.input_layernorm(hidden)
     batch, length = hidden.shape[:2]
-    keys = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+    keys = _head_norm(attn, "k_norm", attn.k_proj(normed).view(batch, length, -1, head_dim)).transpose(1, 2)
     cos, sin = (t.expand(batch, *t.shape[1:]) for t in position_embeddings)
     rotate = modeling_function(attn, "apply_rotary_pos_emb")
     if query_rows is None:
         _, keys = rotate(keys, keys, cos, sin)
         return None, keys
-    rows = torch.arange(batch, device=hidden.device)
-    query = attn.q_proj(normed[rows, query_rows]).view(batch, 1, -1, head_dim).transpose(1, 2)
+    query_rows = query_rows.view(batch, -1)
+    rows = torch.arange(batch, device=hidden.device)[:, None]
+    query = attn.q_proj(normed[rows, query_rows]).view(batch, query_rows.shape[1], -1, head_dim)
+    query = _head_norm(attn, "q_norm", query).transpose(1, 2)
     # RoPE of the query rows uses those rows' cos/sin; keys use all rows.
-    query, _ = rotate(query, query, cos[rows, query_rows][:, None], sin[rows, query_rows][:, None])
+    query, _ = rotate(query, query, cos[rows, query_rows], sin[rows, query_rows])
     _, keys = rotate(keys, keys, cos, sin)
     return query, keys
 
@@ -308,7 +334,7 @@ def check_decoder_internals(language_model: nn.Module) -> None:
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise InternalsMovedError(f"{type(language_model).__name__} has no 'layers' ModuleList")
     layer = layers[0]
-    for path in ("input_layernorm", "self_attn", "self_attn.q_proj", "self_attn.k_proj"):
+    for path in ("input_layernorm", "self_attn", "self_attn.q_proj", "self_attn.k_proj", "mlp"):
         obj = layer
         for part in path.split("."):
             obj = getattr(obj, part, None)

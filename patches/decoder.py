@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenprune.attention import query_attention
+from tokenprune.attention import causal_rows_attention, query_attention, query_logits
 from tokenprune.context import SelectionContext
 from tokenprune.sequence import (
     VisualLayout,
@@ -38,7 +38,7 @@ from tokenprune.sequence import (
     keep_masks,
     plan_compaction,
 )
-from tokenprune.transition import transition_variation
+from tokenprune.transition import sublayer_transition
 
 from . import _internals as internals
 
@@ -114,8 +114,7 @@ class _Call:
     sequence_ids: torch.Tensor | None = None  # [B, L_cur] packed sequence of each row, where packed
     layer_kwargs: dict[str, Any] = field(default_factory=dict)  # what the following layers get
     scoring_input: torch.Tensor | None = None  # input of the layer whose keys/attention score tokens
-    previous_input: torch.Tensor | None = None  # input of the previous layer, for transitions
-    transition: torch.Tensor | None = None  # [B, L_cur] transition variation since the last stage
+    transition: torch.Tensor | None = None  # [B, L_cur] sub-layer transitions summed so far
 
 
 def size_following_stages(config, num_layers: int, model_name: str) -> list[tuple[int, None]]:
@@ -213,13 +212,13 @@ class DecoderPruningHooks(LanguageModelHooks):
             )
             handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         needs = self._needs()
-        if "transition" in needs:
+        if "transition" in needs:  # from the layer before the first stage to the one before the last
             handles += [
-                layer.register_forward_pre_hook(self._track_transition, with_kwargs=True)
-                for i, layer in enumerate(self.layers[: stage_layers[-1]])
-                if i not in stage_layers
+                sublayer.register_forward_hook(self._track_transition, with_kwargs=True)
+                for layer in self.layers[stage_layers[0] - 1 : stage_layers[-1]]
+                for sublayer in internals.sublayers(layer)
             ]
-        if "attention" in needs or "keys" in needs:
+        if {"attention", "unrotated_logits", "keys"} & set(needs):
             # registered last, so that each sees its layer's input after any pruning at that layer
             handles += [
                 self.layers[k - 1].register_forward_pre_hook(self._capture_scoring_input, with_kwargs=True)
@@ -386,17 +385,14 @@ class DecoderPruningHooks(LanguageModelHooks):
         if self._call is not None and self._call.visual is not None:
             self._call.scoring_input = internals.layer_hidden_states(args, kwargs)
 
-    def _track_transition(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._call is not None and self._call.visual is not None:
-            self._accumulate_transition(self._call, internals.layer_hidden_states(args, kwargs))
-
-    @staticmethod
-    def _accumulate_transition(call: _Call, hidden: torch.Tensor) -> None:
-        """Add the change from the previous layer's input to ``hidden`` (this layer's input)."""
-        if call.previous_input is not None:
-            change = transition_variation(call.previous_input, hidden)
-            call.transition = change if call.transition is None else call.transition + change
-        call.previous_input = hidden
+    def _track_transition(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Add a sub-layer's transition of every token to the sum the prefill carries across stages."""
+        call = self._call
+        if call is None or call.visual is None:
+            return
+        inputs, outputs = internals.sublayer_input_output(args, kwargs, output)
+        change = sublayer_transition(inputs, outputs, call.attention_mask.bool())
+        call.transition = change if call.transition is None else call.transition + change
 
     def _after_stage(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self._call is None or not self._call.layer_kwargs:
@@ -465,7 +461,8 @@ class DecoderPruningHooks(LanguageModelHooks):
         call.image_id = torch.where(call.visual, plan.gather(call.image_id), -1)
         call.origin = plan.gather(call.origin)
         call.real = plan.gather(call.real) & plan.valid
-        call.previous_input, call.transition = pruned_hidden, None  # transitions restart at each stage
+        if call.transition is not None:  # the kept tokens carry their sums on to the next stage
+            call.transition = plan.gather(call.transition)
         if call.sequence_ids is not None:
             call.sequence_ids = plan.gather(call.sequence_ids)
         config = self.language_model.config
@@ -527,8 +524,15 @@ class DecoderPruningHooks(LanguageModelHooks):
             scores["keys"] = keys.transpose(1, 2).flatten(2)
         if "attention" in needs:
             scores["attention"] = self._last_token_attention(call, layer, hidden, position_embeddings)
+        if "unrotated_logits" in needs:
+            cos, sin = position_embeddings  # rotating by angle 0: no RoPE
+            identity = (torch.ones_like(cos), torch.zeros_like(sin))
+            scores["unrotated_logits"] = self._last_token_logits(call, layer, hidden, identity)
+        if "instruction_attention" in needs:
+            scores["instruction_attention"] = self._instruction_attention(
+                call, layer, hidden, position_embeddings
+            )
         if "transition" in needs:
-            self._accumulate_transition(call, hidden)
             scores["transition"] = call.transition
         return scores
 
@@ -541,7 +545,15 @@ class DecoderPruningHooks(LanguageModelHooks):
     ) -> SelectionContext:
         """The selection context of the images of ``layout``: their tokens and ``scores``."""
         grid = self.grid_for(layout.positions.shape[1]) if stage == 0 else None  # later: a subset of it
-        ctx = SelectionContext(features=layout.take(hidden), grid=grid, image_index=layout.image_index)
+        config = self._pruner.config
+        ratio = config.schedule[stage][1] if config.schedule is not None else config.keep_ratio
+        ctx = SelectionContext(
+            features=layout.take(hidden),
+            grid=grid,
+            image_index=layout.image_index,
+            stage=stage,
+            keep_ratio=ratio,
+        )
         for name, value in scores.items():
             setattr(ctx, name, layout.take(value))
         return ctx
@@ -564,10 +576,68 @@ class DecoderPruningHooks(LanguageModelHooks):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         """Attention of each prompt's last token to every token ``[B, L]``, at the scoring layer."""
-        scoring_layer, scoring_input = self._scoring_layer(call, layer, hidden)
+        query, keys, scaling = self._last_token_projections(call, layer, hidden, position_embeddings)
         valid = call.attention_mask.bool()
         positions = torch.arange(valid.shape[1], device=valid.device)
-        last = torch.where(valid, positions, -1).amax(dim=1)  # last real token of each row
+        key_mask = valid & (positions[None] <= self._last_rows(call)[:, None])
+        return query_attention(query, keys, key_mask, scaling)
+
+    def _last_token_logits(
+        self,
+        call: _Call,
+        layer: int,
+        hidden: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Attention logits of each prompt's last token to every token, by head ``[B, L, H]``, at the
+        scoring layer (no mask: a method reads the visual tokens, all before the last token)."""
+        query, keys, scaling = self._last_token_projections(call, layer, hidden, position_embeddings)
+        return query_logits(query, keys, scaling)[:, :, 0].transpose(1, 2)
+
+    def _last_token_projections(
+        self,
+        call: _Call,
+        layer: int,
+        hidden: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The scoring layer's query of each prompt's last token ``[B, H, 1, d]``, its keys of every token
+        ``[B, H_kv, L, d]`` (RoPE as ``position_embeddings`` give it) and its attention scaling."""
+        scoring_layer, scoring_input = self._scoring_layer(call, layer, hidden)
+        last = self._last_rows(call)
         query, keys = internals.project_queries_keys(scoring_layer, scoring_input, position_embeddings, last)
-        key_mask = valid & (positions[None] <= last[:, None])
-        return query_attention(query, keys, key_mask, internals.attention_scaling(scoring_layer))
+        return query, keys, internals.attention_scaling(scoring_layer)
+
+    @staticmethod
+    def _last_rows(call: _Call) -> torch.Tensor:
+        """The position of each row's last real token ``[B]``."""
+        valid = call.attention_mask.bool()
+        positions = torch.arange(valid.shape[1], device=valid.device)
+        return torch.where(valid, positions, -1).amax(dim=1)
+
+    def _instruction_attention(
+        self,
+        call: _Call,
+        layer: int,
+        hidden: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Attention that each prompt's instruction pays to every token ``[B, L]`` at the pruning layer
+        itself (its projections of ``hidden``, its input): the queries are the real tokens after the row's
+        last visual token (its last token, where none follows the images), each with causal softmax over
+        the prompt; averaged over heads and queries. O(B * H * Q * L) for Q instruction tokens."""
+        valid = call.attention_mask.bool()
+        positions = torch.arange(valid.shape[1], device=valid.device)
+        last = self._last_rows(call)
+        after_images = torch.where(call.visual, positions, -1).amax(dim=1)
+        instruction = valid & ((positions > after_images[:, None]) | (positions == last[:, None]))
+        count = instruction.sum(dim=1)
+        width = int(count.max())  # a ragged batch fills its shorter rows with the last token, not counted
+        counted = torch.arange(width, device=valid.device) < count[:, None]
+        rows = torch.where(instruction, positions, valid.shape[1]).sort(dim=1).values[:, :width]
+        rows = torch.where(counted, rows, last[:, None])
+        scoring_layer = self.layers[layer]
+        query, keys = internals.project_queries_keys(scoring_layer, hidden, position_embeddings, rows)
+        key_mask = valid[:, None, :] & (positions[None, None, :] <= rows[..., None])
+        scaling = internals.attention_scaling(scoring_layer)
+        return causal_rows_attention(query, keys, key_mask, counted, scaling)

@@ -10,7 +10,10 @@ each decoder layer's attention routed through :meth:`DecodeRetrievalHooks._atten
 * in every layer's attention, at a decode step: the scores of the layer's own queries over the cached
   keys (computed once, as eager attention does) rank each image's tokens by the last query's attention;
   the method picks each image's visible tokens; the same scores, with the others hidden, give the
-  layer's output (text and generated tokens stay visible). Elsewhere the layer's own attention runs.
+  layer's output (text and generated tokens stay visible). A method that keeps the top-k of that
+  attention (``attention_top_k``) selects in one Triton kernel instead where Triton runs, and sdpa
+  attends under the masks it writes: a few launches per layer, not a few dozen. Elsewhere the layer's
+  own attention runs.
 * on the language model (post): keys the prompt by the returned cache; records the step's selections.
 
 Prefill runs unpruned, and per layer the cache holds ``prompt + generated`` entries as without a pruner.
@@ -27,6 +30,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenprune.context import SelectionContext
+from tokenprune.kernels import use_triton
+from tokenprune.kernels.retrieval import attention_top_k
 from tokenprune.sequence import VisualLayout, image_groups, keep_masks
 
 from . import _internals as internals
@@ -42,6 +47,7 @@ class _Prompt:
 
     visual: torch.Tensor  # [B, L]
     layouts: list[VisualLayout]  # the images, in groups of one size
+    text: torch.Tensor  # [B, L] ~visual, contiguous: what a layer's query sees before its selection
 
 
 @dataclass
@@ -54,6 +60,7 @@ class _Step:
     rows: torch.Tensor  # [T] the cache slot of each new token
     visible: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L]
     _hidden: dict[tuple[int, int | None], torch.Tensor] = field(default_factory=dict)
+    _allowed: dict[tuple[int, int | None], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def hidden(self, keys: int, window: int | None) -> torch.Tensor:
         """``[B, 1, 1, T, keys]`` bool, True where a new token may not attend: padding, a later new token or
@@ -69,6 +76,14 @@ class _Step:
             self._hidden[keys, window] = ~(mask[:, None, :] & causal)[:, None, None]
         return self._hidden[keys, window]
 
+    def allowed(self, keys: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The complement of :meth:`hidden`, contiguous, as the selection kernel takes it: ``[B, 1, T, keys]``
+        (an sdpa mask) and the last new token's row ``[B, keys]``. Built once per step for each shape."""
+        if (keys, window) not in self._allowed:
+            allowed = ~self.hidden(keys, window)[:, :, 0]
+            self._allowed[keys, window] = allowed, allowed[:, 0, -1].contiguous()
+        return self._allowed[keys, window]
+
 
 class DecodeRetrievalHooks(LanguageModelHooks):
     """Installs and removes the hooks of one ``kv``-stage pruner on one decoder-only language model."""
@@ -81,6 +96,7 @@ class DecodeRetrievalHooks(LanguageModelHooks):
     def attach(self, pruner: Pruner, model: nn.Module) -> list[RemovableHandle]:
         """Register the hooks for ``pruner``, whose VLM is ``model``; returns their handles."""
         self._pruner = pruner
+        self._in_one_kernel = pruner.config.spec.attention_top_k
         lm = self.language_model
         return [
             lm.register_forward_pre_hook(self._before_language_model, with_kwargs=True),
@@ -129,7 +145,7 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         if internals.cache_length(cache, 0) > 0:
             raise ValueError("images must be in the first forward of a cache (no chunked prefill)")
         layouts = image_groups(self.image_ids(visual))
-        self._new_prompt = _Prompt(visual, layouts)
+        self._new_prompt = _Prompt(visual, layouts, ~visual)
         samples = torch.cat([layout.sample for layout in layouts])
         images = torch.bincount(samples, minlength=visual.shape[0])
         self._pruner.begin_prefill()
@@ -187,6 +203,19 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         kv_heads, keys = key.shape[1], key.shape[2]
         groups = heads // kv_heads
         scaling = kwargs.get("scaling") or head_dim**-0.5
+        if self._in_one_kernel and use_triton(key) and not torch.compiler.is_compiling():
+            # selection in one kernel, attention by sdpa (a compiled step fuses the torch path below instead)
+            attend, allowed = step.allowed(keys, kwargs.get("sliding_window"))
+            attend, visible = attend.clone(), step.prompt.text.clone()
+            with self._pruner.timed_selection():
+                for layout in step.prompt.layouts:
+                    args = (layout.positions, layout.sample, self._pruner.keep_per_image, scaling)
+                    attention_top_k(query, key, allowed, *args, attend, visible)
+            step.visible[module.layer_idx] = visible
+            output = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=attend, scale=scaling, enable_gqa=groups > 1
+            )
+            return output.transpose(1, 2).contiguous(), None
         # grouped queries share their key head: [B, H_kv, groups * T, C'] without repeating the cache
         scores = torch.matmul(query.reshape(batch, kv_heads, groups * new, head_dim), key.transpose(2, 3))
         scores = (scores * scaling).view(batch, kv_heads, groups, new, keys)

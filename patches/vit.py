@@ -9,8 +9,11 @@ forward hooks only:
   attention bias over the keys.
 * the other methods select (or merge) once, from the output layer's tokens, with the attention they
   declared, recomputed from the query/key projections captured at those layers: the CLS row only, or
-  every row for an encoder without CLS. A standalone encoder's output layer returns the pruned tokens;
-  a VLM's adapter calls :meth:`EncoderPruningHooks.reduce` on the features it hands its projector.
+  every row for an encoder without CLS or a method that asks for every query (``encoder_queries="all"``).
+  A method that needs ``class_token`` (VisionZip) also gets the output layer's CLS token and returns it
+  among its tokens, in a merged-away patch's place. A standalone encoder's output layer returns the
+  pruned tokens (CLS first where the method did not take it); a VLM's adapter calls
+  :meth:`EncoderPruningHooks.reduce` on the features it hands its projector.
 
 :class:`VisionEncoderAdapter` is the adapter of standalone encoders (``CLIPVisionModel``,
 ``SiglipVisionModel``, ``ViTModel``, ``ViTForImageClassification`` and the CLIP/SigLIP dual encoders'
@@ -49,6 +52,7 @@ class _EncoderCall:
     sizes: torch.Tensor | None = None  # [B, n] patches each token stands for, once merged
     origin: torch.Tensor | None = None  # [B, n] original token index of each token
     keys: torch.Tensor | None = None  # [B, n, d] keys of the last layer run, averaged over heads
+    class_token: torch.Tensor | None = None  # [B, D] the output layer's CLS token (needs class_token)
     projections: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> q, k
 
 
@@ -137,8 +141,10 @@ class EncoderPruningHooks:
                 attention.q_proj.register_forward_hook(partial(self._capture_projection, i, 0)),
                 attention.k_proj.register_forward_hook(partial(self._capture_projection, i, 1)),
             ]
+        output = self.layers[self.output_layer]
+        if self.protected and "class_token" in config.spec.needs:
+            handles.append(output.register_forward_hook(self._capture_class_token))
         if standalone:
-            output = self.layers[self.output_layer]
             handles.append(output.register_forward_hook(self._reduce_output))
         return handles
 
@@ -157,6 +163,10 @@ class EncoderPruningHooks:
             pair = list(self._call.projections.get(layer, (None, None)))
             pair[which] = output
             self._call.projections[layer] = tuple(pair)
+
+    def _capture_class_token(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self._call is not None:
+            self._call.class_token = output[:, 0]
 
     def _merge_before(self, layer: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         call = self._call
@@ -197,7 +207,10 @@ class EncoderPruningHooks:
     def _reduce_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if self._call is None:
             return None
+        num_patches = output.shape[1] - self.protected
         _, features = self.reduce(output[:, self.protected :])
+        if self._takes_class_token(self._config.kept_per_image(num_patches), num_patches):
+            return features  # the CLS token is among them
         return torch.cat([output[:, : self.protected], features], dim=1)
 
     # -- selection ------------------------------------------------------------------------------
@@ -206,7 +219,8 @@ class EncoderPruningHooks:
         """Select (or merge) the output layer's patch tokens ``features [I, N, D]`` of this forward.
 
         Returns the kept patches ``index [I, k]`` (sorted, or in a merge's layout) and their tokens
-        ``[I, k, D]``.
+        ``[I, k, D]``; for a method that takes the CLS token (see :meth:`_takes_class_token`), the CLS
+        token is one of them, in the place of a patch the method merged away.
         """
         call, self._call = self._call, None
         config, spec = self._config, self._config.spec
@@ -222,6 +236,8 @@ class EncoderPruningHooks:
                 ctx.encoder_attention = {i: self._received_attention(call, i) for i in self._attention_layers}
             if "keys" in spec.needs:
                 ctx.keys = self._patch_keys(call, self.output_layer)
+            if self._takes_class_token(keep, num_patches):
+                ctx.class_token = call.class_token
             result = self._pruner.select_with(config, ctx, keep)
         self._record(num_images, num_patches, keep)
         if isinstance(result, Merged):
@@ -235,6 +251,11 @@ class EncoderPruningHooks:
             return torch.arange(self.num_patches, device=device).expand(num_images, -1)
         return call.origin[:, self.protected :] - self.protected
 
+    def _takes_class_token(self, keep: int, num_patches: int) -> bool:
+        """Whether the method returns the CLS token among its ``keep`` tokens: it needs ``class_token``, the
+        encoder has one, and a patch is merged away to leave it a place (keeping every patch, it does not)."""
+        return bool(self.protected) and "class_token" in self._config.spec.needs and keep < num_patches
+
     def _heads(self, projection: torch.Tensor) -> torch.Tensor:
         """``[B, n, H * d]`` projections as ``[B, H, n, d]``."""
         return projection.view(*projection.shape[:2], self.heads, self.head_dim).transpose(1, 2)
@@ -244,9 +265,10 @@ class EncoderPruningHooks:
         return self._heads(call.projections[layer][1]).mean(dim=1)[:, self.protected :]
 
     def _received_attention(self, call: _EncoderCall, layer: int) -> torch.Tensor:
-        """Attention each patch receives at ``layer`` ``[I, N]``: from the CLS query, else the mean query."""
+        """Attention each patch receives at ``layer`` ``[I, N]``: from the CLS query, else (no CLS, or the
+        method's ``encoder_queries="all"``) averaged over every query, the CLS one included."""
         query, keys = (self._heads(p) for p in call.projections[layer])
-        if self.protected:
+        if self.protected and self._config.spec.encoder_queries == "cls":
             query = query[:, :, :1]
         key_mask = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
         return query_attention(query, keys, key_mask, self.scale)[:, self.protected :]

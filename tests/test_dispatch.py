@@ -9,6 +9,7 @@ The Triton kernels run under the interpreter here, as they would run compiled on
 import pytest
 import torch
 from helpers import cache_kwarg
+from triton.runtime import interpreter
 
 import tokenprune as tp
 from tokenprune.eval.bench import CountOps
@@ -39,6 +40,34 @@ def test_prefill_ops_do_not_grow_with_the_budget(kernels, llava, method):
         with tp.pruned(llava, method, budget=budget):
             counts.append(prefill_ops(llava, inputs))
     assert counts[1] <= counts[0], counts
+
+
+class CountLaunches(CountOps):
+    """Counts the torch ops dispatched in the block, and each Triton kernel launched under the interpreter as
+    one op: as a GPU launches it (the interpreter's own copies of the arguments are not counted)."""
+
+    def __enter__(self):
+        executor = interpreter.GridExecutor
+        launch = self._launch = executor.__call__
+        self._inside = False
+
+        def counted(*args, **kwargs):
+            self.count, self._inside = self.count + 1, True
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                self._inside = False
+
+        executor.__call__ = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        interpreter.GridExecutor.__call__ = self._launch
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not self._inside
+        return func(*args, **(kwargs or {}))
 
 
 class CountDeviceReads(CountOps):
@@ -85,17 +114,17 @@ def test_a_merging_tower_reads_the_device_once(llava):
     assert reads.count == 1
 
 
-def test_a_kv_decode_step_costs_a_fixed_number_of_ops_per_layer(llava):
-    """SparseVILA selects in every layer of every step, from the scores the layer's attention computes
-    anyway: the same ops whatever the budget and the step, within 1.6x of an unpruned step (the ranking,
-    top-k and masking of each layer), and no device read of ours after the first step's checks."""
+def test_a_kv_decode_step_costs_about_an_unpruned_one(kernels, llava):
+    """SparseVILA selects in every layer of every step, each in one kernel (and the two masks it writes):
+    the same ops whatever the budget and the step, within 15% of an unpruned step, and no device read of
+    ours after the first step's checks."""
     inputs = tiny_inputs(llava, (1, 2, 1))
-    unpruned = decode_steps(llava, inputs, 3, CountOps)
+    unpruned = decode_steps(llava, inputs, 3, CountLaunches)
     unpruned_reads = decode_steps(llava, inputs, 3, CountDeviceReads)  # transformers' mask code reads too
     counts = []
     for budget in (4, 40):
         with tp.pruned(llava, "sparsevila", budget=budget):
-            counts.append(decode_steps(llava, inputs, 3, CountOps))
+            counts.append(decode_steps(llava, inputs, 3, CountLaunches))
             assert decode_steps(llava, inputs, 3, CountDeviceReads)[1:] == unpruned_reads[1:]
     assert counts[0] == counts[1]
-    assert counts[0][1] == counts[0][2] and max(counts[0]) <= 1.6 * max(unpruned), (counts, unpruned)
+    assert counts[0][1] == counts[0][2] and max(counts[0]) <= 1.15 * max(unpruned), (counts, unpruned)

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from helpers import INVARIANT_FAMILIES
 from torch import nn
 
 import tokenprune as tp
+from tokenprune.attention import query_attention
 from tokenprune.patches import _internals as internals
 from tokenprune.patches import adapter_for
 from tokenprune.testing import tiny_inputs, tiny_model
@@ -59,6 +61,32 @@ def test_recomputed_attention_row_equals_eager_weights():
     got = query_attention(query, keys, inputs["attention_mask"].bool(), internals.attention_scaling(layer))
     expected = out.attentions[1][:, :, -1].mean(dim=1)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", INVARIANT_FAMILIES)
+def test_recomputed_queries_and_keys_are_the_layers_own(family):
+    """On every family (Qwen3-VL's per-head q/k norms, M-RoPE), the keys recomputed from a layer's input
+    are those the layer cached, and the last query's attention row equals its eager attention weights."""
+    model = tiny_model(family, attn_implementation="eager")
+    inputs = tiny_inputs(model, (1, 2))
+    layer = model.model.language_model.layers[1]
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.update(hidden=internals.layer_hidden_states(args, kwargs), rotary=kwargs["position_embeddings"])
+
+    handle = layer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True, output_attentions=True)
+    finally:
+        handle.remove()
+    last = torch.full((2,), seen["hidden"].shape[1] - 1)
+    query, keys = internals.project_queries_keys(layer, seen["hidden"], seen["rotary"], last)
+    torch.testing.assert_close(keys, internals.output_cache(out).layers[1].keys, atol=1e-5, rtol=0)
+    mask, scaling = inputs["attention_mask"].bool(), internals.attention_scaling(layer)
+    expected = out.attentions[1][:, :, -1].mean(dim=1)
+    torch.testing.assert_close(query_attention(query, keys, mask, scaling), expected, atol=1e-5, rtol=0)
 
 
 def test_keys_are_those_cached_by_the_layer_before_pruning():

@@ -45,8 +45,22 @@ POINTERS = {
         "first_ptr": "i64",
         "out_ptr": "i64",
     },
+    "_attention_top_k_kernel": {
+        "query_ptr": "bf16",
+        "key_ptr": "bf16",
+        "allowed_ptr": "i1",
+        "positions_ptr": "i64",
+        "sample_ptr": "i64",
+        "attend_ptr": "i1",
+        "visible_ptr": "i1",
+    },
 }
-CONSTEXPRS = [{"BLOCK": 128}] * 4 + [{"BLOCK": 1024, "MMR": True}, {"BLOCK": 64, "MMR": False}]
+CONSTEXPRS = [
+    *[{"BLOCK": 128}] * 4,
+    {"BLOCK": 1024, "MMR": True},
+    {"HEADS": 32, "GROUPS": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_C": 64, "BLOCK_N": 1024},
+    {"BLOCK": 64, "MMR": False},
+]
 
 
 @pytest.mark.parametrize(
@@ -62,7 +76,7 @@ def test_kernels_lower_to_triton_ir_for_an_h100(name, constexprs):
         p: "constexpr" if p in constexprs else f"*{POINTERS[name][p]}" if p.endswith("_ptr") else "i32"
         for p in params
     }
-    signature.update({p: "fp32" for p in params if p == "penalty"})
+    signature.update({p: "fp32" for p in params if p in ("penalty", "scaling")})
     target = GPUTarget("cuda", 90, 32)
     backend = triton.compiler.make_backend(target)
     options = backend.parse_options({})

@@ -7,9 +7,11 @@ the suite the dispatcher picks the torch reference on the CPU.
 import pytest
 import torch
 
+from tokenprune.context import SelectionContext
 from tokenprune.kernels import gather as reference
 from tokenprune.kernels import greedy, use_triton
 from tokenprune.methods._select import cosine_similarity_matrix, min_max
+from tokenprune.registry import get_method
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -155,3 +157,46 @@ def test_dispatch_picks_the_reference_on_cpu(monkeypatch):
     assert not use_triton(torch.zeros(1))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert use_triton(torch.zeros(1))  # Triton is installed here (dev extra): the interpreter can run
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("keep", [1, 5, 24])
+def test_attention_top_k_kernel(kernels, dtype, keep):
+    """SparseVILA's selection of a decode step in one program per image (grouped heads, a left-padded row,
+    two images in a row, two new tokens) keeps the tokens the method keeps from the attention computed in
+    float32 from the same queries and keys, and writes them as both masks."""
+    g = torch.Generator().manual_seed(keep)
+    batch, heads, kv_heads, new, head_dim, slots, length = 2, 6, 2, 2, 16, 90, 80
+    query = torch.randn(batch, new, heads, head_dim, generator=g).to(dtype).transpose(1, 2)  # as projected
+    key = torch.randn(batch, kv_heads, slots, head_dim, generator=g).to(dtype)
+    allowed = torch.ones(batch, 1, new, slots, dtype=torch.bool)
+    allowed[1, ..., :7] = False  # left padding
+    allowed[:, :, 0, length + new - 1 :] = False  # the first new token does not see the second
+    allowed[..., length + new :] = False  # empty slots of a static cache
+    positions = torch.stack([torch.arange(10, 34), torch.arange(40, 64), torch.arange(30, 54)])
+    sample = torch.tensor([0, 0, 1])
+    visual = torch.zeros(batch, length, dtype=torch.bool)
+    visual[sample[:, None], positions] = True
+    scaling = head_dim**-0.5
+
+    scores = query[:, :, -1:].float() @ key.float().repeat_interleave(heads // kv_heads, 1).transpose(2, 3)
+    scores = (scores[:, :, 0] * scaling).masked_fill(~allowed[:, :, -1], float("-inf"))
+    attention = scores.softmax(dim=-1).mean(dim=1)  # [B, C]
+    ctx = SelectionContext(
+        features=torch.empty(3, 24, 0),
+        grid=None,
+        image_index=torch.zeros(3, dtype=torch.long),
+        attention=attention[sample[:, None], positions],
+    )
+    kept = get_method("sparsevila").select(ctx, keep, {})
+    visible = ~visual
+    visible[sample[:, None], torch.gather(positions, 1, kept)] = True
+    expected_attend = (
+        allowed & torch.nn.functional.pad(visible, (0, slots - length), value=True)[:, None, None]
+    )
+
+    attend, got = kernels.attention_top_k(
+        query, key, allowed[:, 0, -1].contiguous(), positions, sample, keep, scaling, allowed.clone(), ~visual
+    )
+    assert torch.equal(got, visible)
+    assert torch.equal(attend, expected_attend)

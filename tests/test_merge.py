@@ -112,24 +112,16 @@ def test_visionzip_without_contextual_tokens_is_a_top_k():
 
 
 def test_hiprune_keeps_anchors_their_neighbours_and_registers():
+    """Anchors: the ``round(keep * alpha / 5)`` best at the anchor layer; buffers: the tokens 1 and one
+    row (8) before and after each in the flat sequence, clamped to it; registers: the rest."""
     ctx = vision_context(rows=6, cols=8, layers=(2, 5))
-    keep, share = 20, 0.1
-    index = get_method("hiprune").select(ctx, keep, {"anchor_share": share})
-    anchors = ctx.encoder_attention[2].topk(round(share * keep), dim=1).indices
+    keep, alpha = 20, 0.5
+    index = get_method("hiprune").select(ctx, keep, {"alpha": alpha})
+    anchors = ctx.encoder_attention[2].topk(round(alpha * keep / 5), dim=1).indices
     for i in range(2):
         kept = set(index[i].tolist())
-        assert set(anchors[i].tolist()) <= kept
-        for a in anchors[i].tolist():
-            r, c = divmod(a, 8)
-            neighbours = {
-                (r + dr) * 8 + c + dc
-                for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1))
-                if 0 <= r + dr < 6 and 0 <= c + dc < 8
-            }
-            assert neighbours <= kept
-        top_register = int(
-            ctx.encoder_attention[5][i]
-            .masked_fill(torch.zeros(48, dtype=torch.bool).index_fill_(0, anchors[i], True), -1)
-            .argmax()
-        )
+        anchored = {min(max(a + d, 0), 47) for a in anchors[i].tolist() for d in (0, -1, 1, -8, 8)}
+        assert anchored <= kept
+        taken = torch.zeros(48, dtype=torch.bool).index_fill_(0, torch.tensor(sorted(anchored)), True)
+        top_register = int(ctx.encoder_attention[5][i].masked_fill(taken, -1).argmax())
         assert top_register in kept

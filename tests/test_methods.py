@@ -21,6 +21,8 @@ def random_context(images=3, rows=6, cols=8, dim=16, seed=0) -> SelectionContext
         keys=torch.randn(images, n, 8, generator=g),
         attention=torch.rand(images, n, generator=g).softmax(-1),
         transition=torch.rand(images, n, generator=g),
+        instruction_attention=torch.rand(images, n, generator=g).softmax(-1),
+        unrotated_logits=torch.randn(images, n, 4, generator=g),
     )
 
 
@@ -53,6 +55,8 @@ def test_each_image_is_selected_on_its_own(method):
             keys=ctx.keys[i : i + 1],
             attention=ctx.attention[i : i + 1],
             transition=ctx.transition[i : i + 1],
+            instruction_attention=ctx.instruction_attention[i : i + 1],
+            unrotated_logits=ctx.unrotated_logits[i : i + 1],
         )
         assert torch.equal(get_method(method).select(alone, 12, {}), together[i : i + 1])
 
@@ -151,37 +155,48 @@ def test_idpruner_trades_importance_for_diversity():
         get_method("idpruner").select(ctx, 3, {"lam": 2.0})
 
 
-def test_transprune_mixes_transition_and_attention():
+def test_transprune_mixes_transition_and_instruction_attention():
     ctx = random_context()
     by_transition = get_method("transprune").select(ctx, 5, {"alpha": 1.0})
     assert torch.equal(by_transition, ctx.transition.topk(5, dim=1).indices.sort(dim=1).values)
     by_attention = get_method("transprune").select(ctx, 5, {"alpha": 0.0})
-    assert torch.equal(by_attention, ctx.attention.topk(5, dim=1).indices.sort(dim=1).values)
+    assert torch.equal(by_attention, ctx.instruction_attention.topk(5, dim=1).indices.sort(dim=1).values)
     with pytest.raises(ValueError, match="alpha"):
         get_method("transprune").select(ctx, 5, {"alpha": -0.1})
 
 
-def test_transition_variation_terms():
-    from tokenprune.transition import transition_variation
+def test_sublayer_transition_terms():
+    from tokenprune.transition import sublayer_transition
 
-    x = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]]])
-    after = torch.tensor([[[1.0, 0.0], [0.0, 4.0], [-4.0, 3.0]]])  # same, doubled, turned 90 degrees
-    torch.testing.assert_close(transition_variation(x, after), torch.tensor([[0.0, 1.0, 1.0]]))
+    x = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 4.0], [9.0, 9.0]]])
+    # same, doubled, turned 90 degrees; the last row is padding
+    after = torch.tensor([[[1.0, 0.0], [0.0, 4.0], [-4.0, 3.0], [1.0, 0.0]]])
+    valid = torch.tensor([[True, True, True, False]])
+    # magnitude ratios 1, 2, 1 times the softmax of the direction changes 0, 0, 1 over the three tokens
+    expected = torch.tensor([[1.0, 2.0, torch.e, 0.0]]) / (2.0 + torch.e)
+    torch.testing.assert_close(sublayer_transition(x, after, valid), expected)
 
 
-def test_feather_keeps_a_uniform_sample_and_the_most_attended():
+def test_feather_keeps_its_grid_and_the_most_attended_then_attention_alone():
+    ctx = random_context()  # a 6x8 grid: the stride-3 grid is rows 0 and 3, columns 0, 3 and 6
+    ctx.unrotated_logits[:, 40:] += 10.0  # attention piles up at the bottom row
+    grid = {0, 3, 6, 24, 27, 30}
+    for row in get_method("feather").select(ctx, 12, {}):
+        assert grid <= set(row.tolist()) and len(set(row.tolist()) & set(range(40, 48))) == 6
+    # a budget under the grid's size keeps grid cells spread over it: the 2nd, 4th and 6th of six
+    assert get_method("feather").select(ctx, 3, {}).tolist() == [[3, 24, 30]] * 3
+    ctx.stage = 1  # a later stage of a schedule: attention alone
+    for row in get_method("feather").select(ctx, 6, {}):
+        assert set(row.tolist()) <= set(range(40, 48))  # no grid cell is forced in
+    with pytest.raises(ValueError, match="stride"):
+        get_method("feather").select(ctx, 8, {"stride": 0})
+
+
+def test_feather_without_a_grid_samples_every_stride_squared_token():
     ctx = random_context()
-    ctx.attention[:, 40:] += 10.0  # attention piles up at the bottom rows of the 6x8 grid
-    index = get_method("feather").select(ctx, 8, {"uniform_share": 0.5})
-    assert torch.equal(
-        get_method("feather").select(ctx, 8, {"uniform_share": 0.0}), get_method("fastv").select(ctx, 8, {})
-    )
-    for row in index:
-        assert set(grid_sample(4, 6, 8).tolist()) <= set(row.tolist())  # the uniform half
-        assert int((row >= 40).sum()) >= 4  # the attention half, from the bottom row
-        assert int((row < 16).sum()) >= 1  # and the top of the image is still covered
-    with pytest.raises(ValueError, match="uniform_share"):
-        get_method("feather").select(ctx, 8, {"uniform_share": 1.5})
+    ctx.grid = None
+    ctx.unrotated_logits[:, 40:] += 10.0
+    assert get_method("feather").select(ctx, 6, {"stride": 3}).tolist() == [[0, 9, 18, 27, 36, 45]] * 3
 
 
 @pytest.mark.parametrize(

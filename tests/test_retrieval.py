@@ -83,6 +83,27 @@ def test_each_step_equals_recomputation_with_its_selection_masked(model, keep_ra
         torch.testing.assert_close(out.logits[upto], expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize(("keep_ratio", "cache"), [(0.25, "dynamic"), (0.05, "static")])
+def test_the_selection_kernel_selects_what_the_method_selects(kernels, model, monkeypatch, keep_ratio, cache):
+    """Each layer of each step selected in one Triton kernel, attention by sdpa (where Triton runs) against
+    the method itself and eager attention over the same scores (elsewhere): the same tokens visible in
+    every layer and step, and the same logits."""
+    inputs = tiny_inputs(model, RAGGED)
+    runs = []
+    for interpret in ("1", "0"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        with tp.pruned(model, "sparsevila", keep_ratio=keep_ratio) as pruner:
+            out = greedy_with_logits(model, inputs, NEW_TOKENS, cache_implementation=cache)
+        runs.append((out, pruner.stats.decode_keep_masks))
+    (fused, fused_steps), (method, method_steps) = runs
+    assert torch.equal(fused.sequences, method.sequences)
+    for f, m in zip(fused.logits, method.logits, strict=True):
+        torch.testing.assert_close(f, m, atol=1e-5, rtol=0)
+    assert len(fused_steps) == len(method_steps) == NEW_TOKENS - 1
+    for f, m in zip(fused_steps, method_steps, strict=True):
+        assert sorted(f) == sorted(m) and all(torch.equal(f[layer], m[layer]) for layer in m)
+
+
 def test_each_layer_selects_the_configured_count_per_image(model):
     inputs = tiny_inputs(model, RAGGED)
     visual = inputs["input_ids"] == model.config.image_token_id

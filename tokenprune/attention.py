@@ -19,8 +19,34 @@ def query_attention(
     Returns:
         ``[B, L]`` float32 attention weights; masked keys get 0. Costs O(B * H * Q * L), never O(L^2).
     """
+    scores = query_logits(query, keys, scaling).masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return scores.softmax(dim=-1).mean(dim=(1, 2))
+
+
+def query_logits(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention logits ``[B, H, Q, L]`` (float32) of the query rows ``[B, H, Q, d]`` over the keys
+    ``[B, H_kv, L, d]``, each key head shared by ``H / H_kv`` query heads (GQA)."""
     groups = query.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scaling  # [B, H, Q, L]
-    scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    return scores.softmax(dim=-1).mean(dim=(1, 2))
+    return torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scaling
+
+
+def causal_rows_attention(
+    query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor, row_mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Softmax attention of several query rows, each over the keys it may see, averaged over heads and
+    over the rows that ``row_mask`` counts.
+
+    Args:
+        query: ``[B, H, Q, d]`` query states (RoPE applied).
+        keys: ``[B, H_kv, L, d]`` key states (RoPE applied).
+        key_mask: ``[B, Q, L]`` bool, the keys each row may attend to (causal and padding); at least one.
+        row_mask: ``[B, Q]`` bool, the rows averaged (the others fill a ragged batch); at least one.
+        scaling: the layer's softmax scale.
+
+    Returns:
+        ``[B, L]`` float32 attention weights. Costs O(B * H * Q * L).
+    """
+    scores = query_logits(query, keys, scaling).masked_fill(~key_mask[:, None], float("-inf"))
+    per_row = scores.softmax(dim=-1).mean(dim=1) * row_mask[..., None]  # [B, Q, L], heads averaged
+    return per_row.sum(dim=1) / row_mask.sum(dim=1, keepdim=True)

@@ -17,13 +17,23 @@ class SelectionContext:
         grid: ``(rows, cols)`` of the patch grid when the N tokens form one, else ``None``.
         image_index: index of each image within its own prompt ``[I]`` (0 for the first image), so that
             seeded methods draw the same numbers for an image whatever batch it is run in.
+        stage: which pruning stage of a decoder schedule this is (0: the first, or the only one); a later
+            stage sees the tokens the earlier ones kept, without a ``grid``.
+        keep_ratio: the stage's keep ratio (of each image's original tokens) where the config gives one
+            (``keep_ratio`` or ``schedule``), ``None`` for a ``budget``.
         keys: key states of the visual tokens (RoPE applied, heads concatenated) at the layer before the
             acting layer, or layer 0 before the language model ``[I, N, H_kv * d]`` (needs ``keys``).
         attention: attention that the prompt's last token pays to each visual token, softmax over the
             whole prompt and averaged over heads ``[I, N]`` (needs ``attention``).
-        transition: how much each visual token's hidden state changed across the decoder layers since
-            the previous pruning stage (or the input), summed over layers ``[I, N]`` (needs
-            ``transition``; see :func:`tokenprune.transition.transition_variation`).
+        unrotated_logits: the same query's attention logits (scaled query-key products, before any
+            softmax) to each visual token by head, computed without RoPE ``[I, N, H]`` (needs
+            ``unrotated_logits``).
+        instruction_attention: attention that the prompt's instruction (every token after the images)
+            pays to each visual token at the acting layer itself, each query's softmax over the prompt
+            before it, averaged over heads and queries ``[I, N]`` (needs ``instruction_attention``).
+        transition: how much the attention and MLP sub-layers changed each visual token, summed from the
+            layer before the first pruning stage on, across stages ``[I, N]`` (needs ``transition``; see
+            :func:`tokenprune.transition.sublayer_transition`).
 
     In the ``vision`` stage ``features`` are the image encoder's tokens (patches; a merging method also
     sees the ``protected`` CLS token first), ``keys`` are the key states of the output layer averaged
@@ -36,8 +46,12 @@ class SelectionContext:
 
     Attributes:
         encoder_attention: by encoder layer (those the method's ``encoder_layers`` names), the attention
-            each token receives there ``[I, N]``: from the CLS query where the encoder has one, else
-            averaged over all queries; heads averaged (needs ``encoder_attention``).
+            each token receives there ``[I, N]``: from the CLS query where the encoder has one and the
+            method's ``encoder_queries`` is ``"cls"``, else averaged over all queries (the CLS one
+            included); heads averaged (needs ``encoder_attention``).
+        class_token: the encoder's CLS token at the output layer ``[I, D]``, for a method that returns it
+            among its ``keep`` tokens in the place of a patch it merged away (needs ``class_token``; only
+            from an encoder with a CLS token, and only when a patch is merged away).
         sizes: how many patches each token stands for ``[I, N]`` (after merges; ones otherwise).
         protected: leading tokens that must survive as they are (the CLS token of a merging step).
     """
@@ -47,10 +61,15 @@ class SelectionContext:
     image_index: torch.Tensor
     keys: torch.Tensor | None = None
     attention: torch.Tensor | None = None
+    unrotated_logits: torch.Tensor | None = None
+    instruction_attention: torch.Tensor | None = None
     transition: torch.Tensor | None = None
     encoder_attention: dict[int, torch.Tensor] | None = None
+    class_token: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
     protected: int = 0
+    stage: int = 0
+    keep_ratio: float | None = None
 
     def require(self, name: str) -> torch.Tensor:
         """The tensor the method declared in ``needs``; a clear error if the adapter did not provide it."""

@@ -21,7 +21,19 @@ MethodFn = Callable[..., torch.Tensor | Merged]
 EncoderLayersFn = Callable[[dict[str, object], int], tuple[int, ...]]
 
 #: What an adapter can collect for a method, besides the visual token features themselves.
-KNOWN_NEEDS = ("keys", "attention", "transition", "encoder_attention")
+KNOWN_NEEDS = (
+    "keys",
+    "attention",
+    "unrotated_logits",
+    "instruction_attention",
+    "transition",
+    "encoder_attention",
+    "class_token",
+)
+
+#: Which queries' attention ``encoder_attention`` averages: ``"cls"`` the CLS query's where the encoder has
+#: one (else every query's), ``"all"`` every query's, the CLS query included.
+ENCODER_QUERIES = ("cls", "all")
 
 
 def _output_layer_only(options: dict[str, object], output_layer: int) -> tuple[int, ...]:
@@ -34,7 +46,12 @@ class MethodSpec:
 
     ``per_layer`` methods (token merging) are called at every encoder layer they merge at, with the
     tokens present there; the others once. ``encoder_layers(options, output_layer)`` names the encoder
-    layers whose attention a ``vision`` method needs (``ctx.encoder_attention``).
+    layers whose attention a ``vision`` method needs (``ctx.encoder_attention``), and ``encoder_queries``
+    (one of :data:`ENCODER_QUERIES`) whose attention it is. A ``kv`` method that keeps the top-k of each
+    image's ``attention`` declares ``attention_top_k``: its decode hooks then select in one kernel where
+    Triton runs (:func:`tokenprune.kernels.retrieval.attention_top_k`), and call the method elsewhere.
+    A ``variable_count`` method may keep a different number of tokens per image (a prefill method only):
+    its rows may be of any width and repeat an index, a repeat keeping nothing more.
     """
 
     name: str
@@ -47,6 +64,9 @@ class MethodSpec:
     decode: bool = False
     per_layer: bool = False
     encoder_layers: EncoderLayersFn = _output_layer_only
+    encoder_queries: str = "cls"
+    attention_top_k: bool = False
+    variable_count: bool = False
 
     @property
     def stage(self) -> str:
@@ -65,7 +85,8 @@ class MethodSpec:
         result = self.fn(ctx, keep, **options)
         index = result.index if isinstance(result, Merged) else result
         num_images, num_tokens = ctx.features.shape[:2]
-        if index.shape != (num_images, keep):
+        width = index.shape[1] if self.variable_count else keep  # its rows may repeat an index: see below
+        if index.shape != (num_images, width):
             raise RuntimeError(
                 f"method {self.name!r} returned shape {tuple(index.shape)}, expected {(num_images, keep)}"
             )
@@ -78,7 +99,8 @@ class MethodSpec:
         # one read of the device for the whole contract (a host sync on a GPU); which part broke, after
         if isinstance(result, Merged):
             index = index.sort(dim=1).values
-        in_order = (index[:, 1:] > index[:, :-1]).all()
+        later = index[:, 1:]
+        in_order = (later >= index[:, :-1] if self.variable_count else later > index[:, :-1]).all()
         in_range = (index[:, 0] >= 0).all() & (index[:, -1] < num_tokens).all()
         if not bool(in_order & in_range):
             if not bool(in_order):
@@ -104,23 +126,31 @@ def register_method(
     needs: tuple[str, ...] = (),
     per_layer: bool = False,
     encoder_layers: EncoderLayersFn = _output_layer_only,
+    encoder_queries: str = "cls",
+    attention_top_k: bool = False,
+    variable_count: bool = False,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn(ctx, keep, **options) -> LongTensor[I, keep] | Merged`` under ``name``.
 
-    ``stage="vision"`` registers an image-encoder method (see :class:`MethodSpec` for ``per_layer`` and
-    ``encoder_layers``), ``stage="kv"`` a decode-time method (called at every decode step and decoder
-    layer with the cached visual keys and the step's attention to them); otherwise the method acts at
-    prefill, at decoder layer ``default_layer``.
+    ``stage="vision"`` registers an image-encoder method (see :class:`MethodSpec` for ``per_layer``,
+    ``encoder_layers`` and ``encoder_queries``), ``stage="kv"`` a decode-time method (called at every
+    decode step and decoder layer with the cached visual keys and the step's attention to them); otherwise
+    the method acts at prefill, at decoder layer ``default_layer``.
     The options are the function's keyword-only parameters; their defaults are the method's defaults.
     The first line of the docstring is the description shown by :func:`tokenprune.list_methods`.
     """
     unknown = set(needs) - set(KNOWN_NEEDS)
     if unknown:
         raise ValueError(f"unknown needs {sorted(unknown)}; known: {KNOWN_NEEDS}")
+    if encoder_queries not in ENCODER_QUERIES:
+        raise ValueError(f"encoder_queries must be one of {ENCODER_QUERIES}, got {encoder_queries!r}")
     if stage not in (None, "vision", "kv"):
         raise ValueError(
             f"stage must be 'vision', 'kv' or omitted (prefill methods give default_layer), got {stage!r}"
         )
+
+    if attention_top_k and (stage != "kv" or "attention" not in needs):
+        raise ValueError('attention_top_k is for stage="kv" methods that need "attention"')
 
     def decorator(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
@@ -139,6 +169,9 @@ def register_method(
             decode=stage == "kv",
             per_layer=per_layer,
             encoder_layers=encoder_layers,
+            encoder_queries=encoder_queries,
+            attention_top_k=attention_top_k,
+            variable_count=variable_count,
         )
         return fn
 

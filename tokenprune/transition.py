@@ -1,18 +1,24 @@
-"""Token transition variation: how much a layer changes each token's representation."""
+"""Token transition: how much one sub-layer (attention or MLP) changes each token (TransPrune's TTV)."""
 
 from __future__ import annotations
 
 import torch
 
 
-def transition_variation(before: torch.Tensor, after: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Change of each token from ``before`` to ``after`` (``[B, L, D]`` each): ``[B, L]`` float32.
+def sublayer_transition(inputs: torch.Tensor, outputs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Transition of each token through one sub-layer: ``[B, L]`` float32, 0 where ``valid`` is False.
 
-    The sum of the relative change of the L2 norm, ``|‖after‖ - ‖before‖| / ‖before‖``, and of the change
-    of direction, ``1 - cos(before, after)`` (TransPrune's magnitude and direction terms).
+    Args:
+        inputs: what the sub-layer received ``[B, L, D]`` (the normalised residual stream).
+        outputs: what it returned ``[B, L, D]``, before it is added back to the residual stream.
+        valid: ``[B, L]`` the rows that hold tokens (not padding).
+
+    The magnitude ratio ``‖out‖ / ‖in‖`` times the share of the direction change ``1 - cos(in, out)`` in
+    a softmax over the sample's tokens (every token of the prompt, text included): large for a token
+    that the sub-layer both amplifies and turns more than the others.
     """
-    before, after = before.float(), after.float()
-    norm_before, norm_after = before.norm(dim=-1), after.norm(dim=-1)
-    magnitude = (norm_after - norm_before).abs() / (norm_before + eps)
-    direction = 1.0 - torch.nn.functional.cosine_similarity(before, after, dim=-1, eps=eps)
-    return magnitude + direction
+    inputs, outputs = inputs.float(), outputs.float()
+    magnitude = outputs.norm(dim=-1) / inputs.norm(dim=-1)
+    direction = 1.0 - torch.nn.functional.cosine_similarity(inputs, outputs, dim=-1)
+    share = direction.masked_fill(~valid, float("-inf")).softmax(dim=-1)
+    return torch.where(valid, magnitude * share, 0.0)

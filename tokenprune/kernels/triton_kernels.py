@@ -310,3 +310,131 @@ def greedy_select(matrix, relevance, first, keep, penalty):
         enable_fp_fusion=False,  # relevance - penalty * running rounded as torch rounds it, not fused
     )
     return out.sort(dim=1).values
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _attention_top_k_kernel(
+    query_ptr,
+    key_ptr,
+    allowed_ptr,
+    positions_ptr,
+    sample_ptr,
+    attend_ptr,
+    visible_ptr,
+    num_slots,
+    num_tokens,
+    prompt_length,
+    num_new,
+    keep,
+    scaling,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kc,
+    HEADS: tl.constexpr,
+    GROUPS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One image: the softmax of each head's last query over the cache slots it may see, averaged over the
+    heads at the image's tokens; the ``keep`` largest (ties to the lowest index) stay visible, every other
+    token of the image is hidden from all the step's queries in ``attend [B, 1, T, C]`` and marked visible
+    in ``visible [B, L]``."""
+    image = tl.program_id(0).to(tl.int64)
+    row = tl.load(sample_ptr + image)
+    dims = tl.arange(0, BLOCK_D)
+    in_dims = dims < HEAD_DIM
+    tokens = tl.arange(0, BLOCK_N)
+    in_image = tokens < num_tokens
+    positions = tl.load(positions_ptr + image * num_tokens + tokens, mask=in_image, other=0)
+    sees_token = tl.load(allowed_ptr + row * num_slots + positions, mask=in_image, other=0) != 0
+    slots = tl.arange(0, BLOCK_C)
+    attention = tl.full([BLOCK_N], 0.0, tl.float32)
+    for head in range(HEADS):
+        query = query_ptr + row * stride_qb + head * stride_qh + (num_new - 1) * stride_qt  # the last query
+        query = tl.load(query + dims, mask=in_dims, other=0.0).to(tl.float32)
+        keys = key_ptr + row * stride_kb + (head // GROUPS) * stride_kh
+        top = tl.full([1], -1e30, tl.float32)  # finite: a block of hidden slots adds exp(-inf) = 0
+        total = tl.full([1], 0.0, tl.float32)
+        for start in range(0, num_slots, BLOCK_C):  # online softmax over the slots
+            slot = start + slots
+            sees = tl.load(allowed_ptr + row * num_slots + slot, mask=slot < num_slots, other=0) != 0
+            block = tl.load(
+                keys + slot[:, None] * stride_kc + dims[None, :],
+                mask=sees[:, None] & in_dims[None, :],
+                other=0.0,
+            )
+            score = tl.reduce(block.to(tl.float32) * query[None, :], 1, _add) * scaling
+            score = tl.where(sees, score, float("-inf"))
+            new_top = tl.maximum(top, tl.reduce(score, 0, _larger))
+            total = total * tl.exp(top - new_top) + tl.reduce(tl.exp(score - new_top), 0, _add)
+            top = new_top
+        block = tl.load(
+            keys + positions[:, None] * stride_kc + dims[None, :],
+            mask=sees_token[:, None] & in_dims[None, :],
+            other=0.0,
+        )
+        score = tl.reduce(block.to(tl.float32) * query[None, :], 1, _add) * scaling
+        score = tl.where(sees_token, score, float("-inf"))
+        attention += tl.exp(score - top) / total
+    attention = attention / HEADS
+    # the keep-th largest value by a radix search on its bits (non-negative floats order as their bits)
+    bits = tl.where(in_image, attention.to(tl.int32, bitcast=True), -1)
+    threshold = tl.full([1], 0, tl.int32)
+    for step in range(31):
+        candidate = threshold | (1 << (30 - step))
+        count = tl.reduce((bits >= candidate).to(tl.int32), 0, _add)
+        threshold = tl.where(count >= keep, candidate, threshold)
+    above = bits > threshold
+    tied = bits == threshold
+    room = keep - tl.reduce(above.to(tl.int32), 0, _add)
+    kept = above | (tied & (tl.associative_scan(tied.to(tl.int32), 0, _add) <= room))
+    tl.store(visible_ptr + row * prompt_length + positions, kept, mask=in_image & kept)
+    hidden = in_image & ~kept
+    for new in range(num_new):
+        tl.store(attend_ptr + (row * num_new + new) * num_slots + positions, False, mask=hidden)
+
+
+def attention_top_k(query, key, allowed, positions, sample, keep, scaling, attend, visible):
+    """Triton version of :func:`tokenprune.kernels.retrieval.attention_top_k`: one program per image. Returns
+    ``attend`` and ``visible``, written in place."""
+    heads, num_new, head_dim = query.shape[1:]
+    num_images, num_tokens = positions.shape
+    num_slots = key.shape[2]
+    _attention_top_k_kernel[(num_images,)](
+        query,
+        key,
+        allowed,
+        positions,
+        sample,
+        attend,
+        visible,
+        num_slots,
+        num_tokens,
+        visible.shape[1],
+        num_new,
+        keep,
+        scaling,
+        query.stride(0),
+        query.stride(1),
+        query.stride(2),
+        key.stride(0),
+        key.stride(1),
+        key.stride(2),
+        HEADS=heads,
+        GROUPS=heads // key.shape[1],
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_C=min(64, triton.next_power_of_2(num_slots)),
+        BLOCK_N=triton.next_power_of_2(num_tokens),
+    )
+    return attend, visible

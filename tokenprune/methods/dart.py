@@ -17,17 +17,18 @@ from ._select import cosine_similarity_matrix
 def dart(ctx: SelectionContext, keep: int, *, pivots: int = 8) -> torch.Tensor:
     """Keep pivot tokens and, per pivot, the tokens least similar to it (DART duplication criterion).
 
-    As in the reference: pruning at decoder layer K (default 2), the pivots are the image tokens whose
-    key states at layer K-1 (RoPE applied, heads concatenated) have the largest L1 norm; then, pivot by
-    pivot, the still-unselected tokens with the lowest cosine similarity to that pivot are kept, an equal
-    share of the budget per pivot, and the pivots themselves stay. Deviations: (1) the reference adds 4
-    text-token pivots to its 4 image pivots; here all ``pivots`` (8, the reference's total) are image
-    tokens, so each pivot's share of the budget is the same. (2) Similarity is on the hidden states
-    entering layer K; the reference first applies the model's final RMSNorm. (3) Shares are sized so that
-    exactly ``keep`` tokens survive (the reference keeps a few more, e.g. 132 for a budget of 128).
-    (4) Pivots are visited in order of position; the reference visits them in the order of a Python set
-    of their indices (deterministic: by index modulo the set's table size, neither by position nor norm).
-    At ``layer=0`` the keys are layer 0's projections of the input embeddings.
+    As in the reference (ZichenWen1/DART, ``get_retained_image_token``; tests/test_parity_dart.py): the
+    pivots are the image tokens whose key states at layer K-1 (RoPE applied, heads concatenated) have the
+    largest L1 norm; then, pivot by pivot, the image tokens neither pivots nor kept yet whose hidden states
+    entering layer K have the lowest cosine similarity to the pivot's are kept, and the pivots stay. The
+    ``keep - pivots`` tokens are shared evenly, the first pivots taking one more where it does not divide.
+
+    Deviations:
+    - all 8 pivots are image tokens; the reference takes 4 of its 8 from the text after the image.
+    - no final RMSNorm before the cosine (the reference's; only its per-channel weight changes a cosine).
+    - exactly ``keep`` survive, pivots included; the reference keeps its pivots on top (132 for 128).
+    - pivots are visited by position; the reference visits them in a Python set's order.
+    - float32 scores (the reference's are in the model's dtype, fp16 in its runs).
     """
     features = ctx.features
     num_images, num_tokens = features.shape[:2]

@@ -17,9 +17,13 @@ from ._select import cosine_similarity_matrix
 def divprune(ctx: SelectionContext, keep: int) -> torch.Tensor:
     """Greedy max-min diversity over cosine distance of the projected visual tokens (DivPrune).
 
-    As in the reference: distance is ``1 - cosine similarity`` of the visual tokens entering the language
-    model; the first token is the one farthest from its nearest neighbour, and each next token is the one
-    whose distance to the nearest already-selected token is largest.
+    As in the reference (vbdi/divprune, ``LlavaMetaForCausalLM.DivPrune``; tests/test_parity_divprune.py):
+    distance is ``1 - cosine similarity`` of the visual tokens entering the language model; the first token
+    is the one farthest from its nearest neighbour, and each next token is the one whose distance to the
+    nearest already-selected token is largest.
+
+    Deviations:
+    - float32 distances (the reference's are in the model's dtype, fp16 in its runs).
     """
     distance = 1.0 - cosine_similarity_matrix(ctx.features, ctx.features)  # [I, N, N]
     eye = torch.eye(distance.shape[1], dtype=torch.bool, device=distance.device)

@@ -17,10 +17,12 @@ from ._select import top_k
 def fastv(ctx: SelectionContext, keep: int) -> torch.Tensor:
     """Keep the visual tokens the last prompt token attends to most at layer K-1 (FastV).
 
-    Follows the reference: the attention map of layer K-1 (averaged over heads), the row of the last
-    token, ranks the image tokens; the top ones are kept from layer K on (K=2 by default). Deviation:
-    the row is recomputed from layer K-1's query/key projections and RoPE for that one query, so that
-    sdpa and FlashAttention keep running; it equals the eager attention weights. At ``layer=0`` the map of
-    layer 0 itself is used.
+    As in the reference (pkunlp-icler/FastV, ``LlamaModel.forward`` with ``fastv_config``;
+    tests/test_parity_fastv.py): layer K-1's attention map, averaged over heads, ranks the image tokens by
+    its last row (the prompt's last token); the top ``keep`` are kept from layer K on.
+
+    Deviations:
+    - only the last token's row is recomputed, from queries and keys (FlashAttention/SDPA give no weights).
+    - float32 row (the reference casts the eager weights to the model's dtype before the head average).
     """
     return top_k(ctx.require("attention"), keep)

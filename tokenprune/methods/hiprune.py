@@ -1,7 +1,7 @@
 """HiPrune: anchor, buffer and register tokens from the image encoder's hierarchical attention.
 
 Liu et al., "HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention in Vision-Language
-Models" (2025).
+Models" (2025); reference code github.com/Danielement321/HiPrune (``LlavaMetaForCausalLM.encode_images``).
 """
 
 from __future__ import annotations
@@ -10,12 +10,16 @@ import torch
 
 from ..context import SelectionContext
 from ..registry import register_method
-from ._select import top_k
+
+#: The reference's object layer for CLIP (``HIPRUNE_OBJECT_LAYER=9``, counted from 1).
+OBJECT_LAYER = 8
 
 
 def _anchor_and_output_layers(options: dict[str, object], output_layer: int) -> tuple[int, ...]:
+    """The anchor layer (``anchor_layer``, default :data:`OBJECT_LAYER` or the output layer if the encoder
+    is shallower) and the output layer, whose attentions the method reads."""
     anchor = options.get("anchor_layer")
-    anchor = output_layer // 2 if anchor is None else anchor
+    anchor = min(OBJECT_LAYER, output_layer) if anchor is None else anchor
     if isinstance(anchor, bool) or not isinstance(anchor, int) or not 0 <= anchor <= output_layer:
         raise ValueError(
             f"hiprune anchor_layer must be an encoder layer in 0..{output_layer} (the layer whose output "
@@ -24,48 +28,63 @@ def _anchor_and_output_layers(options: dict[str, object], output_layer: int) -> 
     return (anchor, output_layer)
 
 
+def _anchors_and_buffers(
+    attention: torch.Tensor, num_anchors: int, grid: tuple[int, int] | None
+) -> torch.Tensor:
+    """Mask ``[I, N]`` of the ``num_anchors`` tokens of highest ``attention`` and of their buffers: the
+    tokens 1 and one grid row (``cols``) before and after each anchor in the flat sequence, clamped to
+    it, as the reference computes them (so they wrap across rows at the grid's edges)."""
+    num_images, num_tokens = attention.shape
+    chosen = attention.topk(num_anchors, dim=1).indices
+    if grid is not None:
+        cols = grid[1]
+        offsets = torch.tensor([0, -1, 1, -cols, cols], device=attention.device)
+        chosen = (chosen[:, :, None] + offsets).clamp(0, num_tokens - 1).flatten(1)
+    mask = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=attention.device)
+    return mask.scatter_(1, chosen, True)
+
+
+def _first_then_best(
+    first: torch.Tensor, first_score: torch.Tensor, then_score: torch.Tensor, keep: int
+) -> torch.Tensor:
+    """Sorted indices ``[I, keep]``: the tokens of mask ``first [I, N]`` (the best ``keep`` by
+    ``first_score`` if there are more), then the rest of the budget by ``then_score`` among the others."""
+    taken = first.sum(dim=1, keepdim=True).clamp(max=keep)
+    firsts = first_score.float().masked_fill(~first, float("-inf")).topk(keep, dim=1).indices
+    thens = then_score.float().masked_fill(first, float("-inf")).topk(keep, dim=1).indices
+    slot = torch.arange(keep, device=first.device)[None]
+    from_then = torch.gather(thens, 1, (slot - taken).clamp(min=0))
+    return torch.where(slot < taken, firsts, from_then).sort(dim=1).values
+
+
 @register_method(
-    "hiprune", stage="vision", needs=("encoder_attention",), encoder_layers=_anchor_and_output_layers
+    "hiprune",
+    stage="vision",
+    needs=("encoder_attention",),
+    encoder_layers=_anchor_and_output_layers,
+    encoder_queries="all",
 )
 def hiprune(
-    ctx: SelectionContext, keep: int, *, anchor_layer: int | None = None, anchor_share: float = 0.1
+    ctx: SelectionContext, keep: int, *, anchor_layer: int | None = None, alpha: float = 0.1
 ) -> torch.Tensor:
-    """Keep anchor tokens of a middle encoder layer, their grid neighbours, and a deep layer's registers.
+    """Keep anchor tokens of a middle encoder layer, their neighbours, and the output layer's registers.
 
-    The paper's three token kinds: anchors are the ``round(anchor_share * keep)`` tokens with the most
-    attention at ``anchor_layer`` (default: half-way to the output layer, where attention is
-    object-centric); buffers are the anchors' 4-neighbours on the patch grid (the best-attended ones if
-    they do not all fit); registers fill the rest of the budget with the tokens most attended at the
-    output layer (global context). Attention is the CLS query's where the encoder has one, else the
-    mean over queries. Our defaults: the anchor layer and share; without a grid there are no buffers.
+    As in the reference: attention is what each patch receives, averaged over heads and over every query
+    (the CLS one included). Anchors are the ``round(keep * alpha / 5)`` patches most attended at
+    ``anchor_layer`` (default 8, the reference's object layer 9 counted from 1, or the output layer of a
+    shallower encoder); buffers are the patches at flat offsets -1, +1, -cols and +cols of each anchor
+    (cols: the grid's width, the reference's 24), clamped to ``[0, N)``, so ``alpha`` counts anchors with
+    their buffers; registers fill the rest of the budget with the other patches most attended at the
+    output layer (the layer whose output the model uses).
+
+    Deviations:
+    - attention is recomputed in float32 from queries and keys (FlashAttention/SDPA give no weights).
+    - exact budget: anchors and buffers beyond ``keep`` (the reference fails) keep the best at anchor_layer.
+    - without a patch grid (an image size other than the encoder's) anchors get no buffers.
     """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"hiprune: alpha must be in [0, 1], got {alpha}")
     attention = ctx.require("encoder_attention")
     anchor_attention, register_attention = attention[min(attention)], attention[max(attention)]
-    num_images, num_tokens = anchor_attention.shape
-    device = anchor_attention.device
-    num_anchors = max(1, min(keep, round(anchor_share * keep)))
-    selected = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=device)
-    selected.scatter_(1, top_k(anchor_attention, num_anchors), True)
-
-    if ctx.grid is not None and keep > num_anchors:
-        rows, cols = ctx.grid
-        anchors = selected.view(num_images, rows, cols)
-        neighbours = torch.zeros_like(anchors)
-        neighbours[:, 1:] |= anchors[:, :-1]
-        neighbours[:, :-1] |= anchors[:, 1:]
-        neighbours[:, :, 1:] |= anchors[:, :, :-1]
-        neighbours[:, :, :-1] |= anchors[:, :, 1:]
-        buffers = neighbours.view(num_images, num_tokens) & ~selected
-        room = keep - num_anchors
-        score = anchor_attention.float().masked_fill(~buffers, float("-inf"))
-        fits = torch.minimum(buffers.sum(dim=1), torch.tensor(room, device=device))
-        ranked = score.topk(room, dim=1).indices
-        chosen = torch.arange(room, device=device)[None] < fits[:, None]
-        selected.scatter_(1, ranked, chosen | torch.gather(selected, 1, ranked))
-
-    room = keep - selected.sum(dim=1)
-    score = register_attention.float().masked_fill(selected, float("-inf"))
-    ranked = score.topk(keep, dim=1).indices
-    chosen = torch.arange(keep, device=device)[None] < room[:, None]
-    selected.scatter_(1, ranked, chosen | torch.gather(selected, 1, ranked))
-    return selected.nonzero()[:, 1].view(num_images, keep)
+    anchored = _anchors_and_buffers(anchor_attention, round(keep * alpha / 5), ctx.grid)
+    return _first_then_best(anchored, anchor_attention, register_attention, keep)

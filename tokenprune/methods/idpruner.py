@@ -17,11 +17,12 @@ from ._select import cosine_similarity_matrix, min_max
 def idpruner(ctx: SelectionContext, keep: int, *, lam: float = 0.5) -> torch.Tensor:
     """Greedy MMR: the next token maximises ``lam * importance - (1 - lam) * max similarity to the kept``.
 
-    As in the paper: the first token is the most important, importance is min-max normalised to [0, 1],
-    similarity is the cosine of the visual tokens entering the language model, ``lam`` defaults to 0.5,
-    and no attention map is needed. Deviation: the reference's importance comes from a small trained
-    scorer (per-model weights, not available here); this uses each token's L2 norm, an attention-free
-    saliency proxy.
+    As in the reference (YF-T/IDPruner, ``idpruner`` with one token per round; tests/test_parity_idpruner.py):
+    the first token is the most important, importance is min-max normalised to [0, 1], similarity is the
+    cosine of the visual tokens entering the language model, both in float32, and ``lam`` defaults to 0.5.
+
+    Deviations:
+    - importance is each token's L2 norm, not the reference's trained per-model scorer (no weights here).
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"idpruner: lam must be in [0, 1], got {lam}")

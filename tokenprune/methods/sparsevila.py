@@ -13,7 +13,7 @@ from ..registry import register_method
 from ._select import top_k
 
 
-@register_method("sparsevila", stage="kv", needs=("attention",))
+@register_method("sparsevila", stage="kv", needs=("attention",), attention_top_k=True)
 def sparsevila(ctx: SelectionContext, keep: int) -> torch.Tensor:
     """At each decode step and layer, attend only to the visual KV entries the current query scores most.
 
@@ -24,5 +24,7 @@ def sparsevila(ctx: SelectionContext, keep: int) -> torch.Tensor:
     ranking is the step's own attention row, recomputed for the last query from the layer's projections
     (O(cache length) per layer, so sdpa and FlashAttention keep running), and the other visual entries
     are masked for the step, which is exact but saves no attention compute without a sparse kernel.
+    Where Triton runs, each layer's selection is one kernel and its attention sdpa's
+    (:func:`tokenprune.kernels.retrieval.attention_top_k`); this function is that kernel's reference.
     """
     return top_k(ctx.require("attention"), keep)

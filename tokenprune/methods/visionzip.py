@@ -1,6 +1,8 @@
 """VisionZip: dominant tokens by the image encoder's attention, the rest merged into a few contextual ones.
 
 Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models" (CVPR 2025).
+Reference: github.com/dvlab-research/VisionZip, ``visionzip/clip_encoder.py``
+(``CLIPVisionTower_VisionZip.forward``) and ``visionzip/main.py`` (``visionzip``).
 """
 
 from __future__ import annotations
@@ -13,45 +15,87 @@ from ..registry import register_method
 from ._select import cosine_similarity_matrix, top_k
 
 
-@register_method("visionzip", stage="vision", needs=("encoder_attention", "keys"))
+@register_method("visionzip", stage="vision", needs=("encoder_attention", "keys", "class_token"))
 def visionzip(ctx: SelectionContext, keep: int, *, contextual: float = 10 / 64) -> Merged:
-    """Keep the tokens the encoder attends to most, and merge the others into a few contextual tokens.
+    """Keep the CLS token and the patches it attends to most; merge the rest into a few contextual tokens.
 
-    As in the reference: at the encoder layer whose output the model uses, the ``keep - c`` tokens with
-    the most CLS attention (summed over heads; the mean over queries for encoders without CLS) are the
-    dominant tokens. Of the rest, ``c = round(contextual * keep)`` (10 of 64, 30 of 192, the reference's
-    split) evenly spaced tokens are contextual targets; every other remaining token joins the target
-    whose key (averaged over heads) is most cosine-similar, and a contextual token is its target plus the
-    mean of the tokens that joined it. Deviation: the output keeps the tokens' spatial order, each
-    contextual token in its target's place, where the reference puts the contextual tokens last.
+    At the encoder layer whose output the model uses, with ``c = round(contextual * keep)`` contextual
+    tokens (10 of 64, 20 of 128, 30 of 192: the paper's splits), the dominant tokens are the CLS token
+    and the ``keep - c - 1`` patches with the most CLS attention (heads averaged; the reference sums them,
+    which ranks them alike). Of the ``R`` remaining patches (in patch order), the first ``c`` of every
+    ``max(1, R // c)``-th are contextual targets; every other remaining patch joins the target whose key
+    (averaged over heads) is most cosine-similar, and a contextual token is its target plus the mean of
+    the patches that joined it. The output is the reference's ``[CLS, dominant patches in patch order,
+    contextual tokens in target order]``, and its tokens take, in this order, the places of the dominant
+    patches, the targets and the first patch merged away, sorted, so that a language model reads them in
+    this order. The CLS token stands for no patch (size 0).
+
+    An encoder without a CLS token (SigLIP), which the reference does not cover: the ``keep - c`` patches
+    that receive the most attention averaged over all queries are the dominant tokens, and the output is
+    ``[dominant patches, contextual tokens]``. Keeping every patch, nothing is merged: the patches as they
+    are.
+
+    Deviations:
+    - A language model sees the tokens at the original positions of the places they take, with gaps
+      where patches were merged away, not at consecutive positions.
+    - Keeping every patch leaves no place for the CLS token, which the reference would add.
     """
     features = ctx.features
-    num_images, num_tokens, dim = features.shape
+    num_images, num_patches, _ = features.shape
+    if keep == num_patches:
+        index = torch.arange(num_patches, device=features.device).expand(num_images, -1)
+        return Merged(index, features, torch.ones_like(index, dtype=features.dtype))
+    class_token = ctx.class_token
+    num_contextual = min(round(contextual * keep), keep - int(class_token is not None))
     (attention,) = ctx.require("encoder_attention").values()
-    num_contextual = min(round(contextual * keep), num_tokens - keep) if keep > 1 else 0
-    dominant = top_k(attention, keep - num_contextual)
-    if num_contextual == 0:
-        sizes = torch.ones(num_images, keep, dtype=features.dtype, device=features.device)
-        return Merged(dominant, gather_tokens(features, dominant), sizes)
-    rest_mask = torch.ones(num_images, num_tokens, dtype=torch.bool, device=features.device)
-    rest_mask.scatter_(1, dominant, False)
-    rest = rest_mask.nonzero()[:, 1].view(num_images, -1)  # [I, R] in order
-    num_rest = rest.shape[1]
-    step = max(1, num_rest // num_contextual)
-    is_target = torch.zeros(num_rest, dtype=torch.bool, device=features.device)
-    is_target[torch.arange(0, num_rest, step, device=features.device)[:num_contextual]] = True
-    targets, others = rest[:, is_target], rest[:, ~is_target]
-    keys = ctx.require("keys")
-    assignment = cosine_similarity_matrix(gather_tokens(keys, others), gather_tokens(keys, targets)).argmax(
-        dim=-1
-    )
-    one_hot = torch.nn.functional.one_hot(assignment, num_contextual).to(features.dtype)  # [I, O, C]
-    counts = one_hot.sum(dim=1)  # [I, C]
-    joined = one_hot.transpose(1, 2) @ gather_tokens(features, others) / counts.clamp_min(1)[..., None]
-    contextual_tokens = gather_tokens(features, targets) + joined
+    dominant = top_k(attention, keep - num_contextual - int(class_token is not None))
+    targets, merged_away = _targets_and_merged_away(dominant, num_patches, num_contextual)
+    contextual_tokens, counts = _contextual_tokens(features, ctx.require("keys"), targets, merged_away)
 
-    index = torch.cat([dominant, targets], dim=1)
-    merged = torch.cat([gather_tokens(features, dominant), contextual_tokens], dim=1)
-    sizes = torch.cat([torch.ones_like(dominant, dtype=features.dtype), 1 + counts], dim=1)
-    index, order = index.sort(dim=1)
-    return Merged(index, gather_tokens(merged, order), torch.gather(sizes, 1, order))
+    places = [dominant, targets]
+    tokens = [gather_tokens(features, dominant), contextual_tokens]
+    sizes = [torch.ones_like(dominant, dtype=features.dtype), 1 + counts]
+    if class_token is not None:
+        places.insert(0, merged_away[:, :1])
+        tokens.insert(0, class_token[:, None])
+        sizes.insert(0, torch.zeros_like(merged_away[:, :1], dtype=features.dtype))
+    index = torch.cat(places, dim=1).sort(dim=1).values
+    return Merged(index, torch.cat(tokens, dim=1), torch.cat(sizes, dim=1))
+
+
+def _targets_and_merged_away(
+    dominant: torch.Tensor, num_patches: int, num_contextual: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contextual targets ``[I, c]`` and the patches merged into them ``[I, R - c]``, in patch order.
+
+    Of the ``R`` patches that are not ``dominant [I, d]``, the targets are the first ``c`` of every
+    ``max(1, R // c)``-th, from the first (none when ``c`` is 0); the others are merged away.
+    """
+    num_images = dominant.shape[0]
+    rest_mask = torch.ones(num_images, num_patches, dtype=torch.bool, device=dominant.device)
+    rest_mask.scatter_(1, dominant, False)
+    rest = rest_mask.nonzero()[:, 1].view(num_images, -1)
+    num_rest = rest.shape[1]
+    is_target = torch.zeros(num_rest, dtype=torch.bool, device=dominant.device)
+    if num_contextual:
+        step = max(1, num_rest // num_contextual)
+        is_target[torch.arange(0, num_rest, step, device=dominant.device)[:num_contextual]] = True
+    return rest[:, is_target], rest[:, ~is_target]
+
+
+def _contextual_tokens(
+    features: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, merged_away: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contextual tokens ``[I, c, D]`` and how many patches joined each target ``[I, c]``.
+
+    Each merged-away patch joins the target whose key is most cosine-similar; a contextual token is its
+    target's features plus the mean of the features that joined it (the target alone if none did).
+    """
+    num_contextual = targets.shape[1]
+    if num_contextual == 0:
+        return features[:, :0], features.new_zeros(features.shape[0], 0)
+    similarity = cosine_similarity_matrix(gather_tokens(keys, merged_away), gather_tokens(keys, targets))
+    one_hot = torch.nn.functional.one_hot(similarity.argmax(dim=-1), num_contextual).to(features.dtype)
+    counts = one_hot.sum(dim=1)  # [I, c]
+    joined = one_hot.transpose(1, 2) @ gather_tokens(features, merged_away) / counts.clamp_min(1)[..., None]
+    return gather_tokens(features, targets) + joined, counts
