@@ -1,6 +1,5 @@
-"""Paper-named methods against small re-implementations of their official selection code, written from
-reading that code, on identical random inputs: the same tokens must be kept (or merged) once the
-deviations each method's docstring lists are applied."""
+"""ToMe against a small re-implementation of its official merge, written from reading that code, on
+identical random inputs: the same tokens must be merged, step after step."""
 
 import pytest
 import torch
