@@ -299,6 +299,14 @@ def project_queries_keys(
     return query, keys
 
 
+def final_norm(language_model: nn.Module) -> nn.Module:
+    """The norm a decoder-only language model applies to its last layer's output (``norm``)."""
+    norm = getattr(language_model, "norm", None)
+    if not isinstance(norm, nn.Module):
+        raise InternalsMovedError(f"{type(language_model).__name__} has no final 'norm' module")
+    return norm
+
+
 def attention_scaling(layer: nn.Module) -> float:
     return float(layer.self_attn.scaling)
 

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenprune.attention import causal_rows_attention, query_attention, query_logits
-from tokenprune.context import SelectionContext
+from tokenprune.context import Instruction, SelectionContext
 from tokenprune.sequence import (
     VisualLayout,
     image_groups,
@@ -115,6 +115,22 @@ class _Call:
     layer_kwargs: dict[str, Any] = field(default_factory=dict)  # what the following layers get
     scoring_input: torch.Tensor | None = None  # input of the layer whose keys/attention score tokens
     transition: torch.Tensor | None = None  # [B, L_cur] sub-layer transitions summed so far
+
+
+@dataclass
+class _Instructions:
+    """The instructions of a batch's rows (see ``DecoderPruningHooks._instruction_rows``)."""
+
+    keys: torch.Tensor  # [B, Q, H_kv * d]
+    features: torch.Tensor  # [B, Q, D]
+    prompt: torch.Tensor  # [B, Q] the prompt of each (-1: padding)
+    sequences: torch.Tensor  # [B, L] the prompt of every token
+
+    def of(self, layout: VisualLayout) -> Instruction:
+        """Each image's: its row's instruction tokens of its own prompt."""
+        image_prompt = self.sequences[layout.sample, layout.positions[:, 0]]
+        mask = self.prompt[layout.sample] == image_prompt[:, None]
+        return Instruction(self.keys[layout.sample], self.features[layout.sample], mask)
 
 
 def size_following_stages(config, num_layers: int, model_name: str) -> list[tuple[int, None]]:
@@ -218,7 +234,7 @@ class DecoderPruningHooks(LanguageModelHooks):
                 for layer in self.layers[stage_layers[0] - 1 : stage_layers[-1]]
                 for sublayer in internals.sublayers(layer)
             ]
-        if {"attention", "unrotated_logits", "keys"} & set(needs):
+        if {"attention", "unrotated_logits", "keys", "instruction"} & set(needs):
             # registered last, so that each sees its layer's input after any pruning at that layer
             handles += [
                 self.layers[k - 1].register_forward_pre_hook(self._capture_scoring_input, with_kwargs=True)
@@ -518,10 +534,16 @@ class DecoderPruningHooks(LanguageModelHooks):
         """What the decoder-stage method declared it needs, over the whole sequence ``[B, L, ...]``."""
         needs = self._needs()
         scores = {}
-        if "keys" in needs:
+        if "keys" in needs or "instruction" in needs:
             scoring_layer, scoring_input = self._scoring_layer(call, layer, hidden)
             _, keys = internals.project_queries_keys(scoring_layer, scoring_input, position_embeddings, None)
             scores["keys"] = keys.transpose(1, 2).flatten(2)
+        if "instruction" in needs:
+            rows, counted = self._instruction_rows(call)
+            take = lambda x: torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
+            sequences = self._sequences(call)
+            prompt = torch.where(counted, torch.gather(sequences, 1, rows), -1)
+            scores["instruction"] = _Instructions(take(scores["keys"]), take(hidden), prompt, sequences)
         if "attention" in needs:
             scores["attention"] = self._last_token_attention(call, layer, hidden, position_embeddings)
         if "unrotated_logits" in needs:
@@ -555,7 +577,9 @@ class DecoderPruningHooks(LanguageModelHooks):
             keep_ratio=ratio,
         )
         for name, value in scores.items():
-            setattr(ctx, name, layout.take(value))
+            setattr(ctx, name, value.of(layout) if isinstance(value, _Instructions) else layout.take(value))
+        if "final_norm" in self._needs():
+            ctx.final_norm = internals.final_norm(self.language_model)
         return ctx
 
     def _scoring_layer(self, call: _Call, layer: int, hidden: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
@@ -615,6 +639,36 @@ class DecoderPruningHooks(LanguageModelHooks):
         positions = torch.arange(valid.shape[1], device=valid.device)
         return torch.where(valid, positions, -1).amax(dim=1)
 
+    @staticmethod
+    def _sequences(call: _Call) -> torch.Tensor:
+        """The prompt each token belongs to ``[B, L]``: its packed sequence in a padding-free row, else 0."""
+        if call.sequence_ids is not None:
+            return call.sequence_ids
+        return torch.zeros_like(call.attention_mask, dtype=torch.long)
+
+    def _instruction_rows(self, call: _Call) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positions of each row's instructions ``[B, Q]``: the real tokens after the last visual token
+        of their prompt (its last token, where none follows its images; a padding-free row holds several
+        prompts), in order; a row with fewer is padded with its last token, and ``counted [B, Q]`` says
+        which are not padding. Reads the device once (Q)."""
+        valid = call.attention_mask.bool()
+        batch, length = valid.shape
+        positions = torch.arange(length, device=valid.device).expand(batch, length)
+        sequence = self._sequences(call)
+
+        def per_prompt(values: torch.Tensor) -> torch.Tensor:  # the largest of each token's prompt
+            largest = torch.full_like(values, -1).scatter_reduce(1, sequence, values, "amax")
+            return torch.gather(largest, 1, sequence)
+
+        last = per_prompt(torch.where(valid, positions, -1))
+        after_images = per_prompt(torch.where(call.visual, positions, -1))
+        instruction = valid & ((positions > after_images) | (positions == last))
+        count = instruction.sum(dim=1)
+        width = int(count.max())
+        counted = torch.arange(width, device=valid.device) < count[:, None]
+        rows = torch.where(instruction, positions, length).sort(dim=1).values[:, :width]
+        return torch.where(counted, rows, self._last_rows(call)[:, None]), counted
+
     def _instruction_attention(
         self,
         call: _Call,
@@ -628,16 +682,11 @@ class DecoderPruningHooks(LanguageModelHooks):
         the prompt; averaged over heads and queries. O(B * H * Q * L) for Q instruction tokens."""
         valid = call.attention_mask.bool()
         positions = torch.arange(valid.shape[1], device=valid.device)
-        last = self._last_rows(call)
-        after_images = torch.where(call.visual, positions, -1).amax(dim=1)
-        instruction = valid & ((positions > after_images[:, None]) | (positions == last[:, None]))
-        count = instruction.sum(dim=1)
-        width = int(count.max())  # a ragged batch fills its shorter rows with the last token, not counted
-        counted = torch.arange(width, device=valid.device) < count[:, None]
-        rows = torch.where(instruction, positions, valid.shape[1]).sort(dim=1).values[:, :width]
-        rows = torch.where(counted, rows, last[:, None])
+        rows, counted = self._instruction_rows(call)
         scoring_layer = self.layers[layer]
         query, keys = internals.project_queries_keys(scoring_layer, hidden, position_embeddings, rows)
-        key_mask = valid[:, None, :] & (positions[None, None, :] <= rows[..., None])
+        sequence = self._sequences(call)  # a query sees its own prompt only
+        same_prompt = sequence[:, None, :] == torch.gather(sequence, 1, rows)[..., None]
+        key_mask = valid[:, None, :] & (positions[None, None, :] <= rows[..., None]) & same_prompt
         scaling = internals.attention_scaling(scoring_layer)
         return causal_rows_attention(query, keys, key_mask, counted, scaling)

@@ -9,6 +9,7 @@ import tokenprune as tp
 from tokenprune.attention import query_attention
 from tokenprune.patches import _internals as internals
 from tokenprune.patches import adapter_for
+from tokenprune.patches._internals import output_cache
 from tokenprune.testing import tiny_inputs, tiny_model
 
 
@@ -92,7 +93,6 @@ def test_recomputed_queries_and_keys_are_the_layers_own(family):
 def test_keys_are_those_cached_by_the_layer_before_pruning():
     """``ctx.keys`` at layer K equals what transformers itself cached for layer K-1 at the visual rows."""
     from tokenprune.methods._select import top_k
-    from tokenprune.patches._internals import output_cache
     from tokenprune.registry import _REGISTRY
 
     seen = []
@@ -112,3 +112,50 @@ def test_keys_are_those_cached_by_the_layer_before_pruning():
         torch.testing.assert_close(seen[0][0], cached.transpose(0, 1).flatten(1), atol=1e-5, rtol=0)
     finally:
         del _REGISTRY["_record_keys"]
+
+
+def test_the_instruction_is_what_follows_the_images_in_each_prompt():
+    """``ctx.instruction`` at layer K: the keys transformers cached for layer K-1 and the hidden states
+    entering layer K at the real tokens after each prompt's last image token (a ragged, left-padded
+    batch pads the shorter instruction), and ``ctx.final_norm`` the language model's own."""
+    from tokenprune.methods._select import top_k
+    from tokenprune.registry import _REGISTRY
+
+    seen = []
+
+    @tp.register_method("_record_instruction", default_layer=2, needs=("instruction", "final_norm"))
+    def record_instruction(ctx, keep):
+        seen.append(ctx)
+        return top_k(ctx.features.norm(dim=-1), keep)
+
+    model = tiny_model()
+    inputs = tiny_inputs(model, (1, 2), text_lengths=(12, 5))
+    layer_input = {}
+    hook = model.model.language_model.layers[2].register_forward_pre_hook(
+        lambda module, args, kwargs: layer_input.update(hidden=internals.layer_hidden_states(args, kwargs)),
+        with_kwargs=True,
+    )
+    try:
+        with tp.pruned(model, "_record_instruction", keep_ratio=1.0), torch.no_grad():
+            cache = output_cache(model(**inputs, use_cache=True))
+    finally:
+        hook.remove()
+        del _REGISTRY["_record_instruction"]
+    (ctx,) = seen
+    assert ctx.final_norm is model.model.language_model.norm
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    positions = torch.arange(ids.shape[1])
+    counts = []
+    for image, row in enumerate([0, 1, 1]):  # the batch's images, row by row
+        last_image = int(torch.where(ids[row] == model.config.image_token_id, positions, -1).max())
+        rows = positions[(positions > last_image) & mask[row]]
+        counts.append(len(rows))
+        assert ctx.instruction.mask[image].tolist() == [
+            i < len(rows) for i in range(ctx.instruction.mask.shape[1])
+        ]
+        cached = cache.layers[1].keys[row][:, rows].transpose(0, 1).flatten(1)
+        torch.testing.assert_close(ctx.instruction.keys[image, : len(rows)], cached, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            ctx.instruction.features[image, : len(rows)], layer_input["hidden"][row, rows]
+        )
+    assert counts[0] != counts[1]  # the batch pads the shorter instruction

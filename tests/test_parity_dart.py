@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 import pytest
 import torch
 
-from tokenprune.context import SelectionContext
+from tokenprune.context import Instruction, SelectionContext
 from tokenprune.registry import get_method
 
 SYSTEM, IMAGE, TEXT = 35, 576, 20  # LLaVA-1.5: system prompt, 24x24 image tokens, then the question
@@ -70,26 +70,30 @@ def test_dart_keeps_what_the_reference_keeps(keep, seed):
     ``ctx.keys`` are the image rows of the same states, as the decoder adapter provides them.
 
     Deviations (tokenprune/methods/dart.py), applied one line each below, in their order there:
-    (1) all 8 pivots are image tokens; (2) no final norm weight; (3) shares sum to ``keep``;
-    (4) pivots visited by position; (5) float32 inputs, so the reference scores in float32 too.
+    (1) shares sum to ``keep``; (2) pivots visited by position; (3) float32 inputs, so the reference
+    scores in float32 too; (4) one image per prompt here, as the reference.
     """
     g = torch.Generator().manual_seed(seed)
     length, width = SYSTEM + IMAGE + TEXT, 64
     hidden = torch.randn(2, length, width, generator=g) * (0.5 + torch.rand(2, length, 1, generator=g))
     keys = torch.randn(2, 4, length, 16, generator=g) * (0.5 + torch.rand(2, 1, length, 1, generator=g))
-    image = slice(SYSTEM, SYSTEM + IMAGE)
+    image, text = slice(SYSTEM, SYSTEM + IMAGE), slice(SYSTEM + IMAGE, length)
+    flat_keys = keys.transpose(1, 2).flatten(2)
+    final_norm = torch.nn.RMSNorm(width, eps=1e-6)
+    torch.nn.init.uniform_(final_norm.weight, 0.5, 1.5, generator=g)
     ctx = SelectionContext(
         features=hidden[:, image],
         grid=(24, 24),
         image_index=torch.zeros(2, dtype=torch.long),
-        keys=keys[:, :, image].transpose(1, 2).flatten(2),
+        keys=flat_keys[:, image],
+        instruction=Instruction(flat_keys[:, text], hidden[:, text], torch.ones(2, TEXT, dtype=torch.bool)),
+        final_norm=final_norm,
     )
-    kept = get_method("dart").select(ctx, keep, {})
-    pivots = 8
-    image_pivots, text_pivots = pivots, 0  # (1)
-    normed = torch.nn.functional.rms_norm(hidden, (width,), eps=1e-6)  # (2) the final norm, weight all ones
-    shares = [(keep - pivots) // pivots + (p < (keep - pivots) % pivots) for p in range(pivots)]  # (3)
-    visit = sorted  # (4)
+    with torch.no_grad():
+        kept = get_method("dart").select(ctx, keep, {})
+        normed = final_norm(hidden)
+    shares = [(keep - 4) // 8 + (p < (keep - 4) % 8) for p in range(8)]  # (1)
+    visit = sorted  # (2)
     for i in range(2):
-        expected = dart_reference(normed[i], keys[i], keep, image_pivots, text_pivots, visit, shares)
+        expected = dart_reference(normed[i], keys[i], keep, 4, 4, visit, shares)
         assert kept[i].tolist() == sorted(p - SYSTEM for p in expected)

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+
+@dataclass
+class Instruction:
+    """The prompt's instruction as a decoder-stage method sees it beside an image: the real tokens after the
+    prompt's last visual token (its last token where none follows), ``Q`` per image, padded.
+
+    Attributes:
+        keys: their key states, as ``SelectionContext.keys`` ``[I, Q, H_kv * d]``.
+        features: their hidden states, as ``SelectionContext.features`` ``[I, Q, D]``.
+        mask: which of the ``Q`` are tokens (the rest pad a shorter instruction) ``[I, Q]``.
+    """
+
+    keys: torch.Tensor
+    features: torch.Tensor
+    mask: torch.Tensor
 
 
 @dataclass
@@ -31,6 +49,10 @@ class SelectionContext:
         instruction_attention: attention that the prompt's instruction (every token after the images)
             pays to each visual token at the acting layer itself, each query's softmax over the prompt
             before it, averaged over heads and queries ``[I, N]`` (needs ``instruction_attention``).
+        instruction: the key and hidden states of the prompt's instruction, the tokens after its images
+            (needs ``instruction``; see :class:`Instruction`).
+        final_norm: the language model's final norm (needs ``final_norm``): what the model applies to the
+            last layer's output, for a method that compares hidden states as the model would read them.
         transition: how much the attention and MLP sub-layers changed each visual token, summed from the
             layer before the first pruning stage on, across stages ``[I, N]`` (needs ``transition``; see
             :func:`tokenprune.transition.sublayer_transition`).
@@ -63,6 +85,8 @@ class SelectionContext:
     attention: torch.Tensor | None = None
     unrotated_logits: torch.Tensor | None = None
     instruction_attention: torch.Tensor | None = None
+    instruction: Instruction | None = None
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     transition: torch.Tensor | None = None
     encoder_attention: dict[int, torch.Tensor] | None = None
     class_token: torch.Tensor | None = None
@@ -71,8 +95,10 @@ class SelectionContext:
     stage: int = 0
     keep_ratio: float | None = None
 
-    def require(self, name: str) -> torch.Tensor:
-        """The tensor the method declared in ``needs``; a clear error if the adapter did not provide it."""
+    def require(self, name: str) -> Any:
+        """What the method declared in ``needs`` (a tensor; for ``encoder_attention`` a dict of them, for
+        ``instruction`` an :class:`Instruction`, for ``final_norm`` a module); a clear error if the adapter
+        did not provide it."""
         value = getattr(self, name)
         if value is None:
             raise RuntimeError(

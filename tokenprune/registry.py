@@ -26,6 +26,8 @@ KNOWN_NEEDS = (
     "attention",
     "unrotated_logits",
     "instruction_attention",
+    "instruction",
+    "final_norm",
     "transition",
     "encoder_attention",
     "class_token",

@@ -13,37 +13,59 @@ from ..registry import register_method
 from ._select import cosine_similarity_matrix
 
 
-@register_method("dart", default_layer=2, needs=("keys",))
-def dart(ctx: SelectionContext, keep: int, *, pivots: int = 8) -> torch.Tensor:
+@register_method("dart", default_layer=2, needs=("keys", "instruction", "final_norm"))
+def dart(
+    ctx: SelectionContext, keep: int, *, pivots: int = 8, text_pivots: int | None = None
+) -> torch.Tensor:
     """Keep pivot tokens and, per pivot, the tokens least similar to it (DART duplication criterion).
 
     As in the reference (ZichenWen1/DART, ``get_retained_image_token``; tests/test_parity_dart.py): the
-    pivots are the image tokens whose key states at layer K-1 (RoPE applied, heads concatenated) have the
-    largest L1 norm; then, pivot by pivot, the image tokens neither pivots nor kept yet whose hidden states
-    entering layer K have the lowest cosine similarity to the pivot's are kept, and the pivots stay. The
-    ``keep - pivots`` tokens are shared evenly, the first pivots taking one more where it does not divide.
+    pivots are the ``pivots - text_pivots`` image tokens and the ``text_pivots`` (default half: the
+    reference's 4 of 8) instruction tokens, those after the image, whose key states at layer K-1 (RoPE
+    applied, heads concatenated) have the largest L1 norm; then, pivot by pivot, the image tokens neither
+    pivots nor kept yet whose hidden states entering layer K, through the model's final norm, have the
+    lowest cosine similarity to the pivot's are kept, and the image pivots stay. The ``keep`` minus image
+    pivots tokens are shared evenly over the pivots, the first taking one more where it does not divide;
+    an instruction shorter than ``text_pivots`` gives fewer pivots.
 
     Deviations:
-    - all 8 pivots are image tokens; the reference takes 4 of its 8 from the text after the image.
-    - no final RMSNorm before the cosine (the reference's; only its per-channel weight changes a cosine).
-    - exactly ``keep`` survive, pivots included; the reference keeps its pivots on top (132 for 128).
+    - exactly ``keep`` survive, pivots included; the reference keeps its image pivots on top (132 for 128).
     - pivots are visited by position; the reference visits them in a Python set's order.
     - float32 scores (the reference's are in the model's dtype, fp16 in its runs).
+    - several images in a prompt share its instruction's text pivots (the reference takes one image).
     """
-    features = ctx.features
+    text_pivots = pivots // 2 if text_pivots is None else text_pivots
+    if not 0 <= text_pivots <= pivots:
+        raise ValueError(f"dart: text_pivots must be in [0, pivots], got {text_pivots} of {pivots}")
+    features = ctx.final_norm(ctx.features) if ctx.final_norm is not None else ctx.features
     num_images, num_tokens = features.shape[:2]
-    num_pivots = min(pivots, keep)
+    device = features.device
+    num_image_pivots = min(pivots - text_pivots, keep)
     key_norm = ctx.require("keys").float().abs().sum(dim=-1)  # [I, N]
-    pivot_index = key_norm.topk(num_pivots, dim=1).indices.sort(dim=1).values  # [I, P], by position
-    selected = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=features.device)
-    selected.scatter_(1, pivot_index, True)
-    pivot_features = torch.gather(features, 1, pivot_index[..., None].expand(-1, -1, features.shape[-1]))
-    similarity = cosine_similarity_matrix(pivot_features, features)  # [I, P, N]
-    remaining = keep - num_pivots
-    for p in range(num_pivots):
-        share = remaining // num_pivots + (1 if p < remaining % num_pivots else 0)
-        if share == 0:
-            continue
+    image_pivots = key_norm.topk(num_image_pivots, dim=1).indices.sort(dim=1).values  # [I, P], by position
+    pivot_features = [torch.gather(features, 1, image_pivots[..., None].expand(-1, -1, features.shape[-1]))]
+    is_pivot = torch.ones(num_images, num_image_pivots, dtype=torch.bool, device=device)
+    instruction = ctx.instruction
+    if instruction is not None and text_pivots > 0:
+        text = ctx.final_norm(instruction.features) if ctx.final_norm is not None else instruction.features
+        count = min(text_pivots, instruction.mask.shape[1])
+        text_norm = instruction.keys.float().abs().sum(dim=-1).masked_fill(~instruction.mask, float("-inf"))
+        chosen = text_norm.topk(count, dim=1).indices.sort(dim=1).values  # [I, T], by position
+        pivot_features.append(torch.gather(text, 1, chosen[..., None].expand(-1, -1, text.shape[-1])))
+        is_pivot = torch.cat([is_pivot, torch.gather(instruction.mask, 1, chosen)], dim=1)
+    similarity = cosine_similarity_matrix(torch.cat(pivot_features, dim=1), features)  # [I, P, N]
+
+    selected = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=device)
+    selected.scatter_(1, image_pivots, True)
+    remaining = keep - num_image_pivots
+    total = is_pivot.sum(dim=1, keepdim=True).clamp_min(1)  # pivots of each image
+    turn = is_pivot.cumsum(dim=1) - 1  # each real pivot's turn
+    shares = torch.where(is_pivot, remaining // total + (turn < remaining % total).long(), 0)  # [I, P]
+    most = remaining // num_image_pivots + 1 if num_image_pivots else remaining  # the largest share
+    slot = torch.arange(min(most, num_tokens), device=device)
+    for p in range(is_pivot.shape[1]):
         score = (-similarity[:, p]).masked_fill(selected, float("-inf"))
-        selected.scatter_(1, score.topk(share, dim=1).indices, True)
+        ranked = score.topk(slot.numel(), dim=1).indices
+        taken = slot[None] < shares[:, p : p + 1]
+        selected.scatter_(1, ranked, taken | torch.gather(selected, 1, ranked))
     return selected.nonzero()[:, 1].view(num_images, keep)
