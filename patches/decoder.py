@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenprune.attention import causal_rows_attention, query_attention, query_logits
+from tokenprune.attention import causal_rows_attention, query_logits
 from tokenprune.context import Instruction, SelectionContext
 from tokenprune.sequence import (
     VisualLayout,
@@ -115,6 +115,12 @@ class _Call:
     layer_kwargs: dict[str, Any] = field(default_factory=dict)  # what the following layers get
     scoring_input: torch.Tensor | None = None  # input of the layer whose keys/attention score tokens
     transition: torch.Tensor | None = None  # [B, L_cur] sub-layer transitions summed so far
+
+
+def _largest_per_prompt(sequence: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """By prompt ``[B, L]``: at ``p``, the largest of ``values [B, L]`` over the tokens of prompt ``p`` of the
+    row (``sequence [B, L]`` numbers each token's prompt from 0); -1 past the row's prompts (values >= -1)."""
+    return torch.full_like(values, -1).scatter_reduce(1, sequence, values, "amax")
 
 
 @dataclass
@@ -599,12 +605,20 @@ class DecoderPruningHooks(LanguageModelHooks):
         hidden: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        """Attention of each prompt's last token to every token ``[B, L]``, at the scoring layer."""
-        query, keys, scaling = self._last_token_projections(call, layer, hidden, position_embeddings)
+        """Attention of each prompt's last token to every token of that prompt ``[B, L]``, at the scoring
+        layer: softmax over the tokens up to it, heads averaged."""
+        query, keys, scaling, ends = self._last_token_projections(call, layer, hidden, position_embeddings)
         valid = call.attention_mask.bool()
         positions = torch.arange(valid.shape[1], device=valid.device)
-        key_mask = valid & (positions[None] <= self._last_rows(call)[:, None])
-        return query_attention(query, keys, key_mask, scaling)
+        prompt = self._sequences(call)
+        key_mask = (
+            valid[:, None, :]
+            & (positions <= ends[..., None])
+            & (prompt[:, None, :] == torch.gather(prompt, 1, ends)[..., None])
+        )  # [B, P, L]
+        scores = query_logits(query, keys, scaling).masked_fill(~key_mask[:, None], float("-inf"))
+        attention = scores.softmax(dim=-1).mean(dim=1)  # [B, P, L]
+        return torch.gather(attention, 1, prompt[:, None, :])[:, 0]  # each token, its own prompt's row
 
     def _last_token_logits(
         self,
@@ -613,10 +627,12 @@ class DecoderPruningHooks(LanguageModelHooks):
         hidden: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        """Attention logits of each prompt's last token to every token, by head ``[B, L, H]``, at the
-        scoring layer (no mask: a method reads the visual tokens, all before the last token)."""
-        query, keys, scaling = self._last_token_projections(call, layer, hidden, position_embeddings)
-        return query_logits(query, keys, scaling)[:, :, 0].transpose(1, 2)
+        """Attention logits of each prompt's last token to every token of that prompt, by head ``[B, L, H]``,
+        at the scoring layer (no mask: a method reads the visual tokens, all before the last token)."""
+        query, keys, scaling, _ = self._last_token_projections(call, layer, hidden, position_embeddings)
+        logits = query_logits(query, keys, scaling)  # [B, H, P, L]
+        prompt = self._sequences(call)[:, None, None, :].expand(-1, logits.shape[1], 1, -1)
+        return torch.gather(logits, 2, prompt)[:, :, 0].transpose(1, 2)
 
     def _last_token_projections(
         self,
@@ -624,13 +640,27 @@ class DecoderPruningHooks(LanguageModelHooks):
         layer: int,
         hidden: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """The scoring layer's query of each prompt's last token ``[B, H, 1, d]``, its keys of every token
-        ``[B, H_kv, L, d]`` (RoPE as ``position_embeddings`` give it) and its attention scaling."""
+    ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+        """The scoring layer's query of each prompt's last token ``[B, H, P, d]``, its keys of every token
+        ``[B, H_kv, L, d]`` (RoPE as ``position_embeddings`` give it), its attention scaling, and where those
+        last tokens are ``[B, P]`` (see :meth:`_prompt_ends`)."""
         scoring_layer, scoring_input = self._scoring_layer(call, layer, hidden)
-        last = self._last_rows(call)
-        query, keys = internals.project_queries_keys(scoring_layer, scoring_input, position_embeddings, last)
-        return query, keys, internals.attention_scaling(scoring_layer)
+        ends = self._prompt_ends(call)
+        query, keys = internals.project_queries_keys(scoring_layer, scoring_input, position_embeddings, ends)
+        return query, keys, internals.attention_scaling(scoring_layer), ends
+
+    def _prompt_ends(self, call: _Call) -> torch.Tensor:
+        """The position of each prompt's last real token ``[B, P]``, in the order of the prompts: ``P = 1``,
+        but for a padding-free row of several prompts (a row with fewer repeats its last; reads the device
+        once for P)."""
+        last = self._last_rows(call)[:, None]
+        if call.sequence_ids is None:
+            return last
+        sequence, valid = call.sequence_ids, call.attention_mask.bool()
+        positions = torch.arange(valid.shape[1], device=valid.device).expand_as(sequence)
+        ends = _largest_per_prompt(sequence, torch.where(valid, positions, -1))
+        ends = ends[:, : int(sequence.max()) + 1]
+        return torch.where(ends >= 0, ends, last)
 
     @staticmethod
     def _last_rows(call: _Call) -> torch.Tensor:
@@ -657,8 +687,7 @@ class DecoderPruningHooks(LanguageModelHooks):
         sequence = self._sequences(call)
 
         def per_prompt(values: torch.Tensor) -> torch.Tensor:  # the largest of each token's prompt
-            largest = torch.full_like(values, -1).scatter_reduce(1, sequence, values, "amax")
-            return torch.gather(largest, 1, sequence)
+            return torch.gather(_largest_per_prompt(sequence, values), 1, sequence)
 
         last = per_prompt(torch.where(valid, positions, -1))
         after_images = per_prompt(torch.where(call.visual, positions, -1))

@@ -161,7 +161,7 @@ def test_compiled_forward_equals_eager():
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["divprune", "dart", "transprune"])
+@pytest.mark.parametrize("method", ["divprune", "dart", "fastv", "feather", "transprune"])
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_packed_sequences_equal_padded_ones(vlm, method):
     """A padding-free batch (prompts packed in one row, position ids restarting at each) gives each prompt's
