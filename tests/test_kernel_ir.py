@@ -64,7 +64,7 @@ CONSTEXPRS = [
 
 
 @pytest.mark.parametrize(
-    ("name", "constexprs"), zip([*POINTERS, "_greedy_select_kernel"], CONSTEXPRS, strict=True)
+    ("name", "constexprs"), list(zip([*POINTERS, "_greedy_select_kernel"], CONSTEXPRS, strict=True))
 )
 def test_kernels_lower_to_triton_ir_for_an_h100(name, constexprs):
     """The Triton front end, run on the CPU for an sm_90 target: the type checks the interpreter skips (a
