@@ -1,12 +1,13 @@
 """Real loading code on a local checkpoint, inputs given as embeddings, and a hand-written decode loop."""
 
+import pytest
 import torch
 from helpers import ATOL, cache_kwarg, extend, masked_reference
 from transformers import LlavaForConditionalGeneration
 
 import tokenprune as tp
 from tokenprune.patches._internals import output_cache
-from tokenprune.testing import save_tiny_checkpoint, tiny_inputs
+from tokenprune.testing import save_tiny_checkpoint, tiny_config, tiny_inputs, tiny_model, tokens_per_image
 
 
 def test_from_pretrained_local_checkpoint(tmp_path):
@@ -64,3 +65,12 @@ def test_a_random_benchmark_architecture_saves_and_loads(tmp_path):
     inputs = processor(images=Image.new("RGB", (80, 60)), text="<image> what", return_tensors="pt")
     assert int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum()) == 144
     assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_the_tiny_llava_takes_llava_15s_grid_and_a_deeper_decoder():
+    """``tokenprune.testing`` builds the tiny LLaVA at LLaVA-1.5's 576 image tokens for tests that need its
+    grid, and refuses the sizes for a family they do not apply to."""
+    model = tiny_model(patches_per_side=24, text_layers=6)
+    assert tokens_per_image(model) == 576 and len(model.model.language_model.layers) == 6
+    with pytest.raises(ValueError, match="tiny LLaVA only"):
+        tiny_config("qwen2_vl", text_layers=6)

@@ -4,12 +4,12 @@ applied."""
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel
 
 import tokenprune as tp
 from tokenprune.attention import query_attention
 from tokenprune.context import SelectionContext
 from tokenprune.registry import get_method
+from tokenprune.testing import tiny_encoder, tiny_pixels
 
 SIDE = 24  # CLIP-L/336's 24x24 patch grid, the one the reference hard-codes
 OBJECT_LAYER = 9  # the reference's HIPRUNE_OBJECT_LAYER default, counted from 1
@@ -150,28 +150,14 @@ def test_hiprune_reads_the_object_layer_and_the_output_layer():
     assert spec.encoder_queries == "all"
 
 
-def tiny_clip_24x24(num_layers: int = 10) -> CLIPVisionModel:
-    """A random CLIP vision encoder with CLIP-L/336's 24x24 patch grid (48-pixel images, 2-pixel patches)."""
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        image_size=48,
-        patch_size=2,
-    )
-    torch.manual_seed(0)
-    return CLIPVisionModel._from_config(config, attn_implementation="eager").eval()
-
-
 @pytest.mark.parametrize("budget", [64, 144, 192])
 def test_hiprune_on_an_encoder_keeps_what_the_reference_keeps(budget):
     """End to end on a CLIP encoder (3 images, batched): the reference reads the encoder's own eager
     attention weights at the object layer and at the layer whose output is used (the last here, a
     standalone encoder's); ours recomputes attention in its hooks. The kept patches are the rows of the
     pruned output found, unchanged, in the unpruned one."""
-    model = tiny_clip_24x24()
-    pixels = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(budget))
+    model = tiny_encoder("clip", "eager", num_layers=10, patches_per_side=24)  # CLIP-L/336's 24x24 grid
+    pixels = tiny_pixels(model, 3, seed=budget)
     with torch.no_grad():
         full = model(pixel_values=pixels, output_attentions=True)
         with tp.pruned(model, "hiprune", budget=budget):

@@ -13,14 +13,13 @@ import math
 import pytest
 import torch
 from torch.nn import functional as F
-from transformers import LlavaForConditionalGeneration
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import tokenprune as tp
 from tokenprune.attention import causal_rows_attention
 from tokenprune.context import SelectionContext
 from tokenprune.registry import get_method
-from tokenprune.testing import IMAGE_TOKEN_ID, PAD_TOKEN_ID, VOCAB_SIZE, llava_config, tiny_inputs
+from tokenprune.testing import IMAGE_TOKEN_ID, tiny_inputs, tiny_model
 from tokenprune.transition import sublayer_transition
 
 SYSTEM, IMAGE, TEXT = 35, 576, 40  # LLaVA-1.5: system prompt, 24x24 image tokens, then the instruction
@@ -98,34 +97,6 @@ def test_transprune_scores_as_the_reference(keep, seed):
     )
     got = get_method("transprune").select(ctx, keep, {})
     assert torch.equal(got[0], expected)
-
-
-def tiny_llava(layers: int, seed: int):
-    """A tiny random LLaVA with LLaVA-1.5's 576 image tokens (96 px images, 4 px patches) and a
-    ``layers``-deep Llama decoder (4 heads, 2 KV heads), float32, sdpa attention."""
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=96,
-        patch_size=4,
-        projection_dim=32,
-    )
-    text = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB_SIZE,
-        max_position_embeddings=1024,
-        initializer_range=0.1,
-        pad_token_id=PAD_TOKEN_ID,
-    )
-    config = llava_config(vision, text, IMAGE_TOKEN_ID, pad_token_id=PAD_TOKEN_ID)
-    torch.manual_seed(seed)
-    return LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
 
 
 class Recorder:
@@ -206,7 +177,7 @@ SCHEDULES = {
 def test_transprune_in_the_model_keeps_what_the_reference_keeps(schedule, seed):
     """The real hooks on a 13-layer tiny LLaVA with 576 image tokens: at every stage the image tokens
     kept are those the reference keeps from the same layers' sub-layer states and attention."""
-    model = tiny_llava(13, seed)
+    model = tiny_model(patches_per_side=24, text_layers=13, seed=seed)  # LLaVA-1.5's 576 image tokens
     inputs = tiny_inputs(model, (1,), text_lengths=(2 * TEXT,), seed=seed)
     start = int((inputs["input_ids"][0] == IMAGE_TOKEN_ID).nonzero()[0])
     stages = tp.PrunerConfig("transprune", schedule=schedule).stages(IMAGE)

@@ -163,28 +163,40 @@ def _qwen_config(family: str) -> Qwen2VLConfig | Qwen2_5_VLConfig | Qwen3VLConfi
     )
 
 
-def tiny_config(family: str = "llava"):
+def tiny_config(family: str = "llava", *, patches_per_side: int = 8, text_layers: int = 4):
     """The config of the tiny model of ``family``. LLaVA: 32x32 images in an 8x8 patch grid, a 6-layer
     vision tower (features of its fifth layer) and a 4-layer decoder. Qwen2-VL: 16x16 patches merged into
     8x8 tokens per image, a 2-layer vision tower (Qwen2.5-VL: window attention, then full) and a 4-layer
-    decoder with multimodal RoPE."""
+    decoder with multimodal RoPE.
+
+    LLaVA only: ``patches_per_side`` (24: LLaVA-1.5's 576 image tokens) and ``text_layers`` change the grid
+    (4-pixel patches) and the decoder's depth."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; tiny models exist for: {', '.join(FAMILIES)}")
+    if family != "llava" and (patches_per_side, text_layers) != (8, 4):
+        raise ValueError("patches_per_side and text_layers apply to the tiny LLaVA only")
     if family in QWEN_FAMILIES:
         return _qwen_config(family)
     if family in ANYRES_FAMILIES:
         return _anyres_config(family)
+    text = dict(
+        _TINY_TEXT, num_hidden_layers=text_layers, pad_token_id=PAD_TOKEN_ID, bos_token_id=1, eos_token_id=2
+    )
+    text["max_position_embeddings"] = max(text["max_position_embeddings"], 2 * patches_per_side**2)
     return llava_config(
-        vision=dict(_TINY_CLIP, num_hidden_layers=6),
-        text=dict(_TINY_TEXT, pad_token_id=PAD_TOKEN_ID, bos_token_id=1, eos_token_id=2),
+        vision=dict(_TINY_CLIP, num_hidden_layers=6, image_size=4 * patches_per_side),
+        text=text,
         image_token_id=IMAGE_TOKEN_ID,
         pad_token_id=PAD_TOKEN_ID,
     )
 
 
-def tiny_model(family: str = "llava", attn_implementation: str = "sdpa", seed: int = 0) -> PreTrainedModel:
-    """A tiny random model of ``family`` in eval mode, float32, on the CPU."""
-    config = tiny_config(family)
+def tiny_model(
+    family: str = "llava", attn_implementation: str = "sdpa", seed: int = 0, **sizes: int
+) -> PreTrainedModel:
+    """A tiny random model of ``family`` in eval mode, float32, on the CPU (``sizes``: see
+    :func:`tiny_config`)."""
+    config = tiny_config(family, **sizes)
     torch.manual_seed(seed)
     model_class = {
         "qwen2_vl": Qwen2VLForConditionalGeneration,
@@ -205,12 +217,17 @@ _ENCODERS = {
 
 
 def tiny_encoder(
-    family: str = "clip", attn_implementation: str = "sdpa", seed: int = 0, num_layers: int = 6
+    family: str = "clip",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    num_layers: int = 6,
+    patches_per_side: int = 8,
 ) -> PreTrainedModel:
     """A tiny random image encoder of ``family`` (:data:`ENCODER_FAMILIES`) in eval mode, float32, on CPU.
 
-    32x32 images in an 8x8 grid of 4-pixel patches, ``num_layers`` layers of width 32 with 4 heads; CLIP
-    and ViT prepend a CLS token, SigLIP does not. ``vit-classifier`` is ``ViTForImageClassification``.
+    Images in a ``patches_per_side`` square grid of 4-pixel patches (32x32 in 8x8 by default; 24 gives
+    CLIP-L/336's grid), ``num_layers`` layers of width 32 with 4 heads; CLIP and ViT prepend a CLS token,
+    SigLIP does not. ``vit-classifier`` is ``ViTForImageClassification``.
     """
     if family not in _ENCODERS:
         raise ValueError(
@@ -222,7 +239,7 @@ def tiny_encoder(
         intermediate_size=64,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
-        image_size=32,
+        image_size=4 * patches_per_side,
         patch_size=4,
         num_channels=3,
     )

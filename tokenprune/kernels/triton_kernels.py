@@ -318,6 +318,17 @@ def _add(a, b):
 
 
 @triton.jit
+def _slot_scores(keys, slots, sees, query, dims, in_dims, stride_kc, scaling):
+    """The scaled scores of ``query`` (float32) against the keys of cache ``slots``: -inf where it does not
+    see the slot."""
+    block = tl.load(
+        keys + slots[:, None] * stride_kc + dims[None, :], mask=sees[:, None] & in_dims[None, :], other=0.0
+    )
+    score = tl.reduce(block.to(tl.float32) * query[None, :], 1, _add) * scaling
+    return tl.where(sees, score, float("-inf"))
+
+
+@triton.jit
 def _attention_top_k_kernel(
     query_ptr,
     key_ptr,
@@ -368,23 +379,11 @@ def _attention_top_k_kernel(
         for start in range(0, num_slots, BLOCK_C):  # online softmax over the slots
             slot = start + slots
             sees = tl.load(allowed_ptr + row * num_slots + slot, mask=slot < num_slots, other=0) != 0
-            block = tl.load(
-                keys + slot[:, None] * stride_kc + dims[None, :],
-                mask=sees[:, None] & in_dims[None, :],
-                other=0.0,
-            )
-            score = tl.reduce(block.to(tl.float32) * query[None, :], 1, _add) * scaling
-            score = tl.where(sees, score, float("-inf"))
+            score = _slot_scores(keys, slot, sees, query, dims, in_dims, stride_kc, scaling)
             new_top = tl.maximum(top, tl.reduce(score, 0, _larger))
             total = total * tl.exp(top - new_top) + tl.reduce(tl.exp(score - new_top), 0, _add)
             top = new_top
-        block = tl.load(
-            keys + positions[:, None] * stride_kc + dims[None, :],
-            mask=sees_token[:, None] & in_dims[None, :],
-            other=0.0,
-        )
-        score = tl.reduce(block.to(tl.float32) * query[None, :], 1, _add) * scaling
-        score = tl.where(sees_token, score, float("-inf"))
+        score = _slot_scores(keys, positions, sees_token, query, dims, in_dims, stride_kc, scaling)
         attention += tl.exp(score - top) / total
     attention = attention / HEADS
     # the keep-th largest value by a radix search on its bits (non-negative floats order as their bits)
