@@ -141,13 +141,16 @@ class _Instructions:
 
 def size_following_stages(config, num_layers: int, model_name: str) -> list[tuple[int, None]]:
     """The stages of ``config`` for a family whose image token count varies with each image: its
-    pruning layers, each with a kept count the decoder computes per image. ``ValueError`` for a method
-    that does not act in the decoder (not supported there yet) or a layer outside the language model."""
+    pruning layers, each with a kept count the decoder computes per image (none for a ``kv`` method, which
+    prunes nothing at prefill and counts each image's share at the forward). ``ValueError`` for a vision
+    method (not supported there yet) or a layer outside the language model."""
     spec = config.spec
+    if spec.decode:
+        return []
     if spec.stage not in ("pre_llm", "llm") or config.vision is not None:
         raise ValueError(
             f"{config.method!r} ({spec.stage}) is not supported on {model_name} yet: "
-            "use a pre_llm or llm method"
+            "use a pre_llm, llm or kv method"
         )
     if config.last_layer >= num_layers:
         raise ValueError(

@@ -7,6 +7,10 @@ takes each image's count from the model's own packing step (``pack_image_feature
 instance to read the lengths it returns), numbers the placeholders image by image, and leaves the newline
 rows, found by their exact ``image_newline`` features, out of the visual tokens: they are structure and
 always kept. ``keep_ratio`` and ``budget`` count the visual tokens of all tiles of an image together.
+``pre_llm`` and ``llm`` methods drop tokens at prefill (:class:`~tokenprune.patches.decoder.DecoderPruningHooks`);
+a ``kv`` method (:class:`~tokenprune.patches.retrieval.DecodeRetrievalHooks`) keeps the prompt whole and
+hides, at each decode step, the visual tokens its query does not select: newline rows, being text to it,
+stay visible.
 """
 
 from __future__ import annotations
@@ -21,14 +25,16 @@ from tokenprune.config import PrunerConfig
 from tokenprune.sequence import image_ids_by_lengths
 
 from ._internals import InstanceOverride, InternalsMovedError, base_model, has_media_inputs, placeholder_mask
-from .decoder import DecoderPruningHooks, size_following_stages
+from .decoder import DecoderPruningHooks, LanguageModelHooks, size_following_stages
+from .retrieval import DecodeRetrievalHooks
 
 _PACK = "pack_image_features"
 
 
 class LlavaNextAdapter:
-    """Adapter for ``model_type`` ``llava_next`` and ``llava_onevision`` (``pre_llm`` and ``llm`` methods on
-    images; OneVision's videos are left unpruned)."""
+    """Adapter for ``model_type`` ``llava_next`` and ``llava_onevision`` (``pre_llm``, ``llm`` and ``kv``
+    methods on images; OneVision's videos are left unpruned). ``hooks`` are the language model's, chosen
+    at :meth:`attach` by the method's stage."""
 
     model_types = ("llava_next", "llava_onevision")
 
@@ -42,7 +48,7 @@ class LlavaNextAdapter:
             raise InternalsMovedError(f"{type(self.base).__name__}.{_PACK}(..., image_newline) moved")
         self.image_token_id = model.config.image_token_id
         self.tokens_per_image: int | None = None  # varies with each image's size
-        self.hooks = DecoderPruningHooks(self.base.language_model, 0, None)
+        self.hooks: LanguageModelHooks = DecoderPruningHooks(self.base.language_model, 0, None)
         self._lengths: torch.Tensor | None = None  # tokens of each image of the last encoding
 
     @property
@@ -58,6 +64,8 @@ class LlavaNextAdapter:
         return size_following_stages(config, self.num_layers, type(self.model).__name__)
 
     def attach(self, pruner) -> list[RemovableHandle]:
+        if pruner.config.spec.decode:  # a kv method: decode-time hooks on the same language model
+            self.hooks = DecodeRetrievalHooks(self.base.language_model, 0, None)
         return [
             InstanceOverride(self.base, _PACK, self._pack),
             self.base.register_forward_pre_hook(self._find_images, with_kwargs=True),

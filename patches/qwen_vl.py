@@ -9,9 +9,12 @@ tokens; at decode the model derives each new token's position from the full 2-D 
 Llama-style decoder, pruned by :class:`~tokenprune.patches.decoder.DecoderPruningHooks`.
 
 Supported here: images and videos of any sizes, mixed in one batch (``keep_ratio`` and ``budget`` apply per
-image or video; ``media`` picks images, videos or both), ``pre_llm`` and ``llm`` methods and schedules.
-Qwen3-VL's DeepStack features follow the kept tokens, and its videos (one placeholder run per frame, a
-timestamp between) count as one item each. Not yet: vision-stage and kv methods.
+image or video; ``media`` picks images, videos or both), ``pre_llm`` and ``llm`` methods and schedules,
+and ``kv`` methods (:class:`~tokenprune.patches.retrieval.DecodeRetrievalHooks`: the prefill and the cache
+are the model's own, so each decode step's query carries the rotary phase of the model's own decode
+position, from its ``rope_deltas``). Qwen3-VL's DeepStack features follow the kept tokens, and its videos
+(one placeholder run per frame, a timestamp between) count as one item each. Not yet: vision-stage
+methods.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from tokenprune.kernels import gather_tokens
 from tokenprune.sequence import image_ids_by_lengths, image_ids_by_runs
 
 from ._internals import InstanceOverride, InternalsMovedError, base_model, has_media_inputs, placeholder_mask
-from .decoder import DecoderPruningHooks, size_following_stages
+from .decoder import DecoderPruningHooks, LanguageModelHooks, size_following_stages
+from .retrieval import DecodeRetrievalHooks
 
 #: Qwen3-VL's text-model method that adds the DeepStack features after its first layers.
 _DEEPSTACK = "_deepstack_process"
@@ -35,7 +39,10 @@ _DEEPSTACK = "_deepstack_process"
 
 class Qwen2VLAdapter:
     """Adapter for ``model_type`` ``qwen2_vl``, ``qwen2_5_vl`` (whose window-attention vision tower is not
-    cut inside: the ``pre_llm`` stage acts after its merger) and ``qwen3_vl`` (DeepStack, below)."""
+    cut inside: the ``pre_llm`` stage acts after its merger) and ``qwen3_vl`` (DeepStack, below).
+
+    ``hooks`` are the language model's: :class:`DecoderPruningHooks` for prefill methods, replaced at
+    :meth:`attach` by :class:`DecodeRetrievalHooks` for a ``kv`` method."""
 
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -62,7 +69,7 @@ class Qwen2VLAdapter:
                 )
         self.merge = config.vision_config.spatial_merge_size
         self.tokens_per_image: int | None = None  # set per forward from the images' sizes
-        self.hooks = DecoderPruningHooks(self.base.language_model, 0, None)
+        self.hooks: LanguageModelHooks = DecoderPruningHooks(self.base.language_model, 0, None)
         self.hooks.images_by_runs = True  # each image's placeholders sit between vision start/end tokens
         self._encoded_grids: list[torch.Tensor] = []  # grid_thw the vision tower saw since the last forward
         self._modalities: tuple[str, ...] = ()
@@ -84,12 +91,15 @@ class Qwen2VLAdapter:
         self._modalities = {"images": ("image",), "videos": ("video",), "both": ("image", "video")}[
             pruner.config.media
         ]
+        if pruner.config.spec.decode:  # a kv method: decode-time hooks on the same language model
+            self.hooks = DecodeRetrievalHooks(self.base.language_model, 0, None)
+            self.hooks.images_by_runs = True
         handles = [
             self.base.visual.register_forward_pre_hook(self._record_grid, with_kwargs=True),
             self.base.register_forward_pre_hook(self._find_images, with_kwargs=True),
             *self.hooks.attach(pruner, self.model),
         ]
-        if self.deepstack:
+        if self.deepstack and not pruner.config.spec.decode:  # a kv method's prefill keeps every token
             handles.append(InstanceOverride(self.base.language_model, _DEEPSTACK, self._deepstack))
         return handles
 

@@ -47,6 +47,7 @@ class _Prompt:
 
     visual: torch.Tensor  # [B, L]
     layouts: list[VisualLayout]  # the images, in groups of one size
+    keeps: list[int]  # of each group: the visual tokens of each image that a step's query attends to
     text: torch.Tensor  # [B, L] ~visual, contiguous: what a layer's query sees before its selection
 
 
@@ -127,6 +128,7 @@ class DecodeRetrievalHooks(LanguageModelHooks):
 
     def _before_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         visual, self.pending_visual = self.pending_visual, None
+        image_id, self.pending_image_id = self.pending_image_id, None
         self._new_prompt = self._step = None
         cache = internals.cache_argument(kwargs)
         has_images = visual is not None and bool(visual.any())
@@ -144,14 +146,15 @@ class DecodeRetrievalHooks(LanguageModelHooks):
             return
         if internals.cache_length(cache, 0) > 0:
             raise ValueError("images must be in the first forward of a cache (no chunked prefill)")
-        layouts = image_groups(self.image_ids(visual))
-        self._new_prompt = _Prompt(visual, layouts, ~visual)
-        samples = torch.cat([layout.sample for layout in layouts])
-        images = torch.bincount(samples, minlength=visual.shape[0])
+        layouts = image_groups(self.image_ids(visual) if image_id is None else image_id)
+        # each image's count from its own size (a budget larger than an image raises here, before any work)
+        keeps = [self._pruner.config.kept_per_image(layout.positions.shape[1]) for layout in layouts]
+        self._new_prompt = _Prompt(visual, layouts, keeps, ~visual)
+        attended = torch.zeros(visual.shape[0], dtype=torch.long, device=visual.device)
+        for layout, keep in zip(layouts, keeps, strict=True):
+            attended.index_add_(0, layout.sample, torch.full_like(layout.sample, keep))
         self._pruner.begin_prefill()
-        self._pruner.record_decode_prompt(
-            visual.sum(dim=1).tolist(), (images * self._pruner.keep_per_image).tolist()
-        )
+        self._pruner.record_decode_prompt(visual.sum(dim=1).tolist(), attended.tolist())
 
     @staticmethod
     def _step_mask(kwargs: dict, cache: Any, prompt: _Prompt) -> torch.Tensor:
@@ -208,8 +211,8 @@ class DecodeRetrievalHooks(LanguageModelHooks):
             attend, allowed = step.allowed(keys, kwargs.get("sliding_window"))
             attend, visible = attend.clone(), step.prompt.text.clone()
             with self._pruner.timed_selection():
-                for layout in step.prompt.layouts:
-                    args = (layout.positions, layout.sample, self._pruner.keep_per_image, scaling)
+                for layout, keep in zip(step.prompt.layouts, step.prompt.keeps, strict=True):
+                    args = (layout.positions, layout.sample, keep, scaling)
                     attention_top_k(query, key, allowed, *args, attend, visible)
             step.visible[module.layer_idx] = visible
             output = torch.nn.functional.scaled_dot_product_attention(
@@ -240,7 +243,7 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         attention = last_scores.softmax(dim=-1, dtype=torch.float32).mean(dim=(1, 2))[:, :length]
         keys = key[:, :, :length].mean(dim=1) if "keys" in pruner.config.spec.needs else None
         selections = []
-        for layout in prompt.layouts:
+        for layout, keep in zip(prompt.layouts, prompt.keeps, strict=True):
             # the kv stage has no hidden states of the prompt: features are its keys, or nothing
             taken = None if keys is None else layout.take(keys)
             ctx = SelectionContext(
@@ -250,5 +253,5 @@ class DecodeRetrievalHooks(LanguageModelHooks):
                 keys=taken,
                 attention=layout.take(attention),
             )
-            selections.append((layout, pruner.select(ctx, pruner.keep_per_image)))
+            selections.append((layout, pruner.select(ctx, keep)))
         return keep_masks(prompt.visual, selections)

@@ -172,8 +172,9 @@ def test_media_must_be_known(qwen):
         tp.apply_pruner(qwen, "fastv", keep_ratio=0.25, media="audio")
 
 
-def test_a_budget_over_the_image_raises_at_the_forward(qwen):
-    with tp.pruned(qwen, "fastv", budget=65), pytest.raises(ValueError, match="larger than the 64 visual"):
+@pytest.mark.parametrize("method", ["fastv", "sparsevila"])
+def test_a_budget_over_the_image_raises_at_the_forward(qwen, method):
+    with tp.pruned(qwen, method, budget=65), pytest.raises(ValueError, match="larger than the 64 visual"):
         qwen(**tiny_inputs(qwen, (1,)))
 
 
@@ -181,7 +182,6 @@ def test_a_budget_over_the_image_raises_at_the_forward(qwen):
     ("method", "kwargs", "match"),
     [
         ("tome", {"keep_ratio": 0.5}, "'tome' \\(vision\\) is not supported on Qwen"),
-        ("sparsevila", {"keep_ratio": 0.5}, "'sparsevila' \\(kv\\) is not supported on Qwen"),
         ("fastv", {"keep_ratio": 0.5, "layer": 4}, r"outside .* 4 layers"),
     ],
 )

@@ -1,17 +1,71 @@
 """The ``kv`` stage: decode steps attend to the visual entries their query selects, in every layer, while
-the cache keeps them all."""
+the cache keeps them all. On every family: LLaVA, Qwen2/2.5/3-VL (images of several sizes and videos in one
+batch) and LLaVA-NeXT / OneVision (tiles and newline rows)."""
 
 import pytest
 import torch
-from helpers import ATOL, cache_kwarg, greedy_with_logits, select_sample, tokenprune_hooks
+from conftest import shared_model
+from helpers import ATOL, cache_kwarg, extend, greedy_with_logits, select_sample, tokenprune_hooks
 from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 import tokenprune as tp
-from tokenprune.testing import tiny_inputs, tiny_model
+from tokenprune.testing import ANYRES_FAMILIES, FAMILIES, QWEN_FAMILIES, tiny_inputs, tiny_model
 
 RAGGED = (1, 2, 1)
 NEW_TOKENS = 4
+#: Qwen-VL prompts: images of 64, 24, 48 and 32 tokens, and videos of 32 tokens (Qwen3-VL: 2 frames of 16)
+QWEN_PATCHES = ((16, 16), (8, 12), (12, 16), (16, 8))
+QWEN_VIDEOS = (1, 0, 2)
+
+
+@pytest.fixture(params=FAMILIES)
+def vlm(request, attn):
+    """The tiny model of every VLM family for ``attn``, shared; left unpatched by the test."""
+    m = shared_model(request.param, attn)
+    yield m
+    assert not hasattr(m, "_tokenprune_pruner"), "test left a pruner on the shared model"
+
+
+def media_inputs(model) -> dict:
+    """A ragged batch of ``RAGGED`` images per prompt; Qwen-VL's of several sizes, with videos too."""
+    if model.config.model_type in QWEN_FAMILIES:
+        return tiny_inputs(model, RAGGED, image_patches=QWEN_PATCHES, videos_per_prompt=QWEN_VIDEOS)
+    return tiny_inputs(model, RAGGED)
+
+
+def sample_alone(model, inputs: dict, b: int) -> dict:
+    videos = QWEN_VIDEOS if model.config.model_type in QWEN_FAMILIES else None
+    return select_sample(inputs, b, RAGGED, videos)
+
+
+def media_items(model, inputs: dict) -> tuple[torch.Tensor, list[list[int]]]:
+    """What the kv stage may hide, found from the model's own inputs: ``[B, L]`` bool over the image and
+    video placeholders that hold patches (not LLaVA-NeXT's newline rows), and the patch tokens of each
+    prompt's images and videos (a Qwen3-VL video is one item across its frames)."""
+    ids = inputs["input_ids"]
+    config = model.config
+    if config.model_type in QWEN_FAMILIES:
+        merge = config.vision_config.spatial_merge_size**2
+        images = [int(t * h * w) // merge for t, h, w in inputs["image_grid_thw"].tolist()]
+        videos = [int(t * h * w) // merge for t, h, w in inputs["video_grid_thw"].tolist()]
+        images, videos = iter(images), iter(videos)
+        items = [
+            [next(images) for _ in range(i)] + [next(videos) for _ in range(v)]
+            for i, v in zip(RAGGED, QWEN_VIDEOS, strict=True)
+        ]
+        return (ids == config.image_token_id) | (ids == config.video_token_id), items
+    placeholders = ids == config.image_token_id
+    if config.model_type not in ANYRES_FAMILIES:
+        count = int(placeholders.sum()) // sum(RAGGED)
+        return placeholders, [[count] * n for n in RAGGED]
+    with torch.no_grad():  # the packed features of each image: newline rows are the learned newline
+        packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    newline = [(feature == model.model.image_newline).all(dim=-1) for feature in packed]
+    patches = placeholders.clone()
+    patches[placeholders] = ~torch.cat(newline)
+    counts = iter([int((~n).sum()) for n in newline])
+    return patches, [[next(counts) for _ in range(n)] for n in RAGGED]
 
 
 def step_masks(
@@ -31,36 +85,26 @@ def masked_recomputation(
     model, inputs: dict, sequences: torch.Tensor, steps: list, upto: int
 ) -> torch.Tensor:
     """Last-row logits of the unpatched model, without a cache, on the prompt and the first ``upto``
-    generated tokens, each decode row restricted as its step was (see :func:`step_masks`)."""
+    generated tokens (positions, Qwen's multimodal ones included, from the model itself or extended as
+    ``generate`` does), each decode row restricted as its step was (see :func:`step_masks`)."""
     prompt_length = inputs["input_ids"].shape[1]
-    batch = sequences.shape[0]
-    ids = sequences[:, : prompt_length + upto]
-    mask = torch.cat([inputs["attention_mask"], torch.ones(batch, upto, dtype=torch.long)], dim=1)
-    positions = torch.cat(
-        [inputs["position_ids"], inputs["position_ids"][:, -1:] + torch.arange(1, upto + 1)], dim=1
-    )
+    grown = extend(inputs, sequences[:, prompt_length : prompt_length + upto])
     handles = []
     for i, layer in enumerate(model.model.language_model.layers):
-        dense = step_masks(mask, prompt_length, steps[:upto], i)
+        dense = step_masks(grown["attention_mask"], prompt_length, steps[:upto], i)
         hook = lambda module, args, kwargs, dense=dense: (args, {**kwargs, "attention_mask": dense})  # noqa: E731
         handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            out = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                pixel_values=inputs["pixel_values"],
-                use_cache=False,
-            )
+            out = model(**grown, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
     return out.logits[:, -1]
 
 
-def test_keep_all_generates_what_the_unpatched_model_does(model):
-    inputs = tiny_inputs(model, RAGGED)
+def test_keep_all_generates_what_the_unpatched_model_does(vlm):
+    model, inputs = vlm, media_inputs(vlm)
     with torch.no_grad():
         expected = greedy_with_logits(model, inputs, NEW_TOKENS)
     with tp.pruned(model, "sparsevila", keep_ratio=1.0) as pruner:
@@ -72,8 +116,8 @@ def test_keep_all_generates_what_the_unpatched_model_does(model):
 
 
 @pytest.mark.parametrize("keep_ratio", [0.25, 0.05])
-def test_each_step_equals_recomputation_with_its_selection_masked(model, keep_ratio):
-    inputs = tiny_inputs(model, RAGGED)
+def test_each_step_equals_recomputation_with_its_selection_masked(vlm, keep_ratio):
+    model, inputs = vlm, media_inputs(vlm)
     with tp.pruned(model, "sparsevila", keep_ratio=keep_ratio) as pruner:
         out = greedy_with_logits(model, inputs, NEW_TOKENS)
     steps = pruner.stats.decode_keep_masks
@@ -84,11 +128,11 @@ def test_each_step_equals_recomputation_with_its_selection_masked(model, keep_ra
 
 
 @pytest.mark.parametrize(("keep_ratio", "cache"), [(0.25, "dynamic"), (0.05, "static")])
-def test_the_selection_kernel_selects_what_the_method_selects(kernels, model, monkeypatch, keep_ratio, cache):
+def test_the_selection_kernel_selects_what_the_method_selects(kernels, vlm, monkeypatch, keep_ratio, cache):
     """Each layer of each step selected in one Triton kernel, attention by sdpa (where Triton runs) against
     the method itself and eager attention over the same scores (elsewhere): the same tokens visible in
     every layer and step, and the same logits."""
-    inputs = tiny_inputs(model, RAGGED)
+    model, inputs = vlm, media_inputs(vlm)
     runs = []
     for interpret in ("1", "0"):
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
@@ -104,21 +148,58 @@ def test_the_selection_kernel_selects_what_the_method_selects(kernels, model, mo
         assert sorted(f) == sorted(m) and all(torch.equal(f[layer], m[layer]) for layer in m)
 
 
-def test_each_layer_selects_the_configured_count_per_image(model):
-    inputs = tiny_inputs(model, RAGGED)
-    visual = inputs["input_ids"] == model.config.image_token_id
-    with tp.pruned(model, "sparsevila", budget=10) as pruner:
+@pytest.mark.parametrize("keep", [{"budget": 10}, {"keep_ratio": 0.25}])
+def test_each_layer_selects_the_configured_count_per_image(vlm, keep):
+    """Each image and video (of its own size) shows its count to every layer and step; text, and LLaVA-NeXT's
+    newline rows, are never hidden."""
+    model, inputs = vlm, media_inputs(vlm)
+    patches, items = media_items(model, inputs)
+    if "budget" in keep:
+        expected = [keep["budget"] * len(sizes) for sizes in items]
+    else:
+        expected = [sum(round(keep["keep_ratio"] * n) for n in sizes) for sizes in items]
+    with tp.pruned(model, "sparsevila", **keep) as pruner:
         greedy_with_logits(model, inputs, NEW_TOKENS)
     stats = pruner.stats
-    assert stats.stage == "kv" and stats.kept_tokens == [10 * k for k in RAGGED]
+    assert stats.stage == "kv" and stats.kept_tokens == expected
+    assert stats.visual_tokens == [sum(sizes) for sizes in items]
     selections = set()
     for step in stats.decode_keep_masks:
         assert sorted(step) == list(range(len(model.model.language_model.layers)))
         for visible in step.values():
-            assert (visible & visual).sum(dim=1).tolist() == [10 * k for k in RAGGED]
-            assert bool(visible[~visual].all())  # text is never hidden
-            selections.add(tuple((visible & visual).nonzero()[:, 1].tolist()))
+            assert (visible & patches).sum(dim=1).tolist() == expected
+            assert bool(visible[~patches].all())  # text (and newline rows) are never hidden
+            selections.add(tuple((visible & patches).nonzero()[:, 1].tolist()))
     assert len(selections) > 1  # queries of different layers and steps choose differently
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llava"])
+def test_attention_implementations_select_alike(family):
+    """eager and sdpa (the route the kv hooks replace at decode) give the same steps and logits."""
+    runs = []
+    for attn in ("eager", "sdpa"):
+        model = shared_model(family, attn)
+        with tp.pruned(model, "sparsevila", keep_ratio=0.25) as pruner:
+            runs.append((greedy_with_logits(model, media_inputs(model), NEW_TOKENS), pruner.stats))
+    (eager, eager_stats), (sdpa, sdpa_stats) = runs
+    assert torch.equal(eager.sequences, sdpa.sequences)
+    for e, s in zip(eager.logits, sdpa.logits, strict=True):
+        torch.testing.assert_close(e, s, atol=ATOL, rtol=0)
+    for e, s in zip(eager_stats.decode_keep_masks, sdpa_stats.decode_keep_masks, strict=True):
+        assert all(torch.equal(e[layer], s[layer]) for layer in e)
+
+
+@pytest.mark.parametrize(("media", "token"), [("images", "video_token_id"), ("videos", "image_token_id")])
+def test_media_picks_what_a_step_may_hide(media, token):
+    """On Qwen-VL, ``media`` leaves the other kind of visual token always visible."""
+    model = shared_model("qwen2_5_vl", "sdpa")
+    inputs = media_inputs(model)
+    with tp.pruned(model, "sparsevila", keep_ratio=0.25, media=media) as pruner:
+        greedy_with_logits(model, inputs, NEW_TOKENS)
+    untouched = inputs["input_ids"] == getattr(model.config, token)
+    steps = pruner.stats.decode_keep_masks
+    assert steps and all(bool(visible[untouched].all()) for step in steps for visible in step.values())
+    assert all(bool((~visible).any()) for step in steps for visible in step.values())
 
 
 def test_the_cache_keeps_every_visual_entry(model):
@@ -130,20 +211,21 @@ def test_the_cache_keeps_every_visual_entry(model):
     assert [cache.get_seq_length(i) for i in range(len(cache.layers))] == [length + 2] * len(cache.layers)
 
 
-def test_batch_equals_each_sample_alone(model):
-    inputs = tiny_inputs(model, RAGGED)
+def test_batch_equals_each_sample_alone(vlm):
+    model, inputs = vlm, media_inputs(vlm)
     with tp.pruned(model, "sparsevila", keep_ratio=0.25):
         batched = greedy_with_logits(model, inputs, NEW_TOKENS)
         for b in range(len(RAGGED)):
-            alone = greedy_with_logits(model, select_sample(inputs, b, RAGGED), NEW_TOKENS)
+            alone = greedy_with_logits(model, sample_alone(model, inputs, b), NEW_TOKENS)
             assert torch.equal(batched.sequences[b, -NEW_TOKENS:], alone.sequences[0, -NEW_TOKENS:])
             for g, a in zip(batched.logits, alone.logits, strict=True):
                 torch.testing.assert_close(g[b : b + 1], a, atol=ATOL, rtol=0)
 
 
-def test_text_only_and_remove(model):
+def test_text_only_and_remove(vlm):
+    model = vlm
     text = tiny_inputs(model, (0, 0))
-    inputs = tiny_inputs(model, RAGGED)
+    inputs = media_inputs(model)
     with torch.no_grad():
         expected = greedy_with_logits(model, inputs, NEW_TOKENS)
         text_expected = model(**text).logits
