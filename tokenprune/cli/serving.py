@@ -16,6 +16,7 @@ from rich.table import Table
 from ..config import PrunerConfig
 from .common import (
     TINY,
+    CliError,
     DeviceOption,
     DtypeOption,
     exit_on_user_error,
@@ -35,6 +36,19 @@ def _default_config(method: str, keep_ratio: float | None, budget: int | None, l
         keep_ratio = 0.25
     with user_errors(ValueError, TypeError):
         return PrunerConfig(method, keep_ratio=keep_ratio, budget=budget, layer=layer)
+
+
+#: Environment variable read for ``--api-key`` (a key on the command line shows in the process list).
+API_KEY_ENV = "TOKENPRUNE_API_KEY"
+
+
+def _removed_allow_local_images(value: bool) -> None:
+    """Refuse the removed ``--allow-local-images`` with a pointer to the option that replaced it."""
+    if value:
+        raise typer.BadParameter(
+            "removed: it let clients read any file the server could; use --allowed-local-media-path DIR "
+            "to serve the images under DIR"
+        )
 
 
 def serve(
@@ -62,8 +76,36 @@ def serve(
     max_image_mb: Annotated[float, typer.Option(min=0, help="Size of one image at most, MiB.")] = 8.0,
     max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens per request at most.")] = 4096,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per request at most.")] = 256,
-    allow_remote_images: Annotated[bool, typer.Option(help="Accept http(s) image URLs.")] = False,
-    allow_local_images: Annotated[bool, typer.Option(help="Accept file:// image URLs and paths.")] = False,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar=API_KEY_ENV,
+            help="Require 'Authorization: Bearer KEY' on every route but /health and /metrics.",
+            show_default=False,
+        ),
+    ] = None,
+    allow_remote_images: Annotated[
+        bool, typer.Option(help="Accept http(s) image URLs of public addresses.")
+    ] = False,
+    allow_private_image_urls: Annotated[
+        bool,
+        typer.Option(
+            help="With --allow-remote-images: also fetch from loopback, private, link-local addresses."
+        ),
+    ] = False,
+    allowed_local_media_path: Annotated[
+        pathlib.Path | None,
+        typer.Option(
+            exists=True,
+            file_okay=False,
+            resolve_path=True,
+            help="Accept file:// image URLs (and absolute paths) of files under this directory only.",
+            show_default=False,
+        ),
+    ] = None,
+    allow_local_images: Annotated[
+        bool, typer.Option(hidden=True, callback=_removed_allow_local_images, expose_value=False)
+    ] = False,
     attn: Annotated[str, typer.Option(help="Attention implementation.")] = "sdpa",
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -78,6 +120,7 @@ def serve(
 
         from ..serve import Limits, build_engine
         from ..serve.app import create_app
+        from ..serve.auth import check_api_key, is_loopback
     except ImportError as error:
         raise typer.BadParameter(
             f"tokenprune serve needs the [serve] extra ({error.name} is missing)"
@@ -86,14 +129,20 @@ def serve(
     console = Console()
     with exit_on_user_error(), contextlib.ExitStack() as stack:
         default = _default_config(method, keep_ratio, budget, layer)
-        limits = Limits(
-            max_images=max_images,
-            max_image_bytes=int(max_image_mb * 2**20),
-            max_prompt_tokens=max_prompt_tokens,
-            max_new_tokens=max_new_tokens,
-            allow_remote_images=allow_remote_images,
-            allow_local_images=allow_local_images,
-        )
+        if allow_private_image_urls and not allow_remote_images:
+            raise CliError("--allow-private-image-urls needs --allow-remote-images")
+        with user_errors(ValueError):
+            if api_key is not None:
+                check_api_key(api_key)
+            limits = Limits(
+                max_images=max_images,
+                max_image_bytes=int(max_image_mb * 2**20),
+                max_prompt_tokens=max_prompt_tokens,
+                max_new_tokens=max_new_tokens,
+                allow_remote_images=allow_remote_images,
+                allow_private_image_urls=allow_private_image_urls,
+                allowed_local_media_path=allowed_local_media_path,
+            )
         torch_device, torch_dtype = resolve_device(device, dtype)
         stack.enter_context(quiet_transformers())
         checkpoint = local_checkpoint(stack, model, seed)
@@ -110,7 +159,14 @@ def serve(
                 compile=compile,
             )
         console.print(f"serving [bold]{escape(name)}[/] ({escape(repr(default))}) on http://{host}:{port}/v1")
-        app_ = create_app(engine, max_batch=max_batch, window_s=batch_window_ms / 1e3)
+        if api_key is None and not is_loopback(host):
+            Console(stderr=True).print(
+                f"[bold yellow]warning:[/] listening on {escape(host)} without an API key: anyone who can "
+                f"reach it can use the model; set --api-key or {API_KEY_ENV}",
+                highlight=False,
+                soft_wrap=True,
+            )
+        app_ = create_app(engine, max_batch=max_batch, window_s=batch_window_ms / 1e3, api_key=api_key)
         uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
