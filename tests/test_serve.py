@@ -601,6 +601,24 @@ def test_the_media_directory_must_be_a_directory(media):
     )
 
 
+def test_serve_hands_its_image_options_to_the_server(started, media):
+    from starlette.testclient import TestClient
+
+    allowed = str(media / "allowed")
+    result = invoke_serve("--allowed-local-media-path", allowed, "--allow-remote-images")
+    assert result.exit_code == 0, result.output
+    ((app, _),) = started
+
+    def post(url: str) -> httpx.Response:
+        body = {"model": MODEL, "messages": user("q", url), "max_tokens": 1}
+        return client.post("/v1/chat/completions", json=body)
+
+    with TestClient(app) as client:
+        assert post(f"{allowed}/red.png").status_code == 200
+        assert post(f"{media}/outside/secret.png").json()["error"]["code"] == "image_path_not_allowed"
+        assert post("http://localhost:9/img.png").json()["error"]["code"] == "image_url_not_allowed"
+
+
 # -- access: remote images -----------------------------------------------------------------------------------
 
 

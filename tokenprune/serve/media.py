@@ -140,7 +140,7 @@ async def _fetch(url: str, limits: Limits, param: str) -> bytes:
                 if response.status_code != 200:
                     raise RequestError(f"could not fetch the image: HTTP {response.status_code}", param=param)
                 data = bytearray()
-                async for chunk in response.aiter_bytes():
+                async for chunk in response.aiter_raw():  # as sent: no decompression to bound
                     data += chunk
                     if len(data) > limits.max_image_bytes:
                         break
@@ -167,7 +167,7 @@ async def _pinned_request(
     return client.build_request(
         "GET",
         target.copy_with(host=str(address)),
-        headers={"Host": target.netloc.decode("ascii")},
+        headers={"Host": target.netloc.decode("ascii"), "Accept-Encoding": "identity"},
         extensions=extensions,
     )
 
