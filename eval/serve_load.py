@@ -61,10 +61,18 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def _load(url: str, model: str, clients: int, rounds: int, max_tokens: int, extra_body: dict | None):
+async def _load(
+    url: str,
+    model: str,
+    clients: int,
+    rounds: int,
+    max_tokens: int,
+    extra_body: dict | None,
+    api_key: str | None,
+):
     import openai
 
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key or "unused", max_retries=0, timeout=300)
     latencies, usages, failures = [], [], 0
 
     async def one(i: int) -> None:
@@ -98,11 +106,14 @@ def run_load(
     rounds: int = 1,
     max_tokens: int = 8,
     extra_body: dict | None = None,
+    api_key: str | None = None,
 ) -> LoadResult:
-    """``clients`` concurrent clients, each sending ``rounds`` requests one after another."""
+    """``clients`` concurrent clients, each sending ``rounds`` requests one after another (with the server's
+    ``api_key``, if it has one)."""
     rss_before = _peak_rss_mib()
     start = time.perf_counter()
-    latencies, usages, failures = asyncio.run(_load(url, model, clients, rounds, max_tokens, extra_body))
+    load = _load(url, model, clients, rounds, max_tokens, extra_body, api_key)
+    latencies, usages, failures = asyncio.run(load)
     seconds = time.perf_counter() - start
     latencies.sort()
     return LoadResult(
@@ -121,9 +132,12 @@ def run_load(
     )
 
 
-def malformed_requests(model: str, count: int, limits, seed: int = 0) -> list[tuple[bytes, dict[str, str]]]:
+def malformed_requests(
+    model: str, count: int, limits, seed: int = 0, api_key: str | None = None
+) -> list[tuple[bytes, dict[str, str | bytes]]]:
     """``count`` malformed ``(body, headers)`` for the chat endpoint: broken JSON, wrong types and values,
-    bad images, unknown model, bad pruning overrides, and requests over the server's ``limits``."""
+    bad images, unknown model, bad pruning overrides, and requests over the server's ``limits``. For a
+    server with ``api_key``, half of them carry the right key and half a wrong, missing or garbled one."""
     rng = random.Random(seed)
     good = {"model": model, "messages": chat_messages("hi", data_url())}
     json_headers = {"content-type": "application/json"}
@@ -184,39 +198,65 @@ def malformed_requests(model: str, count: int, limits, seed: int = 0) -> list[tu
             del body["model"]
         return body
 
+    def authorization() -> dict[str, str | bytes]:
+        if api_key is None:
+            return {}
+        if rng.random() < 0.5:
+            return {"authorization": f"Bearer {api_key}"}
+        wrong: list[dict[str, str | bytes]] = [
+            {},
+            {"authorization": ""},
+            {"authorization": "Bearer"},
+            {"authorization": api_key},
+            {"authorization": f"Basic {api_key}"},
+            {"authorization": f"Bearer {api_key}x"},
+            {"authorization": f"Bearer {api_key[:-1]}"},
+            {"authorization": f"Bearer  {api_key}"},
+            {"authorization": f"Bearer {api_key.upper()}x"},
+            {"authorization": b"Bearer \xff\xfe" + api_key.encode()},
+            {"authorization": "Bearer " + "k" * 4096},
+        ]
+        return rng.choice(wrong)
+
     requests = []
     for i in range(count):
         kind = i % 4
+        headers = {**json_headers, **authorization()}
         if kind == 0:  # broken JSON
             raw = json.dumps(mutated()).encode()
-            requests.append((raw[: rng.randrange(1, max(2, len(raw) - 1))], json_headers))
+            requests.append((raw[: rng.randrange(1, max(2, len(raw) - 1))], headers))
         elif kind == 1:
-            requests.append((rng.randbytes(rng.randrange(1, 200)), json_headers))
+            requests.append((rng.randbytes(rng.randrange(1, 200)), headers))
         else:
-            requests.append((json.dumps(mutated()).encode(), json_headers))
+            requests.append((json.dumps(mutated()).encode(), headers))
     return requests
 
 
 @dataclass
 class FuzzResult:
+    """``unauthorized`` counts the 401 answers among the ``four_xx_json_errors``."""
+
     requests: int
     four_xx_json_errors: int
+    unauthorized: int
     other: list[str]
     healthy_after: bool
 
 
-def run_fuzz(url: str, model: str, limits, count: int = 200, seed: int = 0) -> FuzzResult:
+def run_fuzz(
+    url: str, model: str, limits, count: int = 200, seed: int = 0, api_key: str | None = None
+) -> FuzzResult:
     """Send :func:`malformed_requests` concurrently; count the 4xx answers in the OpenAI error shape."""
 
     async def main() -> list[httpx.Response | Exception]:
         async with httpx.AsyncClient(timeout=120) as client:
             calls = [
                 client.post(f"{url}/v1/chat/completions", content=body, headers=headers)
-                for body, headers in malformed_requests(model, count, limits, seed)
+                for body, headers in malformed_requests(model, count, limits, seed, api_key)
             ]
             return await asyncio.gather(*calls, return_exceptions=True)
 
-    good, other = 0, []
+    good, unauthorized, other = 0, 0, []
     for response in asyncio.run(main()):
         if isinstance(response, Exception):
             other.append(f"{type(response).__name__}: {response}")
@@ -227,10 +267,11 @@ def run_fuzz(url: str, model: str, limits, count: int = 200, seed: int = 0) -> F
             error = {}
         if 400 <= response.status_code < 500 and {"message", "type", "param", "code"} <= set(error):
             good += 1
+            unauthorized += response.status_code == 401
         else:
             other.append(f"{response.status_code}: {response.text[:200]}")
     healthy = httpx.get(f"{url}/health", timeout=30).json() == {"status": "ok"}
-    return FuzzResult(count, good, other, healthy)
+    return FuzzResult(count, good, unauthorized, other, healthy)
 
 
 def _label(config) -> str:
@@ -239,17 +280,26 @@ def _label(config) -> str:
 
 
 def run_serve_benchmark(
-    engine, *, clients: int = 64, rounds: int = 2, max_tokens: int = 8, max_batch: int = 16, fuzz: int = 200
+    engine,
+    *,
+    clients: int = 64,
+    rounds: int = 2,
+    max_tokens: int = 8,
+    max_batch: int = 16,
+    fuzz: int = 200,
+    api_key: str | None = None,
 ) -> dict:
-    """Serve ``engine`` on 127.0.0.1 and run the load with the server's pruner and without pruning (the
-    ``tokenprune: {"method": "none"}`` override), then the fuzz. Returns the results as a dict."""
+    """Serve ``engine`` on 127.0.0.1 (requiring ``api_key``, if given) and run the load with the server's
+    pruner and without pruning (the ``tokenprune: {"method": "none"}`` override), then the fuzz, whose
+    requests then also carry wrong and missing keys. Returns the results as a dict."""
     from dataclasses import asdict
 
     from tokenprune.serve.app import create_app
     from tokenprune.serve.background import BackgroundServer
 
-    with BackgroundServer(create_app(engine, max_batch=max_batch, window_s=0.02)) as server:
-        run_load(server.url, engine.name, label="warm-up", clients=2, rounds=1, max_tokens=2)
+    app = create_app(engine, max_batch=max_batch, window_s=0.02, api_key=api_key)
+    with BackgroundServer(app) as server:
+        run_load(server.url, engine.name, label="warm-up", clients=2, rounds=1, max_tokens=2, api_key=api_key)
         pruned = run_load(
             server.url,
             engine.name,
@@ -257,6 +307,7 @@ def run_serve_benchmark(
             clients=clients,
             rounds=rounds,
             max_tokens=max_tokens,
+            api_key=api_key,
         )
         unpruned = run_load(
             server.url,
@@ -266,8 +317,9 @@ def run_serve_benchmark(
             rounds=rounds,
             max_tokens=max_tokens,
             extra_body={"tokenprune": {"method": "none"}},
+            api_key=api_key,
         )
-        fuzzed = run_fuzz(server.url, engine.name, engine.limits, count=fuzz)
+        fuzzed = run_fuzz(server.url, engine.name, engine.limits, count=fuzz, api_key=api_key)
     return {
         "load": [asdict(pruned), asdict(unpruned)],
         "throughput_ratio": pruned.requests_per_s / unpruned.requests_per_s,

@@ -31,6 +31,8 @@ def test_wheel_contains_mapped_packages(tmp_path):
         "tokenprune/patches/__init__.py",
         "tokenprune/patches/llava.py",
         "tokenprune/eval/__init__.py",
+        "tokenprune/cli/__init__.py",
+        "tokenprune/cli/serving.py",
         "tokenprune/methods/dart.py",
         "tokenprune/assets/example.png",
         "tokenprune/assets/shapes-vlm/model.safetensors",

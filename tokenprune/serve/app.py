@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP app: chat completions (streamed or not), models, health and metrics.
 
 Every error is a 4xx (or, for a failure inside generation, a 500) in the OpenAI shape
-``{"error": {"message", "type", "param", "code"}}``; a bad request never reaches the model.
+``{"error": {"message", "type", "param", "code"}}``; a bad request never reaches the model. With an API
+key, every route but ``/health`` and ``/metrics`` answers 401 to a request without it.
 """
 
 from __future__ import annotations
@@ -18,15 +19,28 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from .auth import OPEN_PATHS, bearer_matches, check_api_key
 from .batcher import Batcher
 from .engine import Completion, Engine, Job
+from .media import load_image
 from .protocol import ChatRequest, RequestError, conversation, pruner_config
 
 
 def create_app(
-    engine: Engine, *, max_batch: int = 8, window_s: float = 0.01, max_body_bytes: int = 32 * 2**20
-):
-    """The FastAPI app serving ``engine``; requests within ``window_s`` are batched up to ``max_batch``."""
+    engine: Engine,
+    *,
+    max_batch: int = 8,
+    window_s: float = 0.01,
+    max_body_bytes: int = 32 * 2**20,
+    api_key: str | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``engine``; requests within ``window_s`` are batched up to ``max_batch``.
+
+    With ``api_key``, a request to any route but :data:`~tokenprune.serve.auth.OPEN_PATHS` needs the header
+    ``Authorization: Bearer <api_key>``; a ``ValueError`` if no client could send that key.
+    """
+    if api_key is not None:
+        check_api_key(api_key)
     batcher = Batcher(engine, max_batch, window_s)
     metrics = engine.metrics
 
@@ -69,6 +83,20 @@ def create_app(
             return error(RequestError(f"request body over {max_body_bytes} bytes", status=413))
         return await call_next(request)
 
+    if api_key is not None:  # added last, so it runs first: nothing is read for a request without the key
+
+        @app.middleware("http")
+        async def require_api_key(request: Request, call_next):
+            if request.url.path in OPEN_PATHS or bearer_matches(
+                request.headers.get("authorization"), api_key
+            ):
+                return await call_next(request)
+            given = "authorization" in request.headers
+            message = "invalid API key" if given else "missing API key: send 'Authorization: Bearer <key>'"
+            response = error(RequestError(message, status=401, code="invalid_api_key"))
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
@@ -94,7 +122,8 @@ def create_app(
             )
         config = pruner_config(engine.default, body.tokenprune)
         engine.check(config)
-        messages, images = conversation(body, engine.limits)
+        messages, sources = conversation(body, engine.limits)
+        images = [await load_image(url, engine.limits, param) for url, param in sources]
         max_tokens = body.max_completion_tokens or body.max_tokens
         loop = asyncio.get_running_loop()
         input_ids, pixels, max_new = await loop.run_in_executor(

@@ -1,4 +1,4 @@
-"""The OpenAI chat-completions request, checked and turned into a prompt with images.
+"""The OpenAI chat-completions request, checked and turned into a prompt and the URLs of its images.
 
 Only what the server supports is accepted; everything else is a :class:`RequestError`, which the app
 answers with a 4xx in the OpenAI error shape, before any model work.
@@ -6,14 +6,10 @@ answers with a 4xx in the OpenAI error shape, before any model work.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import pathlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from ..config import PrunerConfig
@@ -47,8 +43,18 @@ class Limits:
     max_image_pixels: int = 4096 * 4096
     max_prompt_tokens: int = 4096
     max_new_tokens: int = 256
-    allow_remote_images: bool = False  # http(s) URLs
-    allow_local_images: bool = False  # file:// URLs and paths
+    allow_remote_images: bool = False  # http(s) URLs of public addresses
+    allow_private_image_urls: bool = False  # ... and of loopback, private and link-local ones
+    allowed_local_media_path: pathlib.Path | None = None  # file:// URLs and paths of files under it
+
+    def __post_init__(self) -> None:
+        if self.allow_private_image_urls and not self.allow_remote_images:
+            raise ValueError("allow_private_image_urls needs allow_remote_images")
+        if self.allowed_local_media_path is not None:
+            root = pathlib.Path(self.allowed_local_media_path).expanduser().resolve()
+            if not root.is_dir():
+                raise ValueError(f"allowed_local_media_path {root} is not a directory")
+            object.__setattr__(self, "allowed_local_media_path", root)  # frozen: set once, resolved
 
 
 class ImageURL(BaseModel):
@@ -117,8 +123,10 @@ def pruner_config(default: PrunerConfig | None, override: PruneOverride | None) 
         raise RequestError(str(error), param="tokenprune") from error
 
 
-def conversation(request: ChatRequest, limits: Limits) -> tuple[list[dict], list[Image.Image]]:
-    """The messages in the processor's chat-template form, and the images in order of appearance."""
+def conversation(request: ChatRequest, limits: Limits) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The messages in the processor's chat-template form, and the ``(url, param)`` of each image in order
+    of appearance (``param`` names its request field), checked against the image count limit; the images
+    themselves are loaded by :func:`tokenprune.serve.media.load_image`."""
     if request.n != 1:
         raise RequestError("only n=1 is supported", param="n")
     messages, images = [], []
@@ -138,7 +146,7 @@ def conversation(request: ChatRequest, limits: Limits) -> tuple[list[dict], list
                         raise RequestError("an image_url part needs 'image_url.url'", param=param)
                     if message.role != "user":
                         raise RequestError("images are accepted in user messages only", param=param)
-                    images.append(load_image(part.image_url.url, limits, param))
+                    images.append((part.image_url.url, param))
                     parts.append({"type": "image"})
         messages.append({"role": message.role, "content": parts})
     if len(images) > limits.max_images:
@@ -148,71 +156,3 @@ def conversation(request: ChatRequest, limits: Limits) -> tuple[list[dict], list
             code="too_many_images",
         )
     return messages, images
-
-
-def load_image(url: str, limits: Limits, param: str) -> Image.Image:
-    """The RGB image of a ``data:`` URL (or, where enabled, an http(s) URL or a local file)."""
-    if url.startswith("data:"):
-        header, _, payload = url.partition(",")
-        if not header.endswith(";base64") or not header.startswith("data:image/"):
-            raise RequestError("image data URLs must be 'data:image/<type>;base64,...'", param=param)
-        if len(payload) * 3 // 4 > limits.max_image_bytes:
-            raise RequestError(
-                f"image larger than {limits.max_image_bytes} bytes", param=param, code="image_too_large"
-            )
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as error:
-            raise RequestError("image data is not valid base64", param=param) from error
-    elif url.startswith(("http://", "https://")):
-        if not limits.allow_remote_images:
-            raise RequestError(
-                "http(s) image URLs are disabled on this server; send a data: URL", param=param
-            )
-        data = _fetch(url, limits, param)
-    elif limits.allow_local_images and (url.startswith("file://") or pathlib.Path(url).is_absolute()):
-        path = pathlib.Path(url.removeprefix("file://"))
-        if not path.is_file() or path.stat().st_size > limits.max_image_bytes:
-            raise RequestError(
-                f"no readable image file under {limits.max_image_bytes} bytes at {path}", param=param
-            )
-        data = path.read_bytes()
-    else:
-        raise RequestError("image URLs must be data: URLs on this server", param=param)
-    return decode_image(data, limits, param)
-
-
-def _fetch(url: str, limits: Limits, param: str) -> bytes:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (scheme checked by the caller)
-            data = response.read(limits.max_image_bytes + 1)
-    except OSError as error:
-        raise RequestError(f"could not fetch the image: {error}", param=param) from error
-    if len(data) > limits.max_image_bytes:
-        raise RequestError(
-            f"image larger than {limits.max_image_bytes} bytes", param=param, code="image_too_large"
-        )
-    return data
-
-
-def decode_image(data: bytes, limits: Limits, param: str) -> Image.Image:
-    """Decode and check an image's bytes: a known format, within the pixel limit."""
-    if len(data) > limits.max_image_bytes:
-        raise RequestError(
-            f"image larger than {limits.max_image_bytes} bytes", param=param, code="image_too_large"
-        )
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > limits.max_image_pixels:
-                raise RequestError(
-                    f"image of {image.width}x{image.height} pixels; at most {limits.max_image_pixels} pixels",
-                    param=param,
-                    code="image_too_large",
-                )
-            return image.convert("RGB")
-    except RequestError:
-        raise
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise RequestError(f"not a readable image: {error}", param=param, code="invalid_image") from error

@@ -1,0 +1,131 @@
+"""``tokenprune bench`` and ``tokenprune bench-encoder``: speed and memory of pruned runs against the
+unpruned model and the ideal, for a VLM and for an image encoder."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+import tokenprune
+
+from ..config import PrunerConfig
+from .common import (
+    CliError,
+    DeviceOption,
+    DtypeOption,
+    checkpoint_path,
+    exit_on_user_error,
+    floats,
+    ints,
+    load_model,
+    quiet_transformers,
+    resolve_device,
+    run_meta,
+    user_errors,
+)
+
+
+def bench(
+    arch: Annotated[
+        str, typer.Option(help="Architecture with random weights: tiny, llava-small, llava-1.5-7b.")
+    ] = "tiny",
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="A local checkpoint instead of --arch.", show_default=False),
+    ] = None,
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated methods (or 'fastv+drop_early_kv'); default: all.")
+    ] = "",
+    keep_ratios: Annotated[str, typer.Option(help="Comma-separated keep ratios.")] = "0.25,0.111",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
+    attn: Annotated[str, typer.Option(help="Attention implementation.")] = "sdpa",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per measurement (median).")] = 3,
+    new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated for the decode timing.")] = 8,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="Also time decoding with a static cache and a compiled step.")
+    ] = False,
+    out: Annotated[pathlib.Path, typer.Option(help="Folder for results.json, results.csv, speedup.png.")] = (
+        pathlib.Path("bench-results")
+    ),
+) -> None:
+    """Time prefill, decode and end-to-end of pruned runs against the unpruned model and the ideal."""
+    from ..eval.archs import ARCHS
+    from ..eval.bench import bench_config, build_model, markdown_table, run_benchmark, write_results
+
+    console = Console()
+    with exit_on_user_error():
+        names = [m for m in methods.split(",") if m] or sorted(tokenprune.list_methods())
+        ratios = floats(keep_ratios)
+        sizes = [int(b) for b in floats(batch_sizes)]
+        with user_errors(ValueError, TypeError):
+            for name in names:
+                for ratio in ratios:
+                    bench_config(name, ratio)
+        if model is None and arch not in ARCHS:
+            raise CliError(f"unknown --arch {arch!r}; known: {', '.join(ARCHS)}")
+        torch_device, torch_dtype = resolve_device(device, dtype)
+        with quiet_transformers(), console.status("Building the model...", spinner="dots"):
+            if model is None:
+                vlm = build_model(ARCHS[arch](), attn, torch_device, torch_dtype)
+            else:
+                vlm = load_model(checkpoint_path(model), attn, torch_device, torch_dtype)
+        with quiet_transformers():
+            rows = run_benchmark(
+                vlm, names, ratios, sizes, repeats=repeats, new_tokens=new_tokens, compile=compile
+            )
+    settings = {"repeats": repeats, "new_tokens": new_tokens, "compile": compile}
+    meta = run_meta(model or arch, torch_device, attn, torch_dtype, **settings)
+    paths = write_results(rows, out, meta)
+    console.print(markdown_table(rows), highlight=False)
+    console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
+
+
+def bench_encoder(
+    arch: Annotated[
+        str, typer.Option(help="Image encoder with random weights: tiny-vit, vit-b16.")
+    ] = "vit-b16",
+    merges: Annotated[str, typer.Option("--r", help="Comma-separated ToMe r values (tokens per layer).")] = (
+        "0,4,8,12,16"
+    ),
+    keep_ratios: Annotated[str, typer.Option(help="Keep ratios of hiprune and visionzip.")] = "0.5,0.25",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward.")] = 8,
+    attn: Annotated[str, typer.Option(help="Attention implementation.")] = "sdpa",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per measurement (median).")] = 3,
+    out: Annotated[
+        pathlib.Path, typer.Option(help="Folder for results.json, results.csv, throughput.png.")
+    ] = (pathlib.Path("bench-encoder-results")),
+) -> None:
+    """Images/s of an image encoder with vision-stage methods against the unpruned encoder."""
+    from ..eval.archs import ENCODER_ARCHS
+    from ..eval.encoder_bench import (
+        build_encoder,
+        encoder_markdown_table,
+        run_encoder_benchmark,
+        write_encoder_results,
+    )
+
+    console = Console()
+    with exit_on_user_error():
+        rs, ratios = ints(merges), floats(keep_ratios)
+        with user_errors(ValueError, TypeError):
+            for r in rs:
+                PrunerConfig("tome", options={"r": r})
+            for ratio in ratios:
+                PrunerConfig("hiprune", keep_ratio=ratio)
+        if arch not in ENCODER_ARCHS:
+            raise CliError(f"unknown --arch {arch!r}; known: {', '.join(ENCODER_ARCHS)}")
+        torch_device, torch_dtype = resolve_device(device, dtype)
+        with quiet_transformers():
+            encoder = build_encoder(ENCODER_ARCHS[arch](), attn, torch_device, torch_dtype)
+            rows = run_encoder_benchmark(encoder, rs, ratios, batch_size, repeats=repeats)
+    meta = run_meta(arch, torch_device, attn, torch_dtype, batch_size=batch_size, repeats=repeats)
+    paths = write_encoder_results(rows, out, meta)
+    console.print(encoder_markdown_table(rows), highlight=False)
+    console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)

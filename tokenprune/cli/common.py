@@ -1,0 +1,163 @@
+"""What the ``tokenprune`` commands share: the user-error convention, device and dtype options, model
+loading, and the parsing of comma-separated lists.
+
+A user error is a :class:`CliError`, printed by :func:`exit_on_user_error` as one red line with exit
+code 2; :func:`user_errors` turns a library's exceptions into one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import tempfile
+from collections.abc import Iterator
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+#: ``--model`` value that builds the tiny random checkpoint of :mod:`tokenprune.testing` and loads it.
+TINY = "tiny"
+#: ``--model`` value of the trained shapes VLM shipped with the package (:mod:`tokenprune.eval.shapes_model`).
+SHAPES = "shapes"
+
+DeviceOption = Annotated[str, typer.Option(help="'auto' (cuda when available), 'cpu', 'cuda'...")]
+DtypeOption = Annotated[str, typer.Option(help="'auto' (bfloat16 on GPU, float32 on CPU) or a dtype name.")]
+
+
+class CliError(Exception):
+    """A user error: printed as one red line, exit code 2."""
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Print a :class:`CliError` as one red line on stderr and exit with code 2."""
+    try:
+        yield
+    except CliError as error:
+        message = f"[bold red]error:[/] {escape(str(error))}"
+        Console(stderr=True).print(message, highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+
+
+@contextlib.contextmanager
+def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """Turn the given exception types into :class:`CliError` (one line, no traceback)."""
+    try:
+        yield
+    except kinds as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CliError(message) from error
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' progress bars and warnings within the block, restoring them after."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """The torch device and dtype of ``--device`` and ``--dtype`` ('auto': cuda and bfloat16 when a GPU is
+    there, else cpu and float32); a device or dtype that cannot be used here is a :class:`CliError`."""
+    with user_errors(RuntimeError, ValueError):
+        resolved = torch.device(
+            "cuda"
+            if device == "auto" and torch.cuda.is_available()
+            else "cpu"
+            if device == "auto"
+            else device
+        )
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if dtype == "auto":
+        return resolved, torch.bfloat16 if resolved.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise CliError(f"--dtype must be auto or one of {', '.join(dtypes)}, got {dtype!r}")
+    return resolved, dtypes[dtype]
+
+
+def load_model(checkpoint: str, attn: str, device: torch.device, dtype: torch.dtype):
+    """A local image-text-to-text checkpoint on ``device`` in eval mode; load failures become CliError."""
+    from transformers import AutoModelForImageTextToText
+
+    with user_errors(OSError, ValueError):
+        model = AutoModelForImageTextToText.from_pretrained(checkpoint, attn_implementation=attn, dtype=dtype)
+    return model.to(device).eval()
+
+
+def checkpoint_path(model: str) -> str:
+    """``--model`` as given to ``from_pretrained``: a local directory, or else a hub id."""
+    path = pathlib.Path(model).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.is_absolute() or model.startswith((".", "~")) or path.exists():
+        raise CliError(
+            f"no checkpoint directory at {model} (give a directory with config.json, '{SHAPES}' or '{TINY}')"
+        )
+    return model
+
+
+def local_checkpoint(stack: contextlib.ExitStack, model: str, seed: int, arch: str | None = None) -> str:
+    """``--model`` as a local checkpoint directory: the tiny model (or, with ``arch``, a benchmark
+    architecture with random weights) is written to a temporary one that lives as long as ``stack``."""
+    if model == SHAPES:
+        from ..eval.shapes_model import shipped_checkpoint
+
+        return str(stack.enter_context(shipped_checkpoint()))
+    if model != TINY:
+        return checkpoint_path(model)
+    from ..testing import save_random_checkpoint, save_tiny_checkpoint
+
+    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="tokenprune-tiny-"))
+    if arch is None or arch == TINY:
+        return str(save_tiny_checkpoint(folder, seed=seed))
+    from ..eval.archs import ARCHS
+
+    if arch not in ARCHS:
+        raise CliError(f"unknown --arch {arch!r}; known: {', '.join(ARCHS)}")
+    return str(save_random_checkpoint(folder, ARCHS[arch](), seed=seed))
+
+
+def floats(text: str) -> list[float]:
+    """The numbers of a comma-separated option value; anything else is a :class:`CliError`."""
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise CliError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def ints(text: str) -> list[int]:
+    """The integers of a comma-separated option value; anything else is a :class:`CliError`."""
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise CliError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def run_meta(arch: str, device: torch.device, attn: str, dtype: torch.dtype, **settings: object) -> dict:
+    """What a benchmark's results file says about its run: model, machine, settings and versions."""
+    from ..eval.bench import machine_description
+
+    return {
+        "arch": arch,
+        "machine": machine_description(device),
+        "attn": attn,
+        "dtype": str(dtype).removeprefix("torch."),
+        **settings,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+    }

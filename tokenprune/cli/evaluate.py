@@ -1,0 +1,110 @@
+"""``tokenprune eval`` and ``tokenprune lmms-task``: accuracy against the keep ratio on the shapes suite,
+and the suite exported as an lmms-eval task."""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+import tokenprune
+
+from ..config import PrunerConfig
+from .common import (
+    SHAPES,
+    CliError,
+    DeviceOption,
+    DtypeOption,
+    exit_on_user_error,
+    floats,
+    load_model,
+    local_checkpoint,
+    quiet_transformers,
+    resolve_device,
+    run_meta,
+    user_errors,
+)
+
+
+def eval_(
+    model: Annotated[
+        str,
+        typer.Option("--model", "-m", help=f"Checkpoint directory; '{SHAPES}' is the shipped shapes VLM."),
+    ] = SHAPES,
+    seed: Annotated[
+        int,
+        typer.Option(help="Seed of the questions: 2 is the test split; any other draws a fresh one."),
+    ] = 2,
+    count: Annotated[int, typer.Option(min=6, help="Questions (an equal share of each kind).")] = 600,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods; default: all registered.")] = "",
+    keep_ratios: Annotated[str, typer.Option(help="Comma-separated keep ratios.")] = "0.5,0.25,0.11,0.05",
+    batch_size: Annotated[int, typer.Option(min=1, help="Questions per generate call.")] = 32,
+    overlay_ratio: Annotated[float, typer.Option(help="Keep ratio of the kept-token overlays.")] = 0.11,
+    attn: Annotated[str, typer.Option(help="Attention implementation.")] = "sdpa",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    out: Annotated[
+        pathlib.Path, typer.Option(help="Folder for results.json/.csv, table.md, pareto.png, overlays.png.")
+    ] = pathlib.Path("eval-results"),
+    readme: Annotated[
+        pathlib.Path | None,
+        typer.Option(help="Also write table.md into this file between its shapes-eval markers."),
+    ] = None,
+) -> None:
+    """Accuracy of every method at every keep ratio on the shapes suite, with retention and prefill time."""
+    from ..eval import suite
+    from ..eval.accuracy import (
+        evaluate_methods,
+        overlay_sheet,
+        replace_between_markers,
+        write_accuracy_results,
+    )
+
+    console = Console()
+    with exit_on_user_error(), contextlib.ExitStack() as stack:
+        names = [m for m in methods.split(",") if m] or sorted(tokenprune.list_methods())
+        ratios = tuple(floats(keep_ratios))
+        with user_errors(ValueError, TypeError):
+            for name in names:
+                for ratio in (*ratios, overlay_ratio):
+                    PrunerConfig(name, keep_ratio=ratio)
+        if readme is not None and not readme.is_file():
+            raise CliError(f"--readme {readme} is not a file")
+        torch_device, torch_dtype = resolve_device(device, dtype)
+        checkpoint = local_checkpoint(stack, model, seed=0)
+        stack.enter_context(quiet_transformers())
+        from transformers import AutoProcessor
+
+        with console.status(f"Loading {escape(model)}...", spinner="dots"):
+            with user_errors(OSError, ValueError):
+                processor = AutoProcessor.from_pretrained(checkpoint)
+            vlm = load_model(checkpoint, attn, torch_device, torch_dtype)
+            examples = suite.examples(seed, count)
+        with console.status(f"Scoring {len(names)} methods x {len(ratios)} keep ratios...", spinner="dots"):
+            rows = evaluate_methods(vlm, processor, examples, names, ratios, batch_size)
+            meta = run_meta(model, torch_device, attn, torch_dtype, seed=seed, examples=count)
+            paths = write_accuracy_results(rows, out, meta)
+            sheet = out / "overlays.png"
+            paths["overlays"] = overlay_sheet(vlm, processor, examples, names, overlay_ratio, sheet)
+    table = paths["table"].read_text()
+    if readme is not None:
+        readme.write_text(replace_between_markers(readme.read_text(), table, "shapes-eval"))
+        paths["readme"] = readme
+    console.print(table, highlight=False)
+    console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
+
+
+def lmms_task(
+    directory: Annotated[pathlib.Path, typer.Argument(help="Folder to write the task into.")],
+    seed: Annotated[int, typer.Option(help="Seed of the questions: 2 is the test split.")] = 2,
+    count: Annotated[int, typer.Option(min=1, help="Questions.")] = 600,
+) -> None:
+    """Write the shapes suite as the lmms-eval task tokenprune_shapes (use with --include_path DIR)."""
+    from ..eval.lmms_task import export_lmms_task
+
+    path = export_lmms_task(directory, seed, count)
+    typer.echo(f"wrote {path}; run: python -m lmms_eval --model tokenprune --include_path {directory} ...")
