@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from transformers import LlavaConfig, ViTConfig
+from transformers import LlavaConfig, Qwen2_5_VLConfig, ViTConfig
 
-from tokenprune.testing import llava_config, tiny_config, tiny_encoder
+from tokenprune.testing import (
+    IMAGE_TOKEN_ID,
+    QWEN_VIDEO_TOKEN_ID,
+    QWEN_VISION_END_ID,
+    QWEN_VISION_START_ID,
+    llava_config,
+    tiny_config,
+    tiny_encoder,
+)
 
 
 def _llava(vision: dict, text: dict) -> LlavaConfig:
@@ -60,7 +68,47 @@ def llava_small() -> LlavaConfig:
     )
 
 
-ARCHS = {"tiny": tiny_config, "llava-small": llava_small, "llava-1.5-7b": llava_15_7b}
+def qwen25_vl_small() -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL-shaped model small enough for CPU timing: a 4-layer window-attention tower (its last layer
+    full) of 14-pixel patches merged 2x2 (a 448-pixel image: 256 tokens, see
+    :data:`tokenprune.eval.bench.QWEN_IMAGE_PATCHES`) and an 8-layer 768-wide decoder with multimodal RoPE."""
+    return Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=4,
+            hidden_size=384,
+            intermediate_size=1536,
+            num_heads=6,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[3],
+            out_hidden_size=768,
+        ),
+        text_config=dict(
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=8,
+            num_attention_heads=12,
+            num_key_value_heads=12,
+            vocab_size=32064,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
+        ),
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=QWEN_VIDEO_TOKEN_ID,
+        vision_start_token_id=QWEN_VISION_START_ID,
+        vision_end_token_id=QWEN_VISION_END_ID,
+        pad_token_id=0,
+    )
+
+
+ARCHS = {
+    "tiny": tiny_config,
+    "llava-small": llava_small,
+    "llava-1.5-7b": llava_15_7b,
+    "qwen2.5-vl-small": qwen25_vl_small,
+}
 
 
 def vit_b16() -> ViTConfig:

@@ -21,12 +21,15 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, PreTrainedModel
 
 import tokenprune as tp
 from tokenprune.compile import compiled_decoding
 from tokenprune.patches._internals import cache_nbytes, output_cache
-from tokenprune.testing import tiny_inputs, tokens_per_image
+from tokenprune.testing import QWEN_FAMILIES, tiny_inputs
+
+#: The (rows, columns) of patches of each image in a Qwen-VL benchmark: 256 tokens once merged 2x2.
+QWEN_IMAGE_PATCHES = (32, 32)
 
 
 @dataclass
@@ -103,21 +106,33 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> f
     return statistics.median(times)
 
 
-def build_model(config, attn: str, device: torch.device, dtype: torch.dtype) -> LlavaForConditionalGeneration:
+def build_model(config, attn: str, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     """A random-weight model of ``config`` (timing only), in eval mode, its weights created and initialised
     on ``device`` (a 7B model's on the GPU in seconds, not on the CPU first and then moved)."""
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
+        model = AutoModelForImageTextToText.from_config(config, attn_implementation=attn, dtype=dtype)
     return model.eval()
 
 
 def benchmark_inputs(model, batch_size: int, text_tokens: int, device: torch.device) -> dict:
-    """One image and ``text_tokens`` text tokens per prompt, on ``device`` in the model's dtype."""
-    inputs = tiny_inputs(model, (1,) * batch_size, (text_tokens,) * batch_size)
+    """One image and ``text_tokens`` text tokens per prompt, on ``device`` in the model's dtype (a Qwen-VL
+    image of :data:`QWEN_IMAGE_PATCHES`)."""
+    images = (1,) * batch_size
+    if model.config.model_type in QWEN_FAMILIES:
+        patches = (QWEN_IMAGE_PATCHES,) * batch_size
+        inputs = tiny_inputs(model, images, (text_tokens,) * batch_size, image_patches=patches)
+    else:
+        inputs = tiny_inputs(model, images, (text_tokens,) * batch_size)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     return inputs
+
+
+def tokens_per_image(model, inputs: dict) -> int:
+    """Visual tokens of each image of ``inputs`` (one image per prompt, all of one size)."""
+    ids = inputs["input_ids"]
+    return int((ids == model.config.image_token_id).sum()) // ids.shape[0]
 
 
 class _Runner:
@@ -135,9 +150,10 @@ class _Runner:
     def ideal_prefill(self, kept_per_image: int) -> None:
         """Vision tower and projector on the images, then the language model on the pruned length."""
         base = self.model.model
-        base.get_image_features(pixel_values=self.inputs["pixel_values"])
+        images = ("pixel_values", "image_grid_thw", "image_sizes")
+        base.get_image_features(**{k: self.inputs[k] for k in images if k in self.inputs})
         batch, length = self.inputs["input_ids"].shape
-        pruned = length - (tokens_per_image(self.model) - kept_per_image)
+        pruned = length - (tokens_per_image(self.model, self.inputs) - kept_per_image)
         embeds = base.get_input_embeddings()(self.inputs["input_ids"][:, :pruned])
         hidden = base.language_model(inputs_embeds=embeds).last_hidden_state
         self.model.lm_head(hidden[:, -1:])
@@ -192,7 +208,7 @@ class _Runner:
             method=method,
             layer=layer,
             batch_size=batch,
-            visual_tokens=tokens_per_image(self.model),
+            visual_tokens=tokens_per_image(self.model, self.inputs),
             kept_tokens=kept,
             prompt_tokens=self.inputs["input_ids"].shape[1],
             prefill_ms=prefill,
@@ -231,7 +247,6 @@ def run_benchmark(
     With ``compile``, every row also measures decoding with a static cache and a compiled step.
     """
     device = next(model.parameters()).device
-    n = tokens_per_image(model)
     rows: list[BenchRow] = []
     counted: list[tuple[BenchRow, _Runner, float | None]] = []  # rows whose launches are counted last
     steps = len(batch_sizes) * (1 + len(keep_ratios) * (1 + len(methods)))
@@ -239,6 +254,7 @@ def run_benchmark(
         task = progress.add_task("benchmark", total=steps)
         for batch_size in batch_sizes:
             inputs = benchmark_inputs(model, batch_size, text_tokens, device)
+            n = tokens_per_image(model, inputs)
             runner = _Runner(model, inputs, device, repeats, new_tokens, compile)
             progress.update(task, description=f"bs={batch_size} unpruned")
             base = runner.measure("unpruned", None, n)

@@ -529,9 +529,27 @@ class DecoderPruningHooks(LanguageModelHooks):
         keep = self._stages[stage][1]
         if keep is not None:
             return torch.full_like(image_sizes, keep)
-        config = self._pruner.config
-        by_size = {size: config.stages(size)[stage][1] for size in image_sizes.unique().tolist()}
+        by_size = {size: self._kept_for_size(stage, size) for size in image_sizes.unique().tolist()}
         return torch.tensor([by_size[size] for size in image_sizes.tolist()], device=image_sizes.device)
+
+    def _kept_for_size(self, stage: int, size: int) -> int:
+        """Tokens an image of ``size`` keeps at ``stage`` (a vision stage is the first) under the pruner's
+        config; ``ValueError`` for a budget over the image or a decoder stage keeping more than the vision
+        stage handed on."""
+        config = self._pruner.config
+        vision = config.vision_stage
+        if vision is None:
+            return config.stages(size)[stage][1]
+        kept = vision.kept_per_image(size)
+        if stage == 0:
+            return kept
+        keep = config.stages(size)[stage - 1][1]
+        if keep > kept:
+            raise ValueError(
+                f"{config.method!r} keeps {keep} tokens of an image of {size} but {vision.method!r} in the "
+                f"vision tower keeps only {kept}: keep fewer in the decoder"
+            )
+        return keep
 
     def _scores(
         self,

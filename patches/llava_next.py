@@ -7,10 +7,10 @@ takes each image's count from the model's own packing step (``pack_image_feature
 instance to read the lengths it returns), numbers the placeholders image by image, and leaves the newline
 rows, found by their exact ``image_newline`` features, out of the visual tokens: they are structure and
 always kept. ``keep_ratio`` and ``budget`` count the visual tokens of all tiles of an image together.
-``pre_llm`` and ``llm`` methods drop tokens at prefill (:class:`~tokenprune.patches.decoder.DecoderPruningHooks`);
-a ``kv`` method (:class:`~tokenprune.patches.retrieval.DecodeRetrievalHooks`) keeps the prompt whole and
-hides, at each decode step, the visual tokens its query does not select: newline rows, being text to it,
-stay visible.
+``pre_llm`` and ``llm`` methods drop tokens at prefill
+(:class:`~tokenprune.patches.decoder.DecoderPruningHooks`); a ``kv`` method
+(:class:`~tokenprune.patches.retrieval.DecodeRetrievalHooks`) keeps the prompt whole and hides, at each
+decode step, the visual tokens its query does not select: newline rows, being text to it, stay visible.
 """
 
 from __future__ import annotations

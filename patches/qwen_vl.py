@@ -12,13 +12,16 @@ Supported here: images and videos of any sizes, mixed in one batch (``keep_ratio
 image or video; ``media`` picks images, videos or both), ``pre_llm`` and ``llm`` methods and schedules,
 and ``kv`` methods (:class:`~tokenprune.patches.retrieval.DecodeRetrievalHooks`: the prefill and the cache
 are the model's own, so each decode step's query carries the rotary phase of the model's own decode
-position, from its ``rope_deltas``). Qwen3-VL's DeepStack features follow the kept tokens, and its videos
-(one placeholder run per frame, a timestamp between) count as one item each. Not yet: vision-stage
-methods.
+position, from its ``rope_deltas``), and ``vision`` methods among the merger's output tokens
+(:class:`~tokenprune.patches.qwen_vision.QwenVisionHooks`), alone or composed with a decoder method: the
+tokens the tower drops are zeros, whose placeholders the decoder's first stage drops. Qwen3-VL's DeepStack
+features follow the kept tokens, and its videos (one placeholder run per frame, a timestamp between)
+count as one item each.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
@@ -31,6 +34,7 @@ from tokenprune.sequence import image_ids_by_lengths, image_ids_by_runs
 
 from ._internals import InstanceOverride, InternalsMovedError, base_model, has_media_inputs, placeholder_mask
 from .decoder import DecoderPruningHooks, LanguageModelHooks, size_following_stages
+from .qwen_vision import QwenVisionHooks
 from .retrieval import DecodeRetrievalHooks
 
 #: Qwen3-VL's text-model method that adds the DeepStack features after its first layers.
@@ -38,8 +42,8 @@ _DEEPSTACK = "_deepstack_process"
 
 
 class Qwen2VLAdapter:
-    """Adapter for ``model_type`` ``qwen2_vl``, ``qwen2_5_vl`` (whose window-attention vision tower is not
-    cut inside: the ``pre_llm`` stage acts after its merger) and ``qwen3_vl`` (DeepStack, below).
+    """Adapter for ``model_type`` ``qwen2_vl``, ``qwen2_5_vl`` (window attention in the vision tower) and
+    ``qwen3_vl`` (DeepStack, below).
 
     ``hooks`` are the language model's: :class:`DecoderPruningHooks` for prefill methods, replaced at
     :meth:`attach` by :class:`DecodeRetrievalHooks` for a ``kv`` method."""
@@ -73,6 +77,7 @@ class Qwen2VLAdapter:
         self.hooks.images_by_runs = True  # each image's placeholders sit between vision start/end tokens
         self._encoded_grids: list[torch.Tensor] = []  # grid_thw the vision tower saw since the last forward
         self._modalities: tuple[str, ...] = ()
+        self.vision: QwenVisionHooks | None = None  # the vision tower's hooks, for a vision-stage method
 
     @property
     def num_layers(self) -> int:
@@ -84,8 +89,20 @@ class Qwen2VLAdapter:
         return grids.pop() if len(grids) == 1 else None
 
     def stages(self, config: PrunerConfig) -> list[tuple[int, None]]:
-        """The pruning layers of ``config``; the kept counts follow each image's size."""
-        return size_following_stages(config, self.num_layers, type(self.model).__name__)
+        """The pruning layers of ``config``, a vision stage as layer 0 (its dropped tokens' placeholders go
+        before the language model); the kept counts follow each image's size."""
+        name = type(self.model).__name__
+        vision = config.vision_stage
+        if vision is None:
+            return size_following_stages(config, self.num_layers, name)
+        self.vision = QwenVisionHooks(self.base.visual)
+        self.vision.plan(vision, name)
+        if config.spec.vision:
+            return [(0, None)]
+        return [
+            (0, None),
+            *size_following_stages(dataclasses.replace(config, vision=None), self.num_layers, name),
+        ]
 
     def attach(self, pruner) -> list[RemovableHandle]:
         self._modalities = {"images": ("image",), "videos": ("video",), "both": ("image", "video")}[
@@ -94,7 +111,9 @@ class Qwen2VLAdapter:
         if pruner.config.spec.decode:  # a kv method: decode-time hooks on the same language model
             self.hooks = DecodeRetrievalHooks(self.base.language_model, 0, None)
             self.hooks.images_by_runs = True
-        handles = [
+        vision = pruner.config.vision_stage
+        handles = [] if vision is None else self.vision.attach(pruner, vision, self.base)
+        handles += [
             self.base.visual.register_forward_pre_hook(self._record_grid, with_kwargs=True),
             self.base.register_forward_pre_hook(self._find_images, with_kwargs=True),
             *self.hooks.attach(pruner, self.model),

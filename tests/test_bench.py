@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from tokenprune.cli import app
 from tokenprune.eval.archs import ARCHS
 from tokenprune.eval.bench import build_model, markdown_table, run_benchmark, write_results
+from tokenprune.testing import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,28 @@ def test_the_7b_model_is_built_on_the_target_device():
     devices = {p.device.type for p in model.parameters()}
     assert devices == {"meta"} and sum(p.numel() for p in model.parameters()) > 7e9
     assert not model.training
+
+
+@pytest.mark.parametrize("arch", ["llava-1.5-7b", "qwen2.5-vl-small"])
+def test_each_architecture_is_built_as_its_own_family(arch):
+    model = build_model(ARCHS[arch](), "sdpa", torch.device("meta"), torch.bfloat16)
+    assert model.config.model_type == {"llava-1.5-7b": "llava", "qwen2.5-vl-small": "qwen2_5_vl"}[arch]
+    assert type(model).__name__.endswith("ForConditionalGeneration")
+
+
+def test_a_qwen_architecture_benchmarks_decoder_and_kv_methods():
+    """Qwen2.5-VL's images (256 tokens each here) through the same rows: the kv method keeps every cache
+    entry, the decoder method at layer 2 drops the pruned tokens from the layers after it."""
+    model = build_model(tiny_config("qwen2_5_vl"), "sdpa", torch.device("cpu"), torch.float32)
+    rows = run_benchmark(model, ["fastv", "sparsevila"], [0.25], [1], repeats=1, new_tokens=3)
+    by = {r.method: r for r in rows}
+    assert sorted(by) == ["fastv", "ideal", "sparsevila", "unpruned"]
+    assert by["unpruned"].visual_tokens == 256 and by["unpruned"].kept_tokens == 256
+    assert all(by[m].kept_tokens == 64 for m in ("ideal", "fastv", "sparsevila"))
+    assert by["ideal"].prompt_tokens == by["unpruned"].prompt_tokens - 192
+    assert by["sparsevila"].kv_cache_mib == pytest.approx(by["unpruned"].kv_cache_mib)
+    assert by["fastv"].kv_cache_mib < by["unpruned"].kv_cache_mib
+    assert by["sparsevila"].layer == 0 and by["fastv"].layer == 2
 
 
 def test_rows_cover_every_configuration(rows):

@@ -19,7 +19,8 @@ import tokenprune as tp
 from tokenprune.testing import tiny_inputs, tokens_per_image
 
 METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage != "kv")  # kv: test_retrieval
-#: (family, method) pairs: every method on LLaVA; decoder methods on Qwen2-VL (no vision stage there yet)
+#: (family, method) pairs: every method on LLaVA; decoder methods on Qwen-VL (its vision stage has
+#: test_qwen_vision.py, the kv stage of every family test_retrieval.py)
 CASES = [
     (f, m) for f in INVARIANT_FAMILIES for m in METHODS if f == "llava" or tp.list_methods()[m][0] != "vision"
 ]

@@ -181,7 +181,6 @@ def test_a_budget_over_the_image_raises_at_the_forward(qwen, method):
 @pytest.mark.parametrize(
     ("method", "kwargs", "match"),
     [
-        ("tome", {"keep_ratio": 0.5}, "'tome' \\(vision\\) is not supported on Qwen"),
         ("fastv", {"keep_ratio": 0.5, "layer": 4}, r"outside .* 4 layers"),
     ],
 )
