@@ -30,7 +30,10 @@ from .common import (
 
 def bench(
     arch: Annotated[
-        str, typer.Option(help="Architecture with random weights: tiny, llava-small, llava-1.5-7b, qwen2.5-vl-small.")
+        str,
+        typer.Option(
+            help="Architecture with random weights: tiny, llava-small, llava-1.5-7b, qwen2.5-vl-small."
+        ),
     ] = "tiny",
     model: Annotated[
         str | None,
