@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenprune.attention import causal_rows_attention, query_logits
-from tokenprune.context import Instruction, SelectionContext
+from tokenprune.context import Instruction, InstructionRows, SelectionContext
 from tokenprune.positions import renumbering_shift
 from tokenprune.sequence import (
     Compaction,
@@ -151,6 +151,26 @@ class _Instructions:
         return Instruction(self.keys[layout.sample], self.features[layout.sample], mask)
 
 
+@dataclass
+class _InstructionRows:
+    """The attention rows of a batch's instructions (``DecoderPruningHooks._instruction_rows_attention``)."""
+
+    to_tokens: torch.Tensor  # [B, L, H, Q] attention of each instruction query, by head, to every token
+    rows: torch.Tensor  # [B, Q] the instruction tokens' positions
+    prompt: torch.Tensor  # [B, Q] the prompt of each (-1: padding)
+    sequences: torch.Tensor  # [B, L] the prompt of every token
+
+    def of(self, layout: VisualLayout) -> InstructionRows:
+        """Each image's: its row's instruction queries of its own prompt, over its tokens and theirs."""
+        image_prompt = self.sequences[layout.sample, layout.positions[:, 0]]
+        mask = self.prompt[layout.sample] == image_prompt[:, None]  # [I, Q]
+        visual = layout.take(self.to_tokens).permute(0, 2, 3, 1)  # [I, H, Q, N]
+        rows = self.rows[:, :, None, None].expand(-1, -1, *self.to_tokens.shape[2:])
+        text = torch.gather(self.to_tokens, 1, rows).permute(0, 2, 3, 1)[layout.sample]  # [I, H, Q, Q]
+        keys = mask[:, None, None, :] & mask[:, None, :, None]
+        return InstructionRows(visual, text * keys, mask)
+
+
 def size_following_stages(config, num_layers: int, model_name: str) -> list[tuple[int, None]]:
     """The stages of ``config`` for a family whose image token count varies with each image: its
     pruning layers, each with a kept count the decoder computes per image (none for a ``kv`` method, which
@@ -260,7 +280,7 @@ class DecoderPruningHooks(LanguageModelHooks):
                 for layer in self.layers[stage_layers[0] - 1 : stage_layers[-1]]
                 for sublayer in internals.sublayers(layer)
             ]
-        if {"attention", "unrotated_logits", "keys", "instruction"} & set(needs):
+        if {"attention", "unrotated_logits", "keys", "instruction", "instruction_rows"} & set(needs):
             # registered last, so that each sees its layer's input after any pruning at that layer
             handles += [
                 self.layers[k - 1].register_forward_pre_hook(self._capture_scoring_input, with_kwargs=True)
@@ -643,6 +663,10 @@ class DecoderPruningHooks(LanguageModelHooks):
             sequences = self._sequences(call)
             prompt = torch.where(counted, torch.gather(sequences, 1, rows), -1)
             scores["instruction"] = _Instructions(take(scores["keys"]), take(hidden), prompt, sequences)
+        if "instruction_rows" in needs:
+            scores["instruction_rows"] = self._instruction_rows_attention(
+                call, layer, hidden, position_embeddings
+            )
         if "attention" in needs:
             scores["attention"] = self._last_token_attention(call, layer, hidden, position_embeddings)
         if "unrotated_logits" in needs:
@@ -676,7 +700,8 @@ class DecoderPruningHooks(LanguageModelHooks):
             keep_ratio=ratio,
         )
         for name, value in scores.items():
-            setattr(ctx, name, value.of(layout) if isinstance(value, _Instructions) else layout.take(value))
+            of_images = isinstance(value, (_Instructions, _InstructionRows))
+            setattr(ctx, name, value.of(layout) if of_images else layout.take(value))
         if "final_norm" in self._needs():
             ctx.final_norm = internals.final_norm(self.language_model)
         return ctx
@@ -812,3 +837,29 @@ class DecoderPruningHooks(LanguageModelHooks):
         key_mask = valid[:, None, :] & (positions[None, None, :] <= rows[..., None]) & same_prompt
         scaling = internals.attention_scaling(scoring_layer)
         return causal_rows_attention(query, keys, key_mask, counted, scaling)
+
+    def _instruction_rows_attention(
+        self,
+        call: _Call,
+        layer: int,
+        hidden: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> _InstructionRows:
+        """The attention rows of each prompt's instruction at the scoring layer (see :meth:`_scoring_layer`),
+        by head: each instruction query's softmax over its prompt up to it. O(B * H * Q * L) for Q
+        instruction tokens."""
+        valid = call.attention_mask.bool()
+        positions = torch.arange(valid.shape[1], device=valid.device)
+        rows, counted = self._instruction_rows(call)
+        scoring_layer, scoring_input = self._scoring_layer(call, layer, hidden)
+        query, keys = internals.project_queries_keys(scoring_layer, scoring_input, position_embeddings, rows)
+        sequences = self._sequences(call)  # a query sees its own prompt only
+        prompt = torch.gather(sequences, 1, rows)
+        key_mask = (
+            valid[:, None, :] & (positions <= rows[..., None]) & (sequences[:, None, :] == prompt[..., None])
+        )
+        logits = query_logits(query, keys, internals.attention_scaling(scoring_layer))  # [B, H, Q, L]
+        attention = logits.masked_fill(~key_mask[:, None], float("-inf")).softmax(dim=-1)
+        return _InstructionRows(
+            attention.permute(0, 3, 1, 2), rows, torch.where(counted, prompt, -1), sequences
+        )
