@@ -15,10 +15,11 @@ from tokenprune.testing import ANYRES_FAMILIES, FAMILIES, tiny_inputs
 STAGES = tp.list_methods()
 DECODER_METHODS = sorted(m for m, (stage, _) in STAGES.items() if stage in ("pre_llm", "llm"))
 #: (family, method, options): every decoder method on every family; on LLaVA also a schedule, the vision
-#: and kv stages, and ``drop_early_kv`` (everywhere)
+#: and kv stages, and ``drop_early_kv`` and renumbered positions (everywhere)
 CONFIGS = [
     *[(f, m, {}) for f in FAMILIES for m in DECODER_METHODS],
     *[(f, "fastv", {"drop_early_kv": True}) for f in FAMILIES],
+    *[(f, "fastv", {"positions": "renumbered"}) for f in FAMILIES],
     ("llava", "dart", {"schedule": ((1, 0.5), (2, 0.25))}),
     *[("llava", m, {}) for m, (stage, _) in sorted(STAGES.items()) if stage in ("vision", "kv")],
 ]
@@ -118,6 +119,7 @@ COMPILED = [
     ("divprune", {}),
     ("fastv", {}),
     ("dart", {"drop_early_kv": True}),
+    ("fastv", {"positions": "renumbered"}),
     ("tome", {}),
     ("sparsevila", {}),
 ]

@@ -2,10 +2,12 @@
 code, on identical inputs: random attention maps, and a tiny model's own attention through the real hooks."""
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
 from conftest import shared_model
+from helpers import hide_tokens_from_layers, renumbered_rotary
 
 import tokenprune as tp
 from tokenprune.context import InstructionRows, SelectionContext
@@ -94,3 +96,32 @@ def test_the_hooks_keep_what_the_reference_keeps_from_the_models_own_attention(f
         model(**inputs)
     kept = pruner.stats.keep_mask[0, start : start + count].nonzero()[:, 0]
     assert kept.tolist() == sorted(expected)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_a_renumbered_schedule_keeps_what_the_reference_keeps_at_each_stage(family):
+    """The reference's own setting, several stages with renumbered positions: each stage's reference reads the
+    eager attention map, at the layer before the stage, of the unpatched model with the tokens dropped by the
+    stages before hidden and the kept ones renumbered, restricted to those kept tokens (a hidden key gets no
+    weight, so this is the pruned sequence's own map)."""
+    eager, model = shared_model(family, "eager"), shared_model(family, "sdpa")
+    inputs = tiny_inputs(eager, (1,))
+    schedule = ((1, 0.5), (3, 0.25))
+    with torch.no_grad(), tp.pruned(model, "adaptinfer", schedule=schedule, positions="renumbered") as pruner:
+        model(**inputs)
+    masks = pruner.stats.keep_masks
+    image = inputs["input_ids"][0] == eager.config.image_token_id
+    present = torch.ones_like(image)
+    for layer, ratio in schedule:
+        before = {k: v for k, v in masks.items() if k < layer}
+        hidden = hide_tokens_from_layers(eager, before, inputs["attention_mask"]) if before else nullcontext()
+        moved = renumbered_rotary(eager, inputs, before) if before else nullcontext()
+        with torch.no_grad(), hidden, moved:
+            weights = eager(**inputs, output_attentions=True, use_cache=False).attentions[layer - 1][0]
+        weights = weights[:, present][:, :, present].float()  # [H, L_s, L_s] over the tokens still present
+        visual = image[present].nonzero()[:, 0]
+        count = round(ratio * int(image.sum()))
+        expected = adaptinfer_reference(weights, int(visual[0]), len(visual), count)
+        kept = masks[layer][0][present][visual].nonzero()[:, 0]
+        assert kept.tolist() == sorted(expected)
+        present = masks[layer][0]
