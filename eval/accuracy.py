@@ -16,7 +16,7 @@ from tokenprune.overlay import first_image_keep, render_overlay
 from tokenprune.pruned_vlm import Generation, PrunedVLM, Request
 
 from . import shapes_model, suite
-from .bench import median_ms, write_rows
+from .bench import bench_config, median_ms, write_rows
 
 
 def answers(model, processor, examples: list[suite.Example], batch_size: int = 32) -> list[str]:
@@ -106,7 +106,7 @@ def evaluate_methods(
     rows = []
     for method in methods:
         for ratio in keep_ratios:
-            config = tp.PrunerConfig(method, keep_ratio=ratio)
+            config = bench_config(method, ratio)
             baselines.append(median_ms(prefill, device, timing_repeats))  # right before, as drift is slow
             with contextlib.ExitStack() as scope:
                 try:
@@ -153,7 +153,7 @@ def overlay_sheet(
     chosen = [next(item for item in examples if item.kind == kind) for kind in OVERLAY_KINDS]
     rows = []
     for method in methods:
-        config = tp.PrunerConfig(method, keep_ratio=keep_ratio)
+        config = bench_config(method, keep_ratio)
         if config.stage == "kv":
             continue
         with contextlib.ExitStack() as scope:

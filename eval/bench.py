@@ -221,12 +221,22 @@ class _Runner:
         )
 
 
+#: The variants an entry may add to its method, ``method+variant``, and the config options each sets.
+VARIANTS = {"drop_early_kv": {"drop_early_kv": True}, "renumbered": {"positions": "renumbered"}}
+
+
 def bench_config(method: str, keep_ratio: float) -> tp.PrunerConfig:
-    """The config a benchmark entry names: a method, or ``method+drop_early_kv`` for that option."""
-    name, plus, option = method.partition("+")
-    if plus and option != "drop_early_kv":
-        raise ValueError(f"unknown benchmark variant {method!r}; the one variant is '<method>+drop_early_kv'")
-    return tp.PrunerConfig(name, keep_ratio=keep_ratio, drop_early_kv=bool(plus))
+    """The config a benchmark or accuracy entry names: a method, or ``method+variant`` (one or more of
+    :data:`VARIANTS`, e.g. ``fastv+drop_early_kv`` or ``fastv+renumbered``) for those options."""
+    name, *variants = method.split("+")
+    unknown = [variant for variant in variants if variant not in VARIANTS]
+    if unknown:
+        raise ValueError(
+            f"unknown benchmark variant {method!r}; the variants are "
+            + ", ".join(f"'<method>+{variant}'" for variant in VARIANTS)
+        )
+    options = {key: value for variant in variants for key, value in VARIANTS[variant].items()}
+    return tp.PrunerConfig(name, keep_ratio=keep_ratio, **options)
 
 
 def run_benchmark(

@@ -307,6 +307,21 @@ def final_norm(language_model: nn.Module) -> nn.Module:
     return norm
 
 
+def rotary_embedding(language_model: nn.Module) -> nn.Module:
+    """The module that turns a decoder-only language model's position ids into its layers' rotary
+    ``(cos, sin)``, called as ``rotary_emb(hidden, position_ids)`` (1-D ids ``[B, L]``; Qwen-VL's
+    multimodal ids ``[3, B, L]``)."""
+    rotary = getattr(language_model, "rotary_emb", None)
+    if not isinstance(rotary, nn.Module):
+        raise InternalsMovedError(f"{type(language_model).__name__} has no 'rotary_emb' module")
+    return rotary
+
+
+def rotary_position_ids(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The position ids a call of :func:`rotary_embedding`'s module was given."""
+    return kwargs["position_ids"] if "position_ids" in kwargs else args[1]
+
+
 def attention_scaling(layer: nn.Module) -> float:
     return float(layer.self_attn.scaling)
 

@@ -15,6 +15,11 @@ does the rest, with per-instance forward hooks only:
 
 Layers before the first K see every token and keep their full cache (unless ``drop_early_kv``); layers
 from K on see only the kept tokens. K = 0 is the ``pre_llm`` stage.
+
+With ``positions="renumbered"`` a hook on the rotary embedding records the position ids of each forward:
+at a stage layer the kept tokens' ids close up (:func:`tokenprune.positions.renumbering_shift`) and the
+following layers get the rotary tables of those ids; a decode step's ids are moved down by what each stage
+moved its prompt's last token, in the stage's layers (the language model's own ids for a stage at layer 0).
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenprune.attention import causal_rows_attention, query_logits
-from tokenprune.context import Instruction, SelectionContext
+from tokenprune.context import Instruction, InstructionRows, SelectionContext
+from tokenprune.positions import renumbering_shift
 from tokenprune.sequence import (
+    Compaction,
     VisualLayout,
     image_groups,
     image_ids_by_count,
@@ -52,6 +59,9 @@ class _StageCache:
 
     first_layer: int
     prefix_mask: torch.Tensor  # [B, L_s] 2-D mask of those rows
+    # renumbered positions: how far this stage moved the positions of the tokens after the prompt down,
+    # from the layout before it ``[B, 1]`` (``None``: original positions)
+    position_shift: torch.Tensor | None = None
 
     def followed_by(self, tail: torch.Tensor) -> torch.Tensor:
         """The 2-D mask ``[B, L_s + T]`` of these rows and then the tokens after the prompt (``tail``)."""
@@ -115,6 +125,8 @@ class _Call:
     layer_kwargs: dict[str, Any] = field(default_factory=dict)  # what the following layers get
     scoring_input: torch.Tensor | None = None  # input of the layer whose keys/attention score tokens
     transition: torch.Tensor | None = None  # [B, L_cur] sub-layer transitions summed so far
+    # renumbered positions: the ids the rotary embedding was given (prefill: of the current layout)
+    rotary_positions: torch.Tensor | None = None  # [B or 1, L_cur], or [3, B, L_cur] (multimodal RoPE)
 
 
 def _largest_per_prompt(sequence: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -137,6 +149,26 @@ class _Instructions:
         image_prompt = self.sequences[layout.sample, layout.positions[:, 0]]
         mask = self.prompt[layout.sample] == image_prompt[:, None]
         return Instruction(self.keys[layout.sample], self.features[layout.sample], mask)
+
+
+@dataclass
+class _InstructionRows:
+    """The attention rows of a batch's instructions (``DecoderPruningHooks._instruction_rows_attention``)."""
+
+    to_tokens: torch.Tensor  # [B, L, H, Q] attention of each instruction query, by head, to every token
+    rows: torch.Tensor  # [B, Q] the instruction tokens' positions
+    prompt: torch.Tensor  # [B, Q] the prompt of each (-1: padding)
+    sequences: torch.Tensor  # [B, L] the prompt of every token
+
+    def of(self, layout: VisualLayout) -> InstructionRows:
+        """Each image's: its row's instruction queries of its own prompt, over its tokens and theirs."""
+        image_prompt = self.sequences[layout.sample, layout.positions[:, 0]]
+        mask = self.prompt[layout.sample] == image_prompt[:, None]  # [I, Q]
+        visual = layout.take(self.to_tokens).permute(0, 2, 3, 1)  # [I, H, Q, N]
+        rows = self.rows[:, :, None, None].expand(-1, -1, *self.to_tokens.shape[2:])
+        text = torch.gather(self.to_tokens, 1, rows).permute(0, 2, 3, 1)[layout.sample]  # [I, H, Q, Q]
+        keys = mask[:, None, None, :] & mask[:, None, :, None]
+        return InstructionRows(visual, text * keys, mask)
 
 
 def size_following_stages(config, num_layers: int, model_name: str) -> list[tuple[int, None]]:
@@ -217,6 +249,7 @@ class DecoderPruningHooks(LanguageModelHooks):
         self._call: _Call | None = None
         # (layer, visual tokens kept per image; None where that follows each image's size)
         self._stages: list[tuple[int, int | None]] = []
+        self._renumbered = False  # positions="renumbered"
 
     def attach(self, pruner: Pruner, model: nn.Module) -> list[RemovableHandle]:
         """Register the hooks for ``pruner``, whose VLM is ``model``; returns their handles."""
@@ -229,6 +262,10 @@ class DecoderPruningHooks(LanguageModelHooks):
             lm.register_forward_hook(self._after_language_model, with_kwargs=True, always_call=True),
             *self.generation_overrides(model),
         ]
+        self._renumbered = pruner.config.positions == "renumbered"
+        if self._renumbered:
+            rotary = internals.rotary_embedding(lm)
+            handles.append(rotary.register_forward_pre_hook(self._capture_positions, with_kwargs=True))
         for i, layer in enumerate(self.layers[stage_layers[0] :], start=stage_layers[0]):
             hook = (
                 partial(self._at_stage_layer, stage_layers.index(i))
@@ -243,7 +280,7 @@ class DecoderPruningHooks(LanguageModelHooks):
                 for layer in self.layers[stage_layers[0] - 1 : stage_layers[-1]]
                 for sublayer in internals.sublayers(layer)
             ]
-        if {"attention", "unrotated_logits", "keys", "instruction"} & set(needs):
+        if {"attention", "unrotated_logits", "keys", "instruction", "instruction_rows"} & set(needs):
             # registered last, so that each sees its layer's input after any pruning at that layer
             handles += [
                 self.layers[k - 1].register_forward_pre_hook(self._capture_scoring_input, with_kwargs=True)
@@ -333,6 +370,9 @@ class DecoderPruningHooks(LanguageModelHooks):
         kwargs = dict(kwargs)
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = (torch.arange(new, device=embeds.device) + done)[None].expand(batch, -1)
+        shift = session.stages[0].position_shift
+        if shift is not None and self._stages[0][0] == 0:  # renumbered before the language model
+            kwargs["position_ids"] = kwargs["position_ids"] - shift
         if isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4):
             missing = [s.first_layer for s in session.stages if s.first_layer > 0]
             if any(layer not in session.step_masks for layer in missing):
@@ -406,6 +446,10 @@ class DecoderPruningHooks(LanguageModelHooks):
 
     # -- decoder layers -------------------------------------------------------------------------
 
+    def _capture_positions(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._call is not None:
+            self._call.rotary_positions = internals.rotary_position_ids(args, kwargs)
+
     def _capture_scoring_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._call is not None and self._call.visual is not None:
             self._call.scoring_input = internals.layer_hidden_states(args, kwargs)
@@ -437,15 +481,32 @@ class DecoderPruningHooks(LanguageModelHooks):
         if call.session is None:
             return self._prune(call, stage, hidden, args, kwargs, cache)
         rows = call.session.stages[stage]
-        if rows.first_layer == 0:
-            return None  # the language model already built this mask from the pruned 2-D mask
-        if call.tail is None:  # prepared with the step's other masks
-            mask = call.session.step_masks[layer]
-        else:
-            mask_2d = rows.followed_by(call.tail)
-            mask = internals.causal_mask(self.language_model.config, hidden, mask_2d, cache, layer)
-        call.layer_kwargs = {"attention_mask": mask}
+        update = {}
+        if rows.first_layer > 0:  # else the language model already built this mask from the pruned 2-D mask
+            if call.tail is None:  # prepared with the step's other masks
+                mask = call.session.step_masks[layer]
+            else:
+                mask_2d = rows.followed_by(call.tail)
+                mask = internals.causal_mask(self.language_model.config, hidden, mask_2d, cache, layer)
+            update["attention_mask"] = mask
+        if rows.position_shift is not None and layer > 0:  # layer 0's: in the language model's positions
+            update.update(self._shifted_step(call, hidden, kwargs.get("position_ids"), rows.position_shift))
+        if not update:
+            return None
+        call.layer_kwargs = {**call.layer_kwargs, **update}
         return args, {**kwargs, **call.layer_kwargs}
+
+    def _shifted_step(
+        self, call: _Call, hidden: torch.Tensor, position_ids: torch.Tensor | None, shift: torch.Tensor
+    ) -> dict[str, Any]:
+        """A decode step's positions from a renumbering stage on: each row's moved down by ``shift [B, 1]``,
+        and the rotary tables of those positions."""
+        call.rotary_positions = call.rotary_positions - shift
+        rotary = internals.rotary_embedding(self.language_model)
+        update = {"position_embeddings": rotary(hidden, call.rotary_positions)}
+        if position_ids is not None:
+            update["position_ids"] = position_ids - shift
+        return update
 
     def _prune(
         self, call: _Call, stage: int, hidden: torch.Tensor, args: tuple, kwargs: dict, cache: Any
@@ -479,9 +540,14 @@ class DecoderPruningHooks(LanguageModelHooks):
                 keep &= call.attention_mask.bool()  # padding goes: as long as the longest kept row
             plan = plan_compaction(keep)
 
+        shift, moved = self._renumbering(call, keep) if self._renumbered else (None, None)
         pruned_hidden, pruned_positions, call.attention_mask = plan.gather_sequence(
             hidden, position_ids, call.attention_mask
         )
+        position_embeddings = (plan.gather(cos), plan.gather(sin))
+        if shift is not None:
+            pruned_positions = pruned_positions - plan.gather(shift)
+            position_embeddings = self._renumbered_tables(call, plan, moved, pruned_hidden)
         call.visual = plan.gather(call.visual) & plan.valid
         call.image_id = torch.where(call.visual, plan.gather(call.image_id), -1)
         call.origin = plan.gather(call.origin)
@@ -496,9 +562,9 @@ class DecoderPruningHooks(LanguageModelHooks):
                 config, pruned_hidden, call.attention_mask, cache, layer, call.sequence_ids
             ),
             "position_ids": pruned_positions,
-            "position_embeddings": (plan.gather(cos), plan.gather(sin)),
+            "position_embeddings": position_embeddings,
         }
-        call.new_stages.append(_StageCache(layer, call.attention_mask))
+        call.new_stages.append(_StageCache(layer, call.attention_mask, self._decode_shift(shift, plan)))
         if stage == 0:
             call.first_index = call.origin
         reached = torch.zeros(batch, call.original_length, dtype=torch.int32, device=hidden.device)
@@ -506,6 +572,32 @@ class DecoderPruningHooks(LanguageModelHooks):
         pruner.record_prefill(call.visual_in, call.visual.sum(dim=1).tolist(), dict(call.keep_masks))
         args, kwargs = internals.with_layer_hidden_states(args, kwargs, pruned_hidden)
         return args, {**kwargs, **call.layer_kwargs}
+
+    def _renumbering(self, call: _Call, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """How far each token's position moves down ``[B, L_cur]`` when the tokens ``keep`` flags (of the
+        current layout) close up (see :func:`tokenprune.positions.renumbering_shift`), and the rotary
+        position ids so moved ``[A, B, L_cur]`` (``A`` axes)."""
+        positions = call.rotary_positions
+        batch, length = keep.shape
+        axes = positions.expand(*positions.shape[:-2], batch, length).reshape(-1, batch, length)
+        shift = renumbering_shift(axes, keep & call.attention_mask.bool(), call.sequence_ids)
+        return shift, axes - shift
+
+    def _renumbered_tables(
+        self, call: _Call, plan: Compaction, moved: torch.Tensor, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary ``(cos, sin)`` of the pruned layout ``hidden [B, L', D]``, its tokens at the ``moved``
+        positions ``[A, B, L_cur]`` (see :meth:`_renumbering`), which ``call`` keeps for a later stage."""
+        lead = call.rotary_positions.shape[:-2]
+        pruned = plan.gather(moved.permute(1, 2, 0).contiguous()).permute(2, 0, 1)  # [A, B, L']
+        call.rotary_positions = pruned.reshape(*lead, *pruned.shape[1:])
+        return internals.rotary_embedding(self.language_model)(hidden, call.rotary_positions)
+
+    @staticmethod
+    def _decode_shift(shift: torch.Tensor | None, plan: Compaction) -> torch.Tensor | None:
+        """How far a stage moved its rows' last prompt token down ``[B, 1]``: the tokens after the prompt
+        follow it (``None`` for original positions). The pruned layout ends each row with its last token."""
+        return None if shift is None else plan.gather(shift)[:, -1:]
 
     @staticmethod
     def _kept_by_vision_stage(image_tokens: torch.Tensor, keep: int) -> torch.Tensor:
@@ -571,6 +663,10 @@ class DecoderPruningHooks(LanguageModelHooks):
             sequences = self._sequences(call)
             prompt = torch.where(counted, torch.gather(sequences, 1, rows), -1)
             scores["instruction"] = _Instructions(take(scores["keys"]), take(hidden), prompt, sequences)
+        if "instruction_rows" in needs:
+            scores["instruction_rows"] = self._instruction_rows_attention(
+                call, layer, hidden, position_embeddings
+            )
         if "attention" in needs:
             scores["attention"] = self._last_token_attention(call, layer, hidden, position_embeddings)
         if "unrotated_logits" in needs:
@@ -604,7 +700,8 @@ class DecoderPruningHooks(LanguageModelHooks):
             keep_ratio=ratio,
         )
         for name, value in scores.items():
-            setattr(ctx, name, value.of(layout) if isinstance(value, _Instructions) else layout.take(value))
+            of_images = isinstance(value, (_Instructions, _InstructionRows))
+            setattr(ctx, name, value.of(layout) if of_images else layout.take(value))
         if "final_norm" in self._needs():
             ctx.final_norm = internals.final_norm(self.language_model)
         return ctx
@@ -740,3 +837,29 @@ class DecoderPruningHooks(LanguageModelHooks):
         key_mask = valid[:, None, :] & (positions[None, None, :] <= rows[..., None]) & same_prompt
         scaling = internals.attention_scaling(scoring_layer)
         return causal_rows_attention(query, keys, key_mask, counted, scaling)
+
+    def _instruction_rows_attention(
+        self,
+        call: _Call,
+        layer: int,
+        hidden: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> _InstructionRows:
+        """The attention rows of each prompt's instruction at the scoring layer (see :meth:`_scoring_layer`),
+        by head: each instruction query's softmax over its prompt up to it. O(B * H * Q * L) for Q
+        instruction tokens."""
+        valid = call.attention_mask.bool()
+        positions = torch.arange(valid.shape[1], device=valid.device)
+        rows, counted = self._instruction_rows(call)
+        scoring_layer, scoring_input = self._scoring_layer(call, layer, hidden)
+        query, keys = internals.project_queries_keys(scoring_layer, scoring_input, position_embeddings, rows)
+        sequences = self._sequences(call)  # a query sees its own prompt only
+        prompt = torch.gather(sequences, 1, rows)
+        key_mask = (
+            valid[:, None, :] & (positions <= rows[..., None]) & (sequences[:, None, :] == prompt[..., None])
+        )
+        logits = query_logits(query, keys, internals.attention_scaling(scoring_layer))  # [B, H, Q, L]
+        attention = logits.masked_fill(~key_mask[:, None], float("-inf")).softmax(dim=-1)
+        return _InstructionRows(
+            attention.permute(0, 3, 1, 2), rows, torch.where(counted, prompt, -1), sequences
+        )

@@ -298,6 +298,11 @@ class VisionEncoderAdapter:
                 f"{type(self.model).__name__} is an image encoder without a language model: only vision "
                 f"methods apply (tome, hiprune, visionzip), not {config.method!r}"
             )
+        if config.positions != "original":
+            raise ValueError(
+                f"positions={config.positions!r} renumbers a language model's positions; "
+                f"{type(self.model).__name__} is an image encoder without one"
+            )
         return [(0, self.encoder.plan(config))]
 
     def attach(self, pruner: Pruner) -> list[RemovableHandle]:

@@ -277,3 +277,62 @@ def greedy_with_logits(model, inputs: dict, new_tokens: int = 4, **generate_kwar
         suppress_tokens=[model.config.image_token_id],
         **generate_kwargs,
     )
+
+
+def renumbered(positions: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The rule of ``tokenprune.positions``, token by token: each kept token that starts (smallest axis) more
+    than one past the largest position of the kept tokens before it moves down, with all after it, by the
+    gap. ``positions [A, B, L]``, ``kept [B, L]``."""
+    out = positions.clone()
+    for b in range(positions.shape[1]):
+        shift, top = 0, None
+        for j in range(positions.shape[2]):
+            if kept[b, j]:
+                low, high = int(positions[:, b, j].min()), int(positions[:, b, j].max())
+                if top is not None and low > top + 1:
+                    shift += low - top - 1
+                top = high if top is None else max(top, high)
+            out[:, b, j] -= shift
+    return out
+
+
+def rotary_positions(model, inputs: dict) -> torch.Tensor:
+    """The position ids ``[A, B, L]`` the unpatched ``model`` gives its rotary embedding for ``inputs``."""
+    seen = []
+    rotary = model.model.language_model.rotary_emb
+    handle = rotary.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("position_ids", args[-1])), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    batch, length = inputs["input_ids"].shape
+    return seen[0].expand(*seen[0].shape[:-2], batch, length).reshape(-1, batch, length)
+
+
+@contextlib.contextmanager
+def renumbered_rotary(model, inputs: dict, stages: dict[int, torch.Tensor]):
+    """In the block, the decoder layers from each key of ``stages`` up to the next get the rotary tables of
+    the positions renumbered by the keep flags of that stage and of the stages before it."""
+    rotary = model.model.language_model.rotary_emb
+    layers = model.model.language_model.layers
+    positions = rotary_positions(model, inputs)
+    shape = (3, *positions.shape[1:]) if positions.shape[0] == 3 else positions.shape[1:]
+    real = inputs["attention_mask"].bool()
+    firsts = sorted(stages)
+    handles = []
+    for first, end in zip(firsts, [*firsts[1:], len(layers)], strict=True):
+        positions = renumbered(positions, stages[first] & real)
+        tables = rotary(torch.zeros(1, dtype=model.dtype), positions.reshape(shape))
+
+        def hook(module, args, kwargs, tables=tables):
+            return args, {**kwargs, "position_embeddings": tables}
+
+        handles += [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers[first:end]]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

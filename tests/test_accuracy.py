@@ -61,7 +61,7 @@ def test_markers_are_replaced_and_missing_markers_are_an_error():
 def test_eval_command_scores_methods_and_updates_the_readme(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- shapes-eval:start -->\nstale\n<!-- shapes-eval:end -->\n")
-    args = ["eval", "--count", "12", "--methods", "dart,tome", "--keep-ratios", "0.5,0.05"]
+    args = ["eval", "--count", "12", "--methods", "dart,dart+renumbered,tome", "--keep-ratios", "0.5,0.05"]
     args += ["--batch-size", "12", "--out", str(tmp_path / "out"), "--readme", str(readme)]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
@@ -70,17 +70,21 @@ def test_eval_command_scores_methods_and_updates_the_readme(tmp_path):
         ("none", 1.0),
         ("dart", 0.5),
         ("dart", 0.05),
+        ("dart+renumbered", 0.5),
+        ("dart+renumbered", 0.05),
         ("tome", 0.5),
         ("tome", 0.05),
     ]
     assert rows[0]["kept_tokens"] == 144 and rows[0]["retention"] == 1.0
     assert rows[1]["kept_tokens"] == 72 and rows[2]["kept_tokens"] == 7
     # ToMe cannot merge 145 tokens down to 8 in the tower's three merge steps: reported, not run
-    assert rows[4]["accuracy"] is None and "cannot merge" in rows[4]["note"]
-    for row in rows[:4]:
+    assert rows[6]["accuracy"] is None and "cannot merge" in rows[6]["note"]
+    assert rows[3]["kept_tokens"] == 72 and rows[3]["stage"] == "llm"
+    for row in rows[:6]:
         assert 0 <= row["accuracy"] <= 1 and row["prefill_ms"] > 0
     text = readme.read_text()
     assert "stale" not in text and "| dart | llm |" in text and "n/a" in text
+    assert "| dart+renumbered | llm |" in text
     for name in ("results.csv", "pareto.png", "overlays.png", "table.md"):
         assert (tmp_path / "out" / name).stat().st_size > 0
 

@@ -122,7 +122,11 @@ def test_unknown_bench_variant():
     from tokenprune.eval.bench import bench_config
 
     assert bench_config("fastv+drop_early_kv", 0.5).drop_early_kv
-    with pytest.raises(ValueError, match="the one variant is '<method>\\+drop_early_kv'"):
+    assert bench_config("fastv+renumbered", 0.5).positions == "renumbered"
+    assert bench_config("fastv", 0.5).positions == "original"
+    with pytest.raises(
+        ValueError, match="the variants are '<method>\\+drop_early_kv', '<method>\\+renumbered'"
+    ):
         bench_config("fastv+fast", 0.5)
 
 
@@ -204,9 +208,7 @@ def test_gpu_benchmark_script_runs_its_plan_on_the_tiny_model(tmp_path):
     assert measured("gpu") == {("unpruned", 8, 64)} | {
         (m, 8, k) for m in ("random", "fastv") for k in (7, 16)
     }
-    assert measured("gpu-compile") == {("unpruned", 8, 64)} | {
-        (m, 8, 7) for m in ("fastv", "sparsevila")
-    }
+    assert measured("gpu-compile") == {("unpruned", 8, 64)} | {(m, 8, 7) for m in ("fastv", "sparsevila")}
     assert json.loads((tmp_path / "gpu-compile" / "results.json").read_text())["meta"]["compile"] is True
     assert measured("gpu-batch1") == {("unpruned", 1, 64), ("random", 1, 7), ("fastv", 1, 7)}
 

@@ -15,10 +15,11 @@ from tokenprune.testing import ANYRES_FAMILIES, FAMILIES, tiny_inputs
 STAGES = tp.list_methods()
 DECODER_METHODS = sorted(m for m, (stage, _) in STAGES.items() if stage in ("pre_llm", "llm"))
 #: (family, method, options): every decoder method on every family; on LLaVA also a schedule, the vision
-#: and kv stages, and ``drop_early_kv`` (everywhere)
+#: and kv stages, and ``drop_early_kv`` and renumbered positions (everywhere)
 CONFIGS = [
     *[(f, m, {}) for f in FAMILIES for m in DECODER_METHODS],
     *[(f, "fastv", {"drop_early_kv": True}) for f in FAMILIES],
+    *[(f, "fastv", {"positions": "renumbered"}) for f in FAMILIES],
     ("llava", "dart", {"schedule": ((1, 0.5), (2, 0.25))}),
     *[("llava", m, {}) for m, (stage, _) in sorted(STAGES.items()) if stage in ("vision", "kv")],
 ]
@@ -118,6 +119,7 @@ COMPILED = [
     ("divprune", {}),
     ("fastv", {}),
     ("dart", {"drop_early_kv": True}),
+    ("fastv", {"positions": "renumbered"}),
     ("tome", {}),
     ("sparsevila", {}),
 ]
@@ -161,11 +163,13 @@ def test_compiled_forward_equals_eager():
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["divprune", "dart", "fastv", "feather", "transprune"])
+@pytest.mark.parametrize("positions", ["original", "renumbered"])
+@pytest.mark.parametrize("method", ["divprune", "dart", "fastv", "feather", "transprune", "adaptinfer"])
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_packed_sequences_equal_padded_ones(vlm, method):
+def test_packed_sequences_equal_padded_ones(vlm, method, positions):
     """A padding-free batch (prompts packed in one row, position ids restarting at each) gives each prompt's
-    last token the logits it gets in a padded batch: the pruned layers keep the prompts apart."""
+    last token the logits it gets in a padded batch: the pruned layers keep the prompts apart (and
+    renumber each prompt's positions on its own)."""
     inputs = prompts(vlm)
     real = inputs["attention_mask"].bool()
     lengths = real.sum(dim=1)
@@ -184,7 +188,7 @@ def test_packed_sequences_equal_padded_ones(vlm, method):
         )
         packed["mm_token_type_ids"] = inputs["mm_token_type_ids"][real][None]
         packed["position_ids"] = torch.cat([text_positions, vision_positions[:, real].view(3, -1)])[:, None]
-    with tp.pruned(vlm, method, keep_ratio=0.25) as pruner, torch.no_grad():
+    with tp.pruned(vlm, method, keep_ratio=0.25, positions=positions) as pruner, torch.no_grad():
         padded = vlm(**inputs, use_cache=False).logits[:, -1]
         got = vlm(**packed, use_cache=False).logits[0]
         kept = pruner.stats.keep_mask[0]

@@ -4,11 +4,22 @@ import pytest
 import torch
 
 import tokenprune as tp
-from tokenprune.context import SelectionContext
+from tokenprune.context import InstructionRows, SelectionContext
+from tokenprune.methods.adaptinfer import text_guided_scores
 from tokenprune.methods.baselines import grid_sample
 from tokenprune.registry import get_method
 
 METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage != "vision")
+
+
+def random_instruction_rows(images: int, n: int, g: torch.Generator, heads=4, queries=5) -> InstructionRows:
+    """Random causal attention rows of an instruction of ``queries`` tokens (the last image's one shorter)."""
+    rows = torch.rand(images, heads, queries, n + queries, generator=g)
+    rows[..., n:] = rows[..., n:].tril()  # a query sees the instruction tokens up to itself
+    rows = rows / rows.sum(dim=-1, keepdim=True)
+    mask = torch.ones(images, queries, dtype=torch.bool)
+    mask[-1, -1] = False
+    return InstructionRows(rows[..., :n], rows[..., n:], mask)
 
 
 def random_context(images=3, rows=6, cols=8, dim=16, seed=0) -> SelectionContext:
@@ -23,6 +34,7 @@ def random_context(images=3, rows=6, cols=8, dim=16, seed=0) -> SelectionContext
         transition=torch.rand(images, n, generator=g),
         instruction_attention=torch.rand(images, n, generator=g).softmax(-1),
         unrotated_logits=torch.randn(images, n, 4, generator=g),
+        instruction_rows=random_instruction_rows(images, n, g),
     )
 
 
@@ -57,6 +69,10 @@ def test_each_image_is_selected_on_its_own(method):
             transition=ctx.transition[i : i + 1],
             instruction_attention=ctx.instruction_attention[i : i + 1],
             unrotated_logits=ctx.unrotated_logits[i : i + 1],
+            instruction_rows=InstructionRows(
+                *(t[i : i + 1] for t in (ctx.instruction_rows.visual, ctx.instruction_rows.text)),
+                ctx.instruction_rows.mask[i : i + 1],
+            ),
         )
         assert torch.equal(get_method(method).select(alone, 12, {}), together[i : i + 1])
 
@@ -219,3 +235,26 @@ def test_a_method_breaking_the_index_contract_is_named(indices, error):
             get_method("_broken").select(ctx, 2, {})
     finally:
         del _REGISTRY["_broken"]
+
+
+def test_adaptinfer_scores_by_the_text_weighted_attention_of_the_instruction():
+    """The score, written term by term: s_v = sum over heads h and instruction queries q of
+    w_hq * a_h(q, v), where w_hq = sum_i a_h(i, q) + sum_j a_h(q, j) - a_h(q, q) over the instruction's
+    tokens (the symmetric text-to-text attention summed over its rows); padded queries count nowhere."""
+    g = torch.Generator().manual_seed(3)
+    rows = random_instruction_rows(2, 10, g)
+    expected = torch.zeros(2, 10)
+    for i in range(2):
+        tokens = int(rows.mask[i].sum())
+        text = rows.text[i, :, :tokens, :tokens]
+        for h in range(text.shape[0]):
+            for q in range(tokens):
+                weight = text[h, :, q].sum() + text[h, q, :].sum() - text[h, q, q]
+                expected[i] += weight * rows.visual[i, h, q]
+    torch.testing.assert_close(text_guided_scores(rows.visual, rows.text, rows.mask), expected)
+    ctx = random_context()
+    top = text_guided_scores(
+        ctx.instruction_rows.visual, ctx.instruction_rows.text, ctx.instruction_rows.mask
+    )
+    kept = get_method("adaptinfer").select(ctx, 12, {})
+    assert torch.equal(kept, top.topk(12, dim=1).indices.sort(dim=1).values)

@@ -23,6 +23,7 @@ def apply_pruner(
     schedule: tuple[tuple[int, float], ...] | None = None,
     drop_early_kv: bool = False,
     media: str = "both",
+    positions: str = "original",
     **options: object,
 ) -> Pruner:
     """Prune the visual tokens of every forward pass of ``model`` (including inside ``generate``).
@@ -38,6 +39,8 @@ def apply_pruner(
         drop_early_kv: also drop the pruned tokens' KV entries from the layers before ``layer`` once
             prefill is done (see :class:`PrunerConfig`).
         media: in a family that takes videos, prune ``"images"``, ``"videos"`` or ``"both"``.
+        positions: ``"original"`` keeps the kept tokens' positions, ``"renumbered"`` closes the gaps the
+            dropped ones leave (see :class:`PrunerConfig`).
         **options: method-specific options (see the method's docstring).
 
     Returns:
@@ -48,7 +51,8 @@ def apply_pruner(
     """
     if isinstance(method, PrunerConfig):
         extra = (keep_ratio, budget, layer, schedule)
-        if any(x is not None for x in extra) or drop_early_kv or options or media != "both":
+        defaults = not drop_early_kv and not options and media == "both" and positions == "original"
+        if any(x is not None for x in extra) or not defaults:
             raise TypeError("pass either a PrunerConfig or a method name with its arguments, not both")
         config = method
     else:
@@ -61,6 +65,7 @@ def apply_pruner(
             schedule=None if schedule is None else tuple(schedule),
             drop_early_kv=drop_early_kv,
             media=media,
+            positions=positions,
         )
     if attached_pruner(model) is not None:
         raise RuntimeError("this model already has a pruner; call tokenprune.remove_pruner(model) first")

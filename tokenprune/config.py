@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .positions import POSITIONS
 from .registry import MethodSpec, get_method, stage_for_layer
 
 #: Values of :attr:`PrunerConfig.media`.
@@ -30,6 +31,11 @@ class PrunerConfig:
             layers 0..K-1 once prefill is done, so every layer's cache holds only the kept tokens and
             decode memory and time fall with the kept fraction. Decode steps then attend to the kept
             tokens in every layer; the prompt itself is computed as without the option.
+        positions: the position ids of the tokens after a stage that drops tokens in front of the language
+            model or inside it: ``"original"`` (the default) keeps each token's position in the unpruned
+            prompt; ``"renumbered"`` closes the gaps the dropped tokens leave, so that the kept tokens
+            follow one another, in those layers and at later decode steps (see :mod:`tokenprune.positions`
+            for the rule, Qwen-VL's multimodal positions included).
         vision: a ``vision``-stage config run first, inside the image encoder, e.g.
             ``PrunerConfig("fastv", keep_ratio=0.125, vision=PrunerConfig("tome", keep_ratio=0.5))``;
             this config's method then chooses among the tokens the encoder kept, its ratio or budget
@@ -52,11 +58,16 @@ class PrunerConfig:
     drop_early_kv: bool = False
     vision: PrunerConfig | None = None
     media: str = "both"
+    positions: str = "original"
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
         if self.media not in MEDIA:
             raise ValueError(f"media must be one of {MEDIA} (what is pruned), got {self.media!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(
+                f"positions must be one of {POSITIONS} (of the tokens after pruning), got {self.positions!r}"
+            )
         merges_by_r = spec.per_layer and self.options.get("r") is not None
         if spec.vision and (self.schedule is not None or self.layer is not None or self.drop_early_kv):
             raise ValueError(
@@ -68,10 +79,11 @@ class PrunerConfig:
             or self.layer is not None
             or self.drop_early_kv
             or self.vision is not None
+            or self.positions != "original"
         ):
             raise ValueError(
                 f"{self.method!r} acts at decode steps, in every layer, on the unpruned cache: layer, "
-                "schedule, drop_early_kv and vision do not apply"
+                "schedule, drop_early_kv, vision and positions do not apply"
             )
         if self.schedule is not None:
             self._check_schedule()

@@ -26,6 +26,24 @@ class Instruction:
 
 
 @dataclass
+class InstructionRows:
+    """The attention rows of the prompt's instruction beside an image (the tokens of :class:`Instruction`,
+    ``Q`` per image, padded), by head: each query's softmax over the prompt up to it, at the scoring layer,
+    restricted to the image's tokens and to the instruction's own.
+
+    Attributes:
+        visual: attention of each instruction query to each of the image's tokens ``[I, H, Q, N]``.
+        text: attention of each instruction query (dim 2) to each instruction token (dim 3) ``[I, H, Q, Q]``;
+            0 for a token after the query.
+        mask: which of the ``Q`` are tokens (the rest pad a shorter instruction) ``[I, Q]``.
+    """
+
+    visual: torch.Tensor
+    text: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
 class SelectionContext:
     """Inputs to a selection method for ``I`` images of ``N`` visual tokens each.
 
@@ -51,6 +69,9 @@ class SelectionContext:
             before it, averaged over heads and queries ``[I, N]`` (needs ``instruction_attention``).
         instruction: the key and hidden states of the prompt's instruction, the tokens after its images
             (needs ``instruction``; see :class:`Instruction`).
+        instruction_rows: the attention rows of those instruction tokens at the layer before the acting layer,
+            by head, over the image's tokens and the instruction's (needs ``instruction_rows``; see
+            :class:`InstructionRows`): O(Q * L) per prompt, never the full attention matrix.
         final_norm: the language model's final norm (needs ``final_norm``): what the model applies to the
             last layer's output, for a method that compares hidden states as the model would read them.
         transition: how much the attention and MLP sub-layers changed each visual token, summed from the
@@ -86,6 +107,7 @@ class SelectionContext:
     unrotated_logits: torch.Tensor | None = None
     instruction_attention: torch.Tensor | None = None
     instruction: Instruction | None = None
+    instruction_rows: InstructionRows | None = None
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     transition: torch.Tensor | None = None
     encoder_attention: dict[int, torch.Tensor] | None = None
@@ -97,8 +119,8 @@ class SelectionContext:
 
     def require(self, name: str) -> Any:
         """What the method declared in ``needs`` (a tensor; for ``encoder_attention`` a dict of them, for
-        ``instruction`` an :class:`Instruction`, for ``final_norm`` a module); a clear error if the adapter
-        did not provide it."""
+        ``instruction`` an :class:`Instruction`, for ``instruction_rows`` an :class:`InstructionRows`, for
+        ``final_norm`` a module); a clear error if the adapter did not provide it."""
         value = getattr(self, name)
         if value is None:
             raise RuntimeError(

@@ -27,6 +27,7 @@ KNOWN_NEEDS = (
     "unrotated_logits",
     "instruction_attention",
     "instruction",
+    "instruction_rows",
     "final_norm",
     "transition",
     "encoder_attention",

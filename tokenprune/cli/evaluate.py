@@ -13,7 +13,6 @@ from rich.markup import escape
 
 import tokenprune
 
-from ..config import PrunerConfig
 from .common import (
     SHAPES,
     CliError,
@@ -40,7 +39,10 @@ def eval_(
         typer.Option(help="Seed of the questions: 2 is the test split; any other draws a fresh one."),
     ] = 2,
     count: Annotated[int, typer.Option(min=6, help="Questions (an equal share of each kind).")] = 600,
-    methods: Annotated[str, typer.Option(help="Comma-separated methods; default: all registered.")] = "",
+    methods: Annotated[
+        str,
+        typer.Option(help="Comma-separated methods (or 'fastv+renumbered'); default: all registered."),
+    ] = "",
     keep_ratios: Annotated[str, typer.Option(help="Comma-separated keep ratios.")] = "0.5,0.25,0.11,0.05",
     batch_size: Annotated[int, typer.Option(min=1, help="Questions per generate call.")] = 32,
     overlay_ratio: Annotated[float, typer.Option(help="Keep ratio of the kept-token overlays.")] = 0.11,
@@ -63,6 +65,7 @@ def eval_(
         replace_between_markers,
         write_accuracy_results,
     )
+    from ..eval.bench import bench_config
 
     console = Console()
     with exit_on_user_error(), contextlib.ExitStack() as stack:
@@ -71,7 +74,7 @@ def eval_(
         with user_errors(ValueError, TypeError):
             for name in names:
                 for ratio in (*ratios, overlay_ratio):
-                    PrunerConfig(name, keep_ratio=ratio)
+                    bench_config(name, ratio)
         if readme is not None and not readme.is_file():
             raise CliError(f"--readme {readme} is not a file")
         torch_device, torch_dtype = resolve_device(device, dtype)

@@ -1,6 +1,7 @@
 """Built-in methods: pure tensor functions, registered by name on import."""
 
 from . import (  # noqa: F401
+    adaptinfer,
     baselines,
     dart,
     divprune,

@@ -34,8 +34,8 @@ def transprune(ctx: SelectionContext, keep: int, *, alpha: float = 0.5) -> torch
     ``((7, 0.875), (9, 0.625), (12, 0.125))`` on LLaVA-1.5-7B.
 
     Deviations:
-    - kept tokens keep their original positions (tokenprune's layout); the reference renumbers the
-      sequence after each stage, which changes the RoPE of a later stage's IGA.
+    - kept tokens keep their original positions by default; the reference renumbers the sequence after
+      each stage, which changes the RoPE of a later stage's IGA (``positions="renumbered"`` does as it).
     - TTV's softmax spans each sample's own tokens; the reference's spans the whole batch, padding
       included (its code supports batch 1 only, where the two agree).
     - a stage keeps ``round(ratio * N)`` tokens (tokenprune's budget rule); the reference truncates.
