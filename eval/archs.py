@@ -44,6 +44,18 @@ def llava_15_7b() -> LlavaConfig:
     )
 
 
+#: The decoder of the small CPU-timing architectures: 8 layers of width 768 with 12 heads.
+_SMALL_TEXT = dict(
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=8,
+    num_attention_heads=12,
+    num_key_value_heads=12,
+    vocab_size=32064,
+    max_position_embeddings=4096,
+)
+
+
 def llava_small() -> LlavaConfig:
     """A LLaVA-1.5-shaped model small enough for CPU timing: 576 image tokens, an 8-layer 768-wide decoder."""
     return _llava(
@@ -56,15 +68,7 @@ def llava_small() -> LlavaConfig:
             patch_size=14,
             projection_dim=384,
         ),
-        text=dict(
-            hidden_size=768,
-            intermediate_size=2048,
-            num_hidden_layers=8,
-            num_attention_heads=12,
-            num_key_value_heads=12,
-            vocab_size=32064,
-            max_position_embeddings=4096,
-        ),
+        text=_SMALL_TEXT,
     )
 
 
@@ -86,13 +90,7 @@ def qwen25_vl_small() -> Qwen2_5_VLConfig:
             out_hidden_size=768,
         ),
         text_config=dict(
-            hidden_size=768,
-            intermediate_size=2048,
-            num_hidden_layers=8,
-            num_attention_heads=12,
-            num_key_value_heads=12,
-            vocab_size=32064,
-            max_position_embeddings=4096,
+            _SMALL_TEXT,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
         ),
         image_token_id=IMAGE_TOKEN_ID,
@@ -100,6 +98,8 @@ def qwen25_vl_small() -> Qwen2_5_VLConfig:
         vision_start_token_id=QWEN_VISION_START_ID,
         vision_end_token_id=QWEN_VISION_END_ID,
         pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
 
 

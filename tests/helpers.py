@@ -250,15 +250,21 @@ def assert_generate_matches_reference(
 ) -> None:
     """Each step's logits of a cached ``generate`` (``output_logits=True``) equal the masked reference
     recomputed from scratch, without a cache, on the prompt plus the tokens generated so far."""
+    for step_logits, grown, grown_stages in generated_steps(inputs, out, stages):
+        expected = masked_reference(model, grown, grown_stages, early_from_query)[:, -1]
+        torch.testing.assert_close(step_logits, expected, atol=ATOL, rtol=0)
+
+
+def generated_steps(inputs: dict, out, stages: dict[int, torch.Tensor]):
+    """For each step of a cached ``generate``: its logits, ``inputs`` grown by the tokens generated before
+    it (see :func:`extend`), and each stage's keep flags grown by those tokens (kept)."""
     new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
     for step, step_logits in enumerate(out.logits):
-        grown = extend(inputs, new_tokens[:, :step])
         grown_stages = {
             layer: torch.cat([keep, torch.ones(keep.shape[0], step, dtype=torch.bool)], dim=1)
             for layer, keep in stages.items()
         }
-        expected = masked_reference(model, grown, grown_stages, early_from_query)[:, -1]
-        torch.testing.assert_close(step_logits, expected, atol=ATOL, rtol=0)
+        yield step_logits, extend(inputs, new_tokens[:, :step]), grown_stages
 
 
 def greedy_with_logits(model, inputs: dict, new_tokens: int = 4, **generate_kwargs):

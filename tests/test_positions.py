@@ -8,7 +8,7 @@ from conftest import shared_model
 from helpers import (
     ATOL,
     assert_kept_rows_match,
-    extend,
+    generated_steps,
     greedy_with_logits,
     hide_tokens_from_layers,
     renumbered,
@@ -168,13 +168,7 @@ def test_renumbered_generate_equals_recomputation(family, config):
         out = greedy_with_logits(model, inputs)
     stages = pruner.stats.keep_masks
     early = inputs["input_ids"].shape[1] if config.get("drop_early_kv") else None
-    new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
-    for step, step_logits in enumerate(out.logits):
-        grown = extend(inputs, new_tokens[:, :step])
-        grown_stages = {
-            layer: torch.cat([keep, torch.ones(keep.shape[0], step, dtype=torch.bool)], dim=1)
-            for layer, keep in stages.items()
-        }
+    for step_logits, grown, grown_stages in generated_steps(inputs, out, stages):
         hidden = hide_tokens_from_layers(model, grown_stages, grown["attention_mask"], early)
         with torch.no_grad(), hidden, renumbered_rotary(model, grown, grown_stages):
             expected = model(**grown, use_cache=False).logits[:, -1]
