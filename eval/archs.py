@@ -91,6 +91,8 @@ def qwen25_vl_small() -> Qwen2_5_VLConfig:
         ),
         text_config=dict(
             _SMALL_TEXT,
+            bos_token_id=1,
+            eos_token_id=2,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
         ),
         image_token_id=IMAGE_TOKEN_ID,
@@ -98,8 +100,6 @@ def qwen25_vl_small() -> Qwen2_5_VLConfig:
         vision_start_token_id=QWEN_VISION_START_ID,
         vision_end_token_id=QWEN_VISION_END_ID,
         pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
     )
 
 
