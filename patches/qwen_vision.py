@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -52,13 +52,6 @@ class _Block:
     qkv: torch.Tensor | None = None  # [N, 3 * H * d] the qkv projection of every patch, in block order
     segments: torch.Tensor | None = None  # [S + 1] the attention's cu_seqlens: windows or whole images
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [N, d]
-
-
-@dataclass
-class _Encoding:
-    """State of one tower forward."""
-
-    blocks: dict[int, _Block] = field(default_factory=dict)
 
 
 def window_order(visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor | None:
@@ -109,7 +102,7 @@ class QwenVisionHooks:
         self._config: PrunerConfig | None = None
         self._modality: str | None = None  # 'image' or 'video' while the model encodes one
         self._modalities: tuple[str, ...] = ()
-        self._encoding: _Encoding | None = None
+        self._blocks: dict[int, _Block] | None = None  # what the named blocks saw in this tower forward
         self._encoded = False  # an encoding since the language model's last forward
 
     def plan(self, config: PrunerConfig, model_name: str) -> None:
@@ -156,11 +149,6 @@ class QwenVisionHooks:
             ]
         return handles
 
-    @property
-    def encoded(self) -> bool:
-        """Whether the tower pruned an encoding the language model has not run on yet."""
-        return self._encoded
-
     # -- hooks ----------------------------------------------------------------------------------
 
     def _encoding_of(self, base: nn.Module, name: str, modality: str) -> Callable:
@@ -185,21 +173,21 @@ class QwenVisionHooks:
             self._modality = outer
 
     def _start(self, module: nn.Module, args: tuple) -> None:
-        self._encoding = None
+        self._blocks = None
         if self._modality not in self._modalities:
             return
         if not self._encoded:  # the first encoding of a prefill: images, then videos, add up
             self._pruner.begin_prefill()
-        self._encoding = _Encoding()
+        self._blocks = {}
 
     def _capture_call(self, layer: int, kwargs: dict) -> None:
-        if self._encoding is not None:
-            block = self._encoding.blocks.setdefault(layer, _Block())
+        if self._blocks is not None:
+            block = self._blocks.setdefault(layer, _Block())
             block.segments, block.rotary = kwargs["cu_seqlens"], kwargs["position_embeddings"]
 
     def _capture_qkv(self, layer: int, output: torch.Tensor) -> None:
-        if self._encoding is not None:
-            self._encoding.blocks.setdefault(layer, _Block()).qkv = output
+        if self._blocks is not None:
+            self._blocks.setdefault(layer, _Block()).qkv = output
 
     def _language_model_ran(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._encoded = False
@@ -208,8 +196,8 @@ class QwenVisionHooks:
 
     def _reduce(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         """After the tower: each image's (or video's) chosen tokens in the output, zeros elsewhere."""
-        encoding, self._encoding = self._encoding, None
-        if encoding is None:
+        blocks, self._blocks = self._blocks, None
+        if blocks is None:
             return None
         grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         tokens = output.pooler_output  # [T, D] every item's merged tokens, in order
@@ -220,14 +208,9 @@ class QwenVisionHooks:
         with pruner.timed_selection():
             order = window_order(self.visual, grid_thw)
             attention = {
-                i: self._received_attention(encoding.blocks[i], grid_thw, order)
-                for i in self._attention_layers
+                i: self._received_attention(blocks[i], grid_thw, order) for i in self._attention_layers
             }
-            keys = (
-                self._token_keys(encoding.blocks[self.output_layer], order)
-                if "keys" in config.spec.needs
-                else None
-            )
+            keys = self._token_keys(blocks[self.output_layer], order) if "keys" in config.spec.needs else None
             pruned = tokens.new_zeros(tokens.shape)
             pruned_deepstack = [feature.new_zeros(feature.shape) for feature in deepstack]
             kept = torch.zeros_like(counts)
