@@ -49,6 +49,9 @@ from tokenprune.transition import sublayer_transition
 
 from . import _internals as internals
 
+#: The label of a token that is no target (transformers' loss ignores it).
+IGNORE_INDEX = -100
+
 if TYPE_CHECKING:
     from tokenprune.pruner import Pruner
 
@@ -250,6 +253,10 @@ class DecoderPruningHooks(LanguageModelHooks):
         # (layer, visual tokens kept per image; None where that follows each image's size)
         self._stages: list[tuple[int, int | None]] = []
         self._renumbered = False  # positions="renumbered"
+        # the labels of the generation head's current call, and the rows its language model returned
+        # (their prompt positions [B, L'] and which are prompt tokens, not re-padding) where it pruned them
+        self._labels: torch.Tensor | None = None
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def attach(self, pruner: Pruner, model: nn.Module) -> list[RemovableHandle]:
         """Register the hooks for ``pruner``, whose VLM is ``model``; returns their handles."""
@@ -261,6 +268,7 @@ class DecoderPruningHooks(LanguageModelHooks):
             lm.register_forward_pre_hook(self._before_language_model, with_kwargs=True),
             lm.register_forward_hook(self._after_language_model, with_kwargs=True, always_call=True),
             *self.generation_overrides(model),
+            *self._label_hooks(model),
         ]
         self._renumbered = pruner.config.positions == "renumbered"
         if self._renumbered:
@@ -288,6 +296,64 @@ class DecoderPruningHooks(LanguageModelHooks):
                 if k > 0
             ]
         return handles
+
+    def _label_hooks(self, model: nn.Module) -> list[RemovableHandle]:
+        """Hooks on ``model``, where it is a generation head, that compute its loss over the rows the language
+        model returns: the head's own loss would pair the logits of the pruned rows with the labels of the
+        unpruned prompt."""
+        if not internals.takes_labels(model):
+            return []
+        internals.check_head_internals(model)
+        return [
+            model.register_forward_pre_hook(self._take_labels, with_kwargs=True),
+            model.register_forward_hook(self._loss_over_kept_rows, with_kwargs=True),
+        ]
+
+    def _take_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self._labels, args, kwargs = internals.without_labels(module, args, kwargs)
+        self._rows = None
+        return args, kwargs
+
+    def _loss_over_kept_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """The head's output with the loss of its labels: the logits of each returned row against the label of
+        the prompt token after that row's own (what the unpruned head pairs them with), none for re-padding.
+        The loss is that of the unpruned model with the dropped tokens hidden from attention, over the same
+        targets (:meth:`_check_labels` makes sure no target's predicting token was dropped)."""
+        labels, self._labels = self._labels, None
+        rows, self._rows = self._rows, None
+        if labels is None:
+            return None
+        logits = output[0] if isinstance(output, tuple) else output.logits
+        targets = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # [B, L] each token's target
+        if rows is not None:
+            origin, real = rows
+            targets = torch.where(real, torch.gather(targets.to(origin.device), 1, origin), IGNORE_INDEX)
+        return internals.with_loss(output, internals.causal_lm_loss(module, logits, targets, kwargs))
+
+    def _check_labels(self, call: _Call) -> None:
+        """``ValueError`` for labels this pruner cannot compute the loss of, before any decoder layer runs:
+        not shaped like the prompt, or a target right after a token that pruning may drop (a visual token, or
+        padding, which goes with the dropped tokens), whose logits predict it. The check does not depend on
+        which tokens the method keeps."""
+        labels = self._labels
+        if labels.shape != call.visual.shape:
+            raise ValueError(
+                f"labels must be shaped like the prompt, {list(call.visual.shape)}, not {list(labels.shape)}"
+            )
+        sizes = call.image_sizes
+        if not any(bool((self._keeps(stage, sizes) < sizes).any()) for stage in range(len(self._stages))):
+            return  # nothing is dropped
+        droppable = call.visual | ~call.attention_mask.bool()
+        after_droppable = torch.zeros_like(droppable)
+        after_droppable[:, 1:] = droppable[:, :-1]
+        targets = after_droppable & (labels.to(droppable.device) != IGNORE_INDEX)
+        if bool(targets.any()):
+            raise ValueError(
+                f"labels give a target to {int(targets.sum())} token(s) right after a visual or padding "
+                "token, which pruning drops, leaving no logits to predict them: set those labels to -100 "
+                "(the image tokens, the token after each image, a left-padded row's first token), or keep "
+                "every token (keep_ratio=1.0)"
+            )
 
     def prompt_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """During a prefill with images: the prompt position of each current row ``[B, L_cur]`` and
@@ -353,6 +419,8 @@ class DecoderPruningHooks(LanguageModelHooks):
             visual_in=visual.sum(1).tolist(),
             packed=packed,
         )
+        if self._labels is not None:
+            self._check_labels(self._call)
         return args, kwargs
 
     def _decode_inputs(self, kwargs: dict, cache: Any, session: _Session) -> dict:
@@ -432,6 +500,8 @@ class DecoderPruningHooks(LanguageModelHooks):
 
     def _after_language_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         call, self._call = self._call, None
+        if call is not None and call.visual is not None and self._labels is not None:
+            self._rows = call.origin, call.real
         if call is None or not call.new_stages:
             return
         cache = internals.output_cache(output)
