@@ -217,42 +217,43 @@ def mask_for_generate_function(model: nn.Module) -> Callable:
     return getattr(type(model), "create_masks_for_generate", masking_utils.create_masks_for_generate)
 
 
-def takes_labels(model: nn.Module) -> bool:
-    """Whether ``model`` is a generation head whose forward computes a loss from ``labels``."""
-    return "labels" in inspect.signature(type(model).forward).parameters
+class HeadLabels:
+    """How the generation head ``model`` takes ``labels`` and computes its loss from them, read once (the
+    hooks that use it run in every forward, compiled decode steps included)."""
 
+    def __init__(self, model: nn.Module) -> None:
+        loss = getattr(model, "loss_function", None)
+        if not callable(loss) or "shift_labels" not in inspect.signature(loss).parameters:
+            raise InternalsMovedError(f"{type(model).__name__}.loss_function no longer takes 'shift_labels'")
+        parameters = list(inspect.signature(type(model).forward).parameters)[1:]  # after self
+        self.position = parameters.index("labels")
+        self.named = frozenset(parameters)
 
-def check_head_internals(model: nn.Module) -> None:
-    """Raise :class:`InternalsMovedError` where the loss of the generation head ``model`` is not computed as
-    :func:`causal_lm_loss` expects: by its ``loss_function``, which takes each row's target as
-    ``shift_labels``."""
-    loss = getattr(model, "loss_function", None)
-    if not callable(loss) or "shift_labels" not in inspect.signature(loss).parameters:
-        raise InternalsMovedError(f"{type(model).__name__}.loss_function no longer takes 'shift_labels'")
+    @staticmethod
+    def of(model: nn.Module) -> HeadLabels | None:
+        """The labels of ``model``, where it is a generation head whose forward takes them."""
+        return HeadLabels(model) if "labels" in inspect.signature(type(model).forward).parameters else None
 
+    def take(self, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, tuple, dict]:
+        """The ``labels`` of a call to the head (by keyword or position; ``None`` without), and the call's
+        ``(args, kwargs)`` without them, so that the head computes no loss of its own."""
+        if len(args) > self.position:
+            return args[self.position], (*args[: self.position], None, *args[self.position + 1 :]), kwargs
+        if kwargs.get("labels") is None:
+            return None, args, kwargs
+        return kwargs["labels"], args, {**kwargs, "labels": None}
 
-def without_labels(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, tuple, dict]:
-    """The ``labels`` of a call to the generation head ``model`` (by keyword or position; ``None`` without),
-    and the call's ``(args, kwargs)`` without them, so that the head computes no loss of its own."""
-    index = list(inspect.signature(type(model).forward).parameters).index("labels") - 1  # after self
-    if len(args) > index:
-        return args[index], (*args[:index], None, *args[index + 1 :]), kwargs
-    kwargs = dict(kwargs)
-    return kwargs.pop("labels", None), args, kwargs
-
-
-def causal_lm_loss(
-    model: nn.Module, logits: torch.Tensor, targets: torch.Tensor, kwargs: dict[str, Any]
-) -> torch.Tensor:
-    """The loss the generation head ``model`` computes from its ``logits [B, L, V]``, with each row's target
-    given (``targets [B, L]``, -100 for none) instead of read from the labels of the row after it: its own
-    loss function, handed (as the head hands it) the call's ``kwargs`` that its forward does not name."""
-    named = inspect.signature(type(model).forward).parameters
-    extra = {k: v for k, v in kwargs.items() if k not in named and k != "return_dict"}
-    vocab_size = logits.shape[-1]
-    return model.loss_function(
-        logits=logits, labels=targets, vocab_size=vocab_size, shift_labels=targets, **extra
-    )
+    def loss(
+        self, model: nn.Module, logits: torch.Tensor, targets: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """The loss the head computes from its ``logits [B, L, V]``, with each row's target given
+        (``targets [B, L]``, -100 for none) instead of read from the labels of the row after it: its own
+        loss function, handed (as the head hands it) the call's ``kwargs`` that its forward does not name."""
+        extra = {k: v for k, v in kwargs.items() if k not in self.named and k != "return_dict"}
+        vocab_size = logits.shape[-1]
+        return model.loss_function(
+            logits=logits, labels=targets, vocab_size=vocab_size, shift_labels=targets, **extra
+        )
 
 
 def with_loss(output: Any, loss: torch.Tensor) -> Any:

@@ -247,8 +247,13 @@ class LanguageModelHooks:
 class DecoderPruningHooks(LanguageModelHooks):
     """Installs and removes the hooks of one pruner on one decoder-only language model."""
 
-    def __init__(self, language_model: nn.Module, tokens_per_image: int, grid: tuple[int, int] | None):
+    def __init__(
+        self, model: nn.Module, language_model: nn.Module, tokens_per_image: int, grid: tuple[int, int] | None
+    ):
+        """Hooks for the language model of the VLM ``model`` (whose generation head, if it has one, computes
+        the loss of labels: read here, so that a head whose loss moved fails before any hook is placed)."""
         super().__init__(language_model, tokens_per_image, grid)
+        self._head = internals.HeadLabels.of(model)
         self._call: _Call | None = None
         # (layer, visual tokens kept per image; None where that follows each image's size)
         self._stages: list[tuple[int, int | None]] = []
@@ -301,16 +306,15 @@ class DecoderPruningHooks(LanguageModelHooks):
         """Hooks on ``model``, where it is a generation head, that compute its loss over the rows the language
         model returns: the head's own loss would pair the logits of the pruned rows with the labels of the
         unpruned prompt."""
-        if not internals.takes_labels(model):
+        if self._head is None:
             return []
-        internals.check_head_internals(model)
         return [
             model.register_forward_pre_hook(self._take_labels, with_kwargs=True),
             model.register_forward_hook(self._loss_over_kept_rows, with_kwargs=True),
         ]
 
     def _take_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        self._labels, args, kwargs = internals.without_labels(module, args, kwargs)
+        self._labels, args, kwargs = self._head.take(args, kwargs)
         self._rows = None
         return args, kwargs
 
@@ -328,7 +332,7 @@ class DecoderPruningHooks(LanguageModelHooks):
         if rows is not None:
             origin, real = rows
             targets = torch.where(real, torch.gather(targets.to(origin.device), 1, origin), IGNORE_INDEX)
-        return internals.with_loss(output, internals.causal_lm_loss(module, logits, targets, kwargs))
+        return internals.with_loss(output, self._head.loss(module, logits, targets, kwargs))
 
     def _check_labels(self, call: _Call) -> None:
         """``ValueError`` for labels this pruner cannot compute the loss of, before any decoder layer runs:

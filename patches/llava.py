@@ -41,7 +41,7 @@ class LlavaAdapter:
         if config.vision_feature_select_strategy == "full":  # the CLS token is kept among the patches
             self.tokens_per_image += 1
             grid = None
-        self.hooks = DecoderPruningHooks(self.base.language_model, self.tokens_per_image, grid)
+        self.hooks = DecoderPruningHooks(model, self.base.language_model, self.tokens_per_image, grid)
         self.encoder: EncoderPruningHooks | None = None
         self._kept_patches: torch.Tensor | None = None  # [I, k] of the current forward's images
         self._language_model: DecoderPruningHooks | DecodeRetrievalHooks = self.hooks

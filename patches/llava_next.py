@@ -48,7 +48,7 @@ class LlavaNextAdapter:
             raise InternalsMovedError(f"{type(self.base).__name__}.{_PACK}(..., image_newline) moved")
         self.image_token_id = model.config.image_token_id
         self.tokens_per_image: int | None = None  # varies with each image's size
-        self.hooks: LanguageModelHooks = DecoderPruningHooks(self.base.language_model, 0, None)
+        self.hooks: LanguageModelHooks = DecoderPruningHooks(model, self.base.language_model, 0, None)
         self._lengths: torch.Tensor | None = None  # tokens of each image of the last encoding
 
     @property

@@ -73,7 +73,7 @@ class Qwen2VLAdapter:
                 )
         self.merge = config.vision_config.spatial_merge_size
         self.tokens_per_image: int | None = None  # set per forward from the images' sizes
-        self.hooks: LanguageModelHooks = DecoderPruningHooks(self.base.language_model, 0, None)
+        self.hooks: LanguageModelHooks = DecoderPruningHooks(model, self.base.language_model, 0, None)
         self.hooks.images_by_runs = True  # each image's placeholders sit between vision start/end tokens
         self._encoded_grids: list[torch.Tensor] = []  # grid_thw the vision tower saw since the last forward
         self._modalities: tuple[str, ...] = ()
