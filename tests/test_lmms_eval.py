@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image, ImageChops
 
@@ -16,11 +17,13 @@ from tokenprune.config import PrunerConfig
 from tokenprune.eval import shapes_model, suite
 from tokenprune.eval.lmms_task import TASK, export_lmms_task, first_word, process_results
 from tokenprune.pruned_vlm import (
+    Continuation,
     Generation,
     ModelArgs,
     PrunedVLM,
     Request,
     batches,
+    chat_prompt,
     generation,
     parse_model_args,
     truncate,
@@ -149,6 +152,83 @@ def test_pruning_changes_replies_and_keeping_all_does_not(checkpoint):
     assert whole.answer(requests) == reference
     pruned = PrunedVLM.load(parse_model_args(dict(pretrained=checkpoint, method="dart", budget=2)))
     assert pruned.answer(requests) != reference
+
+
+def _continuations(answers: list[str]) -> list[Continuation]:
+    """The suite's questions of :func:`_requests` (one or two images each, of different lengths) with
+    ``answers`` as continuations."""
+    return [
+        Continuation(request.text, request.images, answer)
+        for request, answer in zip(_requests(Generation(), len(answers)), answers, strict=True)
+    ]
+
+
+def _continuation_loss(vlm: PrunedVLM, request: Continuation) -> tuple[float, int]:
+    """The model's loss (mean over the continuation's tokens) of the continuation after its chat prompt, by
+    ``labels``, alone in its batch, and its token count: the reference of a request scored without pruning
+    (with pruning, the prompt and continuation together would choose the visual tokens)."""
+    processor = vlm.processor
+    prompt = chat_prompt(processor, request.text, len(request.images))
+    inputs = processor(images=list(request.images), text=[prompt + request.continuation], return_tensors="pt")
+    count = (
+        inputs["input_ids"].shape[1]
+        - processor(images=list(request.images), text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+    )
+    labels = inputs["input_ids"].clone()
+    labels[:, :-count] = -100
+    with torch.no_grad():
+        return float(vlm.model(**inputs, labels=labels).loss), count
+
+
+def assert_same_scores(got: list[tuple[float, bool]], expected: list[tuple[float, bool]]) -> None:
+    assert [greedy for _, greedy in got] == [greedy for _, greedy in expected]
+    assert [logprob for logprob, _ in got] == pytest.approx([logprob for logprob, _ in expected], abs=1e-4)
+
+
+def test_loglikelihood_unpruned_is_the_models_own_loss(checkpoint):
+    vlm = PrunedVLM.load(parse_model_args(dict(pretrained=checkpoint, batch_size=3)))
+    requests = _continuations(["red", "a1 b2", "circle", "left of", "3", "x"])
+    scores = vlm.loglikelihood(requests)
+    for request, (logprob, _) in zip(requests, scores, strict=True):
+        loss, count = _continuation_loss(vlm, request)
+        assert logprob == pytest.approx(-loss * count, abs=1e-4)
+    kept_all = PrunedVLM.load(parse_model_args(dict(pretrained=checkpoint, method="dart", keep_ratio=1.0)))
+    assert_same_scores(kept_all.loglikelihood(requests), scores)
+
+
+def test_loglikelihood_under_pruning_scores_what_generate_answers(checkpoint):
+    """The pruner chooses the visual tokens from the prompt alone, as when answering: a greedy reply scores
+    as greedy, with the log-probabilities ``generate`` gave its tokens; batched equals one at a time."""
+    vlm = PrunedVLM.load(parse_model_args(dict(pretrained=checkpoint, method="dart", keep_ratio=0.25)))
+    vlm.batch_size = 4
+    requests = _requests(Generation(max_new_tokens=1), 6)
+    processor = vlm.processor
+    prompts = [chat_prompt(processor, request.text, len(request.images)) for request in requests]
+    images = [image for request in requests for image in request.images]
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = vlm.model.generate(
+            **inputs, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    first = out.sequences[:, -1]
+    expected = out.logits[0].log_softmax(dim=-1).gather(1, first[:, None])[:, 0]
+    words = processor.tokenizer.convert_ids_to_tokens(first.tolist())
+    other = [next(w for w in ("red", "blue") if w != word) for word in words]
+    scores = vlm.loglikelihood(_continuations(words))
+    assert [greedy for _, greedy in scores] == [True] * 6
+    assert [logprob for logprob, _ in scores] == pytest.approx(expected.tolist(), abs=1e-4)
+    assert [greedy for _, greedy in vlm.loglikelihood(_continuations(other))] == [False] * 6
+    unpruned = PrunedVLM.load(parse_model_args(dict(pretrained=checkpoint)))
+    unpruned_logprobs = [logprob for logprob, _ in unpruned.loglikelihood(_continuations(words))]
+    assert unpruned_logprobs != pytest.approx([logprob for logprob, _ in scores], abs=1e-4)
+    vlm.batch_size = 1
+    assert_same_scores(vlm.loglikelihood(_continuations(words)), scores)
+
+
+def test_a_continuation_that_adds_no_token_is_refused(checkpoint):
+    vlm = PrunedVLM.load(parse_model_args(dict(pretrained=checkpoint, method="dart", keep_ratio=0.25)))
+    with pytest.raises(ValueError, match="adds no token"):
+        vlm.loglikelihood(_continuations(["red", ""]))
 
 
 # --- the exported task -----------------------------------------------------------------------------

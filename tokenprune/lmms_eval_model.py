@@ -8,8 +8,8 @@ Needs the ``[lmms]`` extra. lmms-eval finds the model through the ``lmms_eval.mo
         --tasks mme --batch_size 8
 
 ``model_args`` are read by :func:`tokenprune.pruned_vlm.parse_model_args` (``method=none`` is the
-unpruned baseline); loading and batched generation are :class:`tokenprune.pruned_vlm.PrunedVLM`'s.
-Only ``generate_until`` tasks over images (or no visual) are supported.
+unpruned baseline); loading, batched generation and scoring are :class:`tokenprune.pruned_vlm.PrunedVLM`'s.
+``generate_until`` and ``loglikelihood`` (multiple-choice) tasks over images (or no visual) are supported.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 from tqdm import tqdm
 
-from .pruned_vlm import PrunedVLM, Request, generation, parse_model_args
+from .pruned_vlm import Continuation, PrunedVLM, Request, generation, parse_model_args
 
 MODEL_ID = "tokenprune"
 
@@ -33,7 +33,8 @@ def manifests() -> list[ModelManifest]:
 
 
 class TokenPruneLMM(lmms):
-    """lmms-eval's view of a :class:`PrunedVLM`: ``model_args`` in, replies to ``generate_until`` out."""
+    """lmms-eval's view of a :class:`PrunedVLM`: ``model_args`` in, replies to ``generate_until`` and scores
+    of ``loglikelihood`` out."""
 
     is_simple = True
 
@@ -58,20 +59,40 @@ class TokenPruneLMM(lmms):
 
     def _request(self, instance: Instance) -> Request:
         text, gen_kwargs, doc_to_visual, doc_id, task, split = instance.args
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
+        images = self._images(doc_to_visual(self.task_dict[task][split][doc_id]), task)
+        return Request(text, images, generation(gen_kwargs, self.max_new_tokens))
+
+    @staticmethod
+    def _images(visuals: list | None, task: str) -> tuple[Image.Image, ...]:
+        """A document's visuals as RGB images; ``ValueError`` for any other kind of visual."""
+        visuals = visuals or []
         others = [type(visual).__name__ for visual in visuals if not isinstance(visual, Image.Image)]
         if others:
             raise ValueError(
                 f"the tokenprune model takes images only; task {task!r} gave {', '.join(sorted(set(others)))}"
             )
-        images = tuple(visual.convert("RGB") for visual in visuals)
-        return Request(text, images, generation(gen_kwargs, self.max_new_tokens))
+        return tuple(visual.convert("RGB") for visual in visuals)
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        raise NotImplementedError(
-            "the tokenprune model answers generate_until tasks only; loglikelihood (multiple-choice scoring) "
-            "is not implemented: pick a generate_until variant of the task"
-        )
+        """For each request, the log-probability of its continuation after its context (summed over the
+        continuation's tokens) and whether greedy decoding would produce it, scored in batches of
+        ``batch_size`` (see :meth:`PrunedVLM.score <tokenprune.pruned_vlm.PrunedVLM.score>`).
+
+        A request's ``args`` are ``(context, continuation, doc_to_visual, doc_id, task, split)``; the
+        continuation is a string, or lmms-eval's ``doc_to_target``, a function of the document.
+        """
+        prepared = []
+        for instance in requests:
+            context, continuation, doc_to_visual, doc_id, task, split = instance.args
+            doc = self.task_dict[task][split][doc_id]
+            if not isinstance(continuation, str):
+                continuation = continuation(doc)
+            prepared.append(Continuation(context, self._images(doc_to_visual(doc), task), continuation))
+        with tqdm(total=len(prepared), disable=self.rank != 0, desc="tokenprune") as bar:
+            scores = self.vlm.loglikelihood(prepared, progress=bar.update)
+        for request, score in zip(prepared, scores, strict=True):
+            self.cache_hook.add_partial("loglikelihood", (request.text, request.continuation), score)
+        return scores
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError(

@@ -14,6 +14,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import torch
 from PIL import Image
+from transformers import LogitsProcessor
 
 from .api import apply_pruner
 from .config import PrunerConfig
@@ -181,6 +182,33 @@ class Request:
     generation: Generation
 
 
+@dataclasses.dataclass(frozen=True)
+class Continuation:
+    """A text to score after a question: the question, its images and the continuation (appended to the
+    chat prompt as it is, so a leading space is the caller's)."""
+
+    text: str
+    images: tuple[Image.Image, ...]
+    continuation: str
+
+
+def _as_list(ids: int | list[int] | None) -> list[int]:
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
+class _Forced(LogitsProcessor):
+    """Forces step ``t`` of ``generate`` to emit ``tokens[:, t]`` (``[B, C]``), the prompt being
+    ``prompt_length`` tokens long."""
+
+    def __init__(self, tokens: torch.Tensor, prompt_length: int) -> None:
+        self.tokens, self.prompt_length = tokens, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_length
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter_(1, self.tokens[:, step : step + 1], 0.0)
+
+
 class PrunedVLM:
     """A checkpoint, its processor and (unless unpruned) a pruner, answering batches of :class:`Request`."""
 
@@ -212,12 +240,8 @@ class PrunedVLM:
         cut at the first ``until`` string and stripped."""
         settings = requests[0].generation
         images = [image for request in requests for image in request.images]
-        inputs = self.processor(
-            images=images or None,
-            text=[chat_prompt(self.processor, request.text, len(request.images)) for request in requests],
-            return_tensors="pt",
-            padding=True,
-        ).to(self.model.device, dtype=self.model.dtype)
+        prompts = [chat_prompt(self.processor, request.text, len(request.images)) for request in requests]
+        inputs = self._inputs(prompts, images)
         output = self.model.generate(**inputs, **settings.generate_kwargs())
         new = output[:, inputs["input_ids"].shape[1] :]
         texts = self.processor.batch_decode(new, skip_special_tokens=True)
@@ -236,6 +260,72 @@ class PrunedVLM:
             if progress is not None:
                 progress(len(batch))
         return replies
+
+    @torch.no_grad()
+    def score(self, requests: Sequence[Continuation]) -> list[tuple[float, bool]]:
+        """For one batch of requests: the log-probability of each continuation after its prompt (summed
+        over its tokens) and whether greedy decoding would produce exactly those tokens.
+
+        The prompt is the chat prompt of the request's question and images, ending where the reply starts;
+        the continuation's tokens are those that the prompt followed by the continuation has beyond the
+        prompt's own. They are scored as ``generate`` would produce them, each step forced to the next one:
+        the pruner chooses the visual tokens from the prompt alone, as it does when answering (a forward
+        over prompt and continuation would let each candidate answer choose the tokens that favour it).
+        """
+        images = [image for request in requests for image in request.images]
+        prompts = [chat_prompt(self.processor, request.text, len(request.images)) for request in requests]
+        inputs = self._inputs(prompts, images)
+        whole = self._inputs(
+            [prompt + request.continuation for prompt, request in zip(prompts, requests, strict=True)], images
+        )
+        counts = (whole["attention_mask"].sum(dim=1) - inputs["attention_mask"].sum(dim=1)).tolist()
+        pad = self.processor.tokenizer.pad_token_id
+        tokens = torch.full((len(requests), max(counts)), pad, device=self.model.device)  # [B, C]
+        eos = self.model.generation_config.eos_token_id
+        for row, count in enumerate(counts):
+            if count < 1:
+                raise ValueError(f"continuation {requests[row].continuation!r} adds no token to its prompt")
+            tokens[row, :count] = whole["input_ids"][row, -count:]
+            if any(token in _as_list(eos) for token in tokens[row, : count - 1].tolist()):
+                raise ValueError(
+                    f"continuation {requests[row].continuation!r} holds the end-of-sequence token before its "
+                    "end (generate would stop there)"
+                )
+        output = self.model.generate(
+            **inputs,
+            max_new_tokens=tokens.shape[1],
+            do_sample=False,
+            logits_processor=[_Forced(tokens, inputs["input_ids"].shape[1])],
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=pad,
+        )
+        logits = torch.stack(output.logits, dim=1).float()  # [B, C, V] before the forcing
+        logprobs = logits.log_softmax(dim=-1).gather(2, tokens[..., None])[..., 0]  # [B, C]
+        greedy = logits.argmax(dim=-1) == tokens
+        return [
+            (float(logprobs[row, :count].sum()), bool(greedy[row, :count].all()))
+            for row, count in enumerate(counts)
+        ]
+
+    def loglikelihood(
+        self, requests: Sequence[Continuation], progress: Callable[[int], None] | None = None
+    ) -> list[tuple[float, bool]]:
+        """:meth:`score` of every request, in request order, in batches of ``batch_size``; ``progress`` is
+        called with the size of each batch once it is scored."""
+        scores = []
+        for start in range(0, len(requests), self.batch_size):
+            batch = requests[start : start + self.batch_size]
+            scores += self.score(batch)
+            if progress is not None:
+                progress(len(batch))
+        return scores
+
+    def _inputs(self, texts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """The processor's left-padded batch of ``texts`` showing ``images``, on the model's device."""
+        return self.processor(images=images or None, text=texts, return_tensors="pt", padding=True).to(
+            self.model.device, dtype=self.model.dtype
+        )
 
     def close(self) -> None:
         """Remove the pruner (if any), leaving the model as loaded."""
