@@ -58,11 +58,11 @@ def test_markers_are_replaced_and_missing_markers_are_an_error():
         replace_between_markers("no markers here", "x", "shapes-eval")
 
 
-def test_eval_command_scores_methods_and_updates_the_readme(tmp_path):
-    readme = tmp_path / "README.md"
+def test_eval_command_scores_methods_and_updates_the_page(tmp_path):
+    readme = tmp_path / "performance.md"
     readme.write_text("# x\n<!-- shapes-eval:start -->\nstale\n<!-- shapes-eval:end -->\n")
     args = ["eval", "--count", "12", "--methods", "dart,dart+renumbered,tome", "--keep-ratios", "0.5,0.05"]
-    args += ["--batch-size", "12", "--out", str(tmp_path / "out"), "--readme", str(readme)]
+    args += ["--batch-size", "12", "--out", str(tmp_path / "out"), "--page", str(readme)]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
@@ -87,6 +87,14 @@ def test_eval_command_scores_methods_and_updates_the_readme(tmp_path):
     assert "| dart+renumbered | llm |" in text
     for name in ("results.csv", "pareto.png", "overlays.png", "table.md"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("flag", ["--page", "--readme"])  # --readme: the flag's name before docs/
+def test_eval_command_rejects_a_missing_page_before_loading(tmp_path, flag):
+    args = ["eval", flag, str(tmp_path / "nope.md"), "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "nope.md is not a file" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_eval_command_rejects_a_bad_method_before_loading(tmp_path):

@@ -54,7 +54,12 @@ def eval_(
     ] = pathlib.Path("eval-results"),
     readme: Annotated[
         pathlib.Path | None,
-        typer.Option(help="Also write table.md into this file between its shapes-eval markers."),
+        typer.Option(
+            "--page",
+            "--readme",
+            help="Also write table.md into this Markdown page (docs/performance.md) between its shapes-eval "
+            "markers.",
+        ),
     ] = None,
 ) -> None:
     """Accuracy of every method at every keep ratio on the shapes suite, with retention and prefill time."""
@@ -76,7 +81,7 @@ def eval_(
                 for ratio in (*ratios, overlay_ratio):
                     bench_config(name, ratio)
         if readme is not None and not readme.is_file():
-            raise CliError(f"--readme {readme} is not a file")
+            raise CliError(f"--page {readme} is not a file")
         torch_device, torch_dtype = resolve_device(device, dtype)
         checkpoint = local_checkpoint(stack, model, seed=0)
         stack.enter_context(quiet_transformers())
