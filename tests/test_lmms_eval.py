@@ -324,3 +324,51 @@ def test_lmms_eval_cli_runs_the_pruned_shipped_model_on_the_shapes_task(tmp_path
     right = [first_word(reply) == item.answer for reply, item in zip(direct, items, strict=True)]
     assert scores["exact_match,none"] == pytest.approx(sum(right) / 12)
     assert scores["exact_match,none"] >= 0.5  # far above guessing: the trained model answers through the task
+
+
+#: The answers a shapes question of each kind chooses among, as a multiple-choice task would offer them.
+CHOICES = {
+    "color": list(suite.COLORS),
+    "shape": list(suite.SHAPES),
+    "count": [str(n) for n in range(1, suite.MAX_OBJECTS + 1)],
+    "position": ["left", "right"],
+    "grounding": [f"{column}{row}" for row in range(1, suite.GRID + 1) for column in suite.COLUMNS],
+    "reading": list(suite.LETTERS),
+}
+
+
+def test_the_lmms_model_answers_loglikelihood_requests_as_multiple_choice_tasks_send_them(tmp_path):
+    """lmms-eval's ``multiple_choice`` tasks send one ``loglikelihood`` request per choice, ``(context,
+    " choice", doc_to_visual, doc_id, task, split)``, and pick the choice with the smallest value: the model
+    returns each choice's negative log-likelihood (its own pruned scores) and the greedy flag."""
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.api.instance import Instance
+
+    from tokenprune.eval.lmms_task import doc_to_visual
+    from tokenprune.lmms_eval_model import TokenPruneLMM
+
+    with shapes_model.shipped_checkpoint() as path:
+        checkpoint = str(path)
+    data = export_lmms_task(tmp_path / "task", count=12).parent / "data.jsonl"
+    docs = [json.loads(line) for line in data.read_text().splitlines()]
+    lmm = TokenPruneLMM(pretrained=checkpoint, method="dart", keep_ratio=0.25, batch_size="4")
+    lmm.task_dict = {TASK: {"test": docs}}
+    asked = [(doc_id, choice) for doc_id, doc in enumerate(docs) for choice in CHOICES[doc["kind"]]]
+    instances = []
+    for index, (doc_id, choice) in enumerate(asked):
+        arguments = (docs[doc_id]["question"], f" {choice}", doc_to_visual, doc_id, TASK, "test")
+        metadata = {"task": TASK, "doc_id": doc_id, "repeats": 1}
+        instances.append(Instance("loglikelihood", arguments, index, metadata))
+    scores = lmm.loglikelihood(instances)
+    vlm = PrunedVLM.load(parse_model_args(dict(pretrained=checkpoint, method="dart", keep_ratio=0.25)))
+    direct = vlm.loglikelihood(
+        [Continuation(docs[d]["question"], tuple(doc_to_visual(docs[d])), f" {c}") for d, c in asked]
+    )
+    assert [greedy for _, greedy in scores] == [greedy for _, greedy in direct]
+    assert [value for value, _ in scores] == pytest.approx([-logprob for logprob, _ in direct], abs=1e-4)
+    picked = {}
+    for (doc_id, choice), (value, _) in zip(asked, scores, strict=True):
+        if doc_id not in picked or value < picked[doc_id][1]:
+            picked[doc_id] = (choice, value)
+    right = [picked[doc_id][0] == doc["answer"] for doc_id, doc in enumerate(docs)]
+    assert sum(right) >= 9  # of 12: far above guessing among 2 to 16 choices

@@ -9,7 +9,9 @@ Needs the ``[lmms]`` extra. lmms-eval finds the model through the ``lmms_eval.mo
 
 ``model_args`` are read by :func:`tokenprune.pruned_vlm.parse_model_args` (``method=none`` is the
 unpruned baseline); loading, batched generation and scoring are :class:`tokenprune.pruned_vlm.PrunedVLM`'s.
-``generate_until`` and ``loglikelihood`` (multiple-choice) tasks over images (or no visual) are supported.
+It answers ``generate_until`` and ``loglikelihood`` requests over images (or no visual). lmms-eval 0.7.3's
+evaluator turns every answer that is not text into a string, so its multiple-choice tasks cannot score
+the ``loglikelihood`` answers of any model yet.
 """
 
 from __future__ import annotations
@@ -74,12 +76,13 @@ class TokenPruneLMM(lmms):
         return tuple(visual.convert("RGB") for visual in visuals)
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """For each request, the log-probability of its continuation after its context (summed over the
-        continuation's tokens) and whether greedy decoding would produce it, scored in batches of
+        """For each request, the negative log-likelihood of its continuation after its context (summed over
+        the continuation's tokens) and whether greedy decoding would produce it, scored in batches of
         ``batch_size`` (see :meth:`PrunedVLM.score <tokenprune.pruned_vlm.PrunedVLM.score>`).
 
-        A request's ``args`` are ``(context, continuation, doc_to_visual, doc_id, task, split)``; the
-        continuation is a string, or lmms-eval's ``doc_to_target``, a function of the document.
+        Negative, as lmms-eval 0.7's models return it: its ``multiple_choice`` tasks pick the choice with
+        the smallest value. A request's ``args`` are ``(context, continuation, doc_to_visual, doc_id, task,
+        split)``; the continuation is a string, or lmms-eval's ``doc_to_target``, a function of the document.
         """
         prepared = []
         for instance in requests:
@@ -89,7 +92,7 @@ class TokenPruneLMM(lmms):
                 continuation = continuation(doc)
             prepared.append(Continuation(context, self._images(doc_to_visual(doc), task), continuation))
         with tqdm(total=len(prepared), disable=self.rank != 0, desc="tokenprune") as bar:
-            scores = self.vlm.loglikelihood(prepared, progress=bar.update)
+            scores = [(-logprob, greedy) for logprob, greedy in self.vlm.loglikelihood(prepared, bar.update)]
         for request, score in zip(prepared, scores, strict=True):
             self.cache_hook.add_partial("loglikelihood", (request.text, request.continuation), score)
         return scores
