@@ -12,16 +12,25 @@ from helpers import (
     substituted_image_features,
     tokenprune_hooks,
 )
+from test_qwen_vision import tower_outputs
 
 import tokenprune as tp
 from tokenprune.patches import InternalsMovedError
-from tokenprune.testing import ANYRES_FAMILIES, FAMILIES, tiny_encoder, tiny_inputs, tiny_model, tiny_pixels
+from tokenprune.testing import (
+    ANYRES_FAMILIES,
+    FAMILIES,
+    QWEN_FAMILIES,
+    tiny_encoder,
+    tiny_inputs,
+    tiny_model,
+    tiny_pixels,
+)
 
 RAGGED = (1, 2, 1)  # images per prompt; the prompts differ in length too, so rows are left-padded
 #: (family, method): a decoder-layer and a pre-LLM method on every family, a vision-tower method and a
-#: schedule (two pruning layers) on LLaVA
+#: schedule (two pruning layers) on LLaVA, vision-tower methods on Qwen2-VL and Qwen3-VL (DeepStack)
 CASES = [(f, m) for f in FAMILIES for m in ("dart", "divprune")]
-CASES += [("llava", "visionzip"), ("llava", "fastv")]
+CASES += [("llava", "visionzip"), ("llava", "fastv"), ("qwen2_vl", "visionzip"), ("qwen3_vl", "hiprune")]
 SCHEDULE = {"fastv": ((1, 0.5), (3, 0.25))}
 
 
@@ -66,14 +75,16 @@ def test_dropping_gives_the_masked_reference_loss(family, method):
     inputs = tiny_inputs(model, RAGGED)
     labels = text_labels(model, inputs)
     kwargs = pruner_kwargs(method, 0.25)
-    with tp.pruned(model, method, **kwargs) as pruner, recorded_image_features(model) as recorded:
+    qwen_tower = family in QWEN_FAMILIES and tp.list_methods()[method][0] == "vision"
+    record = tower_outputs(model) if qwen_tower else recorded_image_features(model)
+    with tp.pruned(model, method, **kwargs) as pruner, record as recorded:
         got = loss(model, inputs, labels)
     assert sum(pruner.stats.kept_tokens) < sum(pruner.stats.visual_tokens)
-    features = recorded[-1] if pruner.config.vision_stage is not None else None
-    with (
-        substituted_image_features(model, features),
-        hide_tokens_from_layers(model, pruner.stats.keep_masks, inputs["attention_mask"]),
-    ):
+    if qwen_tower:  # the tower's outputs, DeepStack features included, as the vision stage handed them on
+        handed_on = tower_outputs(model, recorded)
+    else:
+        handed_on = substituted_image_features(model, recorded[-1] if pruner.config.vision_stage else None)
+    with handed_on, hide_tokens_from_layers(model, pruner.stats.keep_masks, inputs["attention_mask"]):
         expected = loss(model, inputs, labels, use_cache=False)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     unpruned = loss(model, inputs, labels)
@@ -154,9 +165,10 @@ def test_labels_shaped_unlike_the_prompt_are_refused():
         loss(model, inputs, labels)
 
 
-def test_a_kv_method_keeps_the_unpatched_loss():
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_next"])
+def test_a_kv_method_keeps_the_unpatched_loss(family):
     """A ``kv`` method prunes nothing at prefill: its loss is the unpatched one, for any ratio."""
-    model = shared_model("llava", "sdpa")
+    model = shared_model(family, "sdpa")
     inputs = tiny_inputs(model, RAGGED)
     labels = text_labels(model, inputs)
     expected = loss(model, inputs, labels)
