@@ -243,13 +243,28 @@ class HeadLabels:
             return None, args, kwargs
         return kwargs["labels"], args, {**kwargs, "labels": None}
 
+    @staticmethod
+    def targets(labels: torch.Tensor, kwargs: dict[str, Any], ignore_index: int) -> torch.Tensor:
+        """The target of each token's logits ``[B, L]`` in a call to the head with ``labels``: the call's
+        ``shift_labels`` where given (already aligned with the logits, as sequence-parallel training passes
+        them), else the labels shifted by one, ``ignore_index`` at the end (as the head's loss shifts
+        them)."""
+        shifted = kwargs.get("shift_labels")
+        if shifted is not None:
+            return shifted
+        return nn.functional.pad(labels, (0, 1), value=ignore_index)[:, 1:]
+
     def loss(
         self, model: nn.Module, logits: torch.Tensor, targets: torch.Tensor, kwargs: dict[str, Any]
     ) -> torch.Tensor:
         """The loss the head computes from its ``logits [B, L, V]``, with each row's target given
         (``targets [B, L]``, -100 for none) instead of read from the labels of the row after it: its own
         loss function, handed (as the head hands it) the call's ``kwargs`` that its forward does not name."""
-        extra = {k: v for k, v in kwargs.items() if k not in self.named and k != "return_dict"}
+        extra = {
+            k: v
+            for k, v in kwargs.items()
+            if k not in self.named and k not in ("return_dict", "shift_labels")
+        }
         vocab_size = logits.shape[-1]
         return model.loss_function(
             logits=logits, labels=targets, vocab_size=vocab_size, shift_labels=targets, **extra

@@ -258,9 +258,10 @@ class DecoderPruningHooks(LanguageModelHooks):
         # (layer, visual tokens kept per image; None where that follows each image's size)
         self._stages: list[tuple[int, int | None]] = []
         self._renumbered = False  # positions="renumbered"
-        # the labels of the generation head's current call, and the rows its language model returned
-        # (their prompt positions [B, L'] and which are prompt tokens, not re-padding) where it pruned them
-        self._labels: torch.Tensor | None = None
+        # the target of each prompt token's logits [B, L] in the generation head's current call (where it
+        # has labels), and the rows its language model returned (their prompt positions [B, L'] and which
+        # are prompt tokens, not re-padding)
+        self._targets: torch.Tensor | None = None
         self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def attach(self, pruner: Pruner, model: nn.Module) -> list[RemovableHandle]:
@@ -314,21 +315,21 @@ class DecoderPruningHooks(LanguageModelHooks):
         ]
 
     def _take_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        self._labels, args, kwargs = self._head.take(args, kwargs)
+        labels, args, kwargs = self._head.take(args, kwargs)
+        self._targets = None if labels is None else self._head.targets(labels, kwargs, IGNORE_INDEX)
         self._rows = None
         return args, kwargs
 
     def _loss_over_kept_rows(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        """The head's output with the loss of its labels: the logits of each returned row against the label of
-        the prompt token after that row's own (what the unpruned head pairs them with), none for re-padding.
-        The loss is that of the unpruned model with the dropped tokens hidden from attention, over the same
-        targets (:meth:`_check_labels` makes sure no target's predicting token was dropped)."""
-        labels, self._labels = self._labels, None
+        """The head's output with the loss of its labels: the logits of each returned row against the target
+        of that row's prompt token (the label of the token after it, as the unpruned head pairs them), none
+        for re-padding. The loss is that of the unpruned model with the dropped tokens hidden from attention,
+        over the same targets (:meth:`_check_labels` makes sure no target's predicting token was dropped)."""
+        targets, self._targets = self._targets, None
         rows, self._rows = self._rows, None
-        if labels is None:
+        if targets is None:
             return None
         logits = output[0] if isinstance(output, tuple) else output.logits
-        targets = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # [B, L] each token's target
         if rows is not None:
             origin, real = rows
             targets = torch.where(real, torch.gather(targets.to(origin.device), 1, origin), IGNORE_INDEX)
@@ -339,21 +340,19 @@ class DecoderPruningHooks(LanguageModelHooks):
         not shaped like the prompt, or a target right after a token that pruning may drop (a visual token, or
         padding, which goes with the dropped tokens), whose logits predict it. The check does not depend on
         which tokens the method keeps."""
-        labels = self._labels
-        if labels.shape != call.visual.shape:
+        targets = self._targets
+        if targets.shape != call.visual.shape:
             raise ValueError(
-                f"labels must be shaped like the prompt, {list(call.visual.shape)}, not {list(labels.shape)}"
+                f"labels must be shaped like the prompt, {list(call.visual.shape)}, not {list(targets.shape)}"
             )
         sizes = call.image_sizes
         if not any(bool((self._keeps(stage, sizes) < sizes).any()) for stage in range(len(self._stages))):
             return  # nothing is dropped
         droppable = call.visual | ~call.attention_mask.bool()
-        after_droppable = torch.zeros_like(droppable)
-        after_droppable[:, 1:] = droppable[:, :-1]
-        targets = after_droppable & (labels.to(droppable.device) != IGNORE_INDEX)
-        if bool(targets.any()):
+        predicted = droppable & (targets.to(droppable.device) != IGNORE_INDEX)
+        if bool(predicted.any()):
             raise ValueError(
-                f"labels give a target to {int(targets.sum())} token(s) right after a visual or padding "
+                f"labels give a target to {int(predicted.sum())} token(s) right after a visual or padding "
                 "token, which pruning drops, leaving no logits to predict them: set those labels to -100 "
                 "(the image tokens, the token after each image, a left-padded row's first token), or keep "
                 "every token (keep_ratio=1.0)"
@@ -423,7 +422,7 @@ class DecoderPruningHooks(LanguageModelHooks):
             visual_in=visual.sum(1).tolist(),
             packed=packed,
         )
-        if self._labels is not None:
+        if self._targets is not None:
             self._check_labels(self._call)
         return args, kwargs
 
@@ -504,7 +503,7 @@ class DecoderPruningHooks(LanguageModelHooks):
 
     def _after_language_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         call, self._call = self._call, None
-        if call is not None and call.visual is not None and self._labels is not None:
+        if call is not None and call.visual is not None and self._targets is not None:
             self._rows = call.origin, call.real
         if call is None or not call.new_stages:
             return

@@ -198,3 +198,21 @@ def test_a_head_whose_loss_moved_is_named():
     with pytest.raises(InternalsMovedError, match="shift_labels"):
         tp.apply_pruner(model, "dart", keep_ratio=0.25)
     assert not hasattr(model, "_tokenprune_pruner") and tokenprune_hooks(model) == []
+
+
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.25])
+def test_shift_labels_are_the_targets_where_given(keep_ratio):
+    """Sequence-parallel training hands the head ``shift_labels``, each token's target already aligned with
+    its logits: the loss is then theirs (gathered with the kept tokens), whatever ``labels`` say."""
+    model = shared_model("llava", "sdpa")
+    inputs = tiny_inputs(model, RAGGED)
+    labels = text_labels(model, inputs)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    other = labels.masked_fill(labels != -100, 7)  # other labels, same targets through shift_labels
+    with tp.pruned(model, "dart", keep_ratio=keep_ratio) as pruner:
+        expected = loss(model, inputs, labels)
+        got = loss(model, inputs, other, shift_labels=shifted)
+        moved = loss(model, inputs, labels, shift_labels=shifted.masked_fill(shifted != -100, 7))
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(moved, expected)
+    assert (sum(pruner.stats.kept_tokens) < sum(pruner.stats.visual_tokens)) == (keep_ratio < 1.0)
