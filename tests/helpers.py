@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 
 import torch
 from transformers import LlavaForConditionalGeneration
@@ -108,6 +109,30 @@ def substituted_image_features(model, features: torch.Tensor | None):
     handle = image_feature_module(model).register_forward_hook(lambda module, args, output: features)
     try:
         yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def tower_outputs(model, substitutes: list | None = None):
+    """In the block, every output of ``model``'s vision tower (its merged tokens and DeepStack features) is
+    appended to the yielded list; with ``substitutes``, the tower returns those instead, call by call (in
+    turn again for each forward: images, then videos)."""
+    recorded: list[tuple[torch.Tensor, list]] = []
+    pending = itertools.cycle(substitutes or [])
+
+    def hook(module, args, output):
+        if substitutes is not None:
+            output.pooler_output, deepstack = next(pending)
+            if deepstack:
+                output.deepstack_features = deepstack
+            return output
+        recorded.append((output.pooler_output, list(getattr(output, "deepstack_features", None) or [])))
+        return None
+
+    handle = model.model.visual.register_forward_hook(hook)
+    try:
+        yield recorded
     finally:
         handle.remove()
 

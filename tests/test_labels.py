@@ -11,8 +11,8 @@ from helpers import (
     recorded_image_features,
     substituted_image_features,
     tokenprune_hooks,
+    tower_outputs,
 )
-from test_qwen_vision import tower_outputs
 
 import tokenprune as tp
 from tokenprune.patches import InternalsMovedError

@@ -1,9 +1,6 @@
 """The vision stage in Qwen2/2.5/3-VL's tower (hiprune, visionzip among the merger's output tokens), alone
 and composed with decoder methods: the invariants on images of several sizes and videos in one batch."""
 
-import contextlib
-import itertools
-
 import pytest
 import torch
 from conftest import shared_model
@@ -16,6 +13,7 @@ from helpers import (
     masked_reference,
     select_sample,
     tokenprune_hooks,
+    tower_outputs,
 )
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.vision_utils import get_vision_window_index
@@ -49,30 +47,6 @@ def item_tokens(model, inputs: dict) -> list[list[int]]:
         [next(images) for _ in range(i)] + [next(videos) for _ in range(v)]
         for i, v in zip(IMAGES, VIDEOS, strict=True)
     ]
-
-
-@contextlib.contextmanager
-def tower_outputs(model, substitutes: list | None = None):
-    """In the block, every output of ``model``'s vision tower (its merged tokens and DeepStack features) is
-    appended to the yielded list; with ``substitutes``, the tower returns those instead, call by call (in
-    turn again for each forward: images, then videos)."""
-    recorded: list[tuple[torch.Tensor, list]] = []
-    pending = itertools.cycle(substitutes or [])
-
-    def hook(module, args, output):
-        if substitutes is not None:
-            output.pooler_output, deepstack = next(pending)
-            if deepstack:
-                output.deepstack_features = deepstack
-            return output
-        recorded.append((output.pooler_output, list(getattr(output, "deepstack_features", None) or [])))
-        return None
-
-    handle = model.model.visual.register_forward_hook(hook)
-    try:
-        yield recorded
-    finally:
-        handle.remove()
 
 
 def pruned_and_reference(model, config, inputs: dict):
