@@ -73,10 +73,12 @@ class _OnGpu:
         return on_gpu
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def kernels():
     """The Triton kernels module under the Triton interpreter (``TRITON_INTERPRET=1`` before the kernels
-    are decorated), for the tests of one module; the dispatcher runs them on CPU tensors meanwhile. With
+    are decorated), for one test; the dispatcher runs them on CPU tensors meanwhile, and the torch paths
+    again after the test (the interpreter runs each kernel program in Python: minutes for a whole
+    decode of the tests that do not ask for it). With
     ``TOKENPRUNE_KERNELS=cuda`` (on a GPU machine), the kernels compiled for the GPU instead."""
     if os.environ.get("TOKENPRUNE_KERNELS") == "cuda":
         yield _OnGpu(importlib.import_module("tokenprune.kernels.triton_kernels"))

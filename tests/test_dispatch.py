@@ -118,7 +118,7 @@ def test_a_kv_decode_step_costs_about_an_unpruned_one(kernels, llava):
     """SparseVILA selects in every layer of every step, each in one kernel (and the two masks it writes):
     the same ops whatever the budget and the step, within 15% of an unpruned step, and no device read of
     ours after the first step's checks."""
-    inputs = tiny_inputs(llava, (1, 2, 1))
+    inputs = tiny_inputs(llava, (1, 1))
     unpruned = decode_steps(llava, inputs, 3, CountLaunches)
     unpruned_reads = decode_steps(llava, inputs, 3, CountDeviceReads)  # transformers' mask code reads too
     counts = []
