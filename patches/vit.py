@@ -111,13 +111,31 @@ class EncoderPruningHooks:
         return config.kept_per_image(self.num_patches)
 
     def _merge_schedule(self, config: PrunerConfig, num_patches: int) -> list[int]:
-        """Tokens merged away before each of the layers ``1..output_layer``, for images of ``num_patches``."""
+        """Tokens merged away before each of the layers ``1..output_layer``, for images of ``num_patches``;
+        a method with a ``drop_layer`` option (SAINT) removes them all at once, after that layer."""
         steps, tokens = self.output_layer, num_patches + self.protected
+        if "drop_layer" in config.spec.options:
+            schedule = [0] * steps
+            schedule[self._drop_layer(config)] = num_patches - config.kept_per_image(num_patches)
+            return schedule
         r = config.options.get("r")
         if r is not None:
             return constant_schedule(tokens, r, steps, self.protected)
         keep = config.kept_per_image(num_patches) + self.protected
         return merge_schedule(tokens, keep, steps, self.protected)
+
+    def _drop_layer(self, config: PrunerConfig) -> int:
+        """The layer after which a ``drop_layer`` method drops its tokens: the option, or by default three
+        layers before the output layer; ``ValueError`` unless one layer at least runs after it."""
+        layer = {**config.spec.options, **config.options}["drop_layer"]
+        if layer is None:
+            layer = max(0, self.output_layer - 3)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.output_layer:
+            raise ValueError(
+                f"{config.method} drop_layer must be an int in [0, {self.output_layer}) (a layer of this "
+                f"encoder before the output layer {self.output_layer}), got {layer!r}"
+            )
+        return layer
 
     def attach(self, pruner: Pruner, config: PrunerConfig, standalone: bool) -> list[RemovableHandle]:
         """Register the hooks of ``config`` (planned with :meth:`plan`); returns their handles."""
