@@ -62,7 +62,7 @@ def _iterated_degree_drop(keys: torch.Tensor, keep: int, divisor: int) -> torch.
     standing, step = num_tokens, divisor
     while standing > keep:
         step = min(standing - keep, standing // step)
-        degree = (similarity * dropped.logical_not()[:, None, :]).sum(dim=-1)
+        degree = (similarity @ dropped.logical_not()[..., None].to(similarity.dtype)).squeeze(-1)
         degree = degree.masked_fill(dropped, float("-inf"))
         dropped = dropped.scatter(1, degree.topk(step, dim=1).indices, True)
         standing -= step
