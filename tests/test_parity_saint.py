@@ -10,7 +10,7 @@ import tokenprune as tp
 from tokenprune.context import SelectionContext
 from tokenprune.patches import _encoder_internals as encoder_internals
 from tokenprune.registry import get_method
-from tokenprune.testing import tiny_encoder, tiny_pixels
+from tokenprune.testing import tiny_encoder, tiny_inputs, tiny_model, tiny_pixels
 
 # github.com/ArmenJeddi/saint
 COMMIT = "baaff9526bfe0bcfe79406c6a637238d4b3277d1"
@@ -142,3 +142,22 @@ def test_encoder_drop_inside_the_encoder_equals_masking_the_dropped_tokens():
         got = model(pixel_values=pixels).last_hidden_state
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert pruner.stats.kept_tokens == [16, 16]
+
+
+def test_llava_tower_layers_after_the_drop_run_on_the_kept_tokens():
+    """In LLaVA's vision tower, the layers after ``drop_layer`` (up to the feature layer and beyond) see
+    the CLS token and the kept patches."""
+    model = tiny_model("llava")
+    layers = encoder_internals.encoder_layers(model.model.vision_tower)
+    seen = []
+    inputs = tiny_inputs(model, (1, 2))
+    with tp.pruned(model, "saint", budget=16, drop_layer=0) as pruner:
+        handles = [
+            layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1])) for layer in layers
+        ]
+        with torch.no_grad():
+            model(**inputs)
+        for handle in handles:
+            handle.remove()
+    assert seen == [65] + [17] * (len(layers) - 1)
+    assert pruner.stats.kept_tokens == [16, 32]  # per prompt: one image, then two
