@@ -161,3 +161,15 @@ def test_llava_tower_layers_after_the_drop_run_on_the_kept_tokens():
             handle.remove()
     assert seen == [65] + [17] * (len(layers) - 1)
     assert pruner.stats.kept_tokens == [16, 32]  # per prompt: one image, then two
+
+
+def test_bad_divisor_is_a_clear_error():
+    ctx = SelectionContext(
+        features=torch.randn(1, 17, 8),
+        grid=None,
+        image_index=torch.zeros(1, dtype=torch.long),
+        keys=torch.randn(1, 17, 8),
+        protected=1,
+    )
+    with pytest.raises(ValueError, match="divisor must be an int >= 1, got 0"):
+        get_method("saint").select(ctx, 9, {"divisor": 0})

@@ -38,11 +38,15 @@ def saint(ctx: SelectionContext, keep: int, *, drop_layer: int | None = None, di
       375 patches); here every image of a batch, and ``keep_ratio``/``budget`` patches.
     - Chosen here: ``drop_layer`` for encoders other than LLaVA-1.5's, as three before the output layer.
     """
+    if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
+        raise ValueError(f"saint: divisor must be an int >= 1, got {divisor!r}")
     protected = ctx.protected
     features, keys = ctx.features, ctx.require("keys")
     num_images, num_tokens = features.shape[:2]
     drop = _iterated_degree_drop(keys[:, protected:], keep - protected, divisor)
-    kept = drop.logical_not().nonzero()[:, 1].view(num_images, keep - protected) + protected
+    patches = torch.arange(num_tokens - protected, device=features.device).expand_as(drop)
+    # the kept patches in order: the dropped ones sort last (no read of the device, unlike nonzero)
+    kept = patches.masked_fill(drop, num_tokens).sort(dim=1).values[:, : keep - protected] + protected
     head = torch.arange(protected, device=features.device).expand(num_images, protected)
     index = torch.cat([head, kept], dim=1)
     sizes = ctx.sizes if ctx.sizes is not None else features.new_ones(num_images, num_tokens)
@@ -79,8 +83,9 @@ def saint_llm(
     ones (candidates) and the odd ones; a candidate's neighbours are the odd tokens whose keys are at least
     ``threshold`` cosine-similar to its own, and its redundancy is ``n * exp(gamma * (mean similarity to
     them - threshold))`` for ``n`` neighbours, or, with none, its mean similarity to every odd token.
-    The most redundant candidates fall, at most all of them in one round; while more must fall, the
-    standing tokens are split again (rounds of the same rule on the same keys) until ``keep`` remain.
+    The most redundant candidates fall, up to all of them (half the tokens) in one round; while more must
+    fall, the standing tokens are split again (rounds of the same rule on the same keys) until ``keep``
+    remain.
     The reference acts at layers 8 to 17 (with the keys of 7 to 16) of LLaVA-1.5-7B: ``layer=8``, or
     ``schedule=`` for several of them.
 
