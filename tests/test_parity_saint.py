@@ -65,11 +65,10 @@ def saint_drop_reference(
     return torch.cat([unmatched * 2, torch.arange(b.shape[0]) * 2 + 1]).sort().values
 
 
-@pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("keep", [64, 144, 192, 375])
-def test_encoder_drop_matches_the_reference(seed, keep):
+def test_encoder_drop_matches_the_reference(keep):
     """The reference's setting is 375 patches (``keep_num = 376`` with CLS) of 576."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(keep)
     keys = torch.randn(2, 577, 64, generator=generator)
     features = torch.randn(2, 577, 32, generator=generator)
     ctx = SelectionContext(
