@@ -1,6 +1,7 @@
 """SAINT against small re-implementations of its official selections, written from reading that code, on
 identical inputs: random keys (577 tokens: CLS and a 24x24 grid) for the encoder's graph-degree drop and
-clustered keys for the language model's bipartite rule, then a tiny CLIP encoder through the real hooks."""
+clustered keys for the language model's bipartite rule, then tiny CLIP and LLaVA models through the real
+hooks."""
 
 import pytest
 import torch
@@ -172,3 +173,20 @@ def test_bad_divisor_is_a_clear_error():
     )
     with pytest.raises(ValueError, match="divisor must be an int >= 1, got 0"):
         get_method("saint").select(ctx, 9, {"divisor": 0})
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.7])
+def test_language_model_drop_through_the_hooks_matches_the_reference_on_the_cached_keys(threshold):
+    """On a tiny LLaVA at layer 2: the reference's rule on layer 1's cached keys (heads averaged, as it
+    reads them) drops what ``saint_llm`` drops at the reference's count."""
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, (1,))
+    image = inputs["input_ids"][0] == model.config.image_token_id
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+    expected = saint_drop_reference(cache.layers[1].keys[0][:, image].mean(dim=0), threshold)
+    assert 0 < image.sum() - expected.shape[0] <= image.sum() // 2
+    config = tp.PrunerConfig("saint_llm", budget=expected.shape[0], options={"threshold": threshold})
+    with tp.pruned(model, config) as pruner, torch.no_grad():
+        model(**inputs)
+    assert torch.equal(pruner.stats.keep_mask[0][image].nonzero()[:, 0], expected)
