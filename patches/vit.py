@@ -6,7 +6,8 @@ forward hooks only:
 * merging methods (``per_layer``, ToMe): before every layer from the second up to the layer whose output
   is used, the tokens are merged with the keys the previous layer computed for them (captured from its
   key projection); with proportional attention, every later layer gets ``log(size)`` as an additive
-  attention bias over the keys.
+  attention bias over the keys. A ``per_layer`` method with a ``drop_layer`` option (SAINT) acts at one
+  of those points only, before layer ``drop_layer + 1``: the later layers run on the tokens it kept.
 * the other methods select (or merge) once, from the output layer's tokens, with the attention they
   declared, recomputed from the query/key projections captured at those layers: the CLS row only, or
   every row for an encoder without CLS or a method that asks for every query (``encoder_queries="all"``).
