@@ -315,7 +315,7 @@ class VisionEncoderAdapter:
         if not config.spec.vision or config.vision is not None:
             raise ValueError(
                 f"{type(self.model).__name__} is an image encoder without a language model: only vision "
-                f"methods apply (tome, hiprune, visionzip), not {config.method!r}"
+                f"methods apply (tome, hiprune, visionzip, saint), not {config.method!r}"
             )
         if config.positions != "original":
             raise ValueError(
