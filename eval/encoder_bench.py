@@ -49,7 +49,7 @@ def run_encoder_benchmark(
     batch_size: int,
     *,
     repeats: int = 3,
-    selecting: tuple[str, ...] = ("hiprune", "visionzip"),
+    selecting: tuple[str, ...] = ("hiprune", "visionzip", "saint"),
 ) -> list[EncoderRow]:
     """Time ``model`` unpruned, with ``tome`` at each ``r`` in ``merges``, and with each ``selecting``
     method at each keep ratio. Returns one row per setting, ``speedup`` relative to the unpruned row."""

@@ -362,6 +362,11 @@ def project_queries_keys(
     return query, keys
 
 
+def key_head_dim(layer: nn.Module) -> int:
+    """The width of one head of ``layer``'s key states (the ``d`` of :func:`project_queries_keys`)."""
+    return layer.self_attn.head_dim
+
+
 def final_norm(language_model: nn.Module) -> nn.Module:
     """The norm a decoder-only language model applies to its last layer's output (``norm``)."""
     norm = getattr(language_model, "norm", None)

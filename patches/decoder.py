@@ -777,6 +777,8 @@ class DecoderPruningHooks(LanguageModelHooks):
             setattr(ctx, name, value.of(layout) if of_images else layout.take(value))
         if "final_norm" in self._needs():
             ctx.final_norm = internals.final_norm(self.language_model)
+        if ctx.keys is not None:
+            ctx.key_heads = ctx.keys.shape[-1] // internals.key_head_dim(self.layers[0])
         return ctx
 
     def _scoring_layer(self, call: _Call, layer: int, hidden: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:

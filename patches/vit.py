@@ -6,7 +6,8 @@ forward hooks only:
 * merging methods (``per_layer``, ToMe): before every layer from the second up to the layer whose output
   is used, the tokens are merged with the keys the previous layer computed for them (captured from its
   key projection); with proportional attention, every later layer gets ``log(size)`` as an additive
-  attention bias over the keys.
+  attention bias over the keys. A ``per_layer`` method with a ``drop_layer`` option (SAINT) acts at one
+  of those points only, before layer ``drop_layer + 1``: the later layers run on the tokens it kept.
 * the other methods select (or merge) once, from the output layer's tokens, with the attention they
   declared, recomputed from the query/key projections captured at those layers: the CLS row only, or
   every row for an encoder without CLS or a method that asks for every query (``encoder_queries="all"``).
@@ -111,13 +112,31 @@ class EncoderPruningHooks:
         return config.kept_per_image(self.num_patches)
 
     def _merge_schedule(self, config: PrunerConfig, num_patches: int) -> list[int]:
-        """Tokens merged away before each of the layers ``1..output_layer``, for images of ``num_patches``."""
+        """Tokens merged away before each of the layers ``1..output_layer``, for images of ``num_patches``;
+        a method with a ``drop_layer`` option (SAINT) removes them all at once, after that layer."""
         steps, tokens = self.output_layer, num_patches + self.protected
+        if "drop_layer" in config.spec.options:
+            schedule = [0] * steps
+            schedule[self._drop_layer(config)] = num_patches - config.kept_per_image(num_patches)
+            return schedule
         r = config.options.get("r")
         if r is not None:
             return constant_schedule(tokens, r, steps, self.protected)
         keep = config.kept_per_image(num_patches) + self.protected
         return merge_schedule(tokens, keep, steps, self.protected)
+
+    def _drop_layer(self, config: PrunerConfig) -> int:
+        """The layer after which a ``drop_layer`` method drops its tokens: the option, or by default three
+        layers before the output layer; ``ValueError`` unless one layer at least runs after it."""
+        layer = {**config.spec.options, **config.options}["drop_layer"]
+        if layer is None:
+            layer = max(0, self.output_layer - 3)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.output_layer:
+            raise ValueError(
+                f"{config.method} drop_layer must be an int in [0, {self.output_layer}) (a layer of this "
+                f"encoder before the output layer {self.output_layer}), got {layer!r}"
+            )
+        return layer
 
     def attach(self, pruner: Pruner, config: PrunerConfig, standalone: bool) -> list[RemovableHandle]:
         """Register the hooks of ``config`` (planned with :meth:`plan`); returns their handles."""
@@ -296,7 +315,7 @@ class VisionEncoderAdapter:
         if not config.spec.vision or config.vision is not None:
             raise ValueError(
                 f"{type(self.model).__name__} is an image encoder without a language model: only vision "
-                f"methods apply (tome, hiprune, visionzip), not {config.method!r}"
+                f"methods apply (tome, hiprune, visionzip, saint), not {config.method!r}"
             )
         if config.positions != "original":
             raise ValueError(

@@ -230,6 +230,7 @@ def test_encoder_rows_count_tokens_and_share_one_baseline(encoder_rows):
         ("tome", "r=8", 64 - 5 * 8),  # five merge steps before the last of six layers
         ("hiprune", "keep=0.25", 16),
         ("visionzip", "keep=0.25", 16),
+        ("saint", "keep=0.25", 16),
     ]
     base = encoder_rows[0]
     for r in encoder_rows:

@@ -145,7 +145,9 @@ def test_selection_keeps_the_selected_output_tokens():
 
 # -- LLaVA: the vision stage alone is covered by test_invariants; here, composed with decoder methods --
 
-COMPOSED = [(v, d) for v in VISION_METHODS for d in ("fastv", "dart")]
+COMPOSED = [(v, d) for v in VISION_METHODS for d in ("fastv", "dart")] + [
+    ("saint", "saint_llm")
+]  # SAINT's hybrid
 
 
 def composed(vision: str, decoder: str) -> tp.PrunerConfig:
@@ -221,6 +223,7 @@ def test_features_encoded_elsewhere_are_refused(model):
         ("tome", {"keep_ratio": 0.5, "layer": 2}, ValueError, "acts inside the image encoder"),
         ("hiprune", {"keep_ratio": 0.5, "anchor_layer": 9}, ValueError, r"anchor_layer must be .* 0..5"),
         ("visionzip", {"budget": 65}, ValueError, "larger than the 64 visual tokens"),
+        ("saint", {"budget": 16, "drop_layer": 5}, ValueError, r"drop_layer must be an int in \[0, 5\)"),
     ],
 )
 def test_bad_vision_config_raises_before_any_work(method, kwargs, error, match):

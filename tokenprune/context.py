@@ -97,6 +97,8 @@ class SelectionContext:
             from an encoder with a CLS token, and only when a patch is merged away).
         sizes: how many patches each token stands for ``[I, N]`` (after merges; ones otherwise).
         protected: leading tokens that must survive as they are (the CLS token of a merging step).
+        key_heads: how many heads ``keys`` concatenates in its last dimension (a decoder stage's ``H_kv``;
+            1 where they are averaged over heads already).
     """
 
     features: torch.Tensor
@@ -116,6 +118,7 @@ class SelectionContext:
     protected: int = 0
     stage: int = 0
     keep_ratio: float | None = None
+    key_heads: int = 1
 
     def require(self, name: str) -> Any:
         """What the method declared in ``needs`` (a tensor; for ``encoder_attention`` a dict of them, for

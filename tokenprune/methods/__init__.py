@@ -9,6 +9,7 @@ from . import (  # noqa: F401
     feather,
     hiprune,
     idpruner,
+    saint,
     sparsevila,
     tome,
     transprune,
