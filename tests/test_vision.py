@@ -19,10 +19,12 @@ from helpers import (
 import tokenprune as tp
 from tokenprune.patches import _encoder_internals as encoder_internals
 from tokenprune.patches._internals import InternalsMovedError
+from tokenprune.registry import get_method
 from tokenprune.testing import ENCODER_FAMILIES, tiny_encoder, tiny_inputs, tiny_pixels
 
 VISION_METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage == "vision")
-SELECTING = [m for m in VISION_METHODS if m != "tome"]
+MERGING = [m for m in VISION_METHODS if get_method(m).per_layer]
+SELECTING = [m for m in VISION_METHODS if m not in MERGING]
 WITH_CLS = {"clip": 1, "siglip": 0, "vit": 1, "vit-classifier": 1}
 
 
@@ -62,8 +64,9 @@ def test_nothing_merged_equals_the_original(family, attn, method, kwargs):
     assert pruner.stats.kept_tokens == pruner.stats.visual_tokens == [64, 64]
 
 
+@pytest.mark.parametrize("method", MERGING)
 @pytest.mark.parametrize("family_name", ["clip", "siglip", "vit"])
-def test_merging_duplicates_back_reproduces_the_original(family_name):
+def test_merging_duplicates_back_reproduces_the_original(family_name, method):
     """Every token twice, merged back after the first layer: with proportional attention the rest of the
     encoder computes what it computes on the tokens once (a duplicated CLS token is never merged; its
     two halves weigh as one token of size 2, and both equal the original CLS)."""
@@ -72,13 +75,13 @@ def test_merging_duplicates_back_reproduces_the_original(family_name):
     hidden = torch.randn(2, cls + 64, 32, generator=torch.Generator().manual_seed(1))
     expected = run_layers(model, hidden)
     duplicated = hidden.repeat_interleave(2, dim=1)  # a, a, b, b, ...: each source next to its copy
-    with tp.pruned(model, "tome", r=64, proportional=True) as pruner:
+    with tp.pruned(model, method, r=64, proportional=True) as pruner:
         merged = run_layers(model, duplicated)
     assert pruner.stats.kept_tokens == [64 + cls] * 2  # the CLS copy is kept as a patch token
     torch.testing.assert_close(merged[:, cls:], expected, atol=1e-5, rtol=0)
     if cls:
         torch.testing.assert_close(merged[:, 0], expected[:, 0], atol=1e-5, rtol=0)
-        with tp.pruned(model, "tome", r=64, proportional=False):
+        with tp.pruned(model, method, r=64, proportional=False):
             unweighted = run_layers(model, duplicated)
         assert (unweighted[:, cls:] - expected).abs().max() > 1e-4  # the CLS copies would weigh double
 
@@ -86,7 +89,7 @@ def test_merging_duplicates_back_reproduces_the_original(family_name):
 @pytest.mark.parametrize(
     ("method", "budget"),
     # ToMe merges at most half of the tokens per layer: 5 layers cannot go below 1 + 64 / 32 tokens
-    [(m, b) for m in SELECTING for b in (1, 7, 16, 63)] + [("tome", b) for b in (2, 7, 16, 63)],
+    [(m, b) for m in SELECTING for b in (1, 7, 16, 63)] + [(m, b) for m in MERGING for b in (2, 7, 16, 63)],
 )
 def test_exact_count_reaches_the_output(family, method, budget):
     model = tiny_encoder(family)

@@ -12,5 +12,6 @@ from . import (  # noqa: F401
     sparsevila,
     tome,
     transprune,
+    turbo,
     visionzip,
 )
