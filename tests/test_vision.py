@@ -224,6 +224,8 @@ def test_features_encoded_elsewhere_are_refused(model):
         ("tome", {"keep_ratio": 0.5, "layer": 2}, ValueError, "acts inside the image encoder"),
         ("hiprune", {"keep_ratio": 0.5, "anchor_layer": 9}, ValueError, r"anchor_layer must be .* 0..5"),
         ("visionzip", {"budget": 65}, ValueError, "larger than the 64 visual tokens"),
+        ("turbo", {"keep_ratio": 0.5, "alpha": -1.0}, ValueError, "turbo alpha .* must be a number >= 0"),
+        ("turbo", {"r": 2, "alpha": "1"}, ValueError, "turbo alpha .* must be a number >= 0"),
     ],
 )
 def test_bad_vision_config_raises_before_any_work(method, kwargs, error, match):
