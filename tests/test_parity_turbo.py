@@ -102,10 +102,10 @@ def test_turbo_merges_what_the_reference_merges_over_a_schedule(patches, protect
     assert changed  # the semantic value merges other tokens than the similarity alone would
 
 
-def reference_encoder(model, hidden: torch.Tensor, schedule: list[int]) -> torch.Tensor:
+def reference_encoder(model, hidden: torch.Tensor, schedule: list[int], proportional: bool) -> torch.Tensor:
     """``hidden`` through the encoder's layers (eager) as the reference merges (with the documented
-    deviation: before each next layer), from the keys and attention weights each layer computed,
-    proportional attention's ``log(size)`` as the attention mask."""
+    deviation: before each next layer), from the keys and attention weights each layer computed; with
+    ``proportional`` (the reference's ``prop_attn``), ``log(size)`` as the attention mask."""
     layers = encoder_internals.encoder_layers(getattr(model, "vision_model", model))
     class_token = encoder_internals.has_class_token(getattr(model, "vision_model", model))
     seen = {}
@@ -123,26 +123,31 @@ def reference_encoder(model, hidden: torch.Tensor, schedule: list[int]) -> torch
                 attention.k_proj.register_forward_hook(lambda m, a, out: seen.update(keys=out)),
                 attention.register_forward_hook(lambda m, a, out: seen.update(weights=out[1])),
             ]
-            out = layer(hidden, size.log()[:, None, None, :] if i else None)
+            out = layer(hidden, size.log()[:, None, None, :] if i and proportional else None)
             for handle in handles:
                 handle.remove()
             hidden = out[0] if isinstance(out, tuple) else out
     return hidden
 
 
-@pytest.mark.parametrize(("family", "attn"), [("clip", "eager"), ("clip", "sdpa"), ("siglip", "sdpa")])
-def test_hooks_merge_what_the_reference_merges(family, attn):
+@pytest.mark.parametrize(
+    ("family", "attn", "proportional"),
+    [("clip", "eager", True), ("clip", "sdpa", True), ("clip", "sdpa", False), ("siglip", "sdpa", True)],
+)
+def test_hooks_merge_what_the_reference_merges(family, attn, proportional):
     """Through the real hooks (CLS attention recomputed from the captured projections, with the
-    ``log(size)`` bias; sdpa returns no weights), a 12x12-patch encoder merged down to 48 patches in five
-    steps equals the reference run on the eager model's own keys and attention weights."""
+    ``log(size)`` bias under proportional attention; sdpa returns no weights), a 12x12-patch encoder
+    merged down to 48 patches in five steps equals the reference run on the eager model's own keys and
+    attention weights."""
     model, eager = (
         tiny_encoder(family, attn, patches_per_side=12),
         tiny_encoder(family, "eager", patches_per_side=12),
     )
     protected = int(family == "clip")
     hidden = torch.randn(2, protected + 144, 32, generator=torch.Generator().manual_seed(3))
-    expected = reference_encoder(eager, hidden, merge_schedule(protected + 144, protected + 48, 5, protected))
-    with tp.pruned(model, "turbo", budget=48) as pruner, torch.no_grad():
+    schedule = merge_schedule(protected + 144, protected + 48, 5, protected)
+    expected = reference_encoder(eager, hidden, schedule, proportional)
+    with tp.pruned(model, "turbo", budget=48, proportional=proportional) as pruner, torch.no_grad():
         got = hidden
         for layer in encoder_internals.encoder_layers(getattr(model, "vision_model", model)):
             out = layer(got, None)
