@@ -60,6 +60,12 @@ def turbo(
       budget is exact.
     * The reference's layer decay ``beta ** |gamma - step|`` (defaults ``beta=1``: no decay) is not
       offered; merged tokens are averaged in float32.
+    * The scale and ``alpha`` are those of the repository's ``BLIP_turbo`` (30, 1). Its LLaVA-1.5 code
+      (``llava/model/folder/merge.py``, shared with its successor FOLDER) scales by 100 and its tower sets
+      ``alpha=5`` (``llava/model/multimodal_encoder/clip_encoder.py``): ``alpha=50/3`` here.
+    * The repository has no variant inside a decoder-only language model (``BLIP_turbo``'s text side
+      drops BLIP's cross-attention tokens by the text CLS's attention, which is ``fastv``'s criterion
+      here), and none is offered.
     """
     (attention,) = ctx.require("encoder_attention").values()  # [I, n], CLS included
     return merge_step(ctx, keep, SEMANTIC_SCALE * alpha * attention)
