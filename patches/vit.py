@@ -22,6 +22,7 @@ image side): the last layer's output is the pruned sequence, CLS first where the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
@@ -145,7 +146,7 @@ class EncoderPruningHooks:
             handles.append(output.register_forward_hook(self._reduce_output))
         return handles
 
-    def _capture_projections(self, layers) -> list[RemovableHandle]:
+    def _capture_projections(self, layers: Iterable[int]) -> list[RemovableHandle]:
         """Hooks capturing the query and key projections of each of ``layers``."""
         handles = []
         for i in layers:
