@@ -50,13 +50,15 @@ def run_encoder_benchmark(
     *,
     repeats: int = 3,
     selecting: tuple[str, ...] = ("hiprune", "visionzip", "saint"),
+    merging: tuple[str, ...] = ("tome", "turbo"),
 ) -> list[EncoderRow]:
-    """Time ``model`` unpruned, with ``tome`` at each ``r`` in ``merges``, and with each ``selecting``
-    method at each keep ratio. Returns one row per setting, ``speedup`` relative to the unpruned row."""
+    """Time ``model`` unpruned, with each ``merging`` method at each ``r`` in ``merges``, and with each
+    ``selecting`` method at each keep ratio. Returns one row per setting, ``speedup`` relative to the
+    unpruned row."""
     device = next(model.parameters()).device
     pixels = tiny_pixels(model, batch_size).to(device, next(model.parameters()).dtype)
     settings = [("unpruned", "-", None)]
-    settings += [("tome", f"r={r}", {"r": r}) for r in merges]
+    settings += [(m, f"r={r}", {"r": r}) for m in merging for r in merges]
     settings += [(m, f"keep={ratio}", {"keep_ratio": ratio}) for m in selecting for ratio in keep_ratios]
 
     @torch.no_grad()

@@ -111,9 +111,9 @@ class QwenVisionHooks:
         spec = config.spec
         if spec.per_layer:
             raise ValueError(
-                f"{config.method!r} merges tokens inside the encoder's layers, which {model_name}'s vision "
-                "tower runs as packed attention segments (windows) feeding 2x2 merger groups: use hiprune or "
-                "visionzip, which choose among the merger's output tokens"
+                f"{config.method!r} merges or drops tokens inside the encoder's layers, which {model_name}'s "
+                "vision tower runs as packed attention segments (windows) feeding 2x2 merger groups: use "
+                "hiprune or visionzip, which choose among the merger's output tokens"
             )
         options = {**spec.options, **config.options}
         attention = (

@@ -23,6 +23,7 @@ image side): the last layer's output is the pruned sequence, CLS first where the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
@@ -31,10 +32,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenprune.attention import query_attention
+from tokenprune.attention import query_logits
 from tokenprune.context import Merged, SelectionContext
 from tokenprune.kernels import gather_tokens
 from tokenprune.merge import constant_schedule, merge_schedule
+from tokenprune.registry import vision_methods
 
 from . import _encoder_internals as internals
 from ._internals import layer_hidden_states
@@ -105,6 +107,8 @@ class EncoderPruningHooks:
                     f"{config.method} proportional attention adds a bias to attention logits, which "
                     "flash_attention_2 cannot take: pass proportional=False or load the encoder with sdpa"
                 )
+            if "encoder_attention" in spec.needs:
+                self._attention_layers = spec.encoder_layers(options, self.output_layer)
             return self.num_patches - sum(self._merge_schedule(config, self.num_patches))
         if "encoder_attention" in spec.needs:
             layers = spec.encoder_layers(options, self.output_layer)
@@ -150,21 +154,27 @@ class EncoderPruningHooks:
             for i, layer in enumerate(self.layers[1:], start=1):
                 hook = partial(self._merge_before, i)
                 handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-            return handles
+            return handles + self._capture_projections(self._attention_layers)
         layers = set(self._attention_layers)
         if "keys" in config.spec.needs:
             layers.add(self.output_layer)
-        for i in sorted(layers):
-            attention = internals.layer_attention(self.layers[i])
-            handles += [
-                attention.q_proj.register_forward_hook(partial(self._capture_projection, i, 0)),
-                attention.k_proj.register_forward_hook(partial(self._capture_projection, i, 1)),
-            ]
+        handles += self._capture_projections(sorted(layers))
         output = self.layers[self.output_layer]
         if self.protected and "class_token" in config.spec.needs:
             handles.append(output.register_forward_hook(self._capture_class_token))
         if standalone:
             handles.append(output.register_forward_hook(self._reduce_output))
+        return handles
+
+    def _capture_projections(self, layers: Iterable[int]) -> list[RemovableHandle]:
+        """Hooks capturing the query and key projections of each of ``layers``."""
+        handles = []
+        for i in layers:
+            attention = internals.layer_attention(self.layers[i])
+            handles += [
+                attention.q_proj.register_forward_hook(partial(self._capture_projection, i, 0)),
+                attention.k_proj.register_forward_hook(partial(self._capture_projection, i, 1)),
+            ]
         return handles
 
     # -- hooks ----------------------------------------------------------------------------------
@@ -210,9 +220,13 @@ class EncoderPruningHooks:
                 protected=self.protected,
             )
             with self._pruner.timed_selection():
+                if layer - 1 in self._attention_layers:  # the attention of the layer the keys are from
+                    bias = call.sizes.log() if self._proportional else None
+                    ctx.encoder_attention = {layer - 1: self._received_attention(call, layer - 1, bias)}
                 merged = self._pruner.select_with(self._config, ctx, tokens - call.schedule[layer - 1])
             hidden, call.sizes = merged.features, merged.sizes
             call.origin = gather_tokens(call.origin, merged.index)
+        call.projections.pop(layer - 1, None)
         if layer <= self.output_layer:
             self._record(batch, call.patches, hidden.shape[1] - self.protected)
         if call.sizes is None:
@@ -252,7 +266,9 @@ class EncoderPruningHooks:
         )
         with self._pruner.timed_selection():
             if "encoder_attention" in spec.needs:
-                ctx.encoder_attention = {i: self._received_attention(call, i) for i in self._attention_layers}
+                ctx.encoder_attention = {
+                    i: self._received_attention(call, i)[:, self.protected :] for i in self._attention_layers
+                }
             if "keys" in spec.needs:
                 ctx.keys = self._patch_keys(call, self.output_layer)
             if self._takes_class_token(keep, num_patches):
@@ -283,14 +299,19 @@ class EncoderPruningHooks:
         """Keys of the patch tokens at ``layer``, averaged over heads ``[I, N, d]``."""
         return self._heads(call.projections[layer][1]).mean(dim=1)[:, self.protected :]
 
-    def _received_attention(self, call: _EncoderCall, layer: int) -> torch.Tensor:
-        """Attention each patch receives at ``layer`` ``[I, N]``: from the CLS query, else (no CLS, or the
-        method's ``encoder_queries="all"``) averaged over every query, the CLS one included."""
+    def _received_attention(
+        self, call: _EncoderCall, layer: int, key_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention each token (CLS included) receives at ``layer`` ``[I, n]``: from the CLS query, else (no
+        CLS, or the method's ``encoder_queries="all"``) averaged over every query, the CLS one included;
+        heads averaged. ``key_bias [I, n]`` is added to every query's logits (proportional attention)."""
         query, keys = (self._heads(p) for p in call.projections[layer])
         if self.protected and self._config.spec.encoder_queries == "cls":
             query = query[:, :, :1]
-        key_mask = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
-        return query_attention(query, keys, key_mask, self.scale)[:, self.protected :]
+        logits = query_logits(query, keys, self.scale)  # [I, H, Q, n]
+        if key_bias is not None:
+            logits = logits + key_bias[:, None, None, :]
+        return logits.softmax(dim=-1).mean(dim=(1, 2))
 
     def _record(self, num_images: int, patches: int, kept: int) -> None:
         self._pruner.record_encoder([patches] * num_images, [kept] * num_images)
@@ -315,7 +336,7 @@ class VisionEncoderAdapter:
         if not config.spec.vision or config.vision is not None:
             raise ValueError(
                 f"{type(self.model).__name__} is an image encoder without a language model: only vision "
-                f"methods apply (tome, hiprune, visionzip, saint), not {config.method!r}"
+                f"methods apply ({', '.join(vision_methods())}), not {config.method!r}"
             )
         if config.positions != "original":
             raise ValueError(

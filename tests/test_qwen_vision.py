@@ -222,11 +222,12 @@ def test_encoder_attention_is_the_blocks_own():
     assert len(blocks[0]) > 1  # several windows
 
 
-def test_tome_is_refused_before_any_work(qwen):
+@pytest.mark.parametrize("method", ["tome", "turbo", "saint"])
+def test_merging_is_refused_before_any_work(qwen, method):
     with pytest.raises(
-        ValueError, match="'tome' merges tokens inside the encoder's layers.*use hiprune or visionzip"
+        ValueError, match=f"'{method}' merges or drops tokens inside the encoder's .*use hiprune or visionzip"
     ):
-        tp.apply_pruner(qwen, "tome", keep_ratio=0.5)
+        tp.apply_pruner(qwen, method, keep_ratio=0.5)
     assert not tokenprune_hooks(qwen)
 
 

@@ -19,10 +19,12 @@ from helpers import (
 import tokenprune as tp
 from tokenprune.patches import _encoder_internals as encoder_internals
 from tokenprune.patches._internals import InternalsMovedError
+from tokenprune.registry import get_method
 from tokenprune.testing import ENCODER_FAMILIES, tiny_encoder, tiny_inputs, tiny_pixels
 
 VISION_METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage == "vision")
-SELECTING = [m for m in VISION_METHODS if m != "tome"]
+MERGING = [m for m in VISION_METHODS if "r" in get_method(m).options]  # merge r tokens per layer
+SELECTING = [m for m in VISION_METHODS if m not in MERGING]
 WITH_CLS = {"clip": 1, "siglip": 0, "vit": 1, "vit-classifier": 1}
 
 
@@ -62,8 +64,9 @@ def test_nothing_merged_equals_the_original(family, attn, method, kwargs):
     assert pruner.stats.kept_tokens == pruner.stats.visual_tokens == [64, 64]
 
 
+@pytest.mark.parametrize("method", MERGING)
 @pytest.mark.parametrize("family_name", ["clip", "siglip", "vit"])
-def test_merging_duplicates_back_reproduces_the_original(family_name):
+def test_merging_duplicates_back_reproduces_the_original(family_name, method):
     """Every token twice, merged back after the first layer: with proportional attention the rest of the
     encoder computes what it computes on the tokens once (a duplicated CLS token is never merged; its
     two halves weigh as one token of size 2, and both equal the original CLS)."""
@@ -72,13 +75,13 @@ def test_merging_duplicates_back_reproduces_the_original(family_name):
     hidden = torch.randn(2, cls + 64, 32, generator=torch.Generator().manual_seed(1))
     expected = run_layers(model, hidden)
     duplicated = hidden.repeat_interleave(2, dim=1)  # a, a, b, b, ...: each source next to its copy
-    with tp.pruned(model, "tome", r=64, proportional=True) as pruner:
+    with tp.pruned(model, method, r=64, proportional=True) as pruner:
         merged = run_layers(model, duplicated)
     assert pruner.stats.kept_tokens == [64 + cls] * 2  # the CLS copy is kept as a patch token
     torch.testing.assert_close(merged[:, cls:], expected, atol=1e-5, rtol=0)
     if cls:
         torch.testing.assert_close(merged[:, 0], expected[:, 0], atol=1e-5, rtol=0)
-        with tp.pruned(model, "tome", r=64, proportional=False):
+        with tp.pruned(model, method, r=64, proportional=False):
             unweighted = run_layers(model, duplicated)
         assert (unweighted[:, cls:] - expected).abs().max() > 1e-4  # the CLS copies would weigh double
 
@@ -86,7 +89,7 @@ def test_merging_duplicates_back_reproduces_the_original(family_name):
 @pytest.mark.parametrize(
     ("method", "budget"),
     # ToMe merges at most half of the tokens per layer: 5 layers cannot go below 1 + 64 / 32 tokens
-    [(m, b) for m in SELECTING for b in (1, 7, 16, 63)] + [("tome", b) for b in (2, 7, 16, 63)],
+    [(m, b) for m in SELECTING for b in (1, 7, 16, 63)] + [(m, b) for m in MERGING for b in (2, 7, 16, 63)],
 )
 def test_exact_count_reaches_the_output(family, method, budget):
     model = tiny_encoder(family)
@@ -224,6 +227,8 @@ def test_features_encoded_elsewhere_are_refused(model):
         ("hiprune", {"keep_ratio": 0.5, "anchor_layer": 9}, ValueError, r"anchor_layer must be .* 0..5"),
         ("visionzip", {"budget": 65}, ValueError, "larger than the 64 visual tokens"),
         ("saint", {"budget": 16, "drop_layer": 5}, ValueError, r"drop_layer must be an int in \[0, 5\)"),
+        ("turbo", {"keep_ratio": 0.5, "alpha": -1.0}, ValueError, "turbo alpha .* must be a number >= 0"),
+        ("turbo", {"r": 2, "alpha": "1"}, ValueError, "turbo alpha .* must be a number >= 0"),
     ],
 )
 def test_bad_vision_config_raises_before_any_work(method, kwargs, error, match):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .positions import POSITIONS
-from .registry import MethodSpec, get_method, stage_for_layer
+from .registry import MethodSpec, get_method, stage_for_layer, vision_methods
 
 #: Values of :attr:`PrunerConfig.media`.
 MEDIA = ("images", "videos", "both")
@@ -134,7 +134,7 @@ class PrunerConfig:
             )
         if not self.vision.spec.vision:
             raise ValueError(
-                f"vision= takes a vision method (tome, hiprune, visionzip), not {self.vision.method!r}"
+                f"vision= takes a vision method ({', '.join(vision_methods())}), not {self.vision.method!r}"
             )
         if self.spec.vision:
             raise ValueError("compose a vision method with a decoder method, not with another vision method")

@@ -91,7 +91,9 @@ class SelectionContext:
         encoder_attention: by encoder layer (those the method's ``encoder_layers`` names), the attention
             each token receives there ``[I, N]``: from the CLS query where the encoder has one and the
             method's ``encoder_queries`` is ``"cls"``, else averaged over all queries (the CLS one
-            included); heads averaged (needs ``encoder_attention``).
+            included); heads averaged (needs ``encoder_attention``). A merging step gets one entry, the
+            layer its ``keys`` come from, over every token it merges ``[I, n]`` (the protected CLS included),
+            with proportional attention's ``log(size)`` bias where the method uses it.
         class_token: the encoder's CLS token at the output layer ``[I, D]``, for a method that returns it
             among its ``keep`` tokens in the place of a patch it merged away (needs ``class_token``; only
             from an encoder with a CLS token, and only when a patch is merged away).

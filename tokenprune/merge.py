@@ -16,7 +16,7 @@ def max_merges(num_tokens: int, protected: int) -> int:
 
 
 def bipartite_soft_matching(
-    metric: torch.Tensor, r: int, protected: int
+    metric: torch.Tensor, r: int, protected: int, penalty: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each token goes when ``r`` tokens are merged away, laid out as ToMe lays them out.
 
@@ -26,7 +26,9 @@ def bipartite_soft_matching(
     Tokens alternate between a source set (even positions) and a destination set (odd positions); each
     source token finds its most similar destination by cosine similarity of ``metric [B, n, C]`` (ToMe
     uses the attention keys, averaged over heads), and the ``r`` sources with the most similar match
-    are merged into it. The first ``protected`` tokens (a CLS token) are never merged.
+    are merged into it. The first ``protected`` tokens (a CLS token) are never merged. A ``penalty [B, n]``
+    is subtracted from each source token's match before the ranking (Turbo's semantic value: an
+    informative source is merged later); it never changes which destination a source matches.
 
     The slots are ToMe's layout (``merge`` of facebookresearch/ToMe's ``tome/merge.py``): first the
     unmerged sources, then every destination in its order. The unmerged sources are in their order where
@@ -42,6 +44,8 @@ def bipartite_soft_matching(
         raise ValueError(f"cannot merge {r} of {n} tokens in one step ({protected} protected)")
     metric = torch.nn.functional.normalize(metric.float(), dim=-1)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)  # [B, n_src, n_dst]
+    if penalty is not None:
+        scores = scores - penalty[:, ::2, None].float()
     scores[:, :protected] = float("-inf")
     best, match = scores.max(dim=-1)
     order = best.argsort(dim=-1, descending=True)

@@ -49,7 +49,8 @@ class MethodSpec:
 
     ``per_layer`` methods (token merging) are called at every encoder layer they merge at, with the
     tokens present there; the others once. ``encoder_layers(options, output_layer)`` names the encoder
-    layers whose attention a ``vision`` method needs (``ctx.encoder_attention``), and ``encoder_queries``
+    layers whose attention a ``vision`` method needs (``ctx.encoder_attention``; a ``per_layer`` method's
+    merge step before layer ``i + 1`` reads layer ``i``'s), and ``encoder_queries``
     (one of :data:`ENCODER_QUERIES`) whose attention it is. A ``kv`` method that keeps the top-k of each
     image's ``attention`` declares ``attention_top_k``: its decode hooks then select in one kernel where
     Triton runs (:func:`tokenprune.kernels.retrieval.attention_top_k`), and call the method elsewhere.
@@ -193,6 +194,11 @@ def get_method(name: str) -> MethodSpec:
         raise ValueError(
             f"unknown method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}"
         ) from None
+
+
+def vision_methods() -> list[str]:
+    """Names of the registered ``vision`` methods, sorted: what error messages offer where only they apply."""
+    return sorted(name for name, spec in _REGISTRY.items() if spec.vision)
 
 
 def list_methods() -> dict[str, tuple[str, str]]:

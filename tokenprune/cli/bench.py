@@ -92,9 +92,9 @@ def bench_encoder(
     arch: Annotated[
         str, typer.Option(help="Image encoder with random weights: tiny-vit, vit-b16.")
     ] = "vit-b16",
-    merges: Annotated[str, typer.Option("--r", help="Comma-separated ToMe r values (tokens per layer).")] = (
-        "0,4,8,12,16"
-    ),
+    merges: Annotated[
+        str, typer.Option("--r", help="Comma-separated r values of tome and turbo (tokens per layer).")
+    ] = "0,4,8,12,16",
     keep_ratios: Annotated[
         str, typer.Option(help="Keep ratios of hiprune, visionzip and saint.")
     ] = "0.5,0.25",

@@ -13,5 +13,6 @@ from . import (  # noqa: F401
     sparsevila,
     tome,
     transprune,
+    turbo,
     visionzip,
 )

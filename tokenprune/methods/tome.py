@@ -34,8 +34,15 @@ def tome(ctx: SelectionContext, keep: int, *, r: int | None = None, proportional
     are touched. The step's merged tokens are averaged in float32 (one kernel on a GPU) rather than in the
     model's dtype.
     """
+    return merge_step(ctx, keep)
+
+
+def merge_step(ctx: SelectionContext, keep: int, penalty: torch.Tensor | None = None) -> Merged:
+    """One bipartite merge step of ``ctx.features`` down to ``keep`` tokens on ``ctx.keys``, sources ranked
+    by their match minus ``penalty`` (see :func:`~tokenprune.merge.bipartite_soft_matching`); returns the
+    size-weighted averages in ToMe's layout with their sizes."""
     num_tokens = ctx.features.shape[1]
-    dest, kept = bipartite_soft_matching(ctx.require("keys"), num_tokens - keep, ctx.protected)
+    dest, kept = bipartite_soft_matching(ctx.require("keys"), num_tokens - keep, ctx.protected, penalty)
     sizes = ctx.sizes if ctx.sizes is not None else torch.ones_like(dest, dtype=ctx.features.dtype)
     features, merged_sizes = merge_tokens(ctx.features, sizes, dest, keep)
     return Merged(kept, features, merged_sizes)
