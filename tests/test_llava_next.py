@@ -129,16 +129,27 @@ def test_keep_all_text_only_and_remove(next_model):
     inputs, text = tiny_inputs(next_model, IMAGES), tiny_inputs(next_model, (0, 0))
     with torch.no_grad():
         expected, text_expected = next_model(**inputs).logits, next_model(**text).logits
-    with tp.pruned(next_model, "fastv", keep_ratio=1.0), torch.no_grad():
-        torch.testing.assert_close(next_model(**inputs).logits, expected, atol=1e-5, rtol=0)
-    pruner = tp.apply_pruner(next_model, "dart", keep_ratio=0.25)
-    with torch.no_grad():
-        assert torch.equal(next_model(**text).logits, text_expected)
-        next_model(**inputs)
-    pruner.remove()
-    assert not tokenprune_hooks(next_model) and "pack_image_features" not in vars(next_model.model)
-    with torch.no_grad():
-        assert torch.equal(next_model(**inputs).logits, expected)
+    for method in ("fastv", *VISION_METHODS):
+        with tp.pruned(next_model, method, keep_ratio=1.0), torch.no_grad():
+            torch.testing.assert_close(next_model(**inputs).logits, expected, atol=1e-5, rtol=0)
+    for method in ("dart", "visionzip"):
+        pruner = tp.apply_pruner(next_model, method, keep_ratio=0.25)
+        with torch.no_grad():
+            assert torch.equal(next_model(**text).logits, text_expected)
+            next_model(**inputs)
+        pruner.remove()
+        assert not tokenprune_hooks(next_model) and "pack_image_features" not in vars(next_model.model)
+        with torch.no_grad():
+            assert torch.equal(next_model(**inputs).logits, expected)
+
+
+def test_a_decoder_stage_keeping_more_than_the_vision_stage_is_refused(next_model):
+    config = tp.PrunerConfig(
+        "fastv", keep_ratio=0.5, layer=2, vision=tp.PrunerConfig("hiprune", keep_ratio=0.25)
+    )
+    refused = pytest.raises(ValueError, match="vision tower keeps only")
+    with tp.pruned(next_model, config), refused, torch.no_grad():
+        next_model(**tiny_inputs(next_model, (1,)))
 
 
 def test_tome_is_refused_before_any_work(next_model):
