@@ -7,9 +7,11 @@ import functools
 import inspect
 import itertools
 
+import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
+import tokenprune
 from tokenprune.testing import ANYRES_FAMILIES, FAMILIES
 
 ATOL = 1e-4
@@ -153,6 +155,22 @@ def tower_outputs(model, substitutes: list | None = None):
         yield recorded
     finally:
         remove()
+
+
+@contextlib.contextmanager
+def selection_contexts():
+    """In the block, every :class:`~tokenprune.context.SelectionContext` a pruner hands a method is appended
+    to the yielded list."""
+    contexts: list = []
+    select = tokenprune.Pruner.select_with
+
+    def recording(self, config, ctx, keep):
+        contexts.append(ctx)
+        return select(self, config, ctx, keep)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokenprune.Pruner, "select_with", recording)
+        yield contexts
 
 
 def masked_reference(

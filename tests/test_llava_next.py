@@ -14,6 +14,7 @@ from helpers import (
     kept_rows,
     layer_input_lengths,
     masked_reference,
+    selection_contexts,
     tokenprune_hooks,
     tower_outputs,
 )
@@ -190,18 +191,12 @@ def test_each_packed_token_gets_its_own_patch_attention(family):
     patch is found by its projected features, which equal the packed token's exactly."""
     model = shared_model(family, "eager")
     inputs = tiny_inputs(model, (1, 1, 1))  # three aspect ratios; the last loses rows to the unpadding
-    contexts, pixels = [], []
-    select = tp.Pruner.select_with
+    pixels = []
     tower = model.model.vision_tower
     handle = tower.register_forward_pre_hook(lambda module, args: pixels.append(args[0]))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            tp.Pruner,
-            "select_with",
-            lambda self, config, ctx, keep: contexts.append(ctx) or select(self, config, ctx, keep),
-        )
-        with tp.pruned(model, "hiprune", keep_ratio=0.25, anchor_layer=0), torch.no_grad():
-            model(**inputs)
+    config = tp.PrunerConfig("hiprune", keep_ratio=0.25, options={"anchor_layer": 0})
+    with selection_contexts() as contexts, tp.pruned(model, config), torch.no_grad():
+        model(**inputs)
     handle.remove()
     with torch.no_grad():
         out = tower(pixels[0], output_attentions=True, output_hidden_states=True)
