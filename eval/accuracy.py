@@ -143,12 +143,13 @@ def _row(method, stage, ratio, kept, ms, base_ms, accuracy, base, note="") -> Ac
 
 def overlay_sheet(
     model, processor, examples: list[suite.Example], methods: list[str], keep_ratio: float, path: Path
-) -> Path:
+) -> Path | None:
     """Save one picture of which patches each method keeps at ``keep_ratio``: a row per method (``kv``
     methods, which choose afresh at every decode step and layer, are left out), a column per example of
     :data:`OVERLAY_KINDS`, each cell captioned with the question, the answer and the method's reply.
 
-    Returns the path written.
+    Returns the path written, or ``None`` (nothing written) where no method's kept patches could be drawn:
+    a model whose image tokens form no single patch grid (LLaVA-NeXT/OneVision's tiles and newlines).
     """
     chosen = [next(item for item in examples if item.kind == kind) for kind in OVERLAY_KINDS]
     rows = []
@@ -162,13 +163,19 @@ def overlay_sheet(
             except ValueError:  # a configuration the model cannot run: its table cell says why
                 continue
             cells = [_overlay_cell(model, processor, pruner, method, item) for item in chosen]
-        rows.append((f"{method} {keep_ratio:.0%}", cells))
-    return _save_sheet(rows, path)
+        if all(cell is not None for cell in cells):
+            rows.append((f"{method} {keep_ratio:.0%}", cells))
+    return _save_sheet(rows, path) if rows else None
 
 
-def _overlay_cell(model, processor, pruner, method: str, item: suite.Example) -> tuple[Image.Image, str]:
-    """The overlay of the patches ``pruner`` keeps of ``item``'s image, and its caption."""
+def _overlay_cell(
+    model, processor, pruner, method: str, item: suite.Example
+) -> tuple[Image.Image, str] | None:
+    """The overlay of the patches ``pruner`` keeps of ``item``'s image, and its caption; ``None`` if the
+    image's tokens form no patch grid."""
     reply = answers(model, processor, [item])[0]  # the prefill of this answer fills pruner.stats
+    if pruner.adapter.image_grid() is None:
+        return None
     ids = next(shapes_model.batches(processor, [item], 1))[1]["input_ids"]
     per_image = pruner.adapter.tokens_per_image
     keep = first_image_keep(pruner.stats, ids, model.config.image_token_id, per_image)

@@ -81,29 +81,8 @@ class LlavaAdapter:
         return [(0, kept), *decoder]
 
     def _encoder_hooks(self, vision: PrunerConfig) -> EncoderPruningHooks:
-        config = self.model.config
-        if config.vision_feature_select_strategy != "default":
-            raise ValueError(
-                f"{vision.method!r} needs the vision tower's CLS token dropped "
-                f"(vision_feature_select_strategy='default'), not {config.vision_feature_select_strategy!r}"
-            )
-        feature_layer = config.vision_feature_layer
-        tower = self.base.vision_tower
-        vision_model = getattr(tower, "vision_model", tower)
         if self.encoder is None:
-            self.encoder = EncoderPruningHooks(vision_model)
-        num_layers = len(self.encoder.layers)
-        hidden_index = (
-            feature_layer + num_layers + 1
-            if isinstance(feature_layer, int) and feature_layer < 0
-            else feature_layer
-        )
-        if not isinstance(hidden_index, int) or not 1 <= hidden_index <= num_layers:
-            raise ValueError(
-                f"{vision.method!r} needs a single vision feature layer that is a layer's output "
-                f"(1..{num_layers} or -{num_layers}..-1), not vision_feature_layer={feature_layer!r}"
-            )
-        self.encoder.output_layer = hidden_index - 1  # hidden_states[i] is the output of layer i - 1
+            self.encoder = feature_layer_encoder(self.model.config, self.base.vision_tower, vision.method)
         return self.encoder
 
     def attach(self, pruner) -> list[RemovableHandle]:
@@ -152,3 +131,32 @@ class LlavaAdapter:
         num_images, _, dim = output.shape
         full = output.new_zeros(num_images, self.tokens_per_image, dim)
         return full.scatter_(1, index[..., None].expand(-1, -1, dim), output)
+
+
+def feature_layer_encoder(config, tower: nn.Module, method: str) -> EncoderPruningHooks:
+    """Hooks for a vision method on a LLaVA-style model's ``tower``, whose output layer is the layer
+    ``config.vision_feature_layer`` names. ``ValueError`` naming the fix if the features handed to the
+    projector are not exactly the patches of that one layer's output (a CLS token kept or a patch dropped
+    by ``vision_feature_select_strategy``, several feature layers, or the embeddings)."""
+    vision_model = getattr(tower, "vision_model", tower)
+    encoder = EncoderPruningHooks(vision_model)
+    strategy = "default" if encoder.protected else "full"  # "default" drops the first token: the CLS
+    if config.vision_feature_select_strategy != strategy:
+        raise ValueError(
+            f"{method!r} needs the vision tower's patches only, which {type(vision_model).__name__} hands on "
+            f"with vision_feature_select_strategy={strategy!r}, not {config.vision_feature_select_strategy!r}"
+        )
+    feature_layer = config.vision_feature_layer
+    num_layers = len(encoder.layers)
+    hidden_index = (
+        feature_layer + num_layers + 1
+        if isinstance(feature_layer, int) and feature_layer < 0
+        else feature_layer
+    )
+    if not isinstance(hidden_index, int) or not 1 <= hidden_index <= num_layers:
+        raise ValueError(
+            f"{method!r} needs a single vision feature layer that is a layer's output "
+            f"(1..{num_layers} or -{num_layers}..-1), not vision_feature_layer={feature_layer!r}"
+        )
+    encoder.output_layer = hidden_index - 1  # hidden_states[i] is the output of layer i - 1
+    return encoder

@@ -15,6 +15,7 @@ decode step, the visual tokens its query does not select: newline rows, being te
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
@@ -25,6 +26,7 @@ from tokenprune.config import PrunerConfig
 from tokenprune.sequence import image_ids_by_lengths
 
 from ._internals import InstanceOverride, InternalsMovedError, base_model, has_media_inputs, placeholder_mask
+from .anyres_vision import AnyResVisionHooks
 from .decoder import DecoderPruningHooks, LanguageModelHooks, size_following_stages
 from .retrieval import DecodeRetrievalHooks
 
@@ -50,6 +52,7 @@ class LlavaNextAdapter:
         self.tokens_per_image: int | None = None  # varies with each image's size
         self.hooks: LanguageModelHooks = DecoderPruningHooks(model, self.base.language_model, 0, None)
         self._lengths: torch.Tensor | None = None  # tokens of each image of the last encoding
+        self.vision: AnyResVisionHooks | None = None  # the vision tower's hooks, for a vision-stage method
 
     @property
     def num_layers(self) -> int:
@@ -60,13 +63,26 @@ class LlavaNextAdapter:
         return None
 
     def stages(self, config: PrunerConfig) -> list[tuple[int, None]]:
-        """The pruning layers of ``config``; the kept counts follow each image's size."""
-        return size_following_stages(config, self.num_layers, type(self.model).__name__)
+        """The pruning layers of ``config``, a vision stage as layer 0 (its dropped tokens' placeholders go
+        before the language model); the kept counts follow each image's size."""
+        name = type(self.model).__name__
+        vision = config.vision_stage
+        if vision is None:
+            return size_following_stages(config, self.num_layers, name)
+        self.vision = AnyResVisionHooks(self.model, self.base, vision)
+        if config.spec.vision:
+            return [(0, None)]
+        return [
+            (0, None),
+            *size_following_stages(dataclasses.replace(config, vision=None), self.num_layers, name),
+        ]
 
     def attach(self, pruner) -> list[RemovableHandle]:
         if pruner.config.spec.decode:  # a kv method: decode-time hooks on the same language model
             self.hooks = DecodeRetrievalHooks(self.base.language_model, 0, None)
+        vision = [] if pruner.config.vision_stage is None else self.vision.attach(pruner)
         return [
+            *vision,
             InstanceOverride(self.base, _PACK, self._pack),
             self.base.register_forward_pre_hook(self._find_images, with_kwargs=True),
             self.hooks.language_model.register_forward_pre_hook(self._drop_newlines, with_kwargs=True),
@@ -74,8 +90,12 @@ class LlavaNextAdapter:
         ]
 
     def _pack(self, *args, **kwargs):
-        """The model's packing step, unchanged; remembers each image's token count."""
-        features, lengths = getattr(type(self.base), _PACK)(self.base, *args, **kwargs)
+        """The model's packing step; remembers each image's token count. With a vision method, the tokens
+        it drops are zeros (see :class:`~tokenprune.patches.anyres_vision.AnyResVisionHooks`)."""
+        pack = getattr(type(self.base), _PACK)
+        features, lengths = pack(self.base, *args, **kwargs)
+        if self.vision is not None and self.vision.encoded:
+            features = self.vision.reduce(pack, args, kwargs, features)
         self._lengths = lengths
         return features, lengths
 

@@ -279,6 +279,17 @@ class EncoderPruningHooks:
             return result.index, result.features
         return result, gather_tokens(features, result)
 
+    def patch_scores(self) -> tuple[dict[int, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """Take, for an adapter that selects elsewhere than at the output layer's tokens, what this forward
+        gathered for the method: the attention each image's patches receive by encoder layer
+        ``{layer: [I, N]}``, their keys at the output layer ``[I, N, d]`` (``None`` unless the method needs
+        ``keys``) and the output layer's CLS token ``[I, D]`` (``None`` unless it needs ``class_token`` and
+        the encoder has one)."""
+        call, self._call = self._call, None
+        attention = {i: self._received_attention(call, i) for i in self._attention_layers}
+        keys = self._patch_keys(call, self.output_layer) if "keys" in self._config.spec.needs else None
+        return attention, keys, call.class_token
+
     def merged_origin(self, num_images: int, device: torch.device) -> torch.Tensor:
         """For the last merging forward: the patch index of each output patch token ``[I, k]``."""
         call, self._call = self._call, None

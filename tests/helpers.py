@@ -7,9 +7,11 @@ import functools
 import inspect
 import itertools
 
+import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
+import tokenprune
 from tokenprune.testing import ANYRES_FAMILIES, FAMILIES
 
 ATOL = 1e-4
@@ -115,10 +117,11 @@ def substituted_image_features(model, features: torch.Tensor | None):
 
 @contextlib.contextmanager
 def tower_outputs(model, substitutes: list | None = None):
-    """In the block, every output of ``model``'s vision tower (its merged tokens and DeepStack features) is
-    appended to the yielded list; with ``substitutes``, the tower returns those instead, call by call (in
-    turn again for each forward: images, then videos)."""
-    recorded: list[tuple[torch.Tensor, list]] = []
+    """In the block, every image encoding of ``model`` is appended to the yielded list: Qwen-VL's vision
+    tower output (its merged tokens and DeepStack features), LLaVA-NeXT/OneVision's ``get_image_features``
+    output (its packed features, one tensor per image, no DeepStack); with ``substitutes``, the encoding
+    returns those instead, call by call (in turn again for each forward: images, then videos)."""
+    recorded: list[tuple[torch.Tensor | list[torch.Tensor], list]] = []
     pending = itertools.cycle(substitutes or [])
 
     def hook(module, args, output):
@@ -130,11 +133,44 @@ def tower_outputs(model, substitutes: list | None = None):
         recorded.append((output.pooler_output, list(getattr(output, "deepstack_features", None) or [])))
         return None
 
-    handle = model.model.visual.register_forward_hook(hook)
+    visual = getattr(model.model, "visual", None)
+    if visual is not None:
+        handle = visual.register_forward_hook(hook)
+        remove = handle.remove
+    else:  # the packing follows the tower inside get_image_features
+        base = model.model
+        encode = base.get_image_features
+
+        @functools.wraps(encode)
+        def recording(*args, **kwargs):
+            output = encode(*args, **kwargs)
+            return hook(None, args, output) or output
+
+        base.get_image_features = recording
+
+        def remove():
+            del base.get_image_features
+
     try:
         yield recorded
     finally:
-        handle.remove()
+        remove()
+
+
+@contextlib.contextmanager
+def selection_contexts():
+    """In the block, every :class:`~tokenprune.context.SelectionContext` a pruner hands a method is appended
+    to the yielded list."""
+    contexts: list = []
+    select = tokenprune.Pruner.select_with
+
+    def recording(self, config, ctx, keep):
+        contexts.append(ctx)
+        return select(self, config, ctx, keep)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokenprune.Pruner, "select_with", recording)
+        yield contexts
 
 
 def masked_reference(

@@ -12,8 +12,10 @@ from tokenprune.eval.accuracy import (
     AccuracyRow,
     accuracy_by_kind,
     markdown_tables,
+    overlay_sheet,
     replace_between_markers,
 )
+from tokenprune.testing import save_tiny_checkpoint
 
 
 def test_accuracy_by_kind_counts_exact_answers():
@@ -108,3 +110,15 @@ def test_lmms_task_command_writes_the_task(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "task" / "tokenprune_shapes.yaml").is_file()
     assert len((tmp_path / "task" / "data.jsonl").read_text().splitlines()) == 6
+
+
+def test_overlays_are_left_out_where_image_tokens_form_no_grid(tmp_path):
+    """LLaVA-NeXT's tiles and newline rows are no single patch grid: the eval scores it without a sheet."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = save_tiny_checkpoint(tmp_path / "next", family="llava_next")
+    processor, model = AutoProcessor.from_pretrained(path), AutoModelForImageTextToText.from_pretrained(path)
+    examples = suite.examples("test", 6)
+    sheet = tmp_path / "overlays.png"
+    assert overlay_sheet(model, processor, examples, ["hiprune"], 0.5, sheet) is None
+    assert not sheet.exists()

@@ -1,16 +1,22 @@
 """LLaVA-NeXT and LLaVA-OneVision: AnyRes images of different token counts in one batch, newline tokens kept
-as structure, and the invariants of DESIGN.md for every prefill method (eager and sdpa)."""
+as structure, and the invariants of DESIGN.md for every prefill method (eager and sdpa): the decoder's, and
+the vision stage's in every tile (the reference takes the packed features it handed on)."""
 
 import pytest
 import torch
+from conftest import shared_model
 from helpers import (
+    ATOL,
     assert_batch_equals_each_sample_alone,
     assert_generate_matches_reference,
     assert_kept_rows_match,
     greedy_with_logits,
+    kept_rows,
     layer_input_lengths,
     masked_reference,
+    selection_contexts,
     tokenprune_hooks,
+    tower_outputs,
 )
 
 import tokenprune as tp
@@ -19,15 +25,12 @@ from tokenprune.testing import ANYRES_FAMILIES, tiny_inputs, tiny_model
 
 IMAGES = (1, 2, 1)
 PREFILL_METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage in ("pre_llm", "llm"))
-_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
+VISION_METHODS = ["hiprune", "visionzip"]  # tome is refused (test_tome_is_refused_before_any_work)
 
 
 @pytest.fixture(params=ANYRES_FAMILIES)
 def next_model(request, attn):
-    key = (request.param, attn)
-    if key not in _MODELS:
-        _MODELS[key] = tiny_model(request.param, attn_implementation=attn)
-    return _MODELS[key]
+    return shared_model(request.param, attn)
 
 
 def placeholders(model, inputs):
@@ -44,21 +47,42 @@ def placeholders(model, inputs):
     return placeholder, newline
 
 
-@pytest.mark.parametrize("method", PREFILL_METHODS)
+def pruned_and_reference(model, config, inputs: dict):
+    """Logits of ``model`` pruned by ``config``, its stats, and the masked reference: the unpatched model
+    given the packed image features the pruned forward handed on, the dropped tokens hidden from attention."""
+    with tp.pruned(model, config) as pruner, tower_outputs(model) as handed_on, torch.no_grad():
+        got = model(**inputs).logits
+    with tower_outputs(model, handed_on):
+        expected = masked_reference(model, inputs, pruner.stats.keep_masks)
+    return got, pruner.stats, expected
+
+
+@pytest.mark.parametrize("method", PREFILL_METHODS + VISION_METHODS)
 def test_dropping_equals_masking_and_newlines_stay(next_model, method):
     model = next_model
     inputs = tiny_inputs(model, IMAGES)
     placeholder, newline = placeholders(model, inputs)
-    with tp.pruned(model, method, keep_ratio=0.25) as pruner, torch.no_grad():
-        got = model(**inputs).logits
-    keep = pruner.stats.keep_mask
+    got, stats, expected = pruned_and_reference(model, tp.PrunerConfig(method, keep_ratio=0.25), inputs)
+    keep = stats.keep_mask
     assert bool(keep[newline].all())  # structure, never pruned
     visual = placeholder & ~newline
-    assert pruner.stats.visual_tokens == visual.sum(dim=1).tolist()
-    assert (keep & visual).sum(dim=1).tolist() == pruner.stats.kept_tokens
-    assert_kept_rows_match(
-        got, masked_reference(model, inputs, pruner.stats.keep_masks), keep, inputs["attention_mask"]
+    assert stats.visual_tokens == visual.sum(dim=1).tolist()
+    assert (keep & visual).sum(dim=1).tolist() == stats.kept_tokens
+    assert_kept_rows_match(got, expected, keep, inputs["attention_mask"])
+
+
+@pytest.mark.parametrize(("vision", "decoder"), [("hiprune", "fastv"), ("visionzip", "dart")])
+def test_composed_stages_equal_masking(next_model, vision, decoder):
+    inputs = tiny_inputs(next_model, (1, 1, 1))  # three aspect ratios: different tiles and unpadding
+    config = tp.PrunerConfig(
+        decoder, keep_ratio=0.125, layer=2, vision=tp.PrunerConfig(vision, keep_ratio=0.5)
     )
+    got, stats, expected = pruned_and_reference(next_model, config, inputs)
+    assert sorted(stats.keep_masks) == [0, 2] and stats.stage == "llm"
+    assert stats.kept_tokens == [round(0.125 * n) for n in stats.visual_tokens]
+    dropped_by_the_tower = (~stats.keep_masks[0] & inputs["attention_mask"].bool()).sum(dim=1)
+    assert dropped_by_the_tower.tolist() == [n - round(0.5 * n) for n in stats.visual_tokens]
+    assert_kept_rows_match(got, expected, stats.keep_mask, inputs["attention_mask"])
 
 
 def test_budgets_count_all_tiles_of_an_image_together(next_model):
@@ -70,20 +94,22 @@ def test_budgets_count_all_tiles_of_an_image_together(next_model):
     visual = pruner.stats.visual_tokens
     assert len(set(visual)) > 1
     assert pruner.stats.kept_tokens == [round(0.25 * n) for n in visual]
-    with tp.pruned(model, "fastv", budget=7) as pruner, torch.no_grad():
-        model(**inputs)
-    assert pruner.stats.kept_tokens == [7, 7, 7]
+    for method in ("fastv", "hiprune"):
+        with tp.pruned(model, method, budget=7) as pruner, torch.no_grad():
+            model(**inputs)
+        assert pruner.stats.kept_tokens == [7, 7, 7]
 
 
-@pytest.mark.parametrize("method", PREFILL_METHODS)
+@pytest.mark.parametrize("method", PREFILL_METHODS + VISION_METHODS)
 def test_cached_generate_equals_recomputation(next_model, method):
     inputs = tiny_inputs(next_model, IMAGES)
-    with tp.pruned(next_model, method, keep_ratio=0.25) as pruner:
+    with tp.pruned(next_model, method, keep_ratio=0.25) as pruner, tower_outputs(next_model) as handed_on:
         out = greedy_with_logits(next_model, inputs)
-    assert_generate_matches_reference(next_model, inputs, out, pruner.stats.keep_masks)
+    with tower_outputs(next_model, handed_on):
+        assert_generate_matches_reference(next_model, inputs, out, pruner.stats.keep_masks)
 
 
-@pytest.mark.parametrize("method", PREFILL_METHODS)
+@pytest.mark.parametrize("method", PREFILL_METHODS + VISION_METHODS)
 def test_batch_equals_each_sample_alone(next_model, method):
     with tp.pruned(next_model, method, budget=9):
         assert_batch_equals_each_sample_alone(next_model, tiny_inputs(next_model, IMAGES), IMAGES)
@@ -104,22 +130,92 @@ def test_keep_all_text_only_and_remove(next_model):
     inputs, text = tiny_inputs(next_model, IMAGES), tiny_inputs(next_model, (0, 0))
     with torch.no_grad():
         expected, text_expected = next_model(**inputs).logits, next_model(**text).logits
-    with tp.pruned(next_model, "fastv", keep_ratio=1.0), torch.no_grad():
-        torch.testing.assert_close(next_model(**inputs).logits, expected, atol=1e-5, rtol=0)
-    pruner = tp.apply_pruner(next_model, "dart", keep_ratio=0.25)
-    with torch.no_grad():
-        assert torch.equal(next_model(**text).logits, text_expected)
-        next_model(**inputs)
-    pruner.remove()
-    assert not tokenprune_hooks(next_model) and "pack_image_features" not in vars(next_model.model)
-    with torch.no_grad():
-        assert torch.equal(next_model(**inputs).logits, expected)
+    for method in ("fastv", *VISION_METHODS):
+        with tp.pruned(next_model, method, keep_ratio=1.0), torch.no_grad():
+            torch.testing.assert_close(next_model(**inputs).logits, expected, atol=1e-5, rtol=0)
+    for method in ("dart", "visionzip"):
+        pruner = tp.apply_pruner(next_model, method, keep_ratio=0.25)
+        with torch.no_grad():
+            assert torch.equal(next_model(**text).logits, text_expected)
+            next_model(**inputs)
+        pruner.remove()
+        assert not tokenprune_hooks(next_model) and "pack_image_features" not in vars(next_model.model)
+        with torch.no_grad():
+            assert torch.equal(next_model(**inputs).logits, expected)
 
 
-def test_unsupported_stages_are_refused(next_model):
-    with pytest.raises(ValueError, match="'tome' \\(vision\\) is not supported on Llava"):
+def test_a_decoder_stage_keeping_more_than_the_vision_stage_is_refused(next_model):
+    config = tp.PrunerConfig(
+        "fastv", keep_ratio=0.5, layer=2, vision=tp.PrunerConfig("hiprune", keep_ratio=0.25)
+    )
+    refused = pytest.raises(ValueError, match="vision tower keeps only")
+    with tp.pruned(next_model, config), refused, torch.no_grad():
+        next_model(**tiny_inputs(next_model, (1,)))
+
+
+def test_tome_is_refused_before_any_work(next_model):
+    with pytest.raises(
+        ValueError, match="'tome' merges patches inside each tile's encoder layers.*use hiprune or visionzip"
+    ):
         tp.apply_pruner(next_model, "tome", keep_ratio=0.5)
     assert not tokenprune_hooks(next_model)
+
+
+def test_a_vision_method_needs_the_patches_exactly():
+    model = tiny_model("llava_onevision")  # a SigLIP tower: no CLS token, so "default" drops a patch
+    model.config.vision_feature_select_strategy = "default"
+    with pytest.raises(ValueError, match="vision_feature_select_strategy='full', not 'default'"):
+        tp.apply_pruner(model, "hiprune", keep_ratio=0.5)
+    assert not tokenprune_hooks(model)
+
+
+@pytest.mark.parametrize("family", ANYRES_FAMILIES)
+def test_vision_stage_attention_implementations_agree(family):
+    runs = []
+    for attn in ("eager", "sdpa"):
+        model = shared_model(family, attn)
+        inputs = tiny_inputs(model, IMAGES)
+        with tp.pruned(model, "visionzip", keep_ratio=0.25) as pruner, torch.no_grad():
+            runs.append((model(**inputs).logits, pruner.stats.keep_mask))
+    (eager, eager_keep), (sdpa, sdpa_keep) = runs
+    assert torch.equal(eager_keep, sdpa_keep)
+    mask = inputs["attention_mask"]
+    for e, s in zip(kept_rows(eager, eager_keep, mask), kept_rows(sdpa, sdpa_keep, mask), strict=True):
+        torch.testing.assert_close(e, s, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ANYRES_FAMILIES)
+def test_each_packed_token_gets_its_own_patch_attention(family):
+    """What hiprune reads for each packed token (base tile, then the unpadded tiles row by row) is the
+    eager attention that its own tile's patch received at each named layer, heads and queries averaged: the
+    patch is found by its projected features, which equal the packed token's exactly."""
+    model = shared_model(family, "eager")
+    inputs = tiny_inputs(model, (1, 1, 1))  # three aspect ratios; the last loses rows to the unpadding
+    pixels = []
+    tower = model.model.vision_tower
+    handle = tower.register_forward_pre_hook(lambda module, args: pixels.append(args[0]))
+    config = tp.PrunerConfig("hiprune", keep_ratio=0.25, options={"anchor_layer": 0})
+    with selection_contexts() as contexts, tp.pruned(model, config), torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    with torch.no_grad():
+        out = tower(pixels[0], output_attentions=True, output_hidden_states=True)
+        strategy = model.config.vision_feature_select_strategy
+        patches = out.hidden_states[model.config.vision_feature_layer][:, int(strategy == "default") :]
+        projected = model.model.multi_modal_projector(patches)  # [T, N, D]
+    first = int(strategy == "default")  # the CLS key, if any, is not a patch
+    received = {
+        layer: out.attentions[layer].mean(dim=(1, 2))[:, first:] for layer in contexts[0].encoder_attention
+    }
+    output_layer = model.config.vision_feature_layer % (len(out.attentions) + 1) - 1  # hidden_states[i + 1]
+    assert len(contexts) == 3 and sorted(received) == [0, output_layer]
+    for ctx in contexts:
+        match = (ctx.features[0][:, None, None] == projected[None]).all(dim=-1)  # [n, T, N]
+        assert match.flatten(1).sum(dim=1).eq(1).all()
+        _, tile, patch = match.nonzero().unbind(dim=1)
+        for layer, attention in received.items():
+            expected = attention[tile, patch]
+            torch.testing.assert_close(ctx.encoder_attention[layer][0], expected, atol=1e-6, rtol=0)
 
 
 def test_a_moved_newline_is_named():

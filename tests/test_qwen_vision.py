@@ -12,6 +12,7 @@ from helpers import (
     kept_rows,
     masked_reference,
     select_sample,
+    selection_contexts,
     tokenprune_hooks,
     tower_outputs,
 )
@@ -198,15 +199,8 @@ def test_encoder_attention_is_the_blocks_own():
             weights.append(attention[0].mean(dim=0))  # [L, L] heads averaged, one window or image
         return output, attention
 
-    contexts = []
-    select = tp.Pruner.select_with
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, selection_contexts() as contexts:
         patch.setattr(modeling_qwen2_5_vl, "eager_attention_forward", recording)
-        patch.setattr(
-            tp.Pruner,
-            "select_with",
-            lambda self, config, ctx, keep: contexts.append(ctx) or select(self, config, ctx, keep),
-        )
         with tp.pruned(model, "hiprune", keep_ratio=0.25, anchor_layer=0), torch.no_grad():
             model(**inputs)
     grid = inputs["image_grid_thw"]

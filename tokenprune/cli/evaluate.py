@@ -96,8 +96,9 @@ def eval_(
             rows = evaluate_methods(vlm, processor, examples, names, ratios, batch_size)
             meta = run_meta(model, torch_device, attn, torch_dtype, seed=seed, examples=count)
             paths = write_accuracy_results(rows, out, meta)
-            sheet = out / "overlays.png"
-            paths["overlays"] = overlay_sheet(vlm, processor, examples, names, overlay_ratio, sheet)
+            sheet = overlay_sheet(vlm, processor, examples, names, overlay_ratio, out / "overlays.png")
+            if sheet is not None:
+                paths["overlays"] = sheet
     table = paths["table"].read_text()
     if readme is not None:
         readme.write_text(replace_between_markers(readme.read_text(), table, "shapes-eval"))

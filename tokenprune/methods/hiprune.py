@@ -81,6 +81,10 @@ def hiprune(
     - attention is recomputed in float32 from queries and keys (FlashAttention/SDPA give no weights).
     - exact budget: anchors and buffers beyond ``keep`` (the reference fails) keep the best at anchor_layer.
     - without a patch grid (an image size other than the encoder's) anchors get no buffers.
+    - LLaVA-NeXT/OneVision (the reference's LLaVA-NeXT code splits the budget evenly over the tiles, keeps
+      buffers in each tile's grid and drops the unpadding and the newline tokens): one budget over an
+      image's tokens that survive the unpadding, attention normalized within each tile, newline tokens
+      kept, no buffers (the packed tokens form no single grid; see :mod:`tokenprune.patches.anyres_vision`).
     """
     if not 0 <= alpha <= 1:
         raise ValueError(f"hiprune: alpha must be in [0, 1], got {alpha}")

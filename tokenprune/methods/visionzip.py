@@ -39,6 +39,11 @@ def visionzip(ctx: SelectionContext, keep: int, *, contextual: float = 10 / 64) 
     - A language model sees the tokens at the original positions of the places they take, with gaps
       where patches were merged away, not at consecutive positions.
     - Keeping every patch leaves no place for the CLS token, which the reference would add.
+    - LLaVA-NeXT/OneVision (the reference's LLaVA-NeXT code keeps fixed counts in every tile, drops the
+      unpadding and the newline tokens, and appends every tile's CLS and contextual tokens after the grid):
+      one budget over an image's tokens that survive the unpadding, newline tokens kept, the base tile's
+      CLS token only, contextual tokens merged from projected features in dropped tokens' places (see
+      :mod:`tokenprune.patches.anyres_vision`).
     """
     features = ctx.features
     num_images, num_patches, _ = features.shape
