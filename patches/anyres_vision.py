@@ -47,9 +47,9 @@ class AnyResVisionHooks:
         name = type(model).__name__
         if vision.spec.per_layer:
             raise ValueError(
-                f"{vision.method!r} merges patches inside each tile's encoder layers, which leaves the merged"
-                f" tokens no place in {name}'s tile grid (the model unpads it and packs it row by row, with "
-                "newline tokens): use hiprune or visionzip, which choose among the packed tokens"
+                f"{vision.method!r} merges or drops patches inside each tile's encoder layers, which leaves"
+                f" the tokens no place in {name}'s tile grid (the model unpads it and packs it row by row, "
+                "with newline tokens): use hiprune or visionzip, which choose among the packed tokens"
             )
         self.encoder = feature_layer_encoder(model.config, base.vision_tower, vision.method)
         self.encoder.plan(vision)

@@ -266,9 +266,7 @@ class EncoderPruningHooks:
         )
         with self._pruner.timed_selection():
             if "encoder_attention" in spec.needs:
-                ctx.encoder_attention = {
-                    i: self._received_attention(call, i)[:, self.protected :] for i in self._attention_layers
-                }
+                ctx.encoder_attention = self._patch_attention(call)
             if "keys" in spec.needs:
                 ctx.keys = self._patch_keys(call, self.output_layer)
             if self._takes_class_token(keep, num_patches):
@@ -286,7 +284,7 @@ class EncoderPruningHooks:
         ``keys``) and the output layer's CLS token ``[I, D]`` (``None`` unless it needs ``class_token`` and
         the encoder has one)."""
         call, self._call = self._call, None
-        attention = {i: self._received_attention(call, i) for i in self._attention_layers}
+        attention = self._patch_attention(call)
         keys = self._patch_keys(call, self.output_layer) if "keys" in self._config.spec.needs else None
         return attention, keys, call.class_token
 
@@ -309,6 +307,10 @@ class EncoderPruningHooks:
     def _patch_keys(self, call: _EncoderCall, layer: int) -> torch.Tensor:
         """Keys of the patch tokens at ``layer``, averaged over heads ``[I, N, d]``."""
         return self._heads(call.projections[layer][1]).mean(dim=1)[:, self.protected :]
+
+    def _patch_attention(self, call: _EncoderCall) -> dict[int, torch.Tensor]:
+        """Attention each patch receives at each layer the method names, ``{layer: [I, N]}``."""
+        return {i: self._received_attention(call, i)[:, self.protected :] for i in self._attention_layers}
 
     def _received_attention(
         self, call: _EncoderCall, layer: int, key_bias: torch.Tensor | None = None

@@ -153,11 +153,12 @@ def test_a_decoder_stage_keeping_more_than_the_vision_stage_is_refused(next_mode
         next_model(**tiny_inputs(next_model, (1,)))
 
 
-def test_tome_is_refused_before_any_work(next_model):
+@pytest.mark.parametrize("method", ["tome", "turbo", "saint"])
+def test_in_encoder_methods_are_refused_before_any_work(next_model, method):
     with pytest.raises(
-        ValueError, match="'tome' merges patches inside each tile's encoder layers.*use hiprune or visionzip"
+        ValueError, match=f"'{method}' merges or drops patches inside each tile's .*use hiprune or visionzip"
     ):
-        tp.apply_pruner(next_model, "tome", keep_ratio=0.5)
+        tp.apply_pruner(next_model, method, keep_ratio=0.5)
     assert not tokenprune_hooks(next_model)
 
 
