@@ -223,19 +223,29 @@ class _Runner:
 
 #: The variants an entry may add to its method, ``method+variant``, and the config options each sets.
 VARIANTS = {"drop_early_kv": {"drop_early_kv": True}, "renumbered": {"positions": "renumbered"}}
+#: The share of each image's tokens a composed entry's vision stage keeps (at least the entry's ratio):
+#: SAINT's hybrid default, 376 of LLaVA-1.5's 576 patches kept in the encoder (about a third dropped there).
+VISION_STAGE_KEEP = 376 / 576
 
 
 def bench_config(method: str, keep_ratio: float) -> tp.PrunerConfig:
     """The config a benchmark or accuracy entry names: a method, or ``method+variant`` (one or more of
-    :data:`VARIANTS`, e.g. ``fastv+drop_early_kv`` or ``fastv+renumbered``) for those options."""
+    :data:`VARIANTS`, e.g. ``fastv+drop_early_kv`` or ``fastv+renumbered``) for those options, or
+    ``method+vision_method`` (e.g. ``saint_llm+saint``, SAINT's hybrid) for a decoder method composed after a
+    vision stage keeping :data:`VISION_STAGE_KEEP` of each image, or ``keep_ratio`` where that is more."""
     name, *variants = method.split("+")
-    unknown = [variant for variant in variants if variant not in VARIANTS]
-    if unknown:
+    stages = {name: stage for name, (stage, _) in tp.list_methods().items()}
+    vision = [variant for variant in variants if stages.get(variant) == "vision"]
+    unknown = [variant for variant in variants if variant not in VARIANTS and variant not in vision]
+    if unknown or len(vision) > 1:
         raise ValueError(
             f"unknown benchmark variant {method!r}; the variants are "
             + ", ".join(f"'<method>+{variant}'" for variant in VARIANTS)
+            + " and '<decoder method>+<vision method>'"
         )
-    options = {key: value for variant in variants for key, value in VARIANTS[variant].items()}
+    options = {key: value for variant in variants for key, value in VARIANTS.get(variant, {}).items()}
+    if vision:
+        options["vision"] = tp.PrunerConfig(vision[0], keep_ratio=max(keep_ratio, VISION_STAGE_KEEP))
     return tp.PrunerConfig(name, keep_ratio=keep_ratio, **options)
 
 

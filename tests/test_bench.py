@@ -124,10 +124,16 @@ def test_unknown_bench_variant():
     assert bench_config("fastv+drop_early_kv", 0.5).drop_early_kv
     assert bench_config("fastv+renumbered", 0.5).positions == "renumbered"
     assert bench_config("fastv", 0.5).positions == "original"
+    hybrid = bench_config("saint_llm+saint", 0.25)
+    assert (hybrid.method, hybrid.keep_ratio, hybrid.vision.method) == ("saint_llm", 0.25, "saint")
+    assert hybrid.vision.keep_ratio == 376 / 576
+    assert bench_config("saint_llm+saint", 0.8).vision.keep_ratio == 0.8
     with pytest.raises(
         ValueError, match="the variants are '<method>\\+drop_early_kv', '<method>\\+renumbered'"
     ):
         bench_config("fastv+fast", 0.5)
+    with pytest.raises(ValueError, match="'<decoder method>\\+<vision method>'"):
+        bench_config("fastv+saint+tome", 0.5)
 
 
 def test_results_files(rows, tmp_path):

@@ -40,7 +40,10 @@ def bench(
         typer.Option("--model", "-m", help="A local checkpoint instead of --arch.", show_default=False),
     ] = None,
     methods: Annotated[
-        str, typer.Option(help="Comma-separated methods (or 'fastv+drop_early_kv'); default: all.")
+        str,
+        typer.Option(
+            help="Comma-separated methods (or 'fastv+drop_early_kv', 'saint_llm+saint'); default: all."
+        ),
     ] = "",
     keep_ratios: Annotated[str, typer.Option(help="Comma-separated keep ratios.")] = "0.25,0.111",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",

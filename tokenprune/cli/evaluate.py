@@ -41,7 +41,9 @@ def eval_(
     count: Annotated[int, typer.Option(min=6, help="Questions (an equal share of each kind).")] = 600,
     methods: Annotated[
         str,
-        typer.Option(help="Comma-separated methods (or 'fastv+renumbered'); default: all registered."),
+        typer.Option(
+            help="Comma-separated methods (or 'fastv+renumbered', 'saint_llm+saint'); default: all."
+        ),
     ] = "",
     keep_ratios: Annotated[str, typer.Option(help="Comma-separated keep ratios.")] = "0.5,0.25,0.11,0.05",
     batch_size: Annotated[int, typer.Option(min=1, help="Questions per generate call.")] = 32,
