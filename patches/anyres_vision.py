@@ -14,8 +14,9 @@ for ``visionzip``, merged) tokens reach it at their original positions, each row
 
 Deviations from a single-tile tower: the packed tokens form no single patch grid (``hiprune`` anchors get no
 buffers); attention is normalized within each tile; ``visionzip`` merges projected features (the packing
-follows the projector) and, where it takes the CLS token, takes the base tile's. ``tome`` merges inside each
-tile's encoder layers, which leaves its tokens no place in the tile grid that the packing unpads: refused.
+follows the projector) and, where it takes the CLS token, takes the base tile's. ``tome`` and ``turbo`` merge
+inside each tile's encoder layers, and ``saint`` drops there, which leaves their tokens no place in the tile
+grid that the packing unpads: refused.
 """
 
 from __future__ import annotations
