@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenprune.attention import query_logits
+from tokenprune.attention import query_attention
 from tokenprune.context import Merged, SelectionContext
 from tokenprune.kernels import gather_tokens
 from tokenprune.merge import constant_schedule, merge_schedule
@@ -321,10 +321,7 @@ class EncoderPruningHooks:
         query, keys = (self._heads(p) for p in call.projections[layer])
         if self.protected and self._config.spec.encoder_queries == "cls":
             query = query[:, :, :1]
-        logits = query_logits(query, keys, self.scale)  # [I, H, Q, n]
-        if key_bias is not None:
-            logits = logits + key_bias[:, None, None, :]
-        return logits.softmax(dim=-1).mean(dim=(1, 2))
+        return query_attention(query, keys, None, self.scale, key_bias)
 
     def _record(self, num_images: int, patches: int, kept: int) -> None:
         self._pruner.record_encoder([patches] * num_images, [kept] * num_images)

@@ -6,20 +6,29 @@ import torch
 
 
 def query_attention(
-    query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor, scaling: float
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scaling: float,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of a few query rows over all keys, averaged over heads and query rows.
 
     Args:
         query: ``[B, H, Q, d]`` query states (RoPE applied) of the rows of interest.
         keys: ``[B, H_kv, L, d]`` key states (RoPE applied); ``H`` must be a multiple of ``H_kv`` (GQA).
-        key_mask: ``[B, L]`` bool, the keys each query may attend to (causal and padding).
+        key_mask: ``[B, L]`` bool, the keys each query may attend to (causal and padding); ``None``: all.
         scaling: the layer's softmax scale (usually ``d ** -0.5``).
+        key_bias: ``[B, L]`` added to every query's logits (e.g. proportional attention's ``log(size)``).
 
     Returns:
         ``[B, L]`` float32 attention weights; masked keys get 0. Costs O(B * H * Q * L), never O(L^2).
     """
-    scores = query_logits(query, keys, scaling).masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    scores = query_logits(query, keys, scaling)
+    if key_bias is not None:
+        scores = scores + key_bias[:, None, None, :]
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     return scores.softmax(dim=-1).mean(dim=(1, 2))
 
 
