@@ -24,6 +24,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from tokenprune.kernels import gather_kv
 
+from . import _tensor_parallel as tensor_parallel
+
 _CACHE_NAMES = ("cache", "past_key_values")
 
 
@@ -340,13 +342,14 @@ def project_queries_keys(
 
     Returns:
         ``(query [B, H, Q, d] or None, keys [B, H_kv, L, d])`` (``Q = 1`` for ``[B]`` rows), RoPE applied
-        to both.
+        to both; every head, in the model's order, also on a tensor-parallel rank that computes only some.
     """
     attn = layer.self_attn
     head_dim = attn.head_dim
     normed = layer.input_layernorm(hidden)
     batch, length = hidden.shape[:2]
-    keys = _head_norm(attn, "k_norm", attn.k_proj(normed).view(batch, length, -1, head_dim)).transpose(1, 2)
+    keys = tensor_parallel.project(attn.k_proj, normed)  # every head, on a tensor-parallel rank too
+    keys = _head_norm(attn, "k_norm", keys.view(batch, length, -1, head_dim)).transpose(1, 2)
     cos, sin = (t.expand(batch, *t.shape[1:]) for t in position_embeddings)
     rotate = modeling_function(attn, "apply_rotary_pos_emb")
     if query_rows is None:
@@ -354,8 +357,8 @@ def project_queries_keys(
         return None, keys
     query_rows = query_rows.view(batch, -1)
     rows = torch.arange(batch, device=hidden.device)[:, None]
-    query = attn.q_proj(normed[rows, query_rows]).view(batch, query_rows.shape[1], -1, head_dim)
-    query = _head_norm(attn, "q_norm", query).transpose(1, 2)
+    query = tensor_parallel.project(attn.q_proj, normed[rows, query_rows])
+    query = _head_norm(attn, "q_norm", query.view(batch, query_rows.shape[1], -1, head_dim)).transpose(1, 2)
     # RoPE of the query rows uses those rows' cos/sin; keys use all rows.
     query, _ = rotate(query, query, cos[rows, query_rows], sin[rows, query_rows])
     _, keys = rotate(keys, keys, cos, sin)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +36,7 @@ from tokenprune.kernels.retrieval import attention_top_k
 from tokenprune.sequence import VisualLayout, image_groups, keep_masks
 
 from . import _internals as internals
+from . import _tensor_parallel as tensor_parallel
 from .decoder import LanguageModelHooks
 
 if TYPE_CHECKING:
@@ -97,8 +99,9 @@ class DecodeRetrievalHooks(LanguageModelHooks):
     def attach(self, pruner: Pruner, model: nn.Module) -> list[RemovableHandle]:
         """Register the hooks for ``pruner``, whose VLM is ``model``; returns their handles."""
         self._pruner = pruner
-        self._in_one_kernel = pruner.config.spec.attention_top_k
         lm = self.language_model
+        # the kernel selects by the heads it is given: on a tensor-parallel rank, its own (see _visible)
+        self._in_one_kernel = pruner.config.spec.attention_top_k and not tensor_parallel.is_sharded(lm)
         return [
             lm.register_forward_pre_hook(self._before_language_model, with_kwargs=True),
             lm.register_forward_hook(self._after_language_model, with_kwargs=True, always_call=True),
@@ -225,23 +228,28 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         lowest = torch.finfo(scores.dtype).min
         scores = scores.masked_fill(step.hidden(keys, kwargs.get("sliding_window")), lowest)
         with self._pruner.timed_selection():
-            visible = self._visible(step, key, scores[:, :, :, -1])
+            visible = self._visible(step, module, key, scores[:, :, :, -1])
         step.visible[module.layer_idx] = visible
         scores[..., : visible.shape[1]].masked_fill_(~visible[:, None, None, None], lowest)
         weights = scores.view(batch, heads, new, keys).softmax(dim=-1, dtype=torch.float32).to(query.dtype)
         output = torch.matmul(weights.view(batch, kv_heads, groups * new, keys), value)
         return output.view(batch, heads, new, head_dim).transpose(1, 2).contiguous(), weights
 
-    def _visible(self, step: _Step, key: torch.Tensor, last_scores: torch.Tensor) -> torch.Tensor:
+    def _visible(
+        self, step: _Step, module: nn.Module, key: torch.Tensor, last_scores: torch.Tensor
+    ) -> torch.Tensor:
         """``[B, L]`` bool over the prompt: the tokens one layer's last query may see (text, and the visual
         tokens the method keeps of each image), from that query's scores ``[B, H_kv, groups, C]`` over the
-        cache, its own entry included (masked where it may not attend)."""
+        cache, its own entry included (masked where it may not attend); ``key [B, H_kv, C', d]``. Both hold
+        the heads of ``module`` (the layer's attention) this rank computes: every head under tensor
+        parallelism, gathered, so that each rank selects as one process does."""
         pruner = self._pruner
+        all_heads = partial(tensor_parallel.gather_output, module.k_proj, dim=1, width=key.shape[-1])
         prompt = step.prompt
         length = prompt.visual.shape[1]
         # what the method ranks by: the query's attention row, averaged over heads
-        attention = last_scores.softmax(dim=-1, dtype=torch.float32).mean(dim=(1, 2))[:, :length]
-        keys = key[:, :, :length].mean(dim=1) if "keys" in pruner.config.spec.needs else None
+        attention = all_heads(last_scores).softmax(dim=-1, dtype=torch.float32).mean(dim=(1, 2))[:, :length]
+        keys = all_heads(key[:, :, :length]).mean(dim=1) if "keys" in pruner.config.spec.needs else None
         selections = []
         for layout, keep in zip(prompt.layouts, prompt.keeps, strict=True):
             # the kv stage has no hidden states of the prompt: features are its keys, or nothing

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from tokenprune.patches import adapter_for
+from tokenprune.patches._tensor_parallel import check_tensor_parallel
 
 from .config import PrunerConfig
 from .pruner import Pruner, attached_pruner
@@ -46,8 +47,9 @@ def apply_pruner(
     Returns:
         The :class:`Pruner`; ``pruner.stats`` describes the last prefill.
 
-    Every check (method, ratio or budget, layer, model family, an existing pruner) runs before the model
-    is touched, and raises ``ValueError``/``TypeError``/``RuntimeError`` naming the fix.
+    Every check (method, ratio or budget, layer, model family, an existing pruner, a tensor-parallel
+    sharding the method cannot score exactly under) runs before the model is touched, and raises
+    ``ValueError``/``TypeError``/``RuntimeError`` naming the fix.
     """
     if isinstance(method, PrunerConfig):
         extra = (keep_ratio, budget, layer, schedule)
@@ -70,6 +72,7 @@ def apply_pruner(
     if attached_pruner(model) is not None:
         raise RuntimeError("this model already has a pruner; call tokenprune.remove_pruner(model) first")
     adapter = adapter_for(model)
+    check_tensor_parallel(model, config.vision_stage is not None, config.spec.decode)
     stages = adapter.stages(config)  # a layer outside the model or a budget larger than an image raises
     return Pruner(model, config, adapter, stages)
 
