@@ -41,6 +41,8 @@ FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next", "llava_
 ANYRES_FAMILIES = ("llava_next", "llava_onevision")
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 ENCODER_FAMILIES = ("clip", "siglip", "vit", "vit-classifier")
+#: The families with a tiny processor (:func:`tiny_processor`).
+PROCESSOR_FAMILIES = ("llava", "llava_next")
 PAD_TOKEN_ID = 0
 IMAGE_TOKEN_ID = 3
 VOCAB_SIZE = 256
@@ -524,8 +526,8 @@ def tiny_processor(family: str = "llava"):
     :data:`LLAVA_NEXT_PINPOINTS`, as many placeholders as the image's size gives. Returns the processor;
     ``ValueError`` for a family without one here.
     """
-    if family not in ("llava", "llava_next"):
-        raise ValueError(f"no tiny processor for {family!r}; there are for: llava, llava_next")
+    if family not in PROCESSOR_FAMILIES:
+        raise ValueError(f"no tiny processor for {family!r}; there are for: {', '.join(PROCESSOR_FAMILIES)}")
     if family == "llava_next":
         from transformers import LlavaNextProcessor
 
@@ -569,15 +571,17 @@ def processor_for(config: LlavaConfig, tokenizer=None):
 def save_tiny_checkpoint(path: str | os.PathLike, family: str = "llava", seed: int = 0) -> pathlib.Path:
     """Write a complete local checkpoint of the tiny ``family`` model to the directory ``path``.
 
-    The directory holds the weights and config of ``tiny_model(family, seed=seed)``, a word-level tokenizer
-    and the processor (:func:`tiny_processor`), so that ``AutoProcessor.from_pretrained(path)`` and
-    ``LlavaForConditionalGeneration.from_pretrained(path)`` load it offline, like any real checkpoint.
-    Returns the directory as a :class:`pathlib.Path`.
+    The directory holds the weights and config of ``tiny_model(family, seed=seed)`` and, for a family of
+    :data:`PROCESSOR_FAMILIES`, a word-level tokenizer and the processor (:func:`tiny_processor`), so that
+    ``AutoProcessor.from_pretrained(path)`` and ``AutoModelForImageTextToText.from_pretrained(path)`` load
+    it offline, like any real checkpoint (the model alone for the other families, whose inputs
+    :func:`tiny_inputs` builds). Returns the directory as a :class:`pathlib.Path`.
     """
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tiny_model(family, seed=seed).save_pretrained(path)
-    tiny_processor(family).save_pretrained(path)
+    if family in PROCESSOR_FAMILIES:
+        tiny_processor(family).save_pretrained(path)
     return path
 
 
