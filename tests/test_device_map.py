@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import tokenprune as tp
-from tokenprune.testing import FAMILIES, save_tiny_checkpoint
+from tokenprune.testing import FAMILIES, save_tiny_checkpoint, tiny_model
 
 
 def alternating_offload(model: nn.Module) -> dict[str, str]:
@@ -84,3 +84,12 @@ def test_offloaded_model_prunes_as_in_memory(family, tmp_path, one_thread):
             assert len(got["decode_masks"]) == len(reference["decode_masks"]), what
             for step, masks in zip(got["decode_masks"], reference["decode_masks"], strict=True):
                 assert all(torch.equal(step[k], m) for k, m in masks.items()), what
+
+
+def test_a_device_map_over_several_devices_is_refused():
+    model = tiny_model("llava")
+    model.hf_device_map = {"model": "cuda:0", "lm_head": "cuda:1"}  # as accelerate records it
+    with pytest.raises(ValueError, match=r"several devices \(cuda:0, cuda:1\)"):
+        tp.apply_pruner(model, "fastv", keep_ratio=0.25)
+    model.hf_device_map = {"model.vision_tower": "cpu", "model.language_model": "disk", "lm_head": "cuda:0"}
+    tp.apply_pruner(model, "fastv", keep_ratio=0.25).remove()  # one device, the rest offloaded

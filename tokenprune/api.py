@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from tokenprune.patches import adapter_for
+from tokenprune.patches._device_map import check_device_map
 from tokenprune.patches._tensor_parallel import check_tensor_parallel
 
 from .config import PrunerConfig
@@ -48,7 +49,8 @@ def apply_pruner(
         The :class:`Pruner`; ``pruner.stats`` describes the last prefill.
 
     Every check (method, ratio or budget, layer, model family, an existing pruner, a tensor-parallel
-    sharding the method cannot score exactly under) runs before the model is touched, and raises
+    sharding the method cannot score exactly under, a device_map over several devices) runs before the
+    model is touched, and raises
     ``ValueError``/``TypeError``/``RuntimeError`` naming the fix.
     """
     if isinstance(method, PrunerConfig):
@@ -73,6 +75,7 @@ def apply_pruner(
         raise RuntimeError("this model already has a pruner; call tokenprune.remove_pruner(model) first")
     adapter = adapter_for(model)
     check_tensor_parallel(model, config.vision_stage is not None, config.spec.decode)
+    check_device_map(model)
     stages = adapter.stages(config)  # a layer outside the model or a budget larger than an image raises
     return Pruner(model, config, adapter, stages)
 
