@@ -31,6 +31,7 @@ except ImportError:  # a torch built without distributed support: no model is sh
 
 
 def _is_dtensor(value: object) -> bool:
+    """Whether ``value`` is a DTensor (a parameter of a sharded module is one)."""
     return DTensor is not None and isinstance(value, DTensor)
 
 
@@ -53,9 +54,11 @@ def gather_output(projection: nn.Module, local: torch.Tensor, dim: int = -1, wid
     it is not, or ``local`` already has every feature (a projection whose output the plan gathers),
     ``local`` itself is returned. Every rank of the mesh must call this at the same point (a collective).
     """
+    if _output_shards(projection) == 1:
+        return local
     full = projection.out_features // width
     dim = dim % local.dim()
-    if local.shape[dim] == full or _output_shards(projection) == 1:
+    if local.shape[dim] == full:
         return local
     weight = projection.weight
     placements = [Shard(dim) if p == Shard(0) else Replicate() for p in weight.placements]
