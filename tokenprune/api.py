@@ -50,8 +50,7 @@ def apply_pruner(
 
     Every check (method, ratio or budget, layer, model family, an existing pruner, a tensor-parallel
     sharding the method cannot score exactly under, a device_map over several devices) runs before the
-    model is touched, and raises
-    ``ValueError``/``TypeError``/``RuntimeError`` naming the fix.
+    model is touched, and raises ``ValueError``/``TypeError``/``RuntimeError`` naming the fix.
     """
     if isinstance(method, PrunerConfig):
         extra = (keep_ratio, budget, layer, schedule)
