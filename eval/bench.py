@@ -25,7 +25,7 @@ from transformers import AutoModelForImageTextToText, PreTrainedModel
 
 import tokenprune as tp
 from tokenprune.compile import compiled_decoding
-from tokenprune.patches._internals import cache_nbytes, output_cache
+from tokenprune.patches._cache_internals import cache_nbytes, output_cache
 from tokenprune.testing import QWEN_FAMILIES, tiny_inputs
 
 #: The (rows, columns) of patches of each image in a Qwen-VL benchmark: 256 tokens once merged 2x2.

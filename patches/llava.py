@@ -124,7 +124,7 @@ class LlavaAdapter:
     def _place_patches(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """After the projector: the kept patches in their placeholders' places and zeros in the others',
         so that the prompt's placeholder count still matches; the decoder drops the zero placeholders
-        before the language model (see ``DecoderPruningHooks._kept_by_vision_stage``)."""
+        before the language model (see :func:`tokenprune.patches.decoder.stages.kept_by_vision_stage`)."""
         index, self._kept_patches = self._kept_patches, None
         if index is None:
             return output

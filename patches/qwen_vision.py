@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from tokenprune.attention import query_logits
 from tokenprune.context import Merged, SelectionContext
 from tokenprune.kernels import gather_tokens
 
@@ -273,8 +274,8 @@ class QwenVisionHooks:
         rows = (segments[:-1, None] + slot[None]).clamp(
             max=query.shape[0] - 1
         )  # [S, longest] patch of each slot
-        q, k = query[rows].float(), key[rows].float()  # [S, longest, H, d]
-        scores = torch.einsum("sqhd,skhd->shqk", q, k) * self.scale
+        q, k = query[rows].transpose(1, 2), key[rows].transpose(1, 2)  # [S, H, longest, d]
+        scores = query_logits(q, k, self.scale)  # [S, H, longest, longest]
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         weights = scores.softmax(dim=-1) * valid[:, None, :, None]  # padding queries give nothing
         received = weights.sum(dim=2).mean(dim=1)  # [S, longest]

@@ -35,6 +35,7 @@ from tokenprune.kernels import use_triton
 from tokenprune.kernels.retrieval import attention_top_k
 from tokenprune.sequence import VisualLayout, image_groups, keep_masks
 
+from . import _cache_internals as caches
 from . import _internals as internals
 from . import _tensor_parallel as tensor_parallel
 from .decoder import LanguageModelHooks
@@ -116,10 +117,10 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         original = internals.mask_for_generate_function(model)
 
         def create_masks_for_generate(**kwargs):  # generate passes every argument by keyword
-            cache = internals.cache_argument(kwargs)
+            cache = caches.cache_argument(kwargs)
             mask = kwargs.get("attention_mask")
-            if isinstance(internals.cache_record(cache), _Prompt):
-                capacity = internals.cache_capacity(cache, 0)  # a static cache: one shape for every step
+            if isinstance(caches.cache_record(cache), _Prompt):
+                capacity = caches.cache_capacity(cache, 0)  # a static cache: one shape for every step
                 if mask is None or capacity is None:
                     return mask
                 return torch.nn.functional.pad(mask, (0, capacity - mask.shape[1]))
@@ -133,21 +134,21 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         visual, self.pending_visual = self.pending_visual, None
         image_id, self.pending_image_id = self.pending_image_id, None
         self._new_prompt = self._step = None
-        cache = internals.cache_argument(kwargs)
+        cache = caches.cache_argument(kwargs)
         has_images = visual is not None and bool(visual.any())
-        prompt = internals.cache_record(cache)
+        prompt = caches.cache_record(cache)
         if isinstance(prompt, _Prompt):
             if has_images:
                 raise ValueError("cannot add images to a cache whose decode steps select visual tokens")
             new = kwargs["inputs_embeds"].shape[1]
-            rows = internals.cache_fill(cache, 0) + torch.arange(new, device=prompt.visual.device)
+            rows = caches.cache_fill(cache, 0) + torch.arange(new, device=prompt.visual.device)
             self._step = _Step(prompt, self._step_mask(kwargs, cache, prompt), rows)
             return
         if not has_images:
             if not torch.compiler.is_compiling():
                 self._pruner.record_text_only(kwargs["inputs_embeds"].shape[0])
             return
-        if internals.cache_length(cache, 0) > 0:
+        if caches.cache_length(cache, 0) > 0:
             raise ValueError("images must be in the first forward of a cache (no chunked prefill)")
         layouts = image_groups(self.image_ids(visual) if image_id is None else image_id)
         # each image's count from its own size (a budget larger than an image raises here, before any work)
@@ -165,15 +166,15 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         every slot of a static cache (as :meth:`masks_for_generate` pads it)."""
         batch, new = kwargs["inputs_embeds"].shape[:2]
         mask = kwargs.get("attention_mask")
-        capacity = internals.cache_capacity(cache, 0)
+        capacity = caches.cache_capacity(cache, 0)
         if mask is None:
-            return prompt.visual.new_ones(batch, capacity or internals.cache_length(cache, 0) + new)
+            return prompt.visual.new_ones(batch, capacity or caches.cache_length(cache, 0) + new)
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             raise ValueError("decode steps need a 2-D attention mask over the cached and new tokens, or none")
         checked = torch.compiler.is_compiling() or mask.shape[1] == capacity  # no reading a static length
-        if not checked and mask.shape[1] != internals.cache_length(cache, 0) + new:
+        if not checked and mask.shape[1] != caches.cache_length(cache, 0) + new:
             raise ValueError(
-                f"decode steps need a 2-D attention mask over the {internals.cache_length(cache, 0)} cached "
+                f"decode steps need a 2-D attention mask over the {caches.cache_length(cache, 0)} cached "
                 f"and {new} new tokens (or none), not over {mask.shape[1]}"
             )
         return mask.bool()
@@ -182,9 +183,9 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         prompt, self._new_prompt = self._new_prompt, None
         step, self._step = self._step, None
         if prompt is not None:
-            cache = internals.output_cache(output)
+            cache = caches.output_cache(output)
             if cache is not None:
-                internals.mark_pruned_cache(cache, prompt, [0] * self.num_layers)
+                caches.mark_pruned_cache(cache, prompt, [0] * self.num_layers)
         if step is not None and step.visible and not torch.compiler.is_compiling():  # a list grows: a guard
             self._pruner.record_decode_step(step.visible)
 

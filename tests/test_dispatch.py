@@ -13,7 +13,7 @@ from triton.runtime import interpreter
 
 import tokenprune as tp
 from tokenprune.eval.bench import CountOps
-from tokenprune.patches._internals import output_cache
+from tokenprune.patches._cache_internals import output_cache
 from tokenprune.testing import tiny_inputs, tiny_model
 
 PREFILL_METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage != "kv")

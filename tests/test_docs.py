@@ -91,3 +91,30 @@ def test_the_shapes_table_lives_between_its_markers_in_the_performance_page():
     assert page.count("<!-- shapes-eval:start -->") == 1 and page.count("<!-- shapes-eval:end -->") == 1
     assert "--page docs/performance.md" in page
     assert "shapes-eval:start" not in (ROOT / "README.md").read_text()
+
+
+def architecture_rows() -> list[tuple[list[str], list[str]]]:
+    """Each table row and bullet of docs/architecture.md: the repository paths it names (inline code with a
+    slash) and the names it gives in parentheses after them (``(`name`)``)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    rows = []
+    for line in text.splitlines():
+        paths = re.findall(r"`((?:tokenprune|patches|tests|eval|docs)/[\w/<>.-]*)`", line)
+        names = re.findall(r"\(`(\w+)`\)", line)
+        if paths:
+            rows.append((paths, names))
+    return rows
+
+
+def test_architecture_names_files_that_exist():
+    rows = architecture_rows()
+    assert len(rows) > 20
+    missing = []
+    for paths, names in rows:
+        files = [ROOT / path for path in paths if "<" not in path]
+        missing += [path for path, file in zip(paths, files, strict=False) if not file.exists()]
+        sources = "".join(file.read_text() for file in files if file.is_file())
+        missing += [
+            name for name in names if not re.search(rf"^\s*(def|class) {name}\b|^{name} = ", sources, re.M)
+        ]
+    assert missing == []

@@ -6,7 +6,7 @@ from helpers import cache_kwarg, tokenprune_hooks
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tokenprune as tp
-from tokenprune.patches._internals import output_cache
+from tokenprune.patches._cache_internals import output_cache
 from tokenprune.testing import tiny_inputs
 
 

@@ -9,7 +9,7 @@ import tokenprune as tp
 from tokenprune.attention import query_attention
 from tokenprune.patches import _internals as internals
 from tokenprune.patches import adapter_for
-from tokenprune.patches._internals import output_cache
+from tokenprune.patches._cache_internals import output_cache
 from tokenprune.testing import tiny_inputs, tiny_model
 
 

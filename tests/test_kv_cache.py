@@ -5,7 +5,7 @@ import torch
 from helpers import ATOL, assert_generate_matches_reference, greedy_with_logits
 
 import tokenprune as tp
-from tokenprune.patches._internals import output_cache
+from tokenprune.patches._cache_internals import output_cache
 from tokenprune.testing import tiny_inputs
 
 LLM_METHODS = ["dart", "fastv"]

@@ -6,7 +6,7 @@ from helpers import ATOL, cache_kwarg, extend, masked_reference
 from transformers import LlavaForConditionalGeneration
 
 import tokenprune as tp
-from tokenprune.patches._internals import output_cache
+from tokenprune.patches._cache_internals import output_cache
 from tokenprune.testing import save_tiny_checkpoint, tiny_config, tiny_inputs, tiny_model, tokens_per_image
 
 

@@ -39,6 +39,14 @@ def test_wheel_contains_mapped_packages(tmp_path):
         "tokenprune/assets/shapes-vlm/tokenizer.json",
     ):
         assert required in names, f"{required} missing from the wheel"
+    # every module of the three mapped folders, subpackages included (each must be listed in pyproject)
+    sources = {"tokenprune": "tokenprune", "patches": "tokenprune/patches", "eval": "tokenprune/eval"}
+    modules = {
+        f"{package}/{path.relative_to(ROOT / folder).as_posix()}"
+        for folder, package in sources.items()
+        for path in (ROOT / folder).rglob("*.py")
+    }
+    assert sorted(modules - names) == []
 
 
 def test_editable_install_maps_the_same_packages():

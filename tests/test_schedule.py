@@ -12,7 +12,7 @@ from helpers import (
 )
 
 import tokenprune as tp
-from tokenprune.patches._internals import output_cache
+from tokenprune.patches._cache_internals import output_cache
 from tokenprune.testing import tiny_inputs
 
 METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage in ("pre_llm", "llm"))

@@ -1,0 +1,244 @@
+"""The hooks that attach one pruner to a decoder-only language model and hand each call to the stage loop.
+
+Per-instance forward hooks only:
+
+* on the language model (pre): tells prefill from decode. At a prefill with images it reads the call's
+  layout (:class:`~.layout.Call`); at a decode step on a pruned cache it rewrites the 2-D mask and the
+  position ids (:func:`~.session.decode_inputs`), so the next token keeps its original position and
+  attends only to kept tokens.
+* on each pruning layer K (pre): at prefill, prunes (:meth:`~.stages.Stages.prune`); at a decode step,
+  hands it the mask (and positions) of the rows its cache holds (:func:`~.session.step_layer_inputs`).
+* on the other layers after the first K (pre): hands them the pruned mask, positions and rotary tables.
+* on the layer before each K (pre), the sub-layers, the rotary embedding: capture what the method needs.
+* on the language model (post): leaves on the returned cache how it was pruned, for the decode steps.
+* on the generation head: the loss over the rows that came back (:mod:`.labels`).
+
+Layers before the first K see every token and keep their full cache (unless ``drop_early_kv``); layers
+from K on see only the kept tokens. K = 0 is the ``pre_llm`` stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from tokenprune.sequence import image_ids_by_count, image_ids_by_runs
+from tokenprune.transition import sublayer_transition
+
+from .. import _cache_internals as caches
+from .. import _internals as internals
+from .labels import LabelHooks
+from .layout import Call
+from .needs import SCORING_INPUT_NEEDS
+from .session import decode_inputs, masks_for_generate, record_session, session_of, step_layer_inputs
+from .stages import Stages
+
+if TYPE_CHECKING:
+    from tokenprune.pruner import Pruner
+
+
+class LanguageModelHooks:
+    """What every set of hooks on a decoder-only language model holds: the model, its layers, the image
+    token layout, and the image placeholders of the next forward (``pending_visual [B, L]``, set by the
+    family adapter)."""
+
+    def __init__(self, language_model: nn.Module, tokens_per_image: int, grid: tuple[int, int] | None):
+        internals.check_decoder_internals(language_model)
+        self.language_model = language_model
+        self.layers = internals.decoder_layers(language_model)
+        self.tokens_per_image = tokens_per_image
+        self.grid = grid
+        self.pending_visual: torch.Tensor | None = None
+        self.pending_image_id: torch.Tensor | None = None  # [B, L] set by adapters that number images
+        # families whose image size varies: each image is one run of placeholders, and the patch grid
+        # of an image of a given token count, where known (set per forward by the family adapter)
+        self.images_by_runs = False
+        self.grids: dict[int, tuple[int, int]] = {}
+        self._pruner: Pruner | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def image_ids(self, visual: torch.Tensor) -> torch.Tensor:
+        """The number of each placeholder's image ``[B, L]`` (-1 off images)."""
+        if self.images_by_runs:
+            return image_ids_by_runs(visual)
+        return image_ids_by_count(visual, self.tokens_per_image)
+
+    def grid_for(self, tokens: int) -> tuple[int, int] | None:
+        """The patch grid of an image of ``tokens`` tokens, if known."""
+        return self.grids.get(tokens) if self.images_by_runs else self.grid
+
+    def masks_for_generate(self, model: nn.Module) -> Callable:
+        """The ``create_masks_for_generate`` that ``model``'s ``generate`` uses while these hooks are attached
+        (see :meth:`generation_overrides`)."""
+        raise NotImplementedError
+
+    def generation_overrides(self, model: nn.Module) -> list[internals.InstanceOverride]:
+        """Shadow ``create_masks_for_generate`` on ``model`` (a model that generates) with
+        :meth:`masks_for_generate`: with a static cache ``generate`` builds the layers' masks itself, ahead of
+        each forward, and those of a pruned cache must follow the pruned layout."""
+        if not hasattr(model, "prepare_inputs_for_generation"):
+            return []
+        masks = self.masks_for_generate(model)
+        return [internals.InstanceOverride(model, "create_masks_for_generate", masks)]
+
+
+class DecoderPruningHooks(LanguageModelHooks):
+    """Installs and removes the hooks of one prefill pruner on one decoder-only language model."""
+
+    def __init__(
+        self, model: nn.Module, language_model: nn.Module, tokens_per_image: int, grid: tuple[int, int] | None
+    ):
+        """Hooks for the language model of the VLM ``model`` (whose generation head, if it has one, computes
+        the loss of labels: read here, so that a head whose loss moved fails before any hook is placed)."""
+        super().__init__(language_model, tokens_per_image, grid)
+        self._labels = LabelHooks.of(model)
+        self._call: Call | None = None
+        self._stages: Stages | None = None
+
+    def attach(self, pruner: Pruner, model: nn.Module) -> list[RemovableHandle]:
+        """Register the hooks for ``pruner``, whose VLM is ``model``; returns their handles."""
+        self._pruner = pruner
+        self._stages = stages = Stages(pruner, self)
+        stage_layers = stages.layers
+        lm = self.language_model
+        handles = [
+            lm.register_forward_pre_hook(self._before_language_model, with_kwargs=True),
+            lm.register_forward_hook(self._after_language_model, with_kwargs=True, always_call=True),
+            *self.generation_overrides(model),
+            *(self._labels.attach(model) if self._labels is not None else []),
+        ]
+        if stages.renumbered:
+            rotary = internals.rotary_embedding(lm)
+            handles.append(rotary.register_forward_pre_hook(self._capture_positions, with_kwargs=True))
+        for i, layer in enumerate(self.layers[stage_layers[0] :], start=stage_layers[0]):
+            hook = (
+                partial(self._at_stage_layer, stage_layers.index(i))
+                if i in stage_layers
+                else self._after_stage
+            )
+            handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        if "transition" in stages.needs:  # from the layer before the first stage to the one before the last
+            handles += [
+                sublayer.register_forward_hook(self._track_transition, with_kwargs=True)
+                for layer in self.layers[stage_layers[0] - 1 : stage_layers[-1]]
+                for sublayer in internals.sublayers(layer)
+            ]
+        if SCORING_INPUT_NEEDS & set(stages.needs):
+            # registered last, so that each sees its layer's input after any pruning at that layer
+            handles += [
+                self.layers[k - 1].register_forward_pre_hook(self._capture_scoring_input, with_kwargs=True)
+                for k in stage_layers
+                if k > 0
+            ]
+        return handles
+
+    def prompt_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """During a prefill with images: the prompt position of each current row ``[B, L_cur]`` and
+        whether the row holds a prompt token (not re-padding); ``None`` otherwise."""
+        call = self._call
+        if call is None or call.visual is None:
+            return None
+        return call.origin, call.real
+
+    def masks_for_generate(self, model: nn.Module) -> Callable:
+        return masks_for_generate(model, self.language_model)
+
+    # -- language model -------------------------------------------------------------------------
+
+    def _before_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        visual, self.pending_visual = self.pending_visual, None
+        image_id, self.pending_image_id = self.pending_image_id, None
+        self._call = None
+        cache = caches.cache_argument(kwargs)
+        # ``visual`` is None in a call without images, so that a decode step (compiled, perhaps) reads no data
+        has_images = visual is not None and bool(visual.any())
+        session = session_of(cache)
+        if session is not None:
+            if has_images:
+                raise ValueError(
+                    "cannot add images to a cache whose visual tokens were pruned; start a new cache"
+                )
+            renumbered_first = self._stages.layers[0] == 0
+            kwargs, self._call = decode_inputs(kwargs, cache, session, renumbered_first)
+            return args, kwargs
+        if not has_images:
+            if not torch.compiler.is_compiling():
+                self._pruner.record_text_only(kwargs["inputs_embeds"].shape[0])
+            return args, kwargs
+        if caches.cache_length(cache, 0) > 0:
+            raise ValueError(
+                "images must be in the first forward of a cache to be pruned (no chunked prefill "
+                "or continuation of an unpruned cache)"
+            )
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            raise ValueError(
+                "pruning a prompt needs its 2-D attention mask [batch, tokens] (or none), not "
+                f"{'a mask per layer type' if isinstance(mask, dict) else f'a {mask.dim()}-D mask'}: pass "
+                "the padding mask the processor returns; the pruner builds each layer's mask itself"
+            )
+        if self._pruner.config.vision_stage is None:  # else the vision tower began this prefill
+            self._pruner.begin_prefill()
+        packed = mask is None and cache is None  # as the model's mask code, which then reads the positions
+        image_id = self.image_ids(visual) if image_id is None else image_id
+        self._call = Call.prefill(visual, image_id, mask, packed)
+        if self._labels is not None:
+            self._labels.check(self._call, lambda: self._stages.drops_tokens(self._call.image_sizes))
+        return args, kwargs
+
+    def _after_language_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.visual is not None and self._labels is not None:
+            self._labels.returned(call)
+        if call is None or not call.new_stages:
+            return
+        record_session(call, output, self._pruner.config.drop_early_kv, self.num_layers)
+
+    # -- decoder layers -------------------------------------------------------------------------
+
+    def _capture_positions(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._call is not None:
+            self._call.rotary_positions = internals.rotary_position_ids(args, kwargs)
+
+    def _capture_scoring_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._call is not None and self._call.visual is not None:
+            self._call.scoring_input = internals.layer_hidden_states(args, kwargs)
+
+    def _track_transition(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Add a sub-layer's transition of every token to the sum the prefill carries across stages."""
+        call = self._call
+        if call is None or call.visual is None:
+            return
+        inputs, outputs = internals.sublayer_input_output(args, kwargs, output)
+        change = sublayer_transition(inputs, outputs, call.attention_mask.bool())
+        call.transition = change if call.transition is None else call.transition + change
+
+    def _after_stage(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self._call is None or not self._call.layer_kwargs:
+            return None
+        return args, {**kwargs, **self._call.layer_kwargs}
+
+    def _at_stage_layer(
+        self, stage: int, module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict] | None:
+        call = self._call
+        if call is None:
+            return None
+        kwargs = {**kwargs, **call.layer_kwargs}  # the previous stage's layout, if any
+        hidden = internals.layer_hidden_states(args, kwargs)
+        if call.session is None:
+            return self._stages.prune(call, stage, hidden, args, kwargs, caches.cache_argument(kwargs))
+        layer = self._stages.layers[stage]
+        update = step_layer_inputs(call, stage, layer, self.language_model, hidden, kwargs)
+        if not update:
+            return None
+        call.layer_kwargs = {**call.layer_kwargs, **update}
+        return args, {**kwargs, **call.layer_kwargs}
