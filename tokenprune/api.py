@@ -41,13 +41,14 @@ def apply_pruner(
         media: in a family that takes videos, prune ``"images"``, ``"videos"`` or ``"both"``.
         positions: ``"original"`` keeps the kept tokens' positions, ``"renumbered"`` closes the gaps the
             dropped ones leave (see :class:`PrunerConfig`).
-        **options: method-specific options (see the method's docstring).
+        **options: method-specific options, checked against the method's declaration (type and range;
+            ``docs/methods.md`` lists them).
 
     Returns:
         The :class:`Pruner`; ``pruner.stats`` describes the last prefill.
 
-    Every check (method, ratio or budget, layer, model family, an existing pruner) runs before the model
-    is touched, and raises ``ValueError``/``TypeError``/``RuntimeError`` naming the fix.
+    Every check (method, its options, ratio or budget, layer, model family, an existing pruner) runs before
+    the model is touched, and raises ``ValueError``/``TypeError``/``RuntimeError`` naming the fix.
     """
     if isinstance(method, PrunerConfig):
         extra = (keep_ratio, budget, layer, schedule)

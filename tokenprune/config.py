@@ -22,7 +22,8 @@ class PrunerConfig:
         budget: visual tokens kept per image, >= 1.
         layer: decoder layer at which the method acts; 0 is before the language model. ``None`` takes the
             method's default (2 for ``fastv`` and ``dart``, 0 for the others).
-        options: method-specific options (keyword-only parameters of the method function).
+        options: method-specific options (keyword-only parameters of the method function), checked here
+            against the method's declaration (type and range; see ``docs/methods.md``).
         schedule: prune at several layers instead of one, as ``((layer, keep_ratio), ...)`` with layers
             increasing and ratios (of each image's original tokens) not increasing, e.g.
             ``((2, 0.5), (8, 0.25), (16, 0.125))``; each stage selects among the tokens still kept.
@@ -68,6 +69,7 @@ class PrunerConfig:
             raise ValueError(
                 f"positions must be one of {POSITIONS} (of the tokens after pruning), got {self.positions!r}"
             )
+        spec.check_options(self.options)  # a bad option fails here, not inside a forward
         merges_by_r = spec.per_layer and self.options.get("r") is not None
         if spec.vision and (self.schedule is not None or self.layer is not None or self.drop_early_kv):
             raise ValueError(
@@ -88,9 +90,6 @@ class PrunerConfig:
         if self.schedule is not None:
             self._check_schedule()
         elif merges_by_r:
-            r = self.options["r"]
-            if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-                raise ValueError(f"r (tokens merged per encoder layer) must be an int >= 0, got {r!r}")
             if self.keep_ratio is not None or self.budget is not None:
                 raise ValueError("give r (tokens merged per layer) or keep_ratio/budget, not both")
         elif (self.keep_ratio is None) == (self.budget is None):
@@ -118,12 +117,6 @@ class PrunerConfig:
             )
         if not isinstance(self.drop_early_kv, bool):
             raise TypeError(f"drop_early_kv must be a bool, got {self.drop_early_kv!r}")
-        unknown = set(self.options) - set(spec.options)
-        if unknown:
-            known = ", ".join(sorted(spec.options)) or "none"
-            raise ValueError(
-                f"unknown option(s) {sorted(unknown)} for method {self.method!r}; its options: {known}"
-            )
         if self.vision is not None:
             self._check_vision()
 
