@@ -9,6 +9,7 @@ before the language model, the ``pre_llm`` stage; K > 0 means at decoder layer K
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import types
@@ -231,6 +232,14 @@ class MethodSpec:
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
+def _registry() -> dict[str, MethodSpec]:
+    """The registered methods, the built-in ones imported (registering themselves) on the first call, so
+    that a lookup finds them whichever module of tokenprune was imported first, and a user's method that
+    takes a built-in name is refused when it is registered."""
+    importlib.import_module("tokenprune.methods")  # a no-op once imported, or while they register
+    return _REGISTRY
+
+
 def stage_for_layer(layer: int) -> str:
     """``pre_llm`` when a method acts on the language model's input embeddings, else ``llm``."""
     return "pre_llm" if layer == 0 else "llm"
@@ -276,7 +285,7 @@ def register_method(
         raise ValueError('attention_top_k is for stage="kv" methods that need "attention"')
 
     def decorator(fn: MethodFn) -> MethodFn:
-        if name in _REGISTRY:
+        if name in _registry():
             raise ValueError(f"method {name!r} is already registered")
         options = _declared_options(name, fn, ranges or {})
         description = (inspect.getdoc(fn) or name).splitlines()[0]
@@ -307,18 +316,18 @@ def get_method(name: str) -> MethodSpec:
             f"method must be a registered name (str) or a PrunerConfig, got {type(name).__name__}"
         )
     try:
-        return _REGISTRY[name]
+        return _registry()[name]
     except KeyError:
         raise ValueError(
-            f"unknown method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}"
+            f"unknown method {name!r}; registered methods: {', '.join(sorted(_registry()))}"
         ) from None
 
 
 def vision_methods() -> list[str]:
     """Names of the registered ``vision`` methods, sorted: what error messages offer where only they apply."""
-    return sorted(name for name, spec in _REGISTRY.items() if spec.vision)
+    return sorted(name for name, spec in _registry().items() if spec.vision)
 
 
 def list_methods() -> dict[str, tuple[str, str]]:
     """Mapping of method name to ``(stage, one-line description)``, sorted by name."""
-    return {name: (spec.stage, spec.description) for name, spec in sorted(_REGISTRY.items())}
+    return {name: (spec.stage, spec.description) for name, spec in sorted(_registry().items())}

@@ -11,7 +11,6 @@ from rich.console import Console
 
 import tokenprune
 
-from ..config import PrunerConfig
 from .common import (
     CliError,
     DeviceOption,
@@ -111,6 +110,7 @@ def bench_encoder(
     ] = (pathlib.Path("bench-encoder-results")),
 ) -> None:
     """Images/s of an image encoder with vision-stage methods against the unpruned encoder."""
+    from ..config import PrunerConfig
     from ..eval.archs import ENCODER_ARCHS
     from ..eval.encoder_bench import (
         build_encoder,

@@ -11,12 +11,14 @@ import contextlib
 import pathlib
 import tempfile
 from collections.abc import Iterator
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+if TYPE_CHECKING:
+    import torch
 
 #: ``--model`` value that builds the tiny random checkpoint of :mod:`tokenprune.testing` and loads it.
 TINY = "tiny"
@@ -72,6 +74,8 @@ def quiet_transformers() -> Iterator[None]:
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """The torch device and dtype of ``--device`` and ``--dtype`` ('auto': cuda and bfloat16 when a GPU is
     there, else cpu and float32); a device or dtype that cannot be used here is a :class:`CliError`."""
+    import torch
+
     with user_errors(RuntimeError, ValueError):
         resolved = torch.device(
             "cuda"
@@ -150,6 +154,9 @@ def ints(text: str) -> list[int]:
 
 def run_meta(arch: str, device: torch.device, attn: str, dtype: torch.dtype, **settings: object) -> dict:
     """What a benchmark's results file says about its run: model, machine, settings and versions."""
+    import torch
+    import transformers
+
     from ..eval.bench import machine_description
 
     return {
@@ -159,5 +166,5 @@ def run_meta(arch: str, device: torch.device, attn: str, dtype: torch.dtype, **s
         "dtype": str(dtype).removeprefix("torch."),
         **settings,
         "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
+        "transformers": transformers.__version__,
     }

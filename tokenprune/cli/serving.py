@@ -7,13 +7,11 @@ import contextlib
 import pathlib
 from typing import Annotated
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import PrunerConfig
 from .common import (
     TINY,
     CliError,
@@ -30,6 +28,8 @@ from .common import (
 
 def _default_config(method: str, keep_ratio: float | None, budget: int | None, layer: int | None):
     """The server's pruner config (``None`` for ``--method none``); keep ratio 0.25 unless told."""
+    from ..config import PrunerConfig
+
     if method == "none":
         return None
     if keep_ratio is None and budget is None:
@@ -188,6 +188,8 @@ def bench_serve(
 ) -> None:
     """Load-test a live server on 127.0.0.1 with and without pruning, then fuzz it with bad requests."""
     import json
+
+    import torch
 
     from ..eval.serve_load import run_serve_benchmark
     from ..serve import Limits, build_engine
