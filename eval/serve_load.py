@@ -246,7 +246,9 @@ class FuzzResult:
 def run_fuzz(
     url: str, model: str, limits, count: int = 200, seed: int = 0, api_key: str | None = None
 ) -> FuzzResult:
-    """Send :func:`malformed_requests` concurrently; count the 4xx answers in the OpenAI error shape."""
+    """Send :func:`malformed_requests` concurrently; count the 4xx answers in the OpenAI error shape whose
+    message holds no Python object repr (the others are listed in ``other``)."""
+    from tokenprune.serve.protocol import PYTHON_REPR
 
     async def main() -> list[httpx.Response | Exception]:
         async with httpx.AsyncClient(timeout=120) as client:
@@ -265,7 +267,10 @@ def run_fuzz(
             error = response.json().get("error", {})
         except ValueError:
             error = {}
-        if 400 <= response.status_code < 500 and {"message", "type", "param", "code"} <= set(error):
+        shaped = 400 <= response.status_code < 500 and {"message", "type", "param", "code"} <= set(error)
+        if shaped and PYTHON_REPR.search(str(error["message"])):
+            other.append(f"{response.status_code} with a Python repr: {error['message'][:200]}")
+        elif shaped:
             good += 1
             unauthorized += response.status_code == 401
         else:

@@ -137,3 +137,14 @@ def test_save_overlay_darkens_dropped_patches(tmp_path):
 def test_save_overlay_rejects_wrong_mask(tmp_path):
     with pytest.raises(ValueError, match="20 flags"):
         save_overlay(Image.new("RGB", (8, 8)), torch.ones(19, dtype=torch.bool), (4, 5), tmp_path / "o.png")
+
+
+def test_every_command_that_loads_a_model_defaults_to_the_same_one():
+    from typer.main import get_command
+
+    commands = get_command(app).commands
+    defaults = {
+        name: next(p.default for p in commands[name].params if p.name == "model")
+        for name in ("run", "eval", "serve")
+    }
+    assert set(defaults.values()) == {"shapes"}, defaults

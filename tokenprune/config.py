@@ -161,6 +161,32 @@ class PrunerConfig:
                 f"schedule keep ratios must not increase from one stage to the next, got {ratios}"
             )
 
+    def describe(self) -> str:
+        """This config in words, for a banner or a log line (a repr is for debugging): e.g. ``"dart: 25% of
+        each image's visual tokens kept from decoder layer 2 (pivots=4)"``."""
+        if self.schedule is not None:
+            stages = ", then ".join(f"{_percent(ratio)} from layer {layer}" for layer, ratio in self.schedule)
+            text = f"{self.method}: {stages} of each image's visual tokens kept"
+        elif self.spec.per_layer and self.options.get("r") is not None:
+            text = f"{self.method}: {self.options['r']} tokens merged before each encoder layer"
+        else:
+            where = {
+                "vision": "kept inside the image encoder",
+                "kv": "attended to at each decode step",
+                "pre_llm": "kept before the language model",
+                "llm": f"kept from decoder layer {self.acting_layer}",
+            }[self.stage]
+            if self.budget is not None:
+                text = f"{self.method}: {self.budget} visual tokens per image {where}"
+            else:
+                text = f"{self.method}: {_percent(self.keep_ratio)} of each image's visual tokens {where}"
+        extras = [f"{name}={value!r}" for name, value in self.options.items() if name != "r"]
+        extras += ["KV of early layers dropped"] if self.drop_early_kv else []
+        extras += ["positions renumbered"] if self.positions != "original" else []
+        extras += [f"{self.media} only"] if self.media != "both" else []
+        text += f" ({', '.join(extras)})" if extras else ""
+        return f"{self.vision.describe()}; then {text}" if self.vision is not None else text
+
     def stages(self, num_tokens: int) -> list[tuple[int, int]]:
         """``(layer, visual tokens kept per image)`` of each pruning stage, for images of ``num_tokens``."""
         if self.schedule is None:
@@ -203,3 +229,8 @@ class PrunerConfig:
                 )
             return self.budget
         return max(1, round(self.keep_ratio * num_tokens))
+
+
+def _percent(ratio: float) -> str:
+    """``ratio`` as a percentage of three significant digits at most: ``0.111`` is ``"11.1%"``."""
+    return f"{ratio * 100:.3g}%"
