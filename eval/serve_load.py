@@ -279,6 +279,21 @@ def run_fuzz(
     return FuzzResult(count, good, unauthorized, other, healthy)
 
 
+def load_markdown_table(load: list[dict]) -> str:
+    """The load runs (:class:`LoadResult` as dicts) as a Markdown table, one row per pruning setting."""
+    lines = [
+        "| pruning | failed | req/s | tok/s | p50 s | p95 s | visual in/kept | RSS growth MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['label']} | {r['failures']} | {r['requests_per_s']:.2f} | "
+        f"{r['completion_tokens_per_s']:.1f} | {r['latency_p50_s']:.2f} | {r['latency_p95_s']:.2f} | "
+        f"{r['visual_tokens_before']}/{r['visual_tokens_after']} | {r['peak_rss_growth_mib']:.0f} |"
+        for r in load
+    ]
+    return "\n".join(lines)
+
+
 def _label(config) -> str:
     amount = f"keep_ratio={config.keep_ratio}" if config.budget is None else f"budget={config.budget}"
     return f"{config.method} {amount}"

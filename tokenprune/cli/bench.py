@@ -15,11 +15,13 @@ from .common import (
     CliError,
     DeviceOption,
     DtypeOption,
+    MarkdownOption,
     checkpoint_path,
     exit_on_user_error,
     floats,
     ints,
     load_model,
+    print_report,
     quiet_transformers,
     resolve_device,
     run_meta,
@@ -57,6 +59,7 @@ def bench(
     out: Annotated[pathlib.Path, typer.Option(help="Folder for results.json, results.csv, speedup.png.")] = (
         pathlib.Path("bench-results")
     ),
+    markdown: MarkdownOption = False,
 ) -> None:
     """Time prefill, decode and end-to-end of pruned runs against the unpruned model and the ideal."""
     from ..eval.archs import ARCHS
@@ -86,7 +89,7 @@ def bench(
     settings = {"repeats": repeats, "new_tokens": new_tokens, "compile": compile}
     meta = run_meta(model or arch, torch_device, attn, torch_dtype, **settings)
     paths = write_results(rows, out, meta)
-    console.print(markdown_table(rows), highlight=False)
+    print_report(console, markdown_table(rows), markdown)
     console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
 
 
@@ -108,6 +111,7 @@ def bench_encoder(
     out: Annotated[
         pathlib.Path, typer.Option(help="Folder for results.json, results.csv, throughput.png.")
     ] = (pathlib.Path("bench-encoder-results")),
+    markdown: MarkdownOption = False,
 ) -> None:
     """Images/s of an image encoder with vision-stage methods against the unpruned encoder."""
     from ..config import PrunerConfig
@@ -135,5 +139,5 @@ def bench_encoder(
             rows = run_encoder_benchmark(encoder, rs, ratios, batch_size, repeats=repeats)
     meta = run_meta(arch, torch_device, attn, torch_dtype, batch_size=batch_size, repeats=repeats)
     paths = write_encoder_results(rows, out, meta)
-    console.print(encoder_markdown_table(rows), highlight=False)
+    print_report(console, encoder_markdown_table(rows), markdown)
     console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)

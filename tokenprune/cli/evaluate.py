@@ -18,10 +18,12 @@ from .common import (
     CliError,
     DeviceOption,
     DtypeOption,
+    MarkdownOption,
     exit_on_user_error,
     floats,
     load_model,
     local_checkpoint,
+    print_report,
     quiet_transformers,
     resolve_device,
     run_meta,
@@ -63,6 +65,7 @@ def eval_(
             "markers.",
         ),
     ] = None,
+    markdown: MarkdownOption = False,
 ) -> None:
     """Accuracy of every method at every keep ratio on the shapes suite, with retention and prefill time."""
     from ..eval import suite
@@ -105,7 +108,7 @@ def eval_(
     if readme is not None:
         readme.write_text(replace_between_markers(readme.read_text(), table, "shapes-eval"))
         paths["readme"] = readme
-    console.print(table, highlight=False)
+    print_report(console, table, markdown)
     console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
 
 

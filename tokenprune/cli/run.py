@@ -14,11 +14,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 import tokenprune
 
-from .common import SHAPES, TINY, exit_on_user_error
+from .common import SHAPES, TINY, MarkdownOption, exit_on_user_error, print_report
 
 #: The question of the bundled example image (``assets/example.png``: example 4 of the shapes suite's seed 7).
 DEFAULT_PROMPT = "which cell holds the blue object ?"
@@ -29,15 +28,12 @@ def example_image_path() -> contextlib.AbstractContextManager[pathlib.Path]:
     return importlib.resources.as_file(importlib.resources.files("tokenprune") / "assets" / "example.png")
 
 
-def methods() -> None:
+def methods(markdown: MarkdownOption = False) -> None:
     """List the registered pruning methods with their default stage."""
-    table = Table(title="tokenprune methods")
-    table.add_column("name", style="bold cyan", no_wrap=True)
-    table.add_column("stage", style="magenta", no_wrap=True)
-    table.add_column("description")
+    lines = ["| name | stage | description |", "|---|---|---|"]
     for name, (stage, description) in sorted(tokenprune.list_methods().items()):
-        table.add_row(name, stage, description)
-    Console().print(table)
+        lines.append(f"| {name} | {stage} | {description.replace('``', '')} |")  # docstrings' code spans
+    print_report(Console(), "\n".join(lines), markdown)
 
 
 def run(

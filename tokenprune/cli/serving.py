@@ -19,8 +19,10 @@ from .common import (
     CliError,
     DeviceOption,
     DtypeOption,
+    MarkdownOption,
     exit_on_user_error,
     local_checkpoint,
+    print_report,
     quiet_transformers,
     resolve_device,
     run_meta,
@@ -94,12 +96,13 @@ def serve(
         ),
     ] = None,
     allow_remote_images: Annotated[
-        bool, typer.Option(help="Accept http(s) image URLs of public addresses.")
+        bool, typer.Option("--allow-remote-images", help="Accept http(s) image URLs of public addresses.")
     ] = False,
     allow_private_image_urls: Annotated[
         bool,
         typer.Option(
-            help="With --allow-remote-images: also fetch from loopback, private, link-local addresses."
+            "--allow-private-image-urls",
+            help="With --allow-remote-images: also fetch from loopback, private, link-local addresses.",
         ),
     ] = False,
     allowed_local_media_path: Annotated[
@@ -229,13 +232,14 @@ def bench_serve(
     out: Annotated[pathlib.Path, typer.Option(help="Folder for results.json.")] = pathlib.Path(
         "bench-serve-results"
     ),
+    markdown: MarkdownOption = False,
 ) -> None:
     """Load-test a live server on 127.0.0.1 with and without pruning, then fuzz it with bad requests."""
     import json
 
     import torch
 
-    from ..eval.serve_load import run_serve_benchmark
+    from ..eval.serve_load import load_markdown_table, run_serve_benchmark
     from ..serve import Limits, build_engine
 
     console = Console()
@@ -254,30 +258,8 @@ def bench_serve(
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = Table(title=f"{clients} clients x {rounds} requests, {name}")
-    for column in (
-        "pruning",
-        "failed",
-        "req/s",
-        "tok/s",
-        "p50 s",
-        "p95 s",
-        "visual in/kept",
-        "RSS growth MiB",
-    ):
-        table.add_column(column)
-    for row in results["load"]:
-        table.add_row(
-            escape(row["label"]),
-            str(row["failures"]),
-            f"{row['requests_per_s']:.2f}",
-            f"{row['completion_tokens_per_s']:.1f}",
-            f"{row['latency_p50_s']:.2f}",
-            f"{row['latency_p95_s']:.2f}",
-            f"{row['visual_tokens_before']}/{row['visual_tokens_after']}",
-            f"{row['peak_rss_growth_mib']:.0f}",
-        )
-    console.print(table)
+    title = f"{clients} clients x {rounds} requests, {name}"
+    print_report(console, f"{title}\n\n{load_markdown_table(results['load'])}", markdown)
     fuzzed = results["fuzz"]
     console.print(
         f"fuzz: {fuzzed['four_xx_json_errors']}/{fuzzed['requests']} answered 4xx JSON errors; "
