@@ -224,3 +224,34 @@ def test_every_command_that_loads_a_model_defaults_to_the_same_one():
         for name in ("run", "eval", "serve")
     }
     assert set(defaults.values()) == {"shapes"}, defaults
+
+
+def test_run_writes_its_overlay_under_the_results_folder_that_git_ignores(tmp_path, monkeypatch):
+    import pathlib
+    import subprocess
+
+    from tokenprune.cli.common import RESULTS
+
+    monkeypatch.chdir(tmp_path)
+    args = ["run", "--model", "tiny", "--method", "uniform", "--budget", "8", "--max-new-tokens", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*")] == [RESULTS, RESULTS / "overlay.png"]
+    assert "uniform: 8 visual tokens per image kept before the language model" in plain(result.output)
+    root = pathlib.Path(__file__).resolve().parent.parent
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(RESULTS / "overlay.png")], cwd=root)
+    assert ignored.returncode == 0
+
+
+def test_every_output_default_is_under_the_results_folder():
+    from typer.main import get_command
+
+    from tokenprune.cli.common import RESULTS
+
+    outputs = {
+        (name, param.name): param.default
+        for name, command in get_command(app).commands.items()
+        for param in command.params
+        if param.name in ("out", "overlay")
+    }
+    assert len(outputs) == 5 and all(RESULTS in path.parents for path in outputs.values()), outputs

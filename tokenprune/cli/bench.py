@@ -12,6 +12,7 @@ from rich.console import Console
 import tokenprune
 
 from .common import (
+    RESULTS,
     CliError,
     DeviceOption,
     DtypeOption,
@@ -57,7 +58,7 @@ def bench(
         bool, typer.Option("--compile", help="Also time decoding with a static cache and a compiled step.")
     ] = False,
     out: Annotated[pathlib.Path, typer.Option(help="Folder for results.json, results.csv, speedup.png.")] = (
-        pathlib.Path("bench-results")
+        RESULTS / "bench"
     ),
     markdown: MarkdownOption = False,
 ) -> None:
@@ -110,7 +111,7 @@ def bench_encoder(
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs per measurement (median).")] = 3,
     out: Annotated[
         pathlib.Path, typer.Option(help="Folder for results.json, results.csv, throughput.png.")
-    ] = (pathlib.Path("bench-encoder-results")),
+    ] = RESULTS / "bench-encoder",
     markdown: MarkdownOption = False,
 ) -> None:
     """Images/s of an image encoder with vision-stage methods against the unpruned encoder."""

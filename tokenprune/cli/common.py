@@ -24,6 +24,8 @@ from rich.text import Text
 if TYPE_CHECKING:
     import torch
 
+#: Where a command writes its outputs unless told otherwise, each in its own subfolder; git ignores it.
+RESULTS = pathlib.Path("tokenprune-results")
 #: ``--model`` value that builds the tiny random checkpoint of :mod:`tokenprune.testing` and loads it.
 TINY = "tiny"
 #: ``--model`` value of the trained shapes VLM shipped with the package (:mod:`tokenprune.eval.shapes_model`).

@@ -99,7 +99,7 @@ def demo(
             stats = pruner.stats
             grid = pruner.adapter.image_grid()
             per_image = pruner.adapter.tokens_per_image
-            description = repr(pruner)
+            description = pruner.config.describe()  # words, not a repr
 
     _report(
         console,

@@ -17,7 +17,7 @@ from rich.console import Console
 
 import tokenprune
 
-from .common import SHAPES, TINY, MarkdownOption, exit_on_user_error, print_report
+from .common import RESULTS, SHAPES, TINY, MarkdownOption, exit_on_user_error, print_report
 
 #: The question of the bundled example image (``assets/example.png``: example 4 of the shapes suite's seed 7).
 DEFAULT_PROMPT = "which cell holds the blue object ?"
@@ -97,7 +97,7 @@ def run(
         typer.Option(
             help="Where to save the picture of the kept tokens (PNG).",
         ),
-    ] = pathlib.Path("tokenprune_overlay.png"),
+    ] = RESULTS / "overlay.png",
     seed: Annotated[int, typer.Option(help="Seed of the tiny model's weights and of random methods.")] = 0,
     device: Annotated[
         str,

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .common import (
+    RESULTS,
     SHAPES,
     TINY,
     CliError,
@@ -229,9 +230,7 @@ def bench_serve(
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per request.")] = 8,
     max_batch: Annotated[int, typer.Option(min=1, help="The server's --max-batch.")] = 16,
     fuzz: Annotated[int, typer.Option(min=0, help="Malformed requests sent after the load.")] = 200,
-    out: Annotated[pathlib.Path, typer.Option(help="Folder for results.json.")] = pathlib.Path(
-        "bench-serve-results"
-    ),
+    out: Annotated[pathlib.Path, typer.Option(help="Folder for results.json.")] = RESULTS / "bench-serve",
     markdown: MarkdownOption = False,
 ) -> None:
     """Load-test a live server on 127.0.0.1 with and without pruning, then fuzz it with bad requests."""
