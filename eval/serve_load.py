@@ -246,7 +246,9 @@ class FuzzResult:
 def run_fuzz(
     url: str, model: str, limits, count: int = 200, seed: int = 0, api_key: str | None = None
 ) -> FuzzResult:
-    """Send :func:`malformed_requests` concurrently; count the 4xx answers in the OpenAI error shape."""
+    """Send :func:`malformed_requests` concurrently; count the 4xx answers in the OpenAI error shape whose
+    message holds no Python object repr (the others are listed in ``other``)."""
+    from tokenprune.serve.protocol import PYTHON_REPR
 
     async def main() -> list[httpx.Response | Exception]:
         async with httpx.AsyncClient(timeout=120) as client:
@@ -265,13 +267,31 @@ def run_fuzz(
             error = response.json().get("error", {})
         except ValueError:
             error = {}
-        if 400 <= response.status_code < 500 and {"message", "type", "param", "code"} <= set(error):
+        shaped = 400 <= response.status_code < 500 and {"message", "type", "param", "code"} <= set(error)
+        if shaped and PYTHON_REPR.search(str(error["message"])):
+            other.append(f"{response.status_code} with a Python repr: {error['message'][:200]}")
+        elif shaped:
             good += 1
             unauthorized += response.status_code == 401
         else:
             other.append(f"{response.status_code}: {response.text[:200]}")
     healthy = httpx.get(f"{url}/health", timeout=30).json() == {"status": "ok"}
     return FuzzResult(count, good, unauthorized, other, healthy)
+
+
+def load_markdown_table(load: list[dict]) -> str:
+    """The load runs (:class:`LoadResult` as dicts) as a Markdown table, one row per pruning setting."""
+    lines = [
+        "| pruning | failed | req/s | tok/s | p50 s | p95 s | visual in/kept | RSS growth MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['label']} | {r['failures']} | {r['requests_per_s']:.2f} | "
+        f"{r['completion_tokens_per_s']:.1f} | {r['latency_p50_s']:.2f} | {r['latency_p95_s']:.2f} | "
+        f"{r['visual_tokens_before']}/{r['visual_tokens_after']} | {r['peak_rss_growth_mib']:.0f} |"
+        for r in load
+    ]
+    return "\n".join(lines)
 
 
 def _label(config) -> str:

@@ -60,7 +60,16 @@ def test_markers_are_replaced_and_missing_markers_are_an_error():
         replace_between_markers("no markers here", "x", "shapes-eval")
 
 
-def test_eval_command_scores_methods_and_updates_the_page(tmp_path):
+def test_eval_command_scores_methods_and_updates_the_page(tmp_path, monkeypatch):
+    from tokenprune.eval import accuracy
+
+    labels = []  # the overlay sheet's row labels
+    save_sheet = accuracy._save_sheet
+    monkeypatch.setattr(
+        accuracy,
+        "_save_sheet",
+        lambda rows, path: labels.extend(r[0] for r in rows) or save_sheet(rows, path),
+    )
     readme = tmp_path / "performance.md"
     readme.write_text("# x\n<!-- shapes-eval:start -->\nstale\n<!-- shapes-eval:end -->\n")
     args = ["eval", "--count", "12", "--methods", "dart,dart+renumbered,tome", "--keep-ratios", "0.5,0.05"]
@@ -89,6 +98,7 @@ def test_eval_command_scores_methods_and_updates_the_page(tmp_path):
     assert "| dart+renumbered | llm |" in text
     for name in ("results.csv", "pareto.png", "overlays.png", "table.md"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+    assert labels == ["dart 5%", "dart+renumbered 5%"]  # the asked ratio closest to 11% (tome cannot)
 
 
 @pytest.mark.parametrize("flag", ["--page", "--readme"])  # --readme: the flag's name before docs/

@@ -261,6 +261,6 @@ def test_bench_encoder_command(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "throughput.png").exists()
     bad = CliRunner().invoke(app, ["bench-encoder", "--r", "-1", "--out", str(tmp_path)])
-    assert bad.exit_code == 2 and "r (tokens merged per encoder layer)" in bad.output
+    assert bad.exit_code == 2 and "tome option r must be an int >= 0" in bad.output
     unknown = CliRunner().invoke(app, ["bench-encoder", "--arch", "vit-h", "--out", str(tmp_path)])
     assert unknown.exit_code == 2 and "unknown --arch 'vit-h'" in unknown.output

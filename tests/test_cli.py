@@ -36,6 +36,82 @@ def test_methods_lists_every_registered_method():
     assert result.exit_code == 0, result.output
     for name, (stage, _) in tp.list_methods().items():
         assert re.search(rf"\b{name}\b.*\b{stage}\b", result.output), (name, result.output)
+    assert "``" not in result.output  # the docstrings' reStructuredText code spans
+    assert "| feather | llm | Keep a grid of every stride-th row" in result.output  # piped: Markdown
+
+
+COMMANDS = ["", "methods", "run", "bench", "eval", "lmms-task", "bench-encoder", "serve", "bench-serve"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_fits_80_columns_and_names_every_option_in_full(command):
+    result = runner.invoke(app, [command, "--help"] if command else ["--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80, result.output
+    assert "…" not in result.output and "<bool>" not in result.output
+    if command == "":  # each command's short help, in full
+        from typer.main import get_command
+
+        for name, cmd in get_command(app).commands.items():
+            assert re.search(rf"^  {name} +{re.escape(cmd.short_help)}$", result.output, re.MULTILINE)
+    if command == "serve":
+        for name in ("--served-model-name", "--allowed-local-media-path", "--allow-private-image-urls"):
+            assert name in result.output
+
+
+def test_no_command_prints_the_help():
+    result = runner.invoke(app, [])
+    assert result.exit_code == 0 and "Usage: tokenprune [OPTIONS] COMMAND" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["run", "--keep-ratio", "abc"], "'--keep-ratio'"),
+        (["run", "--nope"], "--nope"),
+        (["bench", "--repeats", "0"], "'--repeats'"),
+        (["lmms-task"], "'directory'"),
+        (["nope"], "'nope'"),
+    ],
+)
+def test_a_command_line_error_is_one_line_like_every_other_error(args, named):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: ") and named in line and "--help'" in line
+
+
+MARKDOWN = """Unpruned: **85.0%** of the answers.
+
+| batch | method | layer | kept | prefill ms | speedup | ideal | of ideal | selection % | launches \
+| decode tok/s | KV MiB |
+|---|---|---|---|---|---|---|---|---|---|---|---|
+| 1 | fastv+drop_early_kv | 2 | 16 | 1234.5 | 1.52x | 1.80x | 0.84 | 3.1 | 45 | 125.3 | **1.2** |"""
+
+
+def test_a_report_is_markdown_when_asked_or_piped_and_rich_tables_within_80_columns_on_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from tokenprune.cli.common import print_report
+
+    def printed(markdown: bool, terminal: bool) -> str:
+        out = io.StringIO()
+        print_report(
+            Console(file=out, force_terminal=terminal, width=80, color_system=None), MARKDOWN, markdown
+        )
+        return out.getvalue()
+
+    assert printed(markdown=True, terminal=True) == printed(markdown=False, terminal=False) == MARKDOWN + "\n"
+    drawn = printed(markdown=False, terminal=True)
+    assert max(len(line) for line in drawn.splitlines()) <= 80 and "|" not in drawn and "**" not in drawn
+    assert "Unpruned: 85.0% of the answers." in drawn
+    rows = [line.split() for line in drawn.splitlines() if line.startswith("1 ")]
+    assert len(rows) == 2  # two tables, each with the key columns
+    assert all(row[:2] == ["1", "fastv+drop_early_kv"] for row in rows)
+    cells = ["2", "16", "1234.5", "1.52x", "1.80x", "0.84", "3.1", "45", "125.3", "1.2"]
+    assert rows[0][2:] + rows[1][2:] == cells  # no cell cut
 
 
 def test_run_tiny_writes_overlay(tmp_path):
@@ -137,3 +213,45 @@ def test_save_overlay_darkens_dropped_patches(tmp_path):
 def test_save_overlay_rejects_wrong_mask(tmp_path):
     with pytest.raises(ValueError, match="20 flags"):
         save_overlay(Image.new("RGB", (8, 8)), torch.ones(19, dtype=torch.bool), (4, 5), tmp_path / "o.png")
+
+
+def test_every_command_that_loads_a_model_defaults_to_the_same_one():
+    from typer.main import get_command
+
+    commands = get_command(app).commands
+    defaults = {
+        name: next(p.default for p in commands[name].params if p.name == "model")
+        for name in ("run", "eval", "serve")
+    }
+    assert set(defaults.values()) == {"shapes"}, defaults
+
+
+def test_run_writes_its_overlay_under_the_results_folder_that_git_ignores(tmp_path, monkeypatch):
+    import pathlib
+    import subprocess
+
+    from tokenprune.cli.common import RESULTS
+
+    monkeypatch.chdir(tmp_path)
+    args = ["run", "--model", "tiny", "--method", "uniform", "--budget", "8", "--max-new-tokens", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*")] == [RESULTS, RESULTS / "overlay.png"]
+    assert "uniform: 8 visual tokens per image kept before the language model" in plain(result.output)
+    root = pathlib.Path(__file__).resolve().parent.parent
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(RESULTS / "overlay.png")], cwd=root)
+    assert ignored.returncode == 0
+
+
+def test_every_output_default_is_under_the_results_folder():
+    from typer.main import get_command
+
+    from tokenprune.cli.common import RESULTS
+
+    outputs = {
+        (name, param.name): param.default
+        for name, command in get_command(app).commands.items()
+        for param in command.params
+        if param.name in ("out", "overlay")
+    }
+    assert len(outputs) == 5 and all(RESULTS in path.parents for path in outputs.values()), outputs

@@ -118,3 +118,19 @@ def test_architecture_names_files_that_exist():
             name for name in names if not re.search(rf"^\s*(def|class) {name}\b|^{name} = ", sources, re.M)
         ]
     assert missing == []
+
+
+def test_the_methods_page_lists_every_option_as_declared():
+    """Each declared option of each registered method has its row in docs/methods.md's options table, with
+    its default and what it accepts as the check words it; no row names an option that is not declared."""
+    import tokenprune as tp
+    from tokenprune.registry import get_method
+
+    text = (ROOT / "docs" / "methods.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| `(\w+)` \| `([^`]*)` \| ([^|]+?) \|", text, re.MULTILINE)
+    expected = {
+        (name, option.name, repr(option.default), option.accepts())
+        for name in tp.list_methods()
+        for option in get_method(name).declared
+    }
+    assert set(rows) == expected

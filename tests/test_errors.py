@@ -39,6 +39,8 @@ def assert_untouched(model):
         ),
         ({"method": "fastv", "keep_ratio": 0.5, "layer": -1}, ValueError, "layer must be >= 0"),
         ({"method": "random", "keep_ratio": 0.5, "sed": 3}, ValueError, "unknown option.*'sed'.*seed"),
+        ({"method": "dart", "keep_ratio": 0.25, "pivots": "x"}, TypeError, "dart option pivots must be"),
+        ({"method": "idpruner", "keep_ratio": 0.25, "lam": 2.0}, ValueError, r"lam must be .* in \[0, 1\]"),
         ({"method": 3, "keep_ratio": 0.5}, TypeError, "registered name"),
     ],
 )

@@ -168,10 +168,3 @@ def test_hiprune_on_an_encoder_keeps_what_the_reference_keeps(budget):
         found = (pruned[i, 1:, None] == patches[i, None]).all(dim=-1).nonzero()
         assert found[:, 0].tolist() == list(range(budget))  # each kept row is exactly one patch
         assert set(found[:, 1].tolist()) == expected[i]
-
-
-@pytest.mark.parametrize("alpha", [-0.1, 1.5])
-def test_hiprune_rejects_an_alpha_outside_0_1(alpha):
-    anchor = torch.rand(1, 64).softmax(dim=-1)
-    with pytest.raises(ValueError, match="alpha must be in"):
-        select(anchor, anchor, 16, (8, 8), alpha=alpha)

@@ -163,18 +163,6 @@ def test_llava_tower_layers_after_the_drop_run_on_the_kept_tokens():
     assert pruner.stats.kept_tokens == [16, 32]  # per prompt: one image, then two
 
 
-def test_bad_divisor_is_a_clear_error():
-    ctx = SelectionContext(
-        features=torch.randn(1, 17, 8),
-        grid=None,
-        image_index=torch.zeros(1, dtype=torch.long),
-        keys=torch.randn(1, 17, 8),
-        protected=1,
-    )
-    with pytest.raises(ValueError, match="divisor must be an int >= 1, got 0"):
-        get_method("saint").select(ctx, 9, {"divisor": 0})
-
-
 @pytest.mark.parametrize("threshold", [0.5, 0.7])
 def test_language_model_drop_through_the_hooks_matches_the_reference_on_the_cached_keys(threshold):
     """On a tiny LLaVA at layer 2: the reference's rule on layer 1's cached keys (heads averaged, as it

@@ -8,8 +8,10 @@ import dataclasses
 import io
 import ipaddress
 import json
+import logging
 import os
 import pathlib
+import re
 import socket
 import threading
 import time
@@ -207,6 +209,7 @@ def test_bad_requests_get_openai_errors(server, body, status, code):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["code"] == code
+    assert " object at 0x" not in error["message"], error["message"]  # no Python repr in an API error
 
 
 def test_malformed_and_oversized_bodies(server):
@@ -427,7 +430,7 @@ def invoke_serve(*args: str, env: dict | None = None):
 
     from tokenprune.cli import app
 
-    return CliRunner().invoke(app, ["serve", "--device", "cpu", *args], env=env)
+    return CliRunner().invoke(app, ["serve", "--device", "cpu", "--model", MODEL, *args], env=env)
 
 
 def test_serve_warns_when_exposed_without_a_key(started):
@@ -457,6 +460,45 @@ def test_serve_on_loopback_does_not_warn(started):
     result = invoke_serve("--host", "127.0.0.1")
     assert result.exit_code == 0, result.output
     assert "warning:" not in result.output and len(started) == 1
+
+
+def test_serve_starts_with_a_readable_banner(started):
+    result = invoke_serve("--keep-ratio", "0.111", "--port", "8123")
+    assert result.exit_code == 0, result.output
+    text = plain(result.output)
+    assert "tokenprune serve http://127.0.0.1:8123/v1" in text and "model tiny" in text
+    assert "pruning dart: 11.1% of each image's visual tokens kept from decoder layer 2" in text
+    assert "runs on cpu, float32, sdpa attention" in text
+    assert "PrunerConfig(" not in result.output
+
+
+def test_a_python_repr_never_reaches_a_client():
+    from tokenprune.serve.protocol import RequestError, without_reprs
+
+    assert without_reprs("cannot identify image file <_io.BytesIO object at 0x7ff712ab>") == (
+        "cannot identify image file BytesIO"
+    )
+    assert str(RequestError("bad <foo.Bar object at 0xDEAD> here")) == "bad Bar here"
+
+
+def test_the_server_logs_start_stop_and_one_line_per_request(engine, caplog):
+    from starlette.testclient import TestClient
+
+    caplog.set_level(logging.INFO, logger="tokenprune.serve")
+    body = {"model": MODEL, "messages": user("q", image_url()), "max_tokens": 2}
+    with TestClient(create_app(engine, window_s=0.0)) as client:
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streamed:
+            assert streamed.status_code == 200 and "[DONE]" in "".join(streamed.iter_text())
+        assert client.get("/health").status_code == 200
+        assert client.post("/v1/chat/completions", json={**body, "model": "gpt-9"}).status_code == 404
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("tokenprune.serve")]
+    assert lines[0] == f"started: serving tiny, {engine.default.describe()}"
+    assert lines[-1] == "stopped: 4 requests answered"
+    took = r"\d+\.\d{3} s"
+    expected = [rf"POST /v1/chat/completions 200 {took}, visual tokens 64 -> 16"] * 2
+    expected += [rf"GET /health 200 {took}$", rf"POST /v1/chat/completions 404 {took}$"]
+    assert len(lines) == 6 and all(re.match(p, line) for p, line in zip(expected, lines[1:-1], strict=True))
 
 
 @pytest.mark.parametrize(

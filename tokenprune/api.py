@@ -7,9 +7,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from tokenprune.patches import adapter_for
-from tokenprune.patches._device_map import check_device_map
-from tokenprune.patches._tensor_parallel import check_tensor_parallel
+from tokenprune.patches import adapter_for, check_placement
 
 from .config import PrunerConfig
 from .pruner import Pruner, attached_pruner
@@ -43,14 +41,15 @@ def apply_pruner(
         media: in a family that takes videos, prune ``"images"``, ``"videos"`` or ``"both"``.
         positions: ``"original"`` keeps the kept tokens' positions, ``"renumbered"`` closes the gaps the
             dropped ones leave (see :class:`PrunerConfig`).
-        **options: method-specific options (see the method's docstring).
+        **options: method-specific options, checked against the method's declaration (type and range;
+            ``docs/methods.md`` lists them).
 
     Returns:
         The :class:`Pruner`; ``pruner.stats`` describes the last prefill.
 
-    Every check (method, ratio or budget, layer, model family, an existing pruner, a tensor-parallel
-    sharding the method cannot score exactly under, a device_map over several devices) runs before the
-    model is touched, and raises ``ValueError``/``TypeError``/``RuntimeError`` naming the fix.
+    Every check (method, its options, ratio or budget, layer, model family, an existing pruner, a
+    tensor-parallel sharding the method cannot score exactly under, a device_map over several devices) runs
+    before the model is touched, and raises ``ValueError``/``TypeError``/``RuntimeError`` naming the fix.
     """
     if isinstance(method, PrunerConfig):
         extra = (keep_ratio, budget, layer, schedule)
@@ -73,8 +72,7 @@ def apply_pruner(
     if attached_pruner(model) is not None:
         raise RuntimeError("this model already has a pruner; call tokenprune.remove_pruner(model) first")
     adapter = adapter_for(model)
-    check_tensor_parallel(model, config.vision_stage is not None, config.spec.decode)
-    check_device_map(model)
+    check_placement(model, config.vision_stage is not None, config.spec.decode)
     stages = adapter.stages(config)  # a layer outside the model or a budget larger than an image raises
     return Pruner(model, config, adapter, stages)
 

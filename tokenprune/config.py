@@ -22,7 +22,8 @@ class PrunerConfig:
         budget: visual tokens kept per image, >= 1.
         layer: decoder layer at which the method acts; 0 is before the language model. ``None`` takes the
             method's default (2 for ``fastv`` and ``dart``, 0 for the others).
-        options: method-specific options (keyword-only parameters of the method function).
+        options: method-specific options (keyword-only parameters of the method function), checked here
+            against the method's declaration (type and range; see ``docs/methods.md``).
         schedule: prune at several layers instead of one, as ``((layer, keep_ratio), ...)`` with layers
             increasing and ratios (of each image's original tokens) not increasing, e.g.
             ``((2, 0.5), (8, 0.25), (16, 0.125))``; each stage selects among the tokens still kept.
@@ -68,6 +69,7 @@ class PrunerConfig:
             raise ValueError(
                 f"positions must be one of {POSITIONS} (of the tokens after pruning), got {self.positions!r}"
             )
+        spec.check_options(self.options)  # a bad option fails here, not inside a forward
         merges_by_r = spec.per_layer and self.options.get("r") is not None
         if spec.vision and (self.schedule is not None or self.layer is not None or self.drop_early_kv):
             raise ValueError(
@@ -88,9 +90,6 @@ class PrunerConfig:
         if self.schedule is not None:
             self._check_schedule()
         elif merges_by_r:
-            r = self.options["r"]
-            if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-                raise ValueError(f"r (tokens merged per encoder layer) must be an int >= 0, got {r!r}")
             if self.keep_ratio is not None or self.budget is not None:
                 raise ValueError("give r (tokens merged per layer) or keep_ratio/budget, not both")
         elif (self.keep_ratio is None) == (self.budget is None):
@@ -118,12 +117,6 @@ class PrunerConfig:
             )
         if not isinstance(self.drop_early_kv, bool):
             raise TypeError(f"drop_early_kv must be a bool, got {self.drop_early_kv!r}")
-        unknown = set(self.options) - set(spec.options)
-        if unknown:
-            known = ", ".join(sorted(spec.options)) or "none"
-            raise ValueError(
-                f"unknown option(s) {sorted(unknown)} for method {self.method!r}; its options: {known}"
-            )
         if self.vision is not None:
             self._check_vision()
 
@@ -168,6 +161,32 @@ class PrunerConfig:
                 f"schedule keep ratios must not increase from one stage to the next, got {ratios}"
             )
 
+    def describe(self) -> str:
+        """This config in words, for a banner or a log line (a repr is for debugging): e.g. ``"dart: 25% of
+        each image's visual tokens kept from decoder layer 2 (pivots=4)"``."""
+        if self.schedule is not None:
+            stages = ", then ".join(f"{_percent(ratio)} from layer {layer}" for layer, ratio in self.schedule)
+            text = f"{self.method}: {stages} of each image's visual tokens kept"
+        elif self.spec.per_layer and self.options.get("r") is not None:
+            text = f"{self.method}: {self.options['r']} tokens merged before each encoder layer"
+        else:
+            where = {
+                "vision": "kept inside the image encoder",
+                "kv": "attended to at each decode step",
+                "pre_llm": "kept before the language model",
+                "llm": f"kept from decoder layer {self.acting_layer}",
+            }[self.stage]
+            if self.budget is not None:
+                text = f"{self.method}: {self.budget} visual tokens per image {where}"
+            else:
+                text = f"{self.method}: {_percent(self.keep_ratio)} of each image's visual tokens {where}"
+        extras = [f"{name}={value!r}" for name, value in self.options.items() if name != "r"]
+        extras += ["KV of early layers dropped"] if self.drop_early_kv else []
+        extras += ["positions renumbered"] if self.positions != "original" else []
+        extras += [f"{self.media} only"] if self.media != "both" else []
+        text += f" ({', '.join(extras)})" if extras else ""
+        return f"{self.vision.describe()}; then {text}" if self.vision is not None else text
+
     def stages(self, num_tokens: int) -> list[tuple[int, int]]:
         """``(layer, visual tokens kept per image)`` of each pruning stage, for images of ``num_tokens``."""
         if self.schedule is None:
@@ -210,3 +229,8 @@ class PrunerConfig:
                 )
             return self.budget
         return max(1, round(self.keep_ratio * num_tokens))
+
+
+def _percent(ratio: float) -> str:
+    """``ratio`` as a percentage of three significant digits at most: ``0.111`` is ``"11.1%"``."""
+    return f"{ratio * 100:.3g}%"

@@ -9,8 +9,12 @@ before the language model, the ``pre_llm`` stage; K > 0 means at decoder layer K
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import Callable
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +43,98 @@ KNOWN_NEEDS = (
 ENCODER_QUERIES = ("cls", "all")
 
 
+#: The annotations a method option may have (each may add ``| None``), and how messages word each.
+OPTION_TYPES: dict[type, str] = {bool: "a bool", int: "an int", float: "a finite number", str: "a string"}
+
+#: A bound of an option's range: a number, the name of another option of the method (its value), or none.
+Bound = float | str | None
+
+
 def _output_layer_only(options: dict[str, object], output_layer: int) -> tuple[int, ...]:
     return (output_layer,)
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """One keyword-only option of a method: its default, its type and whether it takes ``None`` (both read
+    from the function's annotation), and the closed range ``[low, high]`` declared for it at registration
+    (a bound naming another option is that option's value; ``None`` is no bound)."""
+
+    name: str
+    default: object
+    type: type
+    optional: bool = False
+    low: Bound = None
+    high: Bound = None
+
+    def accepts(self) -> str:
+        """What the option accepts, in the words of error messages and docs: ``"an int >= 1"``, ``"a number
+        in [0, 1]"``, ``"an int >= 0, or None"``..."""
+        kind = OPTION_TYPES[self.type]
+        if self.low is not None and self.high is not None:
+            kind += f" in [{self.low}, {self.high}]"
+        elif self.low is not None:
+            kind += f" >= {self.low}"
+        elif self.high is not None:
+            kind += f" <= {self.high}"
+        return f"{kind}, or None" if self.optional else kind
+
+    def check(self, value: object, values: Mapping[str, object], method: str) -> None:
+        """``TypeError`` unless ``value`` is of the option's type, ``ValueError`` unless it lies in its range
+        (``values``: every option's value, for a bound that names another option); the message names the
+        option and what it accepts."""
+        if value is None and self.optional:
+            return
+        if self.type is float:
+            right_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            right_type = isinstance(value, self.type) and (self.type is bool or not isinstance(value, bool))
+        if not right_type:
+            kind = type(value).__name__
+            raise TypeError(f"{method} option {self.name} must be {self.accepts()}, got {value!r} ({kind})")
+        if self.type not in (int, float):
+            return
+        low, high = (values.get(b) if isinstance(b, str) else b for b in (self.low, self.high))
+        infinite = self.type is float and not math.isfinite(value)
+        if infinite or (low is not None and value < low) or (high is not None and value > high):
+            named = [f"{b}={values.get(b)!r}" for b in (self.low, self.high) if isinstance(b, str)]
+            where = f" with {', '.join(named)}" if named else ""
+            raise ValueError(f"{method} option {self.name} must be {self.accepts()}, got {value!r}{where}")
+
+
+def _declared_options(
+    name: str, fn: MethodFn, ranges: Mapping[str, tuple[Bound, Bound]]
+) -> tuple[MethodOption, ...]:
+    """The options of method ``fn``: its keyword-only parameters, typed by their annotations (``int``,
+    ``float``, ``bool``, ``str``, each optionally ``| None``) and ranged by ``ranges``; ``TypeError`` or
+    ``ValueError`` at registration for an option without such an annotation, a range for no numeric option,
+    or a default the declaration refuses, so that every option can be checked when a config is built."""
+    params = [
+        p for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    hints = typing.get_type_hints(fn)
+    unknown = set(ranges) - {p.name for p in params}
+    if unknown:
+        raise ValueError(f"method {name!r}: ranges given for {sorted(unknown)}, which are not its options")
+    options = []
+    for param in params:
+        hint = hints.get(param.name)
+        args = typing.get_args(hint)
+        optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+        kind = next((a for a in args if a is not type(None)), None) if optional and len(args) == 2 else hint
+        if kind not in OPTION_TYPES:
+            raise TypeError(
+                f"method {name!r}: option {param.name} must be annotated int, float, bool or str (or one "
+                f"of them | None), got {hint!r}"
+            )
+        low, high = ranges.get(param.name, (None, None))
+        if (low is not None or high is not None) and kind not in (int, float):
+            raise TypeError(f"method {name!r}: option {param.name} is not a number, it takes no range")
+        options.append(MethodOption(param.name, param.default, kind, optional, low, high))
+    defaults = {option.name: option.default for option in options}
+    for option in options:
+        option.check(option.default, defaults, name)
+    return tuple(options)
 
 
 @dataclass(frozen=True)
@@ -55,7 +149,8 @@ class MethodSpec:
     image's ``attention`` declares ``attention_top_k``: its decode hooks then select in one kernel where
     Triton runs (:func:`tokenprune.kernels.retrieval.attention_top_k`), and call the method elsewhere.
     A ``variable_count`` method may keep a different number of tokens per image (a prefill method only):
-    its rows may be of any width and repeat an index, a repeat keeping nothing more.
+    its rows may be of any width and repeat an index, a repeat keeping nothing more. ``declared`` are its
+    options (:class:`MethodOption`), which :meth:`check_options` checks.
     """
 
     name: str
@@ -63,7 +158,7 @@ class MethodSpec:
     default_layer: int
     needs: tuple[str, ...]
     description: str
-    options: dict[str, object]
+    declared: tuple[MethodOption, ...]
     vision: bool = False
     decode: bool = False
     per_layer: bool = False
@@ -71,6 +166,26 @@ class MethodSpec:
     encoder_queries: str = "cls"
     attention_top_k: bool = False
     variable_count: bool = False
+
+    @property
+    def options(self) -> dict[str, object]:
+        """Each option's default, by name."""
+        return {option.name: option.default for option in self.declared}
+
+    def check_options(self, options: Mapping[str, object]) -> None:
+        """``ValueError`` for an option the method does not have, and ``TypeError``/``ValueError`` for a value
+        of the wrong type or outside its declared range, each naming the option and what it accepts: run when
+        a config is built, so that a bad option fails before the model is touched, not inside a forward."""
+        unknown = set(options) - set(self.options)
+        if unknown:
+            known = ", ".join(sorted(self.options)) or "none"
+            raise ValueError(
+                f"unknown option(s) {sorted(unknown)} for method {self.name!r}; its options: {known}"
+            )
+        values = {**self.options, **options}
+        for option in self.declared:
+            if option.name in options:
+                option.check(options[option.name], values, self.name)
 
     @property
     def stage(self) -> str:
@@ -117,6 +232,14 @@ class MethodSpec:
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
+def _registry() -> dict[str, MethodSpec]:
+    """The registered methods, the built-in ones imported (registering themselves) on the first call, so
+    that a lookup finds them whichever module of tokenprune was imported first, and a user's method that
+    takes a built-in name is refused when it is registered."""
+    importlib.import_module("tokenprune.methods")  # a no-op once imported, or while they register
+    return _REGISTRY
+
+
 def stage_for_layer(layer: int) -> str:
     """``pre_llm`` when a method acts on the language model's input embeddings, else ``llm``."""
     return "pre_llm" if layer == 0 else "llm"
@@ -133,6 +256,7 @@ def register_method(
     encoder_queries: str = "cls",
     attention_top_k: bool = False,
     variable_count: bool = False,
+    ranges: Mapping[str, tuple[Bound, Bound]] | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn(ctx, keep, **options) -> LongTensor[I, keep] | Merged`` under ``name``.
 
@@ -140,7 +264,11 @@ def register_method(
     ``encoder_layers`` and ``encoder_queries``), ``stage="kv"`` a decode-time method (called at every
     decode step and decoder layer with the cached visual keys and the step's attention to them); otherwise
     the method acts at prefill, at decoder layer ``default_layer``.
-    The options are the function's keyword-only parameters; their defaults are the method's defaults.
+    The options are the function's keyword-only parameters; their defaults are the method's defaults, and
+    their annotations (``int``, ``float``, ``bool``, ``str``, each optionally ``| None``) the types they take.
+    ``ranges`` maps a numeric option to the closed range ``(low, high)`` it takes, ``None`` for no bound or
+    another option's name for that option's value, e.g. ``{"pivots": (1, None), "text_pivots": (0,
+    "pivots")}``. :meth:`MethodSpec.check_options` checks given options against both when a config is built.
     The first line of the docstring is the description shown by :func:`tokenprune.list_methods`.
     """
     unknown = set(needs) - set(KNOWN_NEEDS)
@@ -157,10 +285,9 @@ def register_method(
         raise ValueError('attention_top_k is for stage="kv" methods that need "attention"')
 
     def decorator(fn: MethodFn) -> MethodFn:
-        if name in _REGISTRY:
+        if name in _registry():
             raise ValueError(f"method {name!r} is already registered")
-        params = inspect.signature(fn).parameters.values()
-        options = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        options = _declared_options(name, fn, ranges or {})
         description = (inspect.getdoc(fn) or name).splitlines()[0]
         _REGISTRY[name] = MethodSpec(
             name,
@@ -189,18 +316,18 @@ def get_method(name: str) -> MethodSpec:
             f"method must be a registered name (str) or a PrunerConfig, got {type(name).__name__}"
         )
     try:
-        return _REGISTRY[name]
+        return _registry()[name]
     except KeyError:
         raise ValueError(
-            f"unknown method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}"
+            f"unknown method {name!r}; registered methods: {', '.join(sorted(_registry()))}"
         ) from None
 
 
 def vision_methods() -> list[str]:
     """Names of the registered ``vision`` methods, sorted: what error messages offer where only they apply."""
-    return sorted(name for name, spec in _REGISTRY.items() if spec.vision)
+    return sorted(name for name, spec in _registry().items() if spec.vision)
 
 
 def list_methods() -> dict[str, tuple[str, str]]:
     """Mapping of method name to ``(stage, one-line description)``, sorted by name."""
-    return {name: (spec.stage, spec.description) for name, spec in sorted(_REGISTRY.items())}
+    return {name: (spec.stage, spec.description) for name, spec in sorted(_registry().items())}

@@ -11,16 +11,18 @@ from rich.console import Console
 
 import tokenprune
 
-from ..config import PrunerConfig
 from .common import (
+    RESULTS,
     CliError,
     DeviceOption,
     DtypeOption,
+    MarkdownOption,
     checkpoint_path,
     exit_on_user_error,
     floats,
     ints,
     load_model,
+    print_report,
     quiet_transformers,
     resolve_device,
     run_meta,
@@ -56,8 +58,9 @@ def bench(
         bool, typer.Option("--compile", help="Also time decoding with a static cache and a compiled step.")
     ] = False,
     out: Annotated[pathlib.Path, typer.Option(help="Folder for results.json, results.csv, speedup.png.")] = (
-        pathlib.Path("bench-results")
+        RESULTS / "bench"
     ),
+    markdown: MarkdownOption = False,
 ) -> None:
     """Time prefill, decode and end-to-end of pruned runs against the unpruned model and the ideal."""
     from ..eval.archs import ARCHS
@@ -87,7 +90,7 @@ def bench(
     settings = {"repeats": repeats, "new_tokens": new_tokens, "compile": compile}
     meta = run_meta(model or arch, torch_device, attn, torch_dtype, **settings)
     paths = write_results(rows, out, meta)
-    console.print(markdown_table(rows), highlight=False)
+    print_report(console, markdown_table(rows), markdown)
     console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
 
 
@@ -108,9 +111,11 @@ def bench_encoder(
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs per measurement (median).")] = 3,
     out: Annotated[
         pathlib.Path, typer.Option(help="Folder for results.json, results.csv, throughput.png.")
-    ] = (pathlib.Path("bench-encoder-results")),
+    ] = RESULTS / "bench-encoder",
+    markdown: MarkdownOption = False,
 ) -> None:
     """Images/s of an image encoder with vision-stage methods against the unpruned encoder."""
+    from ..config import PrunerConfig
     from ..eval.archs import ENCODER_ARCHS
     from ..eval.encoder_bench import (
         build_encoder,
@@ -135,5 +140,5 @@ def bench_encoder(
             rows = run_encoder_benchmark(encoder, rs, ratios, batch_size, repeats=repeats)
     meta = run_meta(arch, torch_device, attn, torch_dtype, batch_size=batch_size, repeats=repeats)
     paths = write_encoder_results(rows, out, meta)
-    console.print(encoder_markdown_table(rows), highlight=False)
+    print_report(console, encoder_markdown_table(rows), markdown)
     console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)

@@ -9,20 +9,31 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+import re
 import tempfile
 from collections.abc import Iterator
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 
+if TYPE_CHECKING:
+    import torch
+
+#: Where a command writes its outputs unless told otherwise, each in its own subfolder; git ignores it.
+RESULTS = pathlib.Path("tokenprune-results")
 #: ``--model`` value that builds the tiny random checkpoint of :mod:`tokenprune.testing` and loads it.
 TINY = "tiny"
 #: ``--model`` value of the trained shapes VLM shipped with the package (:mod:`tokenprune.eval.shapes_model`).
 SHAPES = "shapes"
 
+MarkdownOption = Annotated[
+    bool, typer.Option("--markdown", help="Print tables as Markdown (as when the output is not a terminal).")
+]
 DeviceOption = Annotated[str, typer.Option(help="'auto' (cuda when available), 'cpu', 'cuda'...")]
 DtypeOption = Annotated[str, typer.Option(help="'auto' (bfloat16 on GPU, float32 on CPU) or a dtype name.")]
 
@@ -37,9 +48,66 @@ def exit_on_user_error() -> Iterator[None]:
     try:
         yield
     except CliError as error:
-        message = f"[bold red]error:[/] {escape(str(error))}"
-        Console(stderr=True).print(message, highlight=False, soft_wrap=True)
+        print_error(str(error))
         raise typer.Exit(code=2) from None
+
+
+def print_error(message: str) -> None:
+    """Print a user error as every command does: ``error: message``, one red line on stderr."""
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def print_report(console: Console, text: str, markdown: bool = False) -> None:
+    """Print ``text``, Markdown that holds tables, on ``console``: as it is when asked (``--markdown``) or
+    when the output is no terminal (a pipe, a file: Markdown to paste, each row on one line); on a terminal,
+    each table drawn by rich within the terminal's width (:func:`fitted_tables`), the prose rendered."""
+    if markdown or not console.is_terminal:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+        return
+    from rich.markdown import Markdown
+
+    for block in text.strip().split("\n\n"):
+        lines = block.strip().splitlines()
+        if len(lines) > 1 and all(line.startswith("|") for line in lines):
+            for table in fitted_tables(lines, console.width):
+                console.print(table)
+                console.print()
+        else:
+            console.print(Markdown(block))
+
+
+#: Columns that say what a row is (a method, its setting...), repeated in each part of a table split to fit.
+KEY_COLUMNS = 2
+
+
+def fitted_tables(lines: list[str], width: int) -> list[Table]:
+    """A Markdown pipe table (header, rule, rows; ``**bold**`` cells) as rich tables of at most ``width``
+    columns, so that no row wraps: all its columns in one table where they fit side by side, else, as
+    pandas prints a wide frame, its first :data:`KEY_COLUMNS` columns with as many of the next ones as fit,
+    then with the following ones. A header wraps at its spaces; a column of long text (a description)
+    takes the width left and wraps."""
+    header, _, *rows = ([cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines)
+    needs = [  # each column's width: its longest cell, or its header's longest word
+        max(max(len(word) for word in name.split() or [""]), *(len(row[i]) for row in rows))
+        for i, name in enumerate(header)
+    ]
+    keys = list(range(min(KEY_COLUMNS, len(header))))
+    parts: list[list[int]] = [[]]
+    for column in range(len(keys), len(header)):
+        if parts[-1] and sum(needs[i] + 1 for i in (*keys, *parts[-1], column)) > width:
+            parts.append([])
+        parts[-1].append(column)
+    tables = []
+    for part in parts:
+        table = Table(box=box.SIMPLE_HEAD, header_style="bold", padding=0, show_edge=False)  # 1 space apart
+        for i in (*keys, *part):
+            fixed = needs[i] if needs[i] <= width // 2 else None  # a long text column takes the rest
+            table.add_column(escape(header[i]), overflow="fold", width=fixed, ratio=None if fixed else 1)
+        for row in rows:
+            cells = (re.sub(r"\*\*(.+?)\*\*", r"[bold]\1[/]", escape(row[i])) for i in (*keys, *part))
+            table.add_row(*map(Text.from_markup, cells))
+        tables.append(table)
+    return tables
 
 
 @contextlib.contextmanager
@@ -72,6 +140,8 @@ def quiet_transformers() -> Iterator[None]:
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """The torch device and dtype of ``--device`` and ``--dtype`` ('auto': cuda and bfloat16 when a GPU is
     there, else cpu and float32); a device or dtype that cannot be used here is a :class:`CliError`."""
+    import torch
+
     with user_errors(RuntimeError, ValueError):
         resolved = torch.device(
             "cuda"
@@ -150,6 +220,9 @@ def ints(text: str) -> list[int]:
 
 def run_meta(arch: str, device: torch.device, attn: str, dtype: torch.dtype, **settings: object) -> dict:
     """What a benchmark's results file says about its run: model, machine, settings and versions."""
+    import torch
+    import transformers
+
     from ..eval.bench import machine_description
 
     return {
@@ -159,5 +232,5 @@ def run_meta(arch: str, device: torch.device, attn: str, dtype: torch.dtype, **s
         "dtype": str(dtype).removeprefix("torch."),
         **settings,
         "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
+        "transformers": transformers.__version__,
     }

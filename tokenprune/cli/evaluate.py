@@ -14,14 +14,17 @@ from rich.markup import escape
 import tokenprune
 
 from .common import (
+    RESULTS,
     SHAPES,
     CliError,
     DeviceOption,
     DtypeOption,
+    MarkdownOption,
     exit_on_user_error,
     floats,
     load_model,
     local_checkpoint,
+    print_report,
     quiet_transformers,
     resolve_device,
     run_meta,
@@ -47,13 +50,19 @@ def eval_(
     ] = "",
     keep_ratios: Annotated[str, typer.Option(help="Comma-separated keep ratios.")] = "0.5,0.25,0.11,0.05",
     batch_size: Annotated[int, typer.Option(min=1, help="Questions per generate call.")] = 32,
-    overlay_ratio: Annotated[float, typer.Option(help="Keep ratio of the kept-token overlays.")] = 0.11,
+    overlay_ratio: Annotated[
+        float | None,
+        typer.Option(
+            help="Keep ratio of the kept-token overlays; default: the asked one closest to 11%.",
+            show_default=False,
+        ),
+    ] = None,
     attn: Annotated[str, typer.Option(help="Attention implementation.")] = "sdpa",
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     out: Annotated[
         pathlib.Path, typer.Option(help="Folder for results.json/.csv, table.md, pareto.png, overlays.png.")
-    ] = pathlib.Path("eval-results"),
+    ] = RESULTS / "eval",
     readme: Annotated[
         pathlib.Path | None,
         typer.Option(
@@ -63,11 +72,13 @@ def eval_(
             "markers.",
         ),
     ] = None,
+    markdown: MarkdownOption = False,
 ) -> None:
     """Accuracy of every method at every keep ratio on the shapes suite, with retention and prefill time."""
     from ..eval import suite
     from ..eval.accuracy import (
         evaluate_methods,
+        focus_ratio,
         overlay_sheet,
         replace_between_markers,
         write_accuracy_results,
@@ -78,6 +89,9 @@ def eval_(
     with exit_on_user_error(), contextlib.ExitStack() as stack:
         names = [m for m in methods.split(",") if m] or sorted(tokenprune.list_methods())
         ratios = tuple(floats(keep_ratios))
+        if not ratios:
+            raise CliError("--keep-ratios names no ratio")
+        overlay_ratio = focus_ratio(ratios) if overlay_ratio is None else overlay_ratio
         with user_errors(ValueError, TypeError):
             for name in names:
                 for ratio in (*ratios, overlay_ratio):
@@ -105,7 +119,7 @@ def eval_(
     if readme is not None:
         readme.write_text(replace_between_markers(readme.read_text(), table, "shapes-eval"))
         paths["readme"] = readme
-    console.print(table, highlight=False)
+    print_report(console, table, markdown)
     console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
 
 

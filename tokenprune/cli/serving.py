@@ -4,23 +4,26 @@ run."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import pathlib
 from typing import Annotated
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import PrunerConfig
 from .common import (
+    RESULTS,
+    SHAPES,
     TINY,
     CliError,
     DeviceOption,
     DtypeOption,
+    MarkdownOption,
     exit_on_user_error,
     local_checkpoint,
+    print_report,
     quiet_transformers,
     resolve_device,
     run_meta,
@@ -30,6 +33,8 @@ from .common import (
 
 def _default_config(method: str, keep_ratio: float | None, budget: int | None, layer: int | None):
     """The server's pruner config (``None`` for ``--method none``); keep ratio 0.25 unless told."""
+    from ..config import PrunerConfig
+
     if method == "none":
         return None
     if keep_ratio is None and budget is None:
@@ -37,6 +42,9 @@ def _default_config(method: str, keep_ratio: float | None, budget: int | None, l
     with user_errors(ValueError, TypeError):
         return PrunerConfig(method, keep_ratio=keep_ratio, budget=budget, layer=layer)
 
+
+#: The name of the log handler ``serve`` adds to the ``tokenprune.serve`` logger.
+_LOG_HANDLER = "tokenprune-serve"
 
 #: Environment variable read for ``--api-key`` (a key on the command line shows in the process list).
 API_KEY_ENV = "TOKENPRUNE_API_KEY"
@@ -54,8 +62,12 @@ def _removed_allow_local_images(value: bool) -> None:
 def serve(
     model: Annotated[
         str,
-        typer.Option("--model", "-m", help=f"Checkpoint directory; '{TINY}' builds the tiny random LLaVA."),
-    ] = TINY,
+        typer.Option(
+            "--model",
+            "-m",
+            help=f"Checkpoint directory; '{SHAPES}': the shipped shapes VLM; '{TINY}': a tiny random LLaVA.",
+        ),
+    ] = SHAPES,
     method: Annotated[str, typer.Option(help="Default pruning method; 'none' serves unpruned.")] = "dart",
     keep_ratio: Annotated[
         float | None, typer.Option(help="Default keep ratio (0.25 without --budget).", show_default=False)
@@ -85,12 +97,13 @@ def serve(
         ),
     ] = None,
     allow_remote_images: Annotated[
-        bool, typer.Option(help="Accept http(s) image URLs of public addresses.")
+        bool, typer.Option("--allow-remote-images", help="Accept http(s) image URLs of public addresses.")
     ] = False,
     allow_private_image_urls: Annotated[
         bool,
         typer.Option(
-            help="With --allow-remote-images: also fetch from loopback, private, link-local addresses."
+            "--allow-private-image-urls",
+            help="With --allow-remote-images: also fetch from loopback, private, link-local addresses.",
         ),
     ] = False,
     allowed_local_media_path: Annotated[
@@ -146,7 +159,7 @@ def serve(
         torch_device, torch_dtype = resolve_device(device, dtype)
         stack.enter_context(quiet_transformers())
         checkpoint = local_checkpoint(stack, model, seed)
-        name = served_model_name or (TINY if model == TINY else pathlib.Path(checkpoint).name)
+        name = served_model_name or (model if model in (SHAPES, TINY) else pathlib.Path(checkpoint).name)
         with user_errors(OSError, ValueError, TypeError, RuntimeError):
             engine = build_engine(
                 checkpoint,
@@ -158,7 +171,7 @@ def serve(
                 dtype=torch_dtype,
                 compile=compile,
             )
-        console.print(f"serving [bold]{escape(name)}[/] ({escape(repr(default))}) on http://{host}:{port}/v1")
+        console.print(_banner(name, default, f"http://{host}:{port}/v1", torch_device, torch_dtype, attn))
         if api_key is None and not is_loopback(host):
             Console(stderr=True).print(
                 f"[bold yellow]warning:[/] listening on {escape(host)} without an API key: anyone who can "
@@ -167,13 +180,48 @@ def serve(
                 soft_wrap=True,
             )
         app_ = create_app(engine, max_batch=max_batch, window_s=batch_window_ms / 1e3, api_key=api_key)
+        _log_requests()
         uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
+def _banner(name: str, default, url: str, device, dtype, attn: str) -> Table:
+    """What ``serve`` says before it listens: the model, its default pruning in words, where, and on what."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("tokenprune serve", escape(url))
+    grid.add_row("model", escape(name))
+    pruning = default.describe() if default is not None else "none (a request may ask for a method)"
+    grid.add_row("pruning", escape(pruning))
+    grid.add_row("runs on", f"{device}, {str(dtype).removeprefix('torch.')}, {escape(attn)} attention")
+    return grid
+
+
+def _log_requests() -> None:
+    """Write the server's log lines (start, stop, one per request) to stderr, one line each with its time
+    (grep-able, in a terminal or a file); the handler of an earlier call in this process is replaced."""
+    logger = logging.getLogger("tokenprune.serve")
+    logger.setLevel(logging.INFO)
+    for handler in [h for h in logger.handlers if h.get_name() == _LOG_HANDLER]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler()
+    handler.set_name(_LOG_HANDLER)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger.addHandler(handler)
+
+
 def bench_serve(
-    model: Annotated[str, typer.Option("--model", "-m", help=f"Checkpoint directory or '{TINY}'.")] = TINY,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help=f"A checkpoint directory (or '{SHAPES}') instead of --arch.",
+            show_default=False,
+        ),
+    ] = None,
     arch: Annotated[
-        str, typer.Option(help="Without --model: tiny or a benchmark architecture (random weights).")
+        str, typer.Option(help="Architecture with random weights: tiny or a benchmark architecture.")
     ] = TINY,
     method: Annotated[str, typer.Option(help="The server's pruning method.")] = "dart",
     keep_ratio: Annotated[float, typer.Option(help="The server's keep ratio.")] = 0.25,
@@ -182,22 +230,23 @@ def bench_serve(
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per request.")] = 8,
     max_batch: Annotated[int, typer.Option(min=1, help="The server's --max-batch.")] = 16,
     fuzz: Annotated[int, typer.Option(min=0, help="Malformed requests sent after the load.")] = 200,
-    out: Annotated[pathlib.Path, typer.Option(help="Folder for results.json.")] = pathlib.Path(
-        "bench-serve-results"
-    ),
+    out: Annotated[pathlib.Path, typer.Option(help="Folder for results.json.")] = RESULTS / "bench-serve",
+    markdown: MarkdownOption = False,
 ) -> None:
     """Load-test a live server on 127.0.0.1 with and without pruning, then fuzz it with bad requests."""
     import json
 
-    from ..eval.serve_load import run_serve_benchmark
+    import torch
+
+    from ..eval.serve_load import load_markdown_table, run_serve_benchmark
     from ..serve import Limits, build_engine
 
     console = Console()
     with exit_on_user_error(), contextlib.ExitStack() as stack:
         default = _default_config(method, keep_ratio, None, None)
         stack.enter_context(quiet_transformers())
-        checkpoint = local_checkpoint(stack, model, 0, arch)
-        name = arch if model == TINY else pathlib.Path(checkpoint).name
+        checkpoint = local_checkpoint(stack, model or TINY, 0, arch)
+        name = arch if model is None else model if model == SHAPES else pathlib.Path(checkpoint).name
         with user_errors(OSError, ValueError, TypeError, RuntimeError):
             engine = build_engine(checkpoint, name, default, Limits())
         results = run_serve_benchmark(
@@ -208,30 +257,8 @@ def bench_serve(
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = Table(title=f"{clients} clients x {rounds} requests, {name}")
-    for column in (
-        "pruning",
-        "failed",
-        "req/s",
-        "tok/s",
-        "p50 s",
-        "p95 s",
-        "visual in/kept",
-        "RSS growth MiB",
-    ):
-        table.add_column(column)
-    for row in results["load"]:
-        table.add_row(
-            escape(row["label"]),
-            str(row["failures"]),
-            f"{row['requests_per_s']:.2f}",
-            f"{row['completion_tokens_per_s']:.1f}",
-            f"{row['latency_p50_s']:.2f}",
-            f"{row['latency_p95_s']:.2f}",
-            f"{row['visual_tokens_before']}/{row['visual_tokens_after']}",
-            f"{row['peak_rss_growth_mib']:.0f}",
-        )
-    console.print(table)
+    title = f"{clients} clients x {rounds} requests, {name}"
+    print_report(console, f"{title}\n\n{load_markdown_table(results['load'])}", markdown)
     fuzzed = results["fuzz"]
     console.print(
         f"fuzz: {fuzzed['four_xx_json_errors']}/{fuzzed['requests']} answered 4xx JSON errors; "

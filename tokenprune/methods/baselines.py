@@ -11,7 +11,7 @@ from ..registry import register_method
 from ._select import top_k
 
 
-@register_method("random")
+@register_method("random", ranges={"seed": (0, 2**32 - 1)})
 def random_selection(ctx: SelectionContext, keep: int, *, seed: int = 0) -> torch.Tensor:
     """Keep a seeded random subset of each image's tokens.
 

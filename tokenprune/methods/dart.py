@@ -13,7 +13,12 @@ from ..registry import register_method
 from ._select import cosine_similarity_matrix
 
 
-@register_method("dart", default_layer=2, needs=("keys", "instruction", "final_norm"))
+@register_method(
+    "dart",
+    default_layer=2,
+    needs=("keys", "instruction", "final_norm"),
+    ranges={"pivots": (1, None), "text_pivots": (0, "pivots")},
+)
 def dart(
     ctx: SelectionContext, keep: int, *, pivots: int = 8, text_pivots: int | None = None
 ) -> torch.Tensor:

@@ -18,7 +18,9 @@ from ._select import top_k
 from .baselines import evenly_spaced
 
 
-@register_method("feather", default_layer=2, needs=("unrotated_logits",), variable_count=True)
+@register_method(
+    "feather", default_layer=2, needs=("unrotated_logits",), variable_count=True, ranges={"stride": (1, None)}
+)
 def feather(ctx: SelectionContext, keep: int, *, stride: int = 3, exact_budget: bool = True) -> torch.Tensor:
     """Keep a grid of every ``stride``-th row and column and the most attended tokens (RoPE-free attention).
 
@@ -40,10 +42,6 @@ def feather(ctx: SelectionContext, keep: int, *, stride: int = 3, exact_budget: 
     - float32 scores (the reference rounds the softmax to the model's dtype before averaging heads).
     - without a grid, every ``stride**2``-th token is the sample (the reference assumes a square grid).
     """
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"feather: stride must be an int >= 1, got {stride!r}")
-    if not isinstance(exact_budget, bool):
-        raise ValueError(f"feather: exact_budget must be a bool, got {exact_budget!r}")
     scores = unrotated_attention(ctx)
     count = keep if exact_budget else reference_count(ctx, keep)
     if ctx.stage > 0:

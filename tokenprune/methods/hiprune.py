@@ -20,7 +20,7 @@ def _anchor_and_output_layers(options: dict[str, object], output_layer: int) -> 
     is shallower) and the output layer, whose attentions the method reads."""
     anchor = options.get("anchor_layer")
     anchor = min(OBJECT_LAYER, output_layer) if anchor is None else anchor
-    if isinstance(anchor, bool) or not isinstance(anchor, int) or not 0 <= anchor <= output_layer:
+    if anchor > output_layer:  # its type and >= 0 are checked with the other options
         raise ValueError(
             f"hiprune anchor_layer must be an encoder layer in 0..{output_layer} (the layer whose output "
             f"the model uses), got {anchor!r}"
@@ -63,6 +63,7 @@ def _first_then_best(
     needs=("encoder_attention",),
     encoder_layers=_anchor_and_output_layers,
     encoder_queries="all",
+    ranges={"anchor_layer": (0, None), "alpha": (0, 1)},
 )
 def hiprune(
     ctx: SelectionContext, keep: int, *, anchor_layer: int | None = None, alpha: float = 0.1
@@ -86,8 +87,6 @@ def hiprune(
       image's tokens that survive the unpadding, attention normalized within each tile, newline tokens
       kept, no buffers (the packed tokens form no single grid; see :mod:`tokenprune.patches.anyres_vision`).
     """
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"hiprune: alpha must be in [0, 1], got {alpha}")
     attention = ctx.require("encoder_attention")
     anchor_attention, register_attention = attention[min(attention)], attention[max(attention)]
     anchored = _anchors_and_buffers(anchor_attention, round(keep * alpha / 5), ctx.grid)

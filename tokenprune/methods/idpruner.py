@@ -13,7 +13,7 @@ from ..registry import register_method
 from ._select import cosine_similarity_matrix, min_max
 
 
-@register_method("idpruner")
+@register_method("idpruner", ranges={"lam": (0, 1)})
 def idpruner(ctx: SelectionContext, keep: int, *, lam: float = 0.5) -> torch.Tensor:
     """Greedy MMR: the next token maximises ``lam * importance - (1 - lam) * max similarity to the kept``.
 
@@ -24,8 +24,6 @@ def idpruner(ctx: SelectionContext, keep: int, *, lam: float = 0.5) -> torch.Ten
     Deviations:
     - importance is each token's L2 norm, not the reference's trained per-model scorer (no weights here).
     """
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"idpruner: lam must be in [0, 1], got {lam}")
     features = ctx.features
     importance = min_max(features.float().norm(dim=-1))  # [I, N]
     similarity = cosine_similarity_matrix(features, features)  # [I, N, N]

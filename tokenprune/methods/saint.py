@@ -17,7 +17,13 @@ from ..registry import register_method
 from ._select import cosine_similarity_matrix
 
 
-@register_method("saint", stage="vision", needs=("keys",), per_layer=True)
+@register_method(
+    "saint",
+    stage="vision",
+    needs=("keys",),
+    per_layer=True,
+    ranges={"drop_layer": (0, None), "divisor": (1, None)},
+)
 def saint(ctx: SelectionContext, keep: int, *, drop_layer: int | None = None, divisor: int = 16) -> Merged:
     """Drop the patches most similar to the rest inside the image encoder, by iterated graph degree (SAINT).
 
@@ -38,8 +44,6 @@ def saint(ctx: SelectionContext, keep: int, *, drop_layer: int | None = None, di
       375 patches); here every image of a batch, and ``keep_ratio``/``budget`` patches.
     - Chosen here: ``drop_layer`` for encoders other than LLaVA-1.5's, as three before the output layer.
     """
-    if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
-        raise ValueError(f"saint: divisor must be an int >= 1, got {divisor!r}")
     protected = ctx.protected
     features, keys = ctx.features, ctx.require("keys")
     num_images, num_tokens = features.shape[:2]
@@ -73,7 +77,7 @@ def _iterated_degree_drop(keys: torch.Tensor, keep: int, divisor: int) -> torch.
     return dropped
 
 
-@register_method("saint_llm", default_layer=2, needs=("keys",))
+@register_method("saint_llm", default_layer=2, needs=("keys",), ranges={"threshold": (-1, 1)})
 def saint_llm(
     ctx: SelectionContext, keep: int, *, threshold: float = 0.83, gamma: float = 10.0
 ) -> torch.Tensor:

@@ -13,7 +13,7 @@ from ..merge import bipartite_soft_matching
 from ..registry import register_method
 
 
-@register_method("tome", stage="vision", needs=("keys",), per_layer=True)
+@register_method("tome", stage="vision", needs=("keys",), per_layer=True, ranges={"r": (0, None)})
 def tome(ctx: SelectionContext, keep: int, *, r: int | None = None, proportional: bool = True) -> Merged:
     """Merge similar tokens layer by layer with bipartite soft matching (ToMe), keeping token sizes.
 

@@ -19,7 +19,9 @@ def _share(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return scores / (scores.sum(dim=1, keepdim=True) + eps)
 
 
-@register_method("transprune", default_layer=3, needs=("transition", "instruction_attention"))
+@register_method(
+    "transprune", default_layer=3, needs=("transition", "instruction_attention"), ranges={"alpha": (0, 1)}
+)
 def transprune(ctx: SelectionContext, keep: int, *, alpha: float = 0.5) -> torch.Tensor:
     """Keep tokens with the largest token transition variation plus instruction attention (TransPrune).
 

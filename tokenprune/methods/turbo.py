@@ -34,6 +34,7 @@ def _merging_layers(options: dict[str, object], output_layer: int) -> tuple[int,
     needs=("keys", "encoder_attention"),
     per_layer=True,
     encoder_layers=_merging_layers,
+    ranges={"r": (0, None), "alpha": (0, None)},
 )
 def turbo(
     ctx: SelectionContext, keep: int, *, r: int | None = None, proportional: bool = True, alpha: float = 1.0

@@ -15,7 +15,12 @@ from ..registry import register_method
 from ._select import cosine_similarity_matrix, top_k
 
 
-@register_method("visionzip", stage="vision", needs=("encoder_attention", "keys", "class_token"))
+@register_method(
+    "visionzip",
+    stage="vision",
+    needs=("encoder_attention", "keys", "class_token"),
+    ranges={"contextual": (0, 1)},
+)
 def visionzip(ctx: SelectionContext, keep: int, *, contextual: float = 10 / 64) -> Merged:
     """Keep the CLS token and the patches it attends to most; merge the rest into a few contextual tokens.
 

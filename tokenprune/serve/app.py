@@ -3,6 +3,10 @@
 Every error is a 4xx (or, for a failure inside generation, a 500) in the OpenAI shape
 ``{"error": {"message", "type", "param", "code"}}``; a bad request never reaches the model. With an API
 key, every route but ``/health`` and ``/metrics`` answers 401 to a request without it.
+
+The logger ``tokenprune.serve.app`` writes one line when the app starts and stops, and one per request
+once its answer is sent: method, path, status, latency and, for a completion, the visual tokens before and
+after pruning.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +29,8 @@ from .batcher import Batcher
 from .engine import Completion, Engine, Job
 from .media import load_image
 from .protocol import ChatRequest, RequestError, conversation, pruner_config
+
+log = logging.getLogger(__name__)
 
 
 def create_app(
@@ -43,14 +50,18 @@ def create_app(
         check_api_key(api_key)
     batcher = Batcher(engine, max_batch, window_s)
     metrics = engine.metrics
+    answered = [0]  # requests whose answer was sent, for the log line at shutdown
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await batcher.start()
+        pruning = engine.default.describe() if engine.default is not None else "no pruning by default"
+        log.info("started: serving %s, %s", engine.name, pruning)
         try:
             yield
         finally:
             await batcher.stop()
+            log.info("stopped: %d requests answered", answered[0])
 
     app = FastAPI(title="tokenprune", lifespan=lifespan)
 
@@ -97,6 +108,24 @@ def create_app(
             response.headers["WWW-Authenticate"] = "Bearer"
             return response
 
+    @app.middleware("http")  # added last, so it runs first: it sees every answer, a 401 or 413 too
+    async def log_request(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        body = response.body_iterator
+
+        async def logged() -> AsyncIterator[bytes]:
+            async for chunk in body:
+                yield chunk
+            seconds = time.perf_counter() - start
+            line = f"{request.method} {request.url.path} {response.status_code} {seconds:.3f} s"
+            visual = getattr(request.state, "visual_tokens", None)
+            log.info(line if visual is None else f"{line}, visual tokens {visual[0]} -> {visual[1]}")
+            answered[0] += 1
+
+        response.body_iterator = logged()
+        return response
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
@@ -111,7 +140,7 @@ def create_app(
         return {"object": "list", "data": [model]}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest) -> Response:
+    async def chat(body: ChatRequest, request: Request) -> Response:
         if body.model != engine.name:
             raise RequestError(
                 f"the model {body.model!r} does not exist; this server serves {engine.name!r}",
@@ -135,7 +164,7 @@ def create_app(
         if body.stream:
             metrics.request(200)
             return StreamingResponse(
-                _stream(job, completion_id, created, engine.name), media_type="text/event-stream"
+                _stream(job, completion_id, created, engine.name, request), media_type="text/event-stream"
             )
         text = []
         while True:
@@ -150,9 +179,15 @@ def create_app(
                 )
             else:
                 metrics.request(200)
+                _record_visual_tokens(request, payload)
                 return JSONResponse(_response(payload, completion_id, created, engine.name))
 
     return app
+
+
+def _record_visual_tokens(request: Request, completion: Completion) -> None:
+    """Keep the completion's visual tokens before and after pruning for the request's log line."""
+    request.state.visual_tokens = (completion.visual_tokens, completion.kept_visual_tokens)
 
 
 def _usage(completion: Completion) -> dict:
@@ -177,9 +212,11 @@ def _response(completion: Completion, completion_id: str, created: int, model: s
     }
 
 
-async def _stream(job: Job, completion_id: str, created: int, model: str) -> AsyncIterator[str]:
+async def _stream(
+    job: Job, completion_id: str, created: int, model: str, request: Request
+) -> AsyncIterator[str]:
     """Server-sent ``chat.completion.chunk`` events: the role, each new piece of text, the finish reason
-    with the usage, then ``[DONE]``."""
+    with the usage, then ``[DONE]``; the visual tokens are kept for the request's log line."""
 
     def chunk(delta: dict, finish_reason: str | None = None, **extra: object) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
@@ -203,6 +240,7 @@ async def _stream(job: Job, completion_id: str, created: int, model: str) -> Asy
             yield f"data: {json.dumps({'error': error})}\n\n"
             break
         else:
+            _record_visual_tokens(request, payload)
             yield chunk({}, payload.finish_reason, usage=_usage(payload))
             break
     yield "data: [DONE]\n\n"

@@ -10,6 +10,7 @@ delivered to each request of the batch as an event.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,9 @@ from ..config import PrunerConfig
 from ..patches import adapter_for
 from ..pruner import Pruner
 from .metrics import Metrics
-from .protocol import Limits, RequestError
+from .protocol import Limits, RequestError, without_reprs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -176,8 +179,10 @@ class Engine:
                 try:
                     self._generate_group(group)
                 except Exception as error:  # noqa: BLE001 (delivered to the clients, never kills the worker)
+                    log.exception("generation failed for a batch of %d requests", len(group))
+                    message = without_reprs(f"generation failed: {type(error).__name__}: {error}")
                     for job in group:
-                        job.emit("error", f"generation failed: {type(error).__name__}: {error}")
+                        job.emit("error", message)
 
     def _generate_group(self, jobs: list[Job]) -> None:
         length = max(job.input_ids.numel() for job in jobs)

@@ -20,7 +20,7 @@ import urllib.parse
 import urllib.request
 
 import httpx
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .protocol import Limits, RequestError
 
@@ -212,5 +212,11 @@ def decode_image(data: bytes, limits: Limits, param: str) -> Image.Image:
             return image.convert("RGB")
     except RequestError:
         raise
+    except UnidentifiedImageError as error:  # its message holds the repr of the buffer
+        raise RequestError(
+            "not a readable image: its format is not one this server decodes (PNG, JPEG, WebP, GIF...)",
+            param=param,
+            code="invalid_image",
+        ) from error
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise RequestError(f"not a readable image: {error}", param=param, code="invalid_image") from error

@@ -7,6 +7,7 @@ answers with a 4xx in the OpenAI error shape, before any model work.
 from __future__ import annotations
 
 import pathlib
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -14,9 +15,19 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from ..config import PrunerConfig
 
+#: A default object repr (``<_io.BytesIO object at 0x7ff7...>``): the server's internals, never in an answer.
+PYTHON_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+
+
+def without_reprs(message: str) -> str:
+    """``message`` fit for an API error: each default object repr in it (a library's exception may hold
+    one) replaced by the object's type name."""
+    return PYTHON_REPR.sub(lambda match: match.group(1).rpartition(".")[2], message)
+
 
 class RequestError(ValueError):
-    """A bad request: ``status`` (4xx), OpenAI error ``type``, the offending ``param`` and a ``code``."""
+    """A bad request: ``status`` (4xx), OpenAI error ``type``, the offending ``param`` and a ``code``; the
+    message is the client's to read, so it holds no Python object repr (:func:`without_reprs`)."""
 
     def __init__(
         self,
@@ -27,7 +38,7 @@ class RequestError(ValueError):
         code: str | None = None,
         kind: str = "invalid_request_error",
     ):
-        super().__init__(message)
+        super().__init__(without_reprs(message))
         self.status, self.param, self.code, self.kind = status, param, code, kind
 
     def body(self) -> dict[str, Any]:
