@@ -43,6 +43,7 @@ from tokenprune.sequence import (
     image_ids_by_count,
     image_ids_by_runs,
     keep_masks,
+    places_in_prompts,
     plan_compaction,
 )
 from tokenprune.transition import sublayer_transition
@@ -146,12 +147,14 @@ class _Instructions:
     features: torch.Tensor  # [B, Q, D]
     prompt: torch.Tensor  # [B, Q] the prompt of each (-1: padding)
     sequences: torch.Tensor  # [B, L] the prompt of every token
+    places: torch.Tensor  # [B, Q] the place of each in its prompt
 
     def of(self, layout: VisualLayout) -> Instruction:
         """Each image's: its row's instruction tokens of its own prompt."""
         image_prompt = self.sequences[layout.sample, layout.positions[:, 0]]
         mask = self.prompt[layout.sample] == image_prompt[:, None]
-        return Instruction(self.keys[layout.sample], self.features[layout.sample], mask)
+        sample = layout.sample
+        return Instruction(self.keys[sample], self.features[sample], mask, self.places[sample])
 
 
 @dataclass
@@ -730,12 +733,18 @@ class DecoderPruningHooks(LanguageModelHooks):
             scoring_layer, scoring_input = self._scoring_layer(call, layer, hidden)
             _, keys = internals.project_queries_keys(scoring_layer, scoring_input, position_embeddings, None)
             scores["keys"] = keys.transpose(1, 2).flatten(2)
+        if {"instruction", "prompt_positions"} & set(needs):  # each token's place in its prompt
+            places = places_in_prompts(call.attention_mask.bool(), self._sequences(call))
+        if "prompt_positions" in needs:
+            scores["prompt_positions"] = places
         if "instruction" in needs:
             rows, counted = self._instruction_rows(call)
             take = lambda x: torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
             sequences = self._sequences(call)
             prompt = torch.where(counted, torch.gather(sequences, 1, rows), -1)
-            scores["instruction"] = _Instructions(take(scores["keys"]), take(hidden), prompt, sequences)
+            scores["instruction"] = _Instructions(
+                take(scores["keys"]), take(hidden), prompt, sequences, torch.gather(places, 1, rows)
+            )
         if "instruction_rows" in needs:
             scores["instruction_rows"] = self._instruction_rows_attention(
                 call, layer, hidden, position_embeddings

@@ -18,11 +18,14 @@ class Instruction:
         keys: their key states, as ``SelectionContext.keys`` ``[I, Q, H_kv * d]``.
         features: their hidden states, as ``SelectionContext.features`` ``[I, Q, D]``.
         mask: which of the ``Q`` are tokens (the rest pad a shorter instruction) ``[I, Q]``.
+        positions: each one's place among its prompt's tokens, as ``SelectionContext.prompt_positions``
+            ``[I, Q]`` (``None`` where the adapter does not number them).
     """
 
     keys: torch.Tensor
     features: torch.Tensor
     mask: torch.Tensor
+    positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -77,6 +80,10 @@ class SelectionContext:
         transition: how much the attention and MLP sub-layers changed each visual token, summed from the
             layer before the first pruning stage on, across stages ``[I, N]`` (needs ``transition``; see
             :func:`tokenprune.transition.sublayer_transition`).
+        prompt_positions: each visual token's place among its prompt's tokens at the acting layer, counted
+            from 0 at the prompt's first real token, whatever padding or other prompts share its row
+            ``[I, N]`` (needs ``prompt_positions``; see :func:`tokenprune.sequence.places_in_prompts`): the
+            index a reference that runs one prompt unpadded gives it.
 
     In the ``vision`` stage ``features`` are the image encoder's tokens (patches; a merging method also
     sees the ``protected`` CLS token first), ``keys`` are the key states of the output layer averaged
@@ -114,6 +121,7 @@ class SelectionContext:
     instruction_rows: InstructionRows | None = None
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     transition: torch.Tensor | None = None
+    prompt_positions: torch.Tensor | None = None
     encoder_attention: dict[int, torch.Tensor] | None = None
     class_token: torch.Tensor | None = None
     sizes: torch.Tensor | None = None

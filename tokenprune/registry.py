@@ -30,6 +30,7 @@ KNOWN_NEEDS = (
     "instruction_rows",
     "final_norm",
     "transition",
+    "prompt_positions",
     "encoder_attention",
     "class_token",
 )
