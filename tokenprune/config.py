@@ -32,10 +32,13 @@ class PrunerConfig:
             decode memory and time fall with the kept fraction. Decode steps then attend to the kept
             tokens in every layer; the prompt itself is computed as without the option.
         positions: the position ids of the tokens after a stage that drops tokens in front of the language
-            model or inside it: ``"original"`` (the default) keeps each token's position in the unpruned
-            prompt; ``"renumbered"`` closes the gaps the dropped tokens leave, so that the kept tokens
-            follow one another, in those layers and at later decode steps (see :mod:`tokenprune.positions`
-            for the rule, Qwen-VL's multimodal positions included).
+            model or inside it: ``"original"`` keeps each token's position in the unpruned prompt;
+            ``"renumbered"`` closes the gaps the dropped tokens leave, so that the kept tokens follow one
+            another, in those layers and at later decode steps (see :mod:`tokenprune.positions` for the
+            rule, Qwen-VL's multimodal positions included). ``None`` (the default) takes the method's
+            reference's rule: ``"renumbered"`` for ``transprune`` and ``adaptinfer``, ``"original"`` for
+            the others. Original positions keep an object's place for the questions that ask for it
+            (GAP's finding; docs/performance.md measures it).
         vision: a ``vision``-stage config run first, inside the image encoder, e.g.
             ``PrunerConfig("fastv", keep_ratio=0.125, vision=PrunerConfig("tome", keep_ratio=0.5))``;
             this config's method then chooses among the tokens the encoder kept, its ratio or budget
@@ -58,10 +61,12 @@ class PrunerConfig:
     drop_early_kv: bool = False
     vision: PrunerConfig | None = None
     media: str = "both"
-    positions: str = "original"
+    positions: str | None = None
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
+        if self.positions is None:  # the reference's rule (frozen: set once, here)
+            object.__setattr__(self, "positions", spec.positions)
         if self.media not in MEDIA:
             raise ValueError(f"media must be one of {MEDIA} (what is pruned), got {self.media!r}")
         if self.positions not in POSITIONS:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .context import Merged, SelectionContext
+from .positions import POSITIONS
 
 MethodFn = Callable[..., torch.Tensor | Merged]
 EncoderLayersFn = Callable[[dict[str, object], int], tuple[int, ...]]
@@ -56,7 +57,9 @@ class MethodSpec:
     image's ``attention`` declares ``attention_top_k``: its decode hooks then select in one kernel where
     Triton runs (:func:`tokenprune.kernels.retrieval.attention_top_k`), and call the method elsewhere.
     A ``variable_count`` method may keep a different number of tokens per image (a prefill method only):
-    its rows may be of any width and repeat an index, a repeat keeping nothing more.
+    its rows may be of any width and repeat an index, a repeat keeping nothing more. ``positions`` is the
+    position rule its reference follows after dropping tokens in front of or inside the language model
+    (one of :data:`tokenprune.positions.POSITIONS`), a config's default.
     """
 
     name: str
@@ -72,6 +75,7 @@ class MethodSpec:
     encoder_queries: str = "cls"
     attention_top_k: bool = False
     variable_count: bool = False
+    positions: str = "original"
 
     @property
     def stage(self) -> str:
@@ -134,13 +138,15 @@ def register_method(
     encoder_queries: str = "cls",
     attention_top_k: bool = False,
     variable_count: bool = False,
+    positions: str = "original",
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn(ctx, keep, **options) -> LongTensor[I, keep] | Merged`` under ``name``.
 
     ``stage="vision"`` registers an image-encoder method (see :class:`MethodSpec` for ``per_layer``,
     ``encoder_layers`` and ``encoder_queries``), ``stage="kv"`` a decode-time method (called at every
     decode step and decoder layer with the cached visual keys and the step's attention to them); otherwise
-    the method acts at prefill, at decoder layer ``default_layer``.
+    the method acts at prefill, at decoder layer ``default_layer``; ``positions`` is then its reference's
+    position rule (``"renumbered"`` where the reference counts the kept tokens' positions again).
     The options are the function's keyword-only parameters; their defaults are the method's defaults.
     The first line of the docstring is the description shown by :func:`tokenprune.list_methods`.
     """
@@ -156,6 +162,8 @@ def register_method(
 
     if attention_top_k and (stage != "kv" or "attention" not in needs):
         raise ValueError('attention_top_k is for stage="kv" methods that need "attention"')
+    if positions not in POSITIONS or (positions != "original" and stage is not None):
+        raise ValueError(f"positions must be one of {POSITIONS}, and 'original' for a {stage} method")
 
     def decorator(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
@@ -177,6 +185,7 @@ def register_method(
             encoder_queries=encoder_queries,
             attention_top_k=attention_top_k,
             variable_count=variable_count,
+            positions=positions,
         )
         return fn
 
