@@ -52,10 +52,11 @@ class MethodSpec:
     ``per_layer`` methods (token merging) are called at every encoder layer they merge at, with the
     tokens present there; the others once. ``encoder_layers(options, output_layer)`` names the encoder
     layers whose attention a ``vision`` method needs (``ctx.encoder_attention``; a ``per_layer`` method's
-    merge step before layer ``i + 1`` reads layer ``i``'s), and ``encoder_queries``
-    (one of :data:`ENCODER_QUERIES`) whose attention it is. A ``kv`` method that keeps the top-k of each
-    image's ``attention`` declares ``attention_top_k``: its decode hooks then select in one kernel where
-    Triton runs (:func:`tokenprune.kernels.retrieval.attention_top_k`), and call the method elsewhere.
+    merge step in layer ``i``, between its attention and its MLP, reads layer ``i``'s), and
+    ``encoder_queries`` (one of :data:`ENCODER_QUERIES`) whose attention it is. A ``kv`` method that
+    keeps the top-k of each image's ``attention`` declares ``attention_top_k``: its decode hooks then
+    select in one kernel where Triton runs (:func:`tokenprune.kernels.retrieval.attention_top_k`), and
+    call the method elsewhere.
     A ``variable_count`` method may keep a different number of tokens per image (a prefill method only):
     its rows may be of any width and repeat an index, a repeat keeping nothing more. ``positions`` is the
     position rule its reference follows after dropping tokens in front of or inside the language model
