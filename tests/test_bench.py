@@ -233,9 +233,9 @@ def test_encoder_rows_count_tokens_and_share_one_baseline(encoder_rows):
     assert settings == [
         ("unpruned", "-", 64),
         ("tome", "r=0", 64),
-        ("tome", "r=8", 64 - 5 * 8),  # five merge steps before the last of six layers
+        ("tome", "r=8", 64 - 6 * 8),  # a merge step inside each of the six layers
         ("turbo", "r=0", 64),
-        ("turbo", "r=8", 64 - 5 * 8),
+        ("turbo", "r=8", 64 - 6 * 8),
         ("hiprune", "keep=0.25", 16),
         ("visionzip", "keep=0.25", 16),
         ("saint", "keep=0.25", 16),
