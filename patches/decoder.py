@@ -280,7 +280,7 @@ class DecoderPruningHooks(LanguageModelHooks):
             *self.generation_overrides(model),
             *self._label_hooks(model),
         ]
-        self._renumbered = pruner.config.positions == "renumbered"
+        self._renumbered = pruner.config.position_rule == "renumbered"
         if self._renumbered:
             rotary = internals.rotary_embedding(lm)
             handles.append(rotary.register_forward_pre_hook(self._capture_positions, with_kwargs=True))

@@ -395,7 +395,7 @@ class VisionEncoderAdapter:
                 f"{type(self.model).__name__} is an image encoder without a language model: only vision "
                 f"methods apply ({', '.join(vision_methods())}), not {config.method!r}"
             )
-        if config.positions != "original":
+        if config.positions not in (None, "original"):
             raise ValueError(
                 f"positions={config.positions!r} renumbers a language model's positions; "
                 f"{type(self.model).__name__} is an image encoder without one"

@@ -123,7 +123,8 @@ def test_unknown_bench_variant():
 
     assert bench_config("fastv+drop_early_kv", 0.5).drop_early_kv
     assert bench_config("fastv+renumbered", 0.5).positions == "renumbered"
-    assert bench_config("fastv", 0.5).positions == "original"
+    assert bench_config("fastv", 0.5).position_rule == "original"
+    assert bench_config("transprune+original", 0.5).position_rule == "original"
     hybrid = bench_config("saint_llm+saint", 0.25)
     assert (hybrid.method, hybrid.keep_ratio, hybrid.vision.method) == ("saint_llm", 0.25, "saint")
     assert hybrid.vision.keep_ratio == 376 / 576

@@ -36,8 +36,9 @@ class PrunerConfig:
             ``"renumbered"`` closes the gaps the dropped tokens leave, so that the kept tokens follow one
             another, in those layers and at later decode steps (see :mod:`tokenprune.positions` for the
             rule, Qwen-VL's multimodal positions included). ``None`` (the default) takes the method's
-            reference's rule: ``"renumbered"`` for ``transprune`` and ``adaptinfer``, ``"original"`` for
-            the others. Original positions keep an object's place for the questions that ask for it
+            reference's rule (:attr:`position_rule`): ``"renumbered"`` for ``transprune``, ``adaptinfer``
+            and ``visionzip`` (in a VLM), ``"original"`` for the others; composed with ``vision=``, this
+            config's method's. Original positions keep an object's place for the questions that ask for it
             (GAP's finding; docs/performance.md measures it).
         vision: a ``vision``-stage config run first, inside the image encoder, e.g.
             ``PrunerConfig("fastv", keep_ratio=0.125, vision=PrunerConfig("tome", keep_ratio=0.5))``;
@@ -65,11 +66,9 @@ class PrunerConfig:
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
-        if self.positions is None:  # the reference's rule (frozen: set once, here)
-            object.__setattr__(self, "positions", spec.positions)
         if self.media not in MEDIA:
             raise ValueError(f"media must be one of {MEDIA} (what is pruned), got {self.media!r}")
-        if self.positions not in POSITIONS:
+        if self.positions is not None and self.positions not in POSITIONS:
             raise ValueError(
                 f"positions must be one of {POSITIONS} (of the tokens after pruning), got {self.positions!r}"
             )
@@ -84,7 +83,7 @@ class PrunerConfig:
             or self.layer is not None
             or self.drop_early_kv
             or self.vision is not None
-            or self.positions != "original"
+            or self.positions not in (None, "original")
         ):
             raise ValueError(
                 f"{self.method!r} acts at decode steps, in every layer, on the unpruned cache: layer, "
@@ -187,6 +186,12 @@ class PrunerConfig:
     @property
     def spec(self) -> MethodSpec:
         return get_method(self.method)
+
+    @property
+    def position_rule(self) -> str:
+        """The position rule the language model's layers get: ``positions``, or where it is ``None`` the
+        method's reference's (:attr:`MethodSpec.positions`)."""
+        return self.spec.positions if self.positions is None else self.positions
 
     @property
     def acting_layer(self) -> int:

@@ -60,7 +60,7 @@ class MethodSpec:
     A ``variable_count`` method may keep a different number of tokens per image (a prefill method only):
     its rows may be of any width and repeat an index, a repeat keeping nothing more. ``positions`` is the
     position rule its reference follows after dropping tokens in front of or inside the language model
-    (one of :data:`tokenprune.positions.POSITIONS`), a config's default.
+    (one of :data:`tokenprune.positions.POSITIONS`; a vision method's, in a VLM), a config's default.
     """
 
     name: str
@@ -146,8 +146,9 @@ def register_method(
     ``stage="vision"`` registers an image-encoder method (see :class:`MethodSpec` for ``per_layer``,
     ``encoder_layers`` and ``encoder_queries``), ``stage="kv"`` a decode-time method (called at every
     decode step and decoder layer with the cached visual keys and the step's attention to them); otherwise
-    the method acts at prefill, at decoder layer ``default_layer``; ``positions`` is then its reference's
-    position rule (``"renumbered"`` where the reference counts the kept tokens' positions again).
+    the method acts at prefill, at decoder layer ``default_layer``. ``positions`` is its reference's position
+    rule in a language model (``"renumbered"`` where the reference counts the kept tokens' positions
+    again; ``"original"`` for a ``kv`` method).
     The options are the function's keyword-only parameters; their defaults are the method's defaults.
     The first line of the docstring is the description shown by :func:`tokenprune.list_methods`.
     """
@@ -163,8 +164,8 @@ def register_method(
 
     if attention_top_k and (stage != "kv" or "attention" not in needs):
         raise ValueError('attention_top_k is for stage="kv" methods that need "attention"')
-    if positions not in POSITIONS or (positions != "original" and stage is not None):
-        raise ValueError(f"positions must be one of {POSITIONS}, and 'original' for a {stage} method")
+    if positions not in POSITIONS or (positions != "original" and stage == "kv"):
+        raise ValueError(f"positions must be one of {POSITIONS}, and 'original' for a kv method")
 
     def decorator(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
