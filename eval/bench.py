@@ -222,7 +222,11 @@ class _Runner:
 
 
 #: The variants an entry may add to its method, ``method+variant``, and the config options each sets.
-VARIANTS = {"drop_early_kv": {"drop_early_kv": True}, "renumbered": {"positions": "renumbered"}}
+VARIANTS = {
+    "drop_early_kv": {"drop_early_kv": True},
+    "renumbered": {"positions": "renumbered"},
+    "original": {"positions": "original"},
+}
 #: The share of each image's tokens a composed entry's vision stage keeps (at least the entry's ratio):
 #: SAINT's hybrid default, 376 of LLaVA-1.5's 576 patches kept in the encoder (about a third dropped there).
 VISION_STAGE_KEEP = 376 / 576
@@ -230,7 +234,8 @@ VISION_STAGE_KEEP = 376 / 576
 
 def bench_config(method: str, keep_ratio: float) -> tp.PrunerConfig:
     """The config a benchmark or accuracy entry names: a method, or ``method+variant`` (one or more of
-    :data:`VARIANTS`, e.g. ``fastv+drop_early_kv`` or ``fastv+renumbered``) for those options, or
+    :data:`VARIANTS`, e.g. ``fastv+drop_early_kv``, ``fastv+renumbered`` or ``transprune+original``) for
+    those options, or
     ``method+vision_method`` (e.g. ``saint_llm+saint``, SAINT's hybrid) for a decoder method composed after a
     vision stage keeping :data:`VISION_STAGE_KEEP` of each image, or ``keep_ratio`` where that is more."""
     name, *variants = method.split("+")

@@ -35,6 +35,19 @@ def layer_attention(layer: nn.Module) -> nn.Module:
     return attention
 
 
+def layer_mlp(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The norm and MLP of an encoder layer's second half (``layer_norm2`` in CLIP/SigLIP,
+    ``layernorm_after`` in ViT; ``mlp``): the layer adds ``mlp(norm(h))`` to ``h``, its input plus its
+    attention's output, and returns that sum."""
+    norm = getattr(layer, "layer_norm2", None) or getattr(layer, "layernorm_after", None)
+    mlp = getattr(layer, "mlp", None)
+    if norm is None or mlp is None:
+        raise InternalsMovedError(
+            f"{type(layer).__name__} has no 'layer_norm2'/'layernorm_after' and 'mlp' after its attention"
+        )
+    return norm, mlp
+
+
 def attention_shape(attention: nn.Module) -> tuple[int, int, float]:
     """``(heads, head_dim, softmax scale)`` of an encoder self-attention module."""
     heads = getattr(attention, "num_heads", None) or getattr(attention, "num_attention_heads", None)
@@ -82,6 +95,7 @@ def check_encoder_internals(vision_model: nn.Module) -> None:
         raise InternalsMovedError(f"{type(vision_model).__name__} has no 'embeddings'")
     layer = layers[0]
     attention = layer_attention(layer)
+    layer_mlp(layer)
     for name in ("q_proj", "k_proj"):
         if not isinstance(getattr(attention, name, None), nn.Linear):
             raise InternalsMovedError(f"{type(attention).__name__} has no {name!r} projection")

@@ -3,11 +3,15 @@
 :class:`EncoderPruningHooks` hooks one encoder, standalone or as a VLM's vision tower, with per-instance
 forward hooks only:
 
-* merging methods (``per_layer``, ToMe): before every layer from the second up to the layer whose output
-  is used, the tokens are merged with the keys the previous layer computed for them (captured from its
-  key projection); with proportional attention, every later layer gets ``log(size)`` as an additive
-  attention bias over the keys. A ``per_layer`` method with a ``drop_layer`` option (SAINT) acts at one
-  of those points only, before layer ``drop_layer + 1``: the later layers run on the tokens it kept.
+* merging methods (``per_layer``, ToMe): inside every layer up to the one whose output is used, between
+  its attention and its MLP, as ToMe's ``tome.patch`` merges, the tokens (the layer's input plus its
+  attention's output) are merged with the keys that layer's attention computed (captured from its key
+  projection); the layer's MLP and its output then hold the merged tokens. With proportional attention,
+  every later layer gets ``log(size)`` as an additive attention bias over the keys. A ``per_layer``
+  method with a ``drop_layer`` option (SAINT) acts in layer ``drop_layer`` only: its MLP and the later
+  layers run on the tokens it kept. The hooks: the attention's output gives the merge, the MLP's norm
+  gets the merged tokens as its input, and the layer's output becomes the merged tokens plus the MLP's
+  output (the layer's own sum, of its unmerged rows, is discarded).
 * the other methods select (or merge) once, from the output layer's tokens, with the attention they
   declared, recomputed from the query/key projections captured at those layers: the CLS row only, or
   every row for an encoder without CLS or a method that asks for every query (``encoder_queries="all"``).
@@ -50,11 +54,14 @@ if TYPE_CHECKING:
 class _EncoderCall:
     """State of one encoder forward, shared by its hooks."""
 
-    schedule: list[int] | None = None  # tokens merged away before layers 1..output_layer
+    schedule: list[int] | None = None  # tokens merged away in layers 0..output_layer
     patches: int = 0  # patch tokens per image before merging
     sizes: torch.Tensor | None = None  # [B, n] patches each token stands for, once merged
     origin: torch.Tensor | None = None  # [B, n] original token index of each token
     keys: torch.Tensor | None = None  # [B, n, d] keys of the last layer run, averaged over heads
+    inputs: torch.Tensor | None = None  # [B, n, D] the input of the layer running
+    merged: torch.Tensor | None = None  # [B, n', D] the layer's tokens merged after its attention
+    mlp_output: torch.Tensor | None = None  # [B, n', D] its MLP's output on them
     class_token: torch.Tensor | None = None  # [B, D] the output layer's CLS token (needs class_token)
     projections: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> q, k
 
@@ -116,9 +123,9 @@ class EncoderPruningHooks:
         return config.kept_per_image(self.num_patches)
 
     def _merge_schedule(self, config: PrunerConfig, num_patches: int) -> list[int]:
-        """Tokens merged away before each of the layers ``1..output_layer``, for images of ``num_patches``;
-        a method with a ``drop_layer`` option (SAINT) removes them all at once, after that layer."""
-        steps, tokens = self.output_layer, num_patches + self.protected
+        """Tokens merged away in each of the layers ``0..output_layer``, for images of ``num_patches``;
+        a method with a ``drop_layer`` option (SAINT) removes them all at once, in that layer."""
+        steps, tokens = self.output_layer + 1, num_patches + self.protected
         if "drop_layer" in config.spec.options:
             schedule = [0] * steps
             schedule[self._drop_layer(config)] = num_patches - config.kept_per_image(num_patches)
@@ -130,7 +137,7 @@ class EncoderPruningHooks:
         return merge_schedule(tokens, keep, steps, self.protected)
 
     def _drop_layer(self, config: PrunerConfig) -> int:
-        """The layer after which a ``drop_layer`` method drops its tokens: the option, or by default three
+        """The layer in which a ``drop_layer`` method drops its tokens: the option, or by default three
         layers before the output layer; ``ValueError`` unless one layer at least runs after it."""
         layer = {**config.spec.options, **config.options}["drop_layer"]
         if layer is None:
@@ -148,12 +155,19 @@ class EncoderPruningHooks:
         first = self.layers[0]
         handles = [first.register_forward_pre_hook(self._start)]
         if config.spec.per_layer:
-            for layer in self.layers[: self.output_layer]:
-                key_proj = internals.layer_attention(layer).k_proj
-                handles.append(key_proj.register_forward_hook(self._capture_keys))
-            for i, layer in enumerate(self.layers[1:], start=1):
-                hook = partial(self._merge_before, i)
-                handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+            for i, layer in enumerate(self.layers):
+                handles.append(layer.register_forward_pre_hook(partial(self._enter, i), with_kwargs=True))
+            for i, layer in enumerate(self.layers[: self.output_layer + 1]):
+                attention = internals.layer_attention(layer)
+                norm, mlp = internals.layer_mlp(layer)
+                handles += [
+                    attention.k_proj.register_forward_hook(self._capture_keys),
+                    attention.register_forward_hook(partial(self._merge_after_attention, i)),
+                    norm.register_forward_pre_hook(self._merged_into_mlp),
+                    mlp.register_forward_hook(self._capture_mlp_output),
+                    # before transformers' own hooks, which record each layer's output
+                    layer.register_forward_hook(self._merged_output, prepend=True),
+                ]
             return handles + self._capture_projections(self._attention_layers)
         layers = set(self._attention_layers)
         if "keys" in config.spec.needs:
@@ -197,17 +211,33 @@ class EncoderPruningHooks:
         if self._call is not None:
             self._call.class_token = output[:, 0]
 
-    def _merge_before(self, layer: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    def _enter(self, layer: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        """Before a layer of a merging method: note its input; once tokens were merged, give it the
+        ``log(size)`` attention bias under proportional attention."""
         call = self._call
         if call is None:
             return None
         hidden = layer_hidden_states(args, kwargs)
-        mask = internals.layer_attention_mask(args, kwargs)
-        batch, tokens = hidden.shape[:2]
-        if call.schedule is None:  # the first merge point: the image size is known
-            call.patches = tokens - self.protected
+        if call.schedule is None:  # the first layer: the image size is known
+            call.patches = hidden.shape[1] - self.protected
             call.schedule = self._merge_schedule(self._config, call.patches)
-        if layer <= self.output_layer and call.schedule[layer - 1] > 0:
+        call.inputs = hidden
+        if call.sizes is None or not self._proportional:
+            return None
+        if internals.layer_attention_mask(args, kwargs) is not None:
+            raise ValueError("proportional attention cannot combine with an encoder attention mask")
+        return internals.with_layer_inputs(args, kwargs, hidden, call.sizes.log()[:, None, None, :])
+
+    def _merge_after_attention(self, layer: int, module: nn.Module, args: tuple, output: tuple) -> None:
+        """After a layer's attention: merge the layer's tokens as they stand there (its input plus the
+        attention's output, the sum the layer computes next) on the keys this attention computed, as ToMe's
+        block does; the layer's MLP then runs on the merged tokens (see :meth:`_merged_into_mlp`)."""
+        call = self._call
+        if call is None:
+            return
+        batch, tokens = call.inputs.shape[:2]
+        if call.schedule[layer] > 0:
+            hidden = call.inputs + output[0]
             if call.origin is None:
                 call.origin = torch.arange(tokens, device=hidden.device).expand(batch, tokens)
                 call.sizes = torch.ones(batch, tokens, dtype=hidden.dtype, device=hidden.device)
@@ -220,22 +250,39 @@ class EncoderPruningHooks:
                 protected=self.protected,
             )
             with self._pruner.timed_selection():
-                if layer - 1 in self._attention_layers:  # the attention of the layer the keys are from
+                if layer in self._attention_layers:  # this attention's, under the bias it ran with
                     bias = call.sizes.log() if self._proportional else None
-                    ctx.encoder_attention = {layer - 1: self._received_attention(call, layer - 1, bias)}
-                merged = self._pruner.select_with(self._config, ctx, tokens - call.schedule[layer - 1])
-            hidden, call.sizes = merged.features, merged.sizes
+                    ctx.encoder_attention = {layer: self._received_attention(call, layer, bias)}
+                merged = self._pruner.select_with(self._config, ctx, tokens - call.schedule[layer])
+            call.merged, call.sizes = merged.features, merged.sizes
             call.origin = gather_tokens(call.origin, merged.index)
-        call.projections.pop(layer - 1, None)
-        if layer <= self.output_layer:
-            self._record(batch, call.patches, hidden.shape[1] - self.protected)
-        if call.sizes is None:
+        call.projections.pop(layer, None)
+        self._record(batch, call.patches, tokens - call.schedule[layer] - self.protected)
+
+    def _merged_into_mlp(self, module: nn.Module, args: tuple) -> tuple | None:
+        """Before the norm of a layer's MLP: the merged tokens in place of the layer's unmerged sum."""
+        call = self._call
+        if call is None or call.merged is None:
             return None
-        if self._proportional:
-            if mask is not None:
-                raise ValueError("proportional attention cannot combine with an encoder attention mask")
-            mask = call.sizes.log()[:, None, None, :]
-        return internals.with_layer_inputs(args, kwargs, hidden, mask)
+        return (call.merged, *args[1:])
+
+    def _capture_mlp_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> object:
+        """After a layer's MLP on merged tokens: keep its output for :meth:`_merged_output`, and hand the
+        layer rows enough for its own sum with its unmerged tokens, which that hook discards."""
+        call = self._call
+        if call is None or call.merged is None:
+            return None
+        call.mlp_output = output
+        return torch.nn.functional.pad(output, (0, 0, 0, call.inputs.shape[1] - output.shape[1]))
+
+    def _merged_output(self, module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> object:
+        """After a layer that merged: its output is the merged tokens plus its MLP's output on them."""
+        call = self._call
+        if call is None or call.merged is None:
+            return None
+        hidden = call.merged + call.mlp_output
+        call.merged = call.mlp_output = None
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     def _reduce_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if self._call is None:
@@ -348,7 +395,7 @@ class VisionEncoderAdapter:
                 f"{type(self.model).__name__} is an image encoder without a language model: only vision "
                 f"methods apply ({', '.join(vision_methods())}), not {config.method!r}"
             )
-        if config.positions != "original":
+        if config.positions not in (None, "original"):
             raise ValueError(
                 f"positions={config.positions!r} renumbers a language model's positions; "
                 f"{type(self.model).__name__} is an image encoder without one"

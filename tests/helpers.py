@@ -6,6 +6,7 @@ import contextlib
 import functools
 import inspect
 import itertools
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -403,3 +404,36 @@ def renumbered_rotary(model, inputs: dict, stages: dict[int, torch.Tensor]):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def tome_block(
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    size: torch.Tensor | None,
+    merge: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    proportional: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One layer of transformers' CLIP, SigLIP or ViT encoder run as facebookresearch/ToMe's ``tome.patch``
+    runs a block (commit af95e4b, ``tome/patch/timm.py``: ``ToMeBlock.forward``, ``ToMeAttention.forward``),
+    written against the layer's own modules: the attention on the normed input, with ``log(size)`` added
+    to every key's logits once ``size`` is set and ``proportional``; its output added to the input; then
+    ``merge(hidden, size, metric, weights) -> (hidden, size)`` on those tokens, ``metric`` the keys this
+    attention computed averaged over heads (ToMe's ``k.mean(1)``) and ``weights`` its attention weights
+    (eager only); then the MLP on the norm of the merged tokens, added to them. Returns the layer's
+    output and the sizes."""
+    if hasattr(layer, "layer_norm1"):  # CLIP and SigLIP
+        norm1, norm2 = layer.layer_norm1, layer.layer_norm2
+    else:  # ViT
+        norm1, norm2 = layer.layernorm_before, layer.layernorm_after
+    attention = getattr(layer, "self_attn", None) or layer.attention
+    seen = {}
+    handle = attention.k_proj.register_forward_hook(lambda module, args, out: seen.update(keys=out))
+    bias = size.log()[:, None, None, :] if size is not None and proportional else None
+    try:
+        out, weights = attention(hidden_states=norm1(hidden), attention_mask=bias)
+    finally:
+        handle.remove()
+    hidden = hidden + out
+    metric = seen["keys"].view(*hidden.shape[:2], -1, attention.head_dim).mean(dim=2)
+    hidden, size = merge(hidden, size, metric, weights)
+    return hidden + layer.mlp(norm2(hidden)), size

@@ -123,7 +123,8 @@ def test_unknown_bench_variant():
 
     assert bench_config("fastv+drop_early_kv", 0.5).drop_early_kv
     assert bench_config("fastv+renumbered", 0.5).positions == "renumbered"
-    assert bench_config("fastv", 0.5).positions == "original"
+    assert bench_config("fastv", 0.5).position_rule == "original"
+    assert bench_config("transprune+original", 0.5).position_rule == "original"
     hybrid = bench_config("saint_llm+saint", 0.25)
     assert (hybrid.method, hybrid.keep_ratio, hybrid.vision.method) == ("saint_llm", 0.25, "saint")
     assert hybrid.vision.keep_ratio == 376 / 576
@@ -233,9 +234,9 @@ def test_encoder_rows_count_tokens_and_share_one_baseline(encoder_rows):
     assert settings == [
         ("unpruned", "-", 64),
         ("tome", "r=0", 64),
-        ("tome", "r=8", 64 - 5 * 8),  # five merge steps before the last of six layers
+        ("tome", "r=8", 64 - 6 * 8),  # a merge step inside each of the six layers
         ("turbo", "r=0", 64),
-        ("turbo", "r=8", 64 - 5 * 8),
+        ("turbo", "r=8", 64 - 6 * 8),
         ("hiprune", "keep=0.25", 16),
         ("visionzip", "keep=0.25", 16),
         ("saint", "keep=0.25", 16),

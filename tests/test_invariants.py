@@ -77,7 +77,11 @@ def vision_features(pruner, recorded: list[torch.Tensor]) -> torch.Tensor | None
 @pytest.mark.parametrize(("family", "method"), CASES)
 def test_dropping_equals_masking(model, method):
     inputs = tiny_inputs(model, RAGGED)
-    with tp.pruned(model, method, keep_ratio=0.25) as pruner, recorded_image_features(model) as recorded:
+    # the reference masks the dropped tokens, each token at its own position (renumbered: test_positions.py)
+    with (
+        tp.pruned(model, method, keep_ratio=0.25, positions="original") as pruner,
+        recorded_image_features(model) as recorded,
+    ):
         got = logits(model, inputs)
     keep = pruner.stats.keep_mask
     with substituted_image_features(model, vision_features(pruner, recorded)):
@@ -91,7 +95,11 @@ def test_dropping_equals_masking(model, method):
 @pytest.mark.parametrize(("family", "method"), CASES)
 def test_cached_generate_equals_recomputation(model, method):
     inputs = tiny_inputs(model, RAGGED)
-    with tp.pruned(model, method, keep_ratio=0.25) as pruner, recorded_image_features(model) as recorded:
+    # the reference masks the dropped tokens, each token at its own position (renumbered: test_positions.py)
+    with (
+        tp.pruned(model, method, keep_ratio=0.25, positions="original") as pruner,
+        recorded_image_features(model) as recorded,
+    ):
         out = greedy_with_logits(model, inputs)
     with substituted_image_features(model, vision_features(pruner, recorded)):
         assert_generate_matches_reference(model, inputs, out, pruner.stats.keep_masks)

@@ -35,9 +35,10 @@ SCHEDULE = {"fastv": ((1, 0.5), (3, 0.25))}
 
 
 def pruner_kwargs(method: str, keep_ratio: float) -> dict:
+    """The config of ``method``'s cases, with the positions the masked reference keeps (each token's own)."""
     if method in SCHEDULE and keep_ratio < 1.0:
-        return {"schedule": SCHEDULE[method]}
-    return {"keep_ratio": keep_ratio}
+        return {"schedule": SCHEDULE[method], "positions": "original"}
+    return {"keep_ratio": keep_ratio, "positions": "original"}
 
 
 def text_labels(model, inputs: dict) -> torch.Tensor:

@@ -62,7 +62,9 @@ def test_dropping_equals_masking_and_newlines_stay(next_model, method):
     model = next_model
     inputs = tiny_inputs(model, IMAGES)
     placeholder, newline = placeholders(model, inputs)
-    got, stats, expected = pruned_and_reference(model, tp.PrunerConfig(method, keep_ratio=0.25), inputs)
+    # the reference masks the dropped tokens, each token at its own position (renumbered: test_positions.py)
+    config = tp.PrunerConfig(method, keep_ratio=0.25, positions="original")
+    got, stats, expected = pruned_and_reference(model, config, inputs)
     keep = stats.keep_mask
     assert bool(keep[newline].all())  # structure, never pruned
     visual = placeholder & ~newline
@@ -103,7 +105,11 @@ def test_budgets_count_all_tiles_of_an_image_together(next_model):
 @pytest.mark.parametrize("method", PREFILL_METHODS + VISION_METHODS)
 def test_cached_generate_equals_recomputation(next_model, method):
     inputs = tiny_inputs(next_model, IMAGES)
-    with tp.pruned(next_model, method, keep_ratio=0.25) as pruner, tower_outputs(next_model) as handed_on:
+    # the reference masks the dropped tokens, each token at its own position (renumbered: test_positions.py)
+    with (
+        tp.pruned(next_model, method, keep_ratio=0.25, positions="original") as pruner,
+        tower_outputs(next_model) as handed_on,
+    ):
         out = greedy_with_logits(next_model, inputs)
     with tower_outputs(next_model, handed_on):
         assert_generate_matches_reference(next_model, inputs, out, pruner.stats.keep_masks)

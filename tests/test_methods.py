@@ -37,6 +37,7 @@ def random_context(images=3, rows=6, cols=8, dim=16, seed=0) -> SelectionContext
         instruction_attention=torch.rand(images, n, generator=g).softmax(-1),
         unrotated_logits=torch.randn(images, n, 4, generator=g),
         instruction_rows=random_instruction_rows(images, n, g),
+        prompt_positions=torch.arange(n).expand(images, n) + 3,  # after 3 text tokens
     )
 
 
@@ -75,6 +76,7 @@ def test_each_image_is_selected_on_its_own(method):
                 *(t[i : i + 1] for t in (ctx.instruction_rows.visual, ctx.instruction_rows.text)),
                 ctx.instruction_rows.mask[i : i + 1],
             ),
+            prompt_positions=ctx.prompt_positions[i : i + 1],
         )
         assert torch.equal(get_method(method).select(alone, 12, {}), together[i : i + 1])
 
@@ -140,6 +142,7 @@ def clustered_context(
         grid=None,
         image_index=torch.zeros(1, dtype=torch.long),
         keys=torch.randn(1, prototypes * copies, 8, generator=g),
+        prompt_positions=torch.arange(prototypes * copies)[None],
     ), labels
 
 

@@ -6,6 +6,7 @@ hooks."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tome_block
 
 import tokenprune as tp
 from tokenprune.context import SelectionContext
@@ -112,10 +113,11 @@ def test_language_model_drop_matches_the_reference_at_its_count(seed, threshold)
         assert torch.equal(kept[image], expected)
 
 
-def test_encoder_drop_inside_the_encoder_equals_masking_the_dropped_tokens():
+def test_encoder_drop_inside_layer_drop_layer_runs_the_rest_on_the_kept_tokens():
     """Through the real hooks on a tiny CLIP: with ``drop_layer=1`` the reference's patches (chosen from
-    layer 1's keys, captured here) are dropped before layer 2, and the output is what layers 2.. compute
-    on the whole sequence with the dropped tokens masked out of attention, at the kept tokens."""
+    layer 1's keys, captured here) are dropped inside layer 1, between its attention and its MLP, as the
+    reference's block drops them (``helpers.tome_block``, the block SAINT's patch follows); its MLP and
+    layers 2.. run on the CLS token and the kept patches."""
     model = tiny_encoder("clip", "eager", num_layers=4, patches_per_side=8)
     pixels = tiny_pixels(model, 2)
     layers = encoder_internals.encoder_layers(getattr(model, "vision_model", model))
@@ -129,18 +131,18 @@ def test_encoder_drop_inside_the_encoder_equals_masking_the_dropped_tokens():
     kept = torch.stack([iterative_drop_full_graph_reference(keys[b], 17) + 1 for b in range(2)])
     kept = torch.cat([torch.zeros(2, 1, dtype=torch.long), kept], dim=1)  # CLS and 16 patches
 
-    mask = torch.full((2, 1, 65, 65), torch.finfo(torch.float32).min)
-    mask[torch.arange(2)[:, None], :, :, kept] = 0.0
-    hidden = full.hidden_states[2]  # layer 1's output
+    def drop(x, size, metric, weights):
+        return torch.gather(x, 1, kept[..., None].expand(-1, -1, x.shape[-1])), size
+
     with torch.no_grad():
+        hidden, _ = tome_block(layers[1], full.hidden_states[1], None, drop, proportional=False)
         for layer in layers[2:]:
-            out = layer(hidden, mask)
+            out = layer(hidden, None)
             hidden = out[0] if isinstance(out, tuple) else out
-    expected = torch.gather(hidden, 1, kept[..., None].expand(-1, -1, hidden.shape[-1]))
 
     with tp.pruned(model, "saint", budget=16, drop_layer=1) as pruner, torch.no_grad():
         got = model(pixel_values=pixels).last_hidden_state
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, hidden, atol=1e-5, rtol=0)
     assert pruner.stats.kept_tokens == [16, 16]
 
 

@@ -1,13 +1,18 @@
 """ToMe against a small re-implementation of its official merge, written from reading that code, on
-identical random inputs: the same tokens must be merged, step after step."""
+identical random inputs (the same tokens must be merged, step after step) and in tiny encoders against
+``tome.patch``'s block (merged inside each layer, between its attention and its MLP)."""
 
 import pytest
 import torch
+from helpers import tome_block
 
+import tokenprune as tp
 from tokenprune.context import SelectionContext
 from tokenprune.kernels.gather import merge_tokens_reference
 from tokenprune.merge import bipartite_soft_matching, merge_schedule
+from tokenprune.patches import _encoder_internals as encoder_internals
 from tokenprune.registry import get_method
+from tokenprune.testing import tiny_encoder, tiny_inputs, tiny_model, tiny_pixels
 
 
 def tome_reference_step(
@@ -77,3 +82,85 @@ def test_tome_merges_what_the_reference_merges_over_a_schedule(patches, protecte
         torch.testing.assert_close(sizes, size)
         torch.testing.assert_close(tokens, x, atol=1e-5, rtol=1e-5)
     assert tokens.shape[1] == keep + protected
+
+
+def tome_reference_encoder(
+    layers, hidden: torch.Tensor, r: list[int], class_token: bool, proportional: bool
+) -> torch.Tensor:
+    """``hidden`` through ``layers`` as ``tome.patch`` runs them (see ``helpers.tome_block``): in layer
+    ``i``, after its attention, ``r[i]`` tokens merged by :func:`tome_reference_step` on that attention's
+    keys (averaged over heads), capped as ToMe's ``bipartite_soft_matching`` caps ``r`` (at half the
+    unprotected tokens); sizes from the first merge on, for proportional attention. The last layer's
+    output."""
+    size = None
+    for layer, step_r in zip(layers, r, strict=True):
+
+        def merge(x, size, metric, weights, step_r=step_r):
+            step_r = min(step_r, (x.shape[1] - class_token) // 2)
+            if step_r <= 0:
+                return x, size
+            size = torch.ones(x.shape[:2]) if size is None else size
+            source = torch.ones(*x.shape[:2], 1)  # not traced here
+            x, size, _ = tome_reference_step(x, size, source, metric, step_r, class_token)
+            return x, size
+
+        hidden, size = tome_block(layer, hidden, size, merge, proportional)
+    return hidden
+
+
+def encoder_run(family: str, attn: str):
+    """A tiny encoder (or LLaVA, for its vision tower) of ``family``: the model, a function running it on
+    two images, its layers and the index of the layer whose output is used."""
+    if family == "llava":
+        model = tiny_model("llava", attn)
+        layers = encoder_internals.encoder_layers(model.model.vision_tower)
+        inputs = tiny_inputs(model, (1, 1))
+        return model, lambda: model(**inputs), layers, len(layers) + model.config.vision_feature_layer
+    model = tiny_encoder(family, attn)
+    pixels = tiny_pixels(model, 2)
+    layers = encoder_internals.encoder_layers(getattr(model, "vision_model", model))
+    return model, lambda: model(pixel_values=pixels), layers, len(layers) - 1
+
+
+OPTIONS = {
+    "r=6": {"r": 6},
+    "keep=0.25": {"keep_ratio": 0.25},
+    "keep=0.5-plain": {"keep_ratio": 0.5, "proportional": False},
+}
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ["clip", "siglip", "vit", "llava"])
+def test_tome_merges_inside_each_layer_as_tome_patch(family, attn, options):
+    """Through the real hooks, every layer up to the one whose output is used (LLaVA's tower: its feature
+    layer) merges between its attention and its MLP, with that attention's keys and under proportional
+    attention, as ``tome.patch``'s block does: that layer's output equals the reference's, run on the same
+    input of the first layer with ToMe's per-layer ``r`` (``r=6`` at every layer, or the schedule that
+    ends at ``keep_ratio``)."""
+    model, run, layers, output_layer = encoder_run(family, attn)
+    class_token = family != "siglip"
+    seen = {}
+
+    def first_input(module, args, kwargs):
+        seen.setdefault("input", args[0] if args else kwargs["hidden_states"])
+
+    with tp.pruned(model, "tome", **options) as pruner, torch.no_grad():
+        handles = [
+            layers[0].register_forward_pre_hook(first_input, with_kwargs=True),
+            layers[output_layer].register_forward_hook(lambda module, args, out: seen.update(output=out)),
+        ]
+        run()
+        for handle in handles:
+            handle.remove()
+    tokens, steps = seen["input"].shape[1], output_layer + 1
+    if "r" in options:
+        r = [options["r"]] * steps
+    else:
+        keep = round(options["keep_ratio"] * (tokens - class_token)) + class_token
+        r = merge_schedule(tokens, keep, steps, int(class_token))
+    with torch.no_grad():  # the unpatched layers
+        proportional = options.get("proportional", True)
+        expected = tome_reference_encoder(layers[:steps], seen["input"], r, class_token, proportional)
+    assert pruner.stats.kept_tokens[0] == expected.shape[1] - class_token
+    torch.testing.assert_close(seen["output"], expected, atol=1e-5, rtol=1e-5)

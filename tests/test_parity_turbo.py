@@ -3,6 +3,7 @@ identical random inputs over a whole schedule, and on tiny encoders through the 
 
 import pytest
 import torch
+from helpers import tome_block
 
 import tokenprune as tp
 from tokenprune.context import SelectionContext
@@ -103,30 +104,25 @@ def test_turbo_merges_what_the_reference_merges_over_a_schedule(patches, protect
 
 
 def reference_encoder(model, hidden: torch.Tensor, schedule: list[int], proportional: bool) -> torch.Tensor:
-    """``hidden`` through the encoder's layers (eager) as the reference merges (with the documented
-    deviation: before each next layer), from the keys and attention weights each layer computed; with
-    ``proportional`` (the reference's ``prop_attn``), ``log(size)`` as the attention mask."""
-    layers = encoder_internals.encoder_layers(getattr(model, "vision_model", model))
-    class_token = encoder_internals.has_class_token(getattr(model, "vision_model", model))
-    seen = {}
-    size = torch.ones(hidden.shape[:2])
+    """``hidden`` through the encoder's layers (eager) as the reference's ``TurboBlock`` runs them, as
+    ``tome.patch``'s block (``helpers.tome_block``): ``schedule[i]`` tokens merged inside layer ``i``,
+    between its attention and its MLP, from the keys and the attention weights that attention computed;
+    with ``proportional`` (the reference's ``prop_attn``), ``log(size)`` as its attention mask once merged."""
+    vision_model = getattr(model, "vision_model", model)
+    layers = encoder_internals.encoder_layers(vision_model)
+    class_token = encoder_internals.has_class_token(vision_model)
+    size = None
     with torch.no_grad():
-        for i, layer in enumerate(layers):
-            if i and schedule[i - 1]:
-                metric = seen["keys"].view(*hidden.shape[:2], HEADS, -1).mean(dim=2)
-                cls_attention = reference_cls_attention(seen["weights"], class_token)
-                hidden, size = turbo_reference_step(
-                    hidden, size, metric, cls_attention, schedule[i - 1], class_token
-                )
-            attention = encoder_internals.layer_attention(layer)
-            handles = [
-                attention.k_proj.register_forward_hook(lambda m, a, out: seen.update(keys=out)),
-                attention.register_forward_hook(lambda m, a, out: seen.update(weights=out[1])),
-            ]
-            out = layer(hidden, size.log()[:, None, None, :] if i and proportional else None)
-            for handle in handles:
-                handle.remove()
-            hidden = out[0] if isinstance(out, tuple) else out
+        for layer, r in zip(layers, schedule, strict=True):
+
+            def merge(x, size, metric, weights, r=r):
+                if not r:
+                    return x, size
+                size = torch.ones(x.shape[:2]) if size is None else size
+                cls_attention = reference_cls_attention(weights, class_token)
+                return turbo_reference_step(x, size, metric, cls_attention, r, class_token)
+
+            hidden, size = tome_block(layer, hidden, size, merge, proportional)
     return hidden
 
 
@@ -136,16 +132,16 @@ def reference_encoder(model, hidden: torch.Tensor, schedule: list[int], proporti
 )
 def test_hooks_merge_what_the_reference_merges(family, attn, proportional):
     """Through the real hooks (CLS attention recomputed from the captured projections, with the
-    ``log(size)`` bias under proportional attention; sdpa returns no weights), a 12x12-patch encoder
-    merged down to 48 patches in five steps equals the reference run on the eager model's own keys and
-    attention weights."""
+    ``log(size)`` bias under proportional attention; sdpa returns no weights), a 12x12-patch encoder of six
+    layers merged down to 48 patches, inside each layer, equals the reference run on the eager model's own
+    keys and attention weights."""
     model, eager = (
         tiny_encoder(family, attn, patches_per_side=12),
         tiny_encoder(family, "eager", patches_per_side=12),
     )
     protected = int(family == "clip")
     hidden = torch.randn(2, protected + 144, 32, generator=torch.Generator().manual_seed(3))
-    schedule = merge_schedule(protected + 144, protected + 48, 5, protected)
+    schedule = merge_schedule(protected + 144, protected + 48, 6, protected)
     expected = reference_encoder(eager, hidden, schedule, proportional)
     with tp.pruned(model, "turbo", budget=48, proportional=proportional) as pruner, torch.no_grad():
         got = hidden

@@ -73,10 +73,21 @@ def test_renumbering_restarts_with_each_packed_prompt():
     assert renumbering_shift(positions, kept, sequence)[0].tolist() == [0, 0, 1, 1, 0, 0, 0, 2]
 
 
-@pytest.mark.parametrize("positions", ["compact", None, 1])
+@pytest.mark.parametrize("positions", ["compact", 1])
 def test_an_unknown_positions_value_is_refused(positions):
     with pytest.raises(ValueError, match="positions must be one of"):
         tp.PrunerConfig("fastv", keep_ratio=0.5, positions=positions)
+
+
+def test_each_method_defaults_to_its_references_positions():
+    """``positions=None`` (the default) is the reference's rule: TransPrune's and AdaptInfer's code renumber
+    the kept tokens, VisionZip's hands LLaVA fewer image features (consecutive positions), FastV's and
+    DART's keep their positions; an explicit value overrides it."""
+    for method in ("transprune", "adaptinfer", "visionzip"):
+        assert tp.PrunerConfig(method, keep_ratio=0.5).position_rule == "renumbered"
+    assert tp.PrunerConfig("fastv", keep_ratio=0.5).position_rule == "original"
+    assert tp.PrunerConfig("dart", keep_ratio=0.5).position_rule == "original"
+    assert tp.PrunerConfig("transprune", keep_ratio=0.5, positions="original").position_rule == "original"
 
 
 def test_positions_do_not_apply_to_a_kv_method_or_an_image_encoder():

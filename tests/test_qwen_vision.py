@@ -75,7 +75,9 @@ def test_keep_all_equals_the_unpatched_model(qwen, method):
 def test_dropping_equals_masking_with_the_features_handed_on(qwen, method, keep):
     inputs = media_inputs(qwen)
     items = item_tokens(qwen, inputs)
-    got, stats, expected = pruned_and_reference(qwen, tp.PrunerConfig(method, **keep), inputs)
+    # the reference masks the dropped tokens, each token at its own position (renumbered: test_positions.py)
+    config = tp.PrunerConfig(method, **keep, positions="original")
+    got, stats, expected = pruned_and_reference(qwen, config, inputs)
     per_item = (lambda n: round(0.25 * n)) if "keep_ratio" in keep else (lambda n: keep["budget"])
     assert stats.stage == "vision" and sorted(stats.keep_masks) == [0]
     assert stats.visual_tokens == [sum(sizes) for sizes in items]
@@ -101,7 +103,11 @@ def test_composed_stages_equal_masking(qwen, vision, decoder):
 @pytest.mark.parametrize("method", SELECTING)
 def test_generate_equals_recomputation(qwen, method):
     inputs = media_inputs(qwen)
-    with tp.pruned(qwen, method, keep_ratio=0.25) as pruner, tower_outputs(qwen) as handed_on:
+    # the reference masks the dropped tokens, each token at its own position (renumbered: test_positions.py)
+    with (
+        tp.pruned(qwen, method, keep_ratio=0.25, positions="original") as pruner,
+        tower_outputs(qwen) as handed_on,
+    ):
         out = greedy_with_logits(qwen, inputs)
     with tower_outputs(qwen, handed_on):
         assert_generate_matches_reference(qwen, inputs, out, pruner.stats.keep_masks)

@@ -49,7 +49,8 @@ def mixed_inputs(model):
 @pytest.mark.parametrize("method", PREFILL_METHODS)
 def test_mixed_sizes_equal_masking_with_the_ratio_per_image(qwen, method):
     inputs = mixed_inputs(qwen)
-    with tp.pruned(qwen, method, keep_ratio=0.25) as pruner, torch.no_grad():
+    # the reference masks the dropped tokens, each token at its own position (renumbered: test_positions.py)
+    with tp.pruned(qwen, method, keep_ratio=0.25, positions="original") as pruner, torch.no_grad():
         got = qwen(**inputs).logits
     kept = [round(0.25 * n) for n in TOKENS]
     assert pruner.stats.visual_tokens == [64, 24 + 48, 32]
@@ -105,7 +106,8 @@ def media_inputs(model):
 def test_images_and_videos_equal_masking(qwen_with_videos, method):
     qwen = qwen_with_videos
     inputs = media_inputs(qwen)
-    with tp.pruned(qwen, method, keep_ratio=0.25) as pruner, torch.no_grad():
+    # the reference masks the dropped tokens, each token at its own position (renumbered: test_positions.py)
+    with tp.pruned(qwen, method, keep_ratio=0.25, positions="original") as pruner, torch.no_grad():
         got = qwen(**inputs).logits
     kept = [round(0.25 * n) for n in TOKENS]
     assert pruner.stats.visual_tokens == [64 + 32, 24 + 48, 32 + 64]

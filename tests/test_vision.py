@@ -64,31 +64,52 @@ def test_nothing_merged_equals_the_original(family, attn, method, kwargs):
     assert pruner.stats.kept_tokens == pruner.stats.visual_tokens == [64, 64]
 
 
+def first_output_and_second_attention(model, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hidden`` through the two layers of ``model``: the first layer's output and the second layer's
+    attention output."""
+    layers = encoder_internals.encoder_layers(getattr(model, "vision_model", model))
+    seen = {}
+    handles = [
+        layers[0].register_forward_hook(lambda module, args, out: seen.update(first=out)),
+        encoder_internals.layer_attention(layers[1]).register_forward_hook(
+            lambda module, args, out: seen.update(attention=out[0])
+        ),
+    ]
+    run_layers(model, hidden)
+    for handle in handles:
+        handle.remove()
+    return seen["first"], seen["attention"]
+
+
 @pytest.mark.parametrize("method", MERGING)
 @pytest.mark.parametrize("family_name", ["clip", "siglip", "vit"])
 def test_merging_duplicates_back_reproduces_the_original(family_name, method):
-    """Every token twice, merged back after the first layer: with proportional attention the rest of the
-    encoder computes what it computes on the tokens once (a duplicated CLS token is never merged; its
-    two halves weigh as one token of size 2, and both equal the original CLS)."""
-    model = tiny_encoder(family_name, "eager", num_layers=2)  # one merge step, before layer 1
+    """Every token twice, merged back inside the first layer, after its attention (which attends to every
+    key twice, as to the tokens once): that layer's output is the tokens' own, and with proportional
+    attention the next layer's attention computes what it computes on the tokens once (a duplicated CLS
+    token is never merged; its two halves weigh as one token of size 2, and both equal the original CLS).
+    """
+    model = tiny_encoder(family_name, "eager", num_layers=2)  # a merge step in each layer
     cls = WITH_CLS[family_name]
     hidden = torch.randn(2, cls + 64, 32, generator=torch.Generator().manual_seed(1))
-    expected = run_layers(model, hidden)
+    first, attention = first_output_and_second_attention(model, hidden)
     duplicated = hidden.repeat_interleave(2, dim=1)  # a, a, b, b, ...: each source next to its copy
-    with tp.pruned(model, method, r=64, proportional=True) as pruner:
-        merged = run_layers(model, duplicated)
-    assert pruner.stats.kept_tokens == [64 + cls] * 2  # the CLS copy is kept as a patch token
-    torch.testing.assert_close(merged[:, cls:], expected, atol=1e-5, rtol=0)
+    with tp.pruned(model, method, r=64, proportional=True):
+        merged, merged_attention = first_output_and_second_attention(model, duplicated)
+    assert merged.shape[1] == 64 + 2 * cls  # the CLS copy is kept as a patch token
+    for got, expected in ((merged, first), (merged_attention, attention)):
+        torch.testing.assert_close(got[:, cls:], expected, atol=1e-5, rtol=0)
+        if cls:
+            torch.testing.assert_close(got[:, 0], expected[:, 0], atol=1e-5, rtol=0)
     if cls:
-        torch.testing.assert_close(merged[:, 0], expected[:, 0], atol=1e-5, rtol=0)
         with tp.pruned(model, method, r=64, proportional=False):
-            unweighted = run_layers(model, duplicated)
-        assert (unweighted[:, cls:] - expected).abs().max() > 1e-4  # the CLS copies would weigh double
+            _, unweighted = first_output_and_second_attention(model, duplicated)
+        assert (unweighted[:, cls:] - attention).abs().max() > 1e-4  # the CLS copies would weigh double
 
 
 @pytest.mark.parametrize(
     ("method", "budget"),
-    # ToMe merges at most half of the tokens per layer: 5 layers cannot go below 1 + 64 / 32 tokens
+    # ToMe merges at most half of the tokens per layer: the budgets stay within what its 6 steps reach
     [(m, b) for m in SELECTING for b in (1, 7, 16, 63)] + [(m, b) for m in MERGING for b in (2, 7, 16, 63)],
 )
 def test_exact_count_reaches_the_output(family, method, budget):
@@ -224,15 +245,15 @@ def test_features_encoded_elsewhere_are_refused(model):
         ("tome", {"r": -1}, ValueError, "tome option r must be an int >= 0, or None, got -1"),
         ("tome", {"r": 2, "keep_ratio": 0.5}, ValueError, "not both"),
         ("tome", {"keep_ratio": 0.5, "layer": 2}, ValueError, "acts inside the image encoder"),
-        ("hiprune", {"keep_ratio": 0.5, "anchor_layer": 9}, ValueError, r"anchor_layer must be .* 0..5"),
+        ("hiprune", {"keep_ratio": 0.5, "anchor_layer": 9}, ValueError, r"anchor_layer must be .* 0..4"),
         ("visionzip", {"budget": 65}, ValueError, "larger than the 64 visual tokens"),
-        ("saint", {"budget": 16, "drop_layer": 5}, ValueError, r"drop_layer must be an int in \[0, 5\)"),
+        ("saint", {"budget": 16, "drop_layer": 5}, ValueError, r"drop_layer must be an int in \[0, 4\)"),
         ("turbo", {"keep_ratio": 0.5, "alpha": -1.0}, ValueError, "turbo option alpha must be .* >= 0"),
         ("turbo", {"r": 2, "alpha": "1"}, TypeError, "turbo option alpha must be a finite number >= 0"),
     ],
 )
 def test_bad_vision_config_raises_before_any_work(method, kwargs, error, match):
-    model = tiny_encoder("clip")
+    model = tiny_encoder("clip", num_layers=5)
     with pytest.raises(error, match=match):
         tp.apply_pruner(model, method, **kwargs)
     assert not tokenprune_hooks(model)

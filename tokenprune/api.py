@@ -23,7 +23,7 @@ def apply_pruner(
     schedule: tuple[tuple[int, float], ...] | None = None,
     drop_early_kv: bool = False,
     media: str = "both",
-    positions: str = "original",
+    positions: str | None = None,
     **options: object,
 ) -> Pruner:
     """Prune the visual tokens of every forward pass of ``model`` (including inside ``generate``).
@@ -40,7 +40,7 @@ def apply_pruner(
             prefill is done (see :class:`PrunerConfig`).
         media: in a family that takes videos, prune ``"images"``, ``"videos"`` or ``"both"``.
         positions: ``"original"`` keeps the kept tokens' positions, ``"renumbered"`` closes the gaps the
-            dropped ones leave (see :class:`PrunerConfig`).
+            dropped ones leave, ``None`` follows the method's reference (see :class:`PrunerConfig`).
         **options: method-specific options, checked against the method's declaration (type and range;
             ``docs/methods.md`` lists them).
 
@@ -53,7 +53,7 @@ def apply_pruner(
     """
     if isinstance(method, PrunerConfig):
         extra = (keep_ratio, budget, layer, schedule)
-        defaults = not drop_early_kv and not options and media == "both" and positions == "original"
+        defaults = not drop_early_kv and not options and media == "both" and positions is None
         if any(x is not None for x in extra) or not defaults:
             raise TypeError("pass either a PrunerConfig or a method name with its arguments, not both")
         config = method

@@ -32,19 +32,23 @@ def query_attention(
     return scores.softmax(dim=-1).mean(dim=(1, 2))
 
 
-def query_logits(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Attention logits ``[B, H, Q, L]`` (float32) of the query rows ``[B, H, Q, d]`` over the keys
-    ``[B, H_kv, L, d]``, each key head shared by ``H / H_kv`` query heads (GQA)."""
+def query_logits(
+    query: torch.Tensor, keys: torch.Tensor, scaling: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Attention logits ``[B, H, Q, L]`` of the query rows ``[B, H, Q, d]`` over the keys
+    ``[B, H_kv, L, d]``, each key head shared by ``H / H_kv`` query heads (GQA); computed in ``dtype``
+    (float32 unless the caller follows a reference that computes them in the model's)."""
     groups = query.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(groups, dim=1)
-    return torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scaling
+    return torch.matmul(query.to(dtype), keys.to(dtype).transpose(-1, -2)) * scaling
 
 
 def causal_rows_attention(
     query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor, row_mask: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """Softmax attention of several query rows, each over the keys it may see, averaged over heads and
-    over the rows that ``row_mask`` counts.
+    over the rows that ``row_mask`` counts, in the queries' dtype as TransPrune's reference computes its
+    instruction attention (logits and averages in the model's dtype, the softmax in float32, then back).
 
     Args:
         query: ``[B, H, Q, d]`` query states (RoPE applied).
@@ -54,8 +58,10 @@ def causal_rows_attention(
         scaling: the layer's softmax scale.
 
     Returns:
-        ``[B, L]`` float32 attention weights. Costs O(B * H * Q * L).
+        ``[B, L]`` attention weights in the queries' dtype. Costs O(B * H * Q * L).
     """
-    scores = query_logits(query, keys, scaling).masked_fill(~key_mask[:, None], float("-inf"))
-    per_row = scores.softmax(dim=-1).mean(dim=1) * row_mask[..., None]  # [B, Q, L], heads averaged
-    return per_row.sum(dim=1) / row_mask.sum(dim=1, keepdim=True)
+    dtype = query.dtype
+    scores = query_logits(query, keys, scaling, dtype).masked_fill(~key_mask[:, None], float("-inf"))
+    per_row = scores.softmax(dim=-1, dtype=torch.float32).to(dtype).mean(dim=1)  # [B, Q, L], heads averaged
+    total = (per_row * row_mask[..., None]).sum(dim=1, dtype=torch.float32)
+    return (total / row_mask.sum(dim=1, keepdim=True)).to(dtype)  # a mean over the rows, rounded once

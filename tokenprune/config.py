@@ -33,10 +33,14 @@ class PrunerConfig:
             decode memory and time fall with the kept fraction. Decode steps then attend to the kept
             tokens in every layer; the prompt itself is computed as without the option.
         positions: the position ids of the tokens after a stage that drops tokens in front of the language
-            model or inside it: ``"original"`` (the default) keeps each token's position in the unpruned
-            prompt; ``"renumbered"`` closes the gaps the dropped tokens leave, so that the kept tokens
-            follow one another, in those layers and at later decode steps (see :mod:`tokenprune.positions`
-            for the rule, Qwen-VL's multimodal positions included).
+            model or inside it: ``"original"`` keeps each token's position in the unpruned prompt;
+            ``"renumbered"`` closes the gaps the dropped tokens leave, so that the kept tokens follow one
+            another, in those layers and at later decode steps (see :mod:`tokenprune.positions` for the
+            rule, Qwen-VL's multimodal positions included). ``None`` (the default) takes the method's
+            reference's rule (:attr:`position_rule`): ``"renumbered"`` for ``transprune``, ``adaptinfer``
+            and ``visionzip`` (in a VLM), ``"original"`` for the others; composed with ``vision=``, this
+            config's method's. Original positions keep an object's place for the questions that ask for it
+            (GAP's finding; docs/performance.md measures it).
         vision: a ``vision``-stage config run first, inside the image encoder, e.g.
             ``PrunerConfig("fastv", keep_ratio=0.125, vision=PrunerConfig("tome", keep_ratio=0.5))``;
             this config's method then chooses among the tokens the encoder kept, its ratio or budget
@@ -59,13 +63,13 @@ class PrunerConfig:
     drop_early_kv: bool = False
     vision: PrunerConfig | None = None
     media: str = "both"
-    positions: str = "original"
+    positions: str | None = None
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
         if self.media not in MEDIA:
             raise ValueError(f"media must be one of {MEDIA} (what is pruned), got {self.media!r}")
-        if self.positions not in POSITIONS:
+        if self.positions is not None and self.positions not in POSITIONS:
             raise ValueError(
                 f"positions must be one of {POSITIONS} (of the tokens after pruning), got {self.positions!r}"
             )
@@ -81,7 +85,7 @@ class PrunerConfig:
             or self.layer is not None
             or self.drop_early_kv
             or self.vision is not None
-            or self.positions != "original"
+            or self.positions not in (None, "original")
         ):
             raise ValueError(
                 f"{self.method!r} acts at decode steps, in every layer, on the unpruned cache: layer, "
@@ -201,6 +205,12 @@ class PrunerConfig:
     @property
     def spec(self) -> MethodSpec:
         return get_method(self.method)
+
+    @property
+    def position_rule(self) -> str:
+        """The position rule the language model's layers get: ``positions``, or where it is ``None`` the
+        method's reference's (:attr:`MethodSpec.positions`)."""
+        return self.spec.positions if self.positions is None else self.positions
 
     @property
     def acting_layer(self) -> int:

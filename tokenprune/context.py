@@ -18,11 +18,14 @@ class Instruction:
         keys: their key states, as ``SelectionContext.keys`` ``[I, Q, H_kv * d]``.
         features: their hidden states, as ``SelectionContext.features`` ``[I, Q, D]``.
         mask: which of the ``Q`` are tokens (the rest pad a shorter instruction) ``[I, Q]``.
+        positions: each one's place among its prompt's tokens, as ``SelectionContext.prompt_positions``
+            ``[I, Q]`` (``None`` where the adapter does not number them).
     """
 
     keys: torch.Tensor
     features: torch.Tensor
     mask: torch.Tensor
+    positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -66,7 +69,8 @@ class SelectionContext:
             ``unrotated_logits``).
         instruction_attention: attention that the prompt's instruction (every token after the images)
             pays to each visual token at the acting layer itself, each query's softmax over the prompt
-            before it, averaged over heads and queries ``[I, N]`` (needs ``instruction_attention``).
+            before it, averaged over heads and queries, in the model's dtype as TransPrune's reference
+            computes it ``[I, N]`` (needs ``instruction_attention``).
         instruction: the key and hidden states of the prompt's instruction, the tokens after its images
             (needs ``instruction``; see :class:`Instruction`).
         instruction_rows: the attention rows of those instruction tokens at the layer before the acting layer,
@@ -74,9 +78,13 @@ class SelectionContext:
             :class:`InstructionRows`): O(Q * L) per prompt, never the full attention matrix.
         final_norm: the language model's final norm (needs ``final_norm``): what the model applies to the
             last layer's output, for a method that compares hidden states as the model would read them.
-        transition: how much the attention and MLP sub-layers changed each visual token, summed from the
-            layer before the first pruning stage on, across stages ``[I, N]`` (needs ``transition``; see
-            :func:`tokenprune.transition.sublayer_transition`).
+        transition: how much the attention and MLP sub-layers changed each visual token, summed (in
+            float32) from the layer before the first pruning stage on, across stages ``[I, N]`` (needs
+            ``transition``; see :func:`tokenprune.transition.sublayer_transition`).
+        prompt_positions: each visual token's place among its prompt's tokens at the acting layer, counted
+            from 0 at the prompt's first real token, whatever padding or other prompts share its row
+            ``[I, N]`` (needs ``prompt_positions``; see :func:`tokenprune.sequence.places_in_prompts`): the
+            index a reference that runs one prompt unpadded gives it.
 
     In the ``vision`` stage ``features`` are the image encoder's tokens (patches; a merging method also
     sees the ``protected`` CLS token first), ``keys`` are the key states of the output layer averaged
@@ -114,6 +122,7 @@ class SelectionContext:
     instruction_rows: InstructionRows | None = None
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     transition: torch.Tensor | None = None
+    prompt_positions: torch.Tensor | None = None
     encoder_attention: dict[int, torch.Tensor] | None = None
     class_token: torch.Tensor | None = None
     sizes: torch.Tensor | None = None

@@ -1,6 +1,6 @@
 """Token merging (ToMe): bipartite soft matching and merge schedules.
 
-Pure tensor functions: the vision adapter calls them between encoder layers and merges with
+Pure tensor functions: the vision adapter calls them inside encoder layers and merges with
 :func:`tokenprune.kernels.merge_tokens` (size-weighted averages). Bolya et al., "Token
 Merging: Your ViT But Faster" (ICLR 2023).
 """
@@ -79,7 +79,7 @@ def merge_schedule(num_tokens: int, keep: int, steps: int, protected: int) -> li
     tokens). ``ValueError`` if ``keep`` cannot be reached.
     """
     if steps < 1:
-        raise ValueError("token merging needs at least one encoder layer after the first to merge at")
+        raise ValueError("token merging needs at least one encoder layer to merge in")
     if _fewest_left(num_tokens, steps, protected) > keep:
         raise ValueError(
             f"cannot merge {num_tokens} tokens down to {keep} in {steps} layers (at most half of the "

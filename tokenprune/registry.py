@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .context import Merged, SelectionContext
+from .positions import POSITIONS
 
 MethodFn = Callable[..., torch.Tensor | Merged]
 EncoderLayersFn = Callable[[dict[str, object], int], tuple[int, ...]]
@@ -34,6 +35,7 @@ KNOWN_NEEDS = (
     "instruction_rows",
     "final_norm",
     "transition",
+    "prompt_positions",
     "encoder_attention",
     "class_token",
 )
@@ -144,13 +146,16 @@ class MethodSpec:
     ``per_layer`` methods (token merging) are called at every encoder layer they merge at, with the
     tokens present there; the others once. ``encoder_layers(options, output_layer)`` names the encoder
     layers whose attention a ``vision`` method needs (``ctx.encoder_attention``; a ``per_layer`` method's
-    merge step before layer ``i + 1`` reads layer ``i``'s), and ``encoder_queries``
-    (one of :data:`ENCODER_QUERIES`) whose attention it is. A ``kv`` method that keeps the top-k of each
-    image's ``attention`` declares ``attention_top_k``: its decode hooks then select in one kernel where
-    Triton runs (:func:`tokenprune.kernels.retrieval.attention_top_k`), and call the method elsewhere.
+    merge step in layer ``i``, between its attention and its MLP, reads layer ``i``'s), and
+    ``encoder_queries`` (one of :data:`ENCODER_QUERIES`) whose attention it is. A ``kv`` method that
+    keeps the top-k of each image's ``attention`` declares ``attention_top_k``: its decode hooks then
+    select in one kernel where Triton runs (:func:`tokenprune.kernels.retrieval.attention_top_k`), and
+    call the method elsewhere.
     A ``variable_count`` method may keep a different number of tokens per image (a prefill method only):
     its rows may be of any width and repeat an index, a repeat keeping nothing more. ``declared`` are its
-    options (:class:`MethodOption`), which :meth:`check_options` checks.
+    options (:class:`MethodOption`), which :meth:`check_options` checks. ``positions`` is the position rule
+    its reference follows after dropping tokens in front of or inside the language model (one of
+    :data:`tokenprune.positions.POSITIONS`; a vision method's, in a VLM), a config's default.
     """
 
     name: str
@@ -166,6 +171,7 @@ class MethodSpec:
     encoder_queries: str = "cls"
     attention_top_k: bool = False
     variable_count: bool = False
+    positions: str = "original"
 
     @property
     def options(self) -> dict[str, object]:
@@ -257,13 +263,16 @@ def register_method(
     attention_top_k: bool = False,
     variable_count: bool = False,
     ranges: Mapping[str, tuple[Bound, Bound]] | None = None,
+    positions: str = "original",
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn(ctx, keep, **options) -> LongTensor[I, keep] | Merged`` under ``name``.
 
     ``stage="vision"`` registers an image-encoder method (see :class:`MethodSpec` for ``per_layer``,
     ``encoder_layers`` and ``encoder_queries``), ``stage="kv"`` a decode-time method (called at every
     decode step and decoder layer with the cached visual keys and the step's attention to them); otherwise
-    the method acts at prefill, at decoder layer ``default_layer``.
+    the method acts at prefill, at decoder layer ``default_layer``. ``positions`` is its reference's position
+    rule in a language model (``"renumbered"`` where the reference counts the kept tokens' positions
+    again; ``"original"`` for a ``kv`` method).
     The options are the function's keyword-only parameters; their defaults are the method's defaults, and
     their annotations (``int``, ``float``, ``bool``, ``str``, each optionally ``| None``) the types they take.
     ``ranges`` maps a numeric option to the closed range ``(low, high)`` it takes, ``None`` for no bound or
@@ -283,6 +292,8 @@ def register_method(
 
     if attention_top_k and (stage != "kv" or "attention" not in needs):
         raise ValueError('attention_top_k is for stage="kv" methods that need "attention"')
+    if positions not in POSITIONS or (positions != "original" and stage == "kv"):
+        raise ValueError(f"positions must be one of {POSITIONS}, and 'original' for a kv method")
 
     def decorator(fn: MethodFn) -> MethodFn:
         if name in _registry():
@@ -303,6 +314,7 @@ def register_method(
             encoder_queries=encoder_queries,
             attention_top_k=attention_top_k,
             variable_count=variable_count,
+            positions=positions,
         )
         return fn
 

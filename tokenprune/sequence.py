@@ -71,6 +71,18 @@ def plan_compaction(keep: torch.Tensor) -> Compaction:
     return Compaction(index=index, valid=valid)
 
 
+def places_in_prompts(valid: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+    """Each token's place among the real tokens of its prompt ``[B, L]``: 0 for a prompt's first real token,
+    whatever padding comes before it (``valid [B, L]`` False) or other prompts of a padding-free row
+    (``sequence [B, L]`` numbers each token's prompt from 0 along its row). The index the token would have
+    in its prompt run alone, as the reference implementations, which run one prompt unpadded, number
+    tokens; a padding token's value is meaningless."""
+    before = valid.long().cumsum(dim=1) - valid.long()  # real tokens of the row before each
+    unset = torch.full_like(before, torch.iinfo(before.dtype).max)
+    first = unset.scatter_reduce(1, sequence, torch.where(valid, before, unset), "amin")  # before each prompt
+    return before - torch.gather(first, 1, sequence)
+
+
 def keep_masks(visual: torch.Tensor, selections: list[tuple[VisualLayout, torch.Tensor]]) -> torch.Tensor:
     """Per-token keep flags ``[B, L]``: every non-visual token, and of each group of images ``layout``
     the visual tokens its ``keep_index [I, k]`` names (indices into each image's tokens, 0..N-1)."""

@@ -213,12 +213,18 @@ class DecoderPruningHooks(LanguageModelHooks):
             self._call.scoring_input = internals.layer_hidden_states(args, kwargs)
 
     def _track_transition(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        """Add a sub-layer's transition of every token to the sum the prefill carries across stages."""
+        """Add a layer's transition of every token to the float32 sum the prefill carries across stages:
+        its attention's and its MLP's (called in that order) added first in the model's dtype, as
+        TransPrune's reference adds them."""
         call = self._call
         if call is None or call.visual is None:
             return
         inputs, outputs = internals.sublayer_input_output(args, kwargs, output)
         change = sublayer_transition(inputs, outputs, call.attention_mask.bool())
+        if call.pending_transition is None:  # the attention's: the MLP's comes next
+            call.pending_transition = change
+            return
+        change, call.pending_transition = (call.pending_transition + change).float(), None
         call.transition = change if call.transition is None else call.transition + change
 
     def _after_stage(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

@@ -43,7 +43,8 @@ class Call:
     sequence_ids: torch.Tensor | None = None  # [B, L_cur] packed sequence of each row, where packed
     layer_kwargs: dict[str, Any] = field(default_factory=dict)  # what the following layers get
     scoring_input: torch.Tensor | None = None  # input of the layer whose keys/attention score tokens
-    transition: torch.Tensor | None = None  # [B, L_cur] sub-layer transitions summed so far
+    transition: torch.Tensor | None = None  # [B, L_cur] float32 layer transitions summed so far
+    pending_transition: torch.Tensor | None = None  # [B, L_cur] a layer's attention's, until its MLP's
     # renumbered positions: the ids the rotary embedding was given (prefill: of the current layout)
     rotary_positions: torch.Tensor | None = None  # [B or 1, L_cur], or [3, B, L_cur] (multimodal RoPE)
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from tokenprune.attention import causal_rows_attention, query_logits
 from tokenprune.context import Instruction, InstructionRows
-from tokenprune.sequence import VisualLayout
+from tokenprune.sequence import VisualLayout, places_in_prompts
 
 from .. import _internals as internals
 from .layout import Call, instruction_rows, prompt_ends, sequences
@@ -70,12 +70,14 @@ class Instructions:
     features: torch.Tensor  # [B, Q, D]
     prompt: torch.Tensor  # [B, Q] the prompt of each (-1: padding)
     sequences: torch.Tensor  # [B, L] the prompt of every token
+    places: torch.Tensor  # [B, Q] the place of each in its prompt
 
     def of(self, layout: VisualLayout) -> Instruction:
         """Each image's: its row's instruction tokens of its own prompt."""
-        image_prompt = self.sequences[layout.sample, layout.positions[:, 0]]
-        mask = self.prompt[layout.sample] == image_prompt[:, None]
-        return Instruction(self.keys[layout.sample], self.features[layout.sample], mask)
+        sample = layout.sample
+        image_prompt = self.sequences[sample, layout.positions[:, 0]]
+        mask = self.prompt[sample] == image_prompt[:, None]
+        return Instruction(self.keys[sample], self.features[sample], mask, self.places[sample])
 
 
 @dataclass
@@ -118,7 +120,15 @@ def instruction(reading: LayerReading) -> Instructions:
     def take(x: torch.Tensor) -> torch.Tensor:
         return torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))
 
-    return Instructions(take(reading.need("keys")), take(reading.hidden), prompt, prompts)
+    places = torch.gather(reading.need("prompt_positions"), 1, rows)
+    return Instructions(take(reading.need("keys")), take(reading.hidden), prompt, prompts, places)
+
+
+def prompt_positions(reading: LayerReading) -> torch.Tensor:
+    """Each token's place among the real tokens of its prompt ``[B, L]``, as if the prompt ran alone and
+    unpadded (see :func:`tokenprune.sequence.places_in_prompts`)."""
+    call = reading.call
+    return places_in_prompts(call.attention_mask.bool(), sequences(call))
 
 
 def last_token_attention(reading: LayerReading) -> torch.Tensor:
@@ -217,6 +227,7 @@ def final_norm(reading: LayerReading) -> nn.Module:
 PROVIDERS: dict[str, Callable[[LayerReading], Any]] = {
     "keys": keys,
     "instruction": instruction,
+    "prompt_positions": prompt_positions,
     "instruction_rows": instruction_rows_attention,
     "attention": last_token_attention,
     "unrotated_logits": unrotated_logits,

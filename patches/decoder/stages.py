@@ -76,7 +76,7 @@ class Stages:
         self._hooks = hooks
         # (layer, visual tokens kept per image; None where that follows each image's size)
         self.stages: list[tuple[int, int | None]] = pruner.stages
-        self.renumbered = pruner.config.positions == "renumbered"
+        self.renumbered = pruner.config.position_rule == "renumbered"
 
     @property
     def layers(self) -> list[int]:

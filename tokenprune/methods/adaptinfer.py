@@ -35,7 +35,7 @@ def text_guided_scores(visual: torch.Tensor, text: torch.Tensor, mask: torch.Ten
     return (weight[..., None] * visual.float()).sum(dim=(1, 2))
 
 
-@register_method("adaptinfer", default_layer=2, needs=("instruction_rows",))
+@register_method("adaptinfer", default_layer=2, needs=("instruction_rows",), positions="renumbered")
 def adaptinfer(ctx: SelectionContext, keep: int) -> torch.Tensor:
     """Keep the visual tokens the instruction attends to most, weighted by its own attention (AdaptInfer).
 
@@ -46,8 +46,9 @@ def adaptinfer(ctx: SelectionContext, keep: int) -> torch.Tensor:
     receive from the instruction, summed over heads; the top ``keep`` stay. The reference prunes three times
     in LLaVA-1.5-7B, after layers 1, 10 and 20, where the text's attention to the image shifts; it keeps
     133, 27 and 3 tokens for its average of 64 (290, 72 and 18 for 128): here
-    ``schedule=((2, 0.231), (11, 0.047), (21, 0.005))`` and ``positions="renumbered"``. Alone, it acts at
-    layer 2 (the reference's first stage).
+    ``schedule=((2, 0.231), (11, 0.047), (21, 0.005))``. Alone, it acts at layer 2 (the reference's first
+    stage). As the reference, the kept tokens are renumbered after each stage by default
+    (``positions="original"`` keeps their places).
 
     Deviations:
     - scored at layer K-1 and pruned from layer K on, tokenprune's convention (the reference scores layer
@@ -56,7 +57,6 @@ def adaptinfer(ctx: SelectionContext, keep: int) -> torch.Tensor:
       the reference builds the whole causal map.
     - float32 scores (the reference's are in the model's dtype).
     - a stage keeps ``round(ratio * N)`` or ``budget`` tokens per image, not the reference's table of counts.
-    - kept tokens keep their original positions unless ``positions="renumbered"`` (the reference renumbers).
     - several images in a prompt are each scored by the instruction after the last one (the reference
       takes one image); its clustering of pruned tokens (``s_flag``, off in its runs) and its blend of the
       text weights with their mean (``lb``, 1 in its runs: off) are not offered.

@@ -32,14 +32,13 @@ def saint(ctx: SelectionContext, keep: int, *, drop_layer: int | None = None, di
     remain; the CLS token always stays. The first round drops ``N // divisor`` of the ``N`` patches, every
     later one ``N_t // r_{t-1}`` of the ``N_t`` left, ``r_{t-1}`` being the previous round's count, as the
     reference's loop reuses its ``r`` (16, then 36, 15, 35, 14... of 576), each at most what is left to
-    drop. The adapter calls it once, between encoder layers ``drop_layer`` and ``drop_layer + 1``, with
-    ``drop_layer``'s keys; the later layers run on the kept tokens. ``drop_layer=None`` is three layers
+    drop. The adapter calls it once, inside encoder layer ``drop_layer`` between its attention and its
+    MLP, with that attention's keys, as the reference drops; that MLP and the later layers run on the kept
+    tokens. ``drop_layer=None`` is three layers
     before the output layer (19 of the 23 layers LLaVA-1.5 runs of CLIP-L, the reference's setting).
     The kept tokens are the input tokens as they are (``sizes`` unchanged), in patch order.
 
     Deviations:
-    - The reference drops inside layer ``drop_layer``, between its attention and its MLP; here the drop
-      follows the MLP (the same keys, half a layer later), so that only the layer inputs are touched.
     - The reference takes one image (its batch's first) and a fixed ``keep_num = 376`` (the CLS token and
       375 patches); here every image of a batch, and ``keep_ratio``/``budget`` patches.
     - Chosen here: ``drop_layer`` for encoders other than LLaVA-1.5's, as three before the output layer.

@@ -1,4 +1,4 @@
-"""ToMe: merge the most similar tokens between the image encoder's layers, tracking their sizes.
+"""ToMe: merge the most similar tokens inside the image encoder's layers, tracking their sizes.
 
 Bolya et al., "Token Merging: Your ViT But Faster" (ICLR 2023).
 """
@@ -17,21 +17,24 @@ from ..registry import register_method
 def tome(ctx: SelectionContext, keep: int, *, r: int | None = None, proportional: bool = True) -> Merged:
     """Merge similar tokens layer by layer with bipartite soft matching (ToMe), keeping token sizes.
 
-    One call is one merge step: ``ctx.features`` are the tokens entering an encoder layer, ``ctx.keys``
-    the keys the previous layer computed for them (averaged over heads, as ToMe's metric) and
-    ``ctx.sizes`` the patches each stands for; the result has ``keep`` tokens, size-weighted averages.
-    The adapter runs a step before every encoder layer after the first, up to the layer whose output is
-    used, merging ``r`` tokens per step (ToMe's constant schedule) or, without ``r``, as evenly as needed
-    to end at ``keep_ratio``/``budget``. With ``proportional`` (ToMe's proportional attention) every later
-    attention adds ``log(size)`` to each key's logits, so a merged token weighs as the patches it stands
-    for. A CLS token is never merged. The merged tokens are laid out as ToMe lays them out (unmerged
-    sources, then destinations; see :func:`~tokenprune.merge.bipartite_soft_matching`), so every step pairs
-    the tokens ToMe's would on the same inputs; a VLM's language model gets them back in patch order, each
-    in its first patch's place, and a standalone encoder returns them in ToMe's layout.
+    One call is one merge step, inside an encoder layer between its attention and its MLP, as ToMe's
+    ``tome.patch`` block merges: ``ctx.features`` are the layer's tokens there (its input plus its
+    attention's output), ``ctx.keys`` the keys that attention computed (averaged over heads, ToMe's
+    metric) and ``ctx.sizes`` the patches each token stands for; the result has ``keep`` tokens,
+    size-weighted averages, on which the layer's MLP runs. The adapter runs a step in every encoder layer
+    up to the one whose output is used, merging ``r`` tokens per step (ToMe's constant schedule) or,
+    without ``r``, as evenly as needed to end at ``keep_ratio``/``budget``. With ``proportional`` (ToMe's
+    proportional attention) every later attention adds ``log(size)`` to each key's logits, so a merged
+    token weighs as the patches it stands for. A CLS token is never merged. The merged tokens are laid out
+    as ToMe lays them out (unmerged sources, then destinations; see
+    :func:`~tokenprune.merge.bipartite_soft_matching`), so every step pairs the tokens ToMe's would on the
+    same inputs (tests/test_parity_tome.py: tiny CLIP, SigLIP, ViT and LLaVA's tower against a
+    re-implementation of ``tome.patch``'s block); a VLM's language model gets them back in patch order,
+    each in its first patch's place, and a standalone encoder returns them in ToMe's layout.
 
-    Deviations: ToMe merges inside each layer, between attention and MLP, with that layer's keys; here
-    the merge happens after the MLP (the same matching, half a layer later), so that only the layer inputs
-    are touched. The step's merged tokens are averaged in float32 (one kernel on a GPU) rather than in the
+    Returns the merged tokens, their places and sizes (a :class:`~tokenprune.context.Merged`).
+
+    Deviations: the step's merged tokens are averaged in float32 (one kernel on a GPU) rather than in the
     model's dtype.
     """
     return merge_step(ctx, keep)

@@ -1,4 +1,4 @@
-"""Turbo: merge the least informative tokens between the image encoder's layers.
+"""Turbo: merge the least informative tokens inside the image encoder's layers.
 
 Ju et al., "Turbo: Informativity-Driven Acceleration Plug-In for Vision-Language Large Models" (ECCV
 2024); reference code github.com/anakin-skywalker-Joseph/Folder (``BLIP_turbo/turbo/merge.py``,
@@ -17,15 +17,15 @@ SEMANTIC_SCALE = 30.0
 
 
 def _merging_layers(options: dict[str, object], output_layer: int) -> tuple[int, ...]:
-    """The encoder layers whose keys and CLS attention a merge step reads (every layer before the output
-    layer: the step before layer ``i + 1`` reads layer ``i``); ``ValueError`` for a bad ``alpha``."""
+    """The encoder layers whose keys and CLS attention a merge step reads (every layer up to the output
+    layer: the step in layer ``i`` reads layer ``i``'s attention); ``ValueError`` for a bad ``alpha``."""
     alpha = options.get("alpha")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
         raise ValueError(
             f"turbo alpha (the weight of the semantic value against redundancy) must be a number >= 0, "
             f"got {alpha!r}"
         )
-    return tuple(range(output_layer))
+    return tuple(range(output_layer + 1))
 
 
 @register_method(
@@ -41,19 +41,20 @@ def turbo(
 ) -> Merged:
     """Merge the least informative tokens layer by layer: redundant (ToMe's match) and little attended by CLS.
 
-    One call is one merge step, as :func:`~tokenprune.methods.tome.tome`'s (same schedule, ``r``,
+    One call is one merge step, as :func:`~tokenprune.methods.tome.tome`'s (inside each layer between
+    its attention and its MLP, as the reference's ``TurboBlock``; same schedule, ``r``,
     ``keep_ratio``/``budget``, proportional attention, ToMe's layout; a CLS token is never merged), with
     Turbo's information degree in place of ToMe's similarity: each source token's mutual redundancy (its
-    cosine similarity to its best destination, on the previous layer's keys averaged over heads) minus
-    its semantic value, ``30 * alpha`` times the attention the CLS query pays it in that layer (heads
-    averaged, with the ``log(size)`` bias where ``proportional``), from ``ctx.encoder_attention``
+    cosine similarity to its best destination, on the keys of the layer's attention averaged over heads)
+    minus its semantic value, ``30 * alpha`` times the attention the CLS query pays it in that attention
+    (heads averaged, with the ``log(size)`` bias where ``proportional``), from ``ctx.encoder_attention``
     (recomputed from the layer's query/key projections, so sdpa runs). The ``r`` sources of highest
     redundancy minus semantic value are merged into their matches. ``alpha=0`` is ToMe.
 
+    Returns the merged tokens, their places and sizes (a :class:`~tokenprune.context.Merged`).
+
     Deviations from the reference:
 
-    * The merge happens before the next layer with the previous layer's keys and CLS attention, not
-      inside each layer between attention and MLP (the same matching, half a layer later), as ``tome``.
     * An encoder without a CLS token (SigLIP) uses the attention averaged over every query as the
       semantic value; the reference reads the first token's query row, a patch there.
     * The reference stops merging once fewer than 40 tokens remain (``r_threshold``) and lowers ``r``

@@ -20,6 +20,7 @@ from ._select import cosine_similarity_matrix, top_k
     stage="vision",
     needs=("encoder_attention", "keys", "class_token"),
     ranges={"contextual": (0, 1)},
+    positions="renumbered",
 )
 def visionzip(ctx: SelectionContext, keep: int, *, contextual: float = 10 / 64) -> Merged:
     """Keep the CLS token and the patches it attends to most; merge the rest into a few contextual tokens.
@@ -40,9 +41,11 @@ def visionzip(ctx: SelectionContext, keep: int, *, contextual: float = 10 / 64) 
     ``[dominant patches, contextual tokens]``. Keeping every patch, nothing is merged: the patches as they
     are.
 
+    In a VLM the language model sees the kept tokens at consecutive positions by default, as the
+    reference hands LLaVA fewer image features (``positions="original"`` puts each at the place it
+    takes).
+
     Deviations:
-    - A language model sees the tokens at the original positions of the places they take, with gaps
-      where patches were merged away, not at consecutive positions.
     - Keeping every patch leaves no place for the CLS token, which the reference would add.
     - LLaVA-NeXT/OneVision (the reference's LLaVA-NeXT code keeps fixed counts in every tile, drops the
       unpadding and the newline tokens, and appends every tile's CLS and contextual tokens after the grid):
