@@ -66,6 +66,36 @@ class _EncoderCall:
     projections: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> q, k
 
 
+def layer_schedule(config: PrunerConfig, num_patches: int, output_layer: int, protected: int) -> list[int]:
+    """Tokens merged away in each of the layers ``0..output_layer`` of an encoder whose images have
+    ``num_patches`` patches and ``protected`` leading tokens (CLS); a method with a ``drop_layer`` option
+    (SAINT) removes them all at once, in that layer."""
+    steps, tokens = output_layer + 1, num_patches + protected
+    if "drop_layer" in config.spec.options:
+        schedule = [0] * steps
+        schedule[drop_layer(config, output_layer)] = num_patches - config.kept_per_image(num_patches)
+        return schedule
+    r = config.options.get("r")
+    if r is not None:
+        return constant_schedule(tokens, r, steps, protected)
+    keep = config.kept_per_image(num_patches) + protected
+    return merge_schedule(tokens, keep, steps, protected)
+
+
+def drop_layer(config: PrunerConfig, output_layer: int) -> int:
+    """The layer in which a ``drop_layer`` method drops its tokens: the option, or by default three layers
+    before the output layer; ``ValueError`` unless one layer at least runs after it."""
+    layer = {**config.spec.options, **config.options}["drop_layer"]
+    if layer is None:
+        layer = max(0, output_layer - 3)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < output_layer:
+        raise ValueError(
+            f"{config.method} drop_layer must be an int in [0, {output_layer}) (a layer of this "
+            f"encoder before the output layer {output_layer}), got {layer!r}"
+        )
+    return layer
+
+
 class EncoderPruningHooks:
     """Installs and removes the hooks of one pruner's vision-stage method on one image encoder.
 
@@ -116,38 +146,12 @@ class EncoderPruningHooks:
                 )
             if "encoder_attention" in spec.needs:
                 self._attention_layers = spec.encoder_layers(options, self.output_layer)
-            return self.num_patches - sum(self._merge_schedule(config, self.num_patches))
+            schedule = layer_schedule(config, self.num_patches, self.output_layer, self.protected)
+            return self.num_patches - sum(schedule)
         if "encoder_attention" in spec.needs:
             layers = spec.encoder_layers(options, self.output_layer)
             self._attention_layers = tuple(sorted(set(layers)))
         return config.kept_per_image(self.num_patches)
-
-    def _merge_schedule(self, config: PrunerConfig, num_patches: int) -> list[int]:
-        """Tokens merged away in each of the layers ``0..output_layer``, for images of ``num_patches``;
-        a method with a ``drop_layer`` option (SAINT) removes them all at once, in that layer."""
-        steps, tokens = self.output_layer + 1, num_patches + self.protected
-        if "drop_layer" in config.spec.options:
-            schedule = [0] * steps
-            schedule[self._drop_layer(config)] = num_patches - config.kept_per_image(num_patches)
-            return schedule
-        r = config.options.get("r")
-        if r is not None:
-            return constant_schedule(tokens, r, steps, self.protected)
-        keep = config.kept_per_image(num_patches) + self.protected
-        return merge_schedule(tokens, keep, steps, self.protected)
-
-    def _drop_layer(self, config: PrunerConfig) -> int:
-        """The layer in which a ``drop_layer`` method drops its tokens: the option, or by default three
-        layers before the output layer; ``ValueError`` unless one layer at least runs after it."""
-        layer = {**config.spec.options, **config.options}["drop_layer"]
-        if layer is None:
-            layer = max(0, self.output_layer - 3)
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.output_layer:
-            raise ValueError(
-                f"{config.method} drop_layer must be an int in [0, {self.output_layer}) (a layer of this "
-                f"encoder before the output layer {self.output_layer}), got {layer!r}"
-            )
-        return layer
 
     def attach(self, pruner: Pruner, config: PrunerConfig, standalone: bool) -> list[RemovableHandle]:
         """Register the hooks of ``config`` (planned with :meth:`plan`); returns their handles."""
@@ -220,7 +224,7 @@ class EncoderPruningHooks:
         hidden = layer_hidden_states(args, kwargs)
         if call.schedule is None:  # the first layer: the image size is known
             call.patches = hidden.shape[1] - self.protected
-            call.schedule = self._merge_schedule(self._config, call.patches)
+            call.schedule = layer_schedule(self._config, call.patches, self.output_layer, self.protected)
         call.inputs = hidden
         if call.sizes is None or not self._proportional:
             return None
