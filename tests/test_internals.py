@@ -84,7 +84,7 @@ def test_recomputed_queries_and_keys_are_the_layers_own(family):
         handle.remove()
     last = torch.full((2,), seen["hidden"].shape[1] - 1)
     query, keys = internals.project_queries_keys(layer, seen["hidden"], seen["rotary"], last)
-    torch.testing.assert_close(keys, internals.output_cache(out).layers[1].keys, atol=1e-5, rtol=0)
+    torch.testing.assert_close(keys, output_cache(out).layers[1].keys, atol=1e-5, rtol=0)
     mask, scaling = inputs["attention_mask"].bool(), internals.attention_scaling(layer)
     expected = out.attentions[1][:, :, -1].mean(dim=1)
     torch.testing.assert_close(query_attention(query, keys, mask, scaling), expected, atol=1e-5, rtol=0)

@@ -238,11 +238,22 @@ class MethodSpec:
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
+_built_ins_imported = False
+
+
 def _registry() -> dict[str, MethodSpec]:
     """The registered methods, the built-in ones imported (registering themselves) on the first call, so
     that a lookup finds them whichever module of tokenprune was imported first, and a user's method that
-    takes a built-in name is refused when it is registered."""
-    importlib.import_module("tokenprune.methods")  # a no-op once imported, or while they register
+    takes a built-in name is refused when it is registered. Later calls import nothing: a compiled decode
+    step looks methods up too, and ``torch.compile`` cannot trace an import."""
+    global _built_ins_imported
+    if not _built_ins_imported:
+        _built_ins_imported = True  # set first: the methods call back here while they register
+        try:
+            importlib.import_module("tokenprune.methods")
+        except BaseException:
+            _built_ins_imported = False
+            raise
     return _REGISTRY
 
 

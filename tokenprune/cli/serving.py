@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import pathlib
+import sys
 from typing import Annotated
 
 import typer
@@ -197,6 +198,19 @@ def _banner(name: str, default, url: str, device, dtype, attn: str) -> Table:
     return grid
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a line is logged, not to the stream of the
+    moment it was made (which a test harness, or a server restarted in one process, may have closed)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler sets it: always the current stderr instead
+        pass
+
+
 def _log_requests() -> None:
     """Write the server's log lines (start, stop, one per request) to stderr, one line each with its time
     (grep-able, in a terminal or a file); the handler of an earlier call in this process is replaced."""
@@ -204,7 +218,7 @@ def _log_requests() -> None:
     logger.setLevel(logging.INFO)
     for handler in [h for h in logger.handlers if h.get_name() == _LOG_HANDLER]:
         logger.removeHandler(handler)
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.set_name(_LOG_HANDLER)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     logger.addHandler(handler)
