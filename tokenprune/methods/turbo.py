@@ -18,13 +18,8 @@ SEMANTIC_SCALE = 30.0
 
 def _merging_layers(options: dict[str, object], output_layer: int) -> tuple[int, ...]:
     """The encoder layers whose keys and CLS attention a merge step reads (every layer up to the output
-    layer: the step in layer ``i`` reads layer ``i``'s attention); ``ValueError`` for a bad ``alpha``."""
-    alpha = options.get("alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
-        raise ValueError(
-            f"turbo alpha (the weight of the semantic value against redundancy) must be a number >= 0, "
-            f"got {alpha!r}"
-        )
+    layer: the step in layer ``i`` reads layer ``i``'s attention); ``alpha`` is checked by its declared
+    range when the config is built."""
     return tuple(range(output_layer + 1))
 
 
