@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 from rich.progress import Progress
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForImageTextToText, PreTrainedModel
 
 import tokenprune as tp
 from tokenprune.compile import compiled_decoding
 from tokenprune.patches._cache_internals import cache_nbytes, output_cache
 from tokenprune.testing import QWEN_FAMILIES, tiny_inputs
+from tokenprune.testing.dispatch import CountOps
 
 #: The (rows, columns) of patches of each image in a Qwen-VL benchmark: 256 tokens once merged 2x2.
 QWEN_IMAGE_PATCHES = (32, 32)
@@ -61,19 +61,6 @@ class BenchRow:
     ideal_speedup: float = 1.0
     speedup_vs_ideal: float = 1.0
     selection_share: float = 0.0
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the torch ops dispatched in the block (``.count``): on a CPU, the honest proxy for what a GPU
-    would launch."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def launches(fn: Callable[[], object], device: torch.device) -> int:

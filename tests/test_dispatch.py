@@ -12,9 +12,9 @@ from helpers import cache_kwarg
 from triton.runtime import interpreter
 
 import tokenprune as tp
-from tokenprune.eval.bench import CountOps
 from tokenprune.patches._cache_internals import output_cache
 from tokenprune.testing import tiny_inputs, tiny_model
+from tokenprune.testing.dispatch import CountOps, DeviceReads
 
 PREFILL_METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage != "kv")
 
@@ -70,15 +70,6 @@ class CountLaunches(CountOps):
         return func(*args, **(kwargs or {}))
 
 
-class CountDeviceReads(CountOps):
-    """Counts the reads of a tensor's value by the host in the block (``.count``): each is a host sync on a
-    GPU, which stalls the launches queued behind it."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
-        return func(*args, **(kwargs or {}))
-
-
 def decode_steps(model, inputs: dict, steps: int, counter: type[CountOps]) -> list[int]:
     """What ``counter`` counts in each of the first ``steps`` decode steps after a cached prefill."""
     counts = []
@@ -109,7 +100,7 @@ def test_a_merging_tower_reads_the_device_once(llava):
     """ToMe merges before every CLIP layer: no sync per merge (the selection timer uses CUDA events, and the
     method's answer is checked at its first merge only)."""
     pixels = tiny_inputs(llava, (1, 2, 1))["pixel_values"]
-    with tp.pruned(llava, "tome", keep_ratio=0.25), torch.no_grad(), CountDeviceReads() as reads:
+    with tp.pruned(llava, "tome", keep_ratio=0.25), torch.no_grad(), DeviceReads() as reads:
         llava.model.get_image_features(pixel_values=pixels)
     assert reads.count == 1
 
@@ -120,11 +111,11 @@ def test_a_kv_decode_step_costs_about_an_unpruned_one(kernels, llava):
     ours after the first step's checks."""
     inputs = tiny_inputs(llava, (1, 1))
     unpruned = decode_steps(llava, inputs, 3, CountLaunches)
-    unpruned_reads = decode_steps(llava, inputs, 3, CountDeviceReads)  # transformers' mask code reads too
+    unpruned_reads = decode_steps(llava, inputs, 3, DeviceReads)  # transformers' mask code reads too
     counts = []
     for budget in (4, 40):
         with tp.pruned(llava, "sparsevila", budget=budget):
             counts.append(decode_steps(llava, inputs, 3, CountLaunches))
-            assert decode_steps(llava, inputs, 3, CountDeviceReads)[1:] == unpruned_reads[1:]
+            assert decode_steps(llava, inputs, 3, DeviceReads)[1:] == unpruned_reads[1:]
     assert counts[0] == counts[1]
     assert counts[0][1] == counts[0][2] and max(counts[0]) <= 1.15 * max(unpruned), (counts, unpruned)
