@@ -2,9 +2,9 @@
 
 On a GPU each torch op is at least one kernel launch, and each read of a device value by the host
 (``.item()``, ``int(t)``, ``bool(t)``, ``.tolist()``, ``nonzero``, boolean indexing, ``unique``,
-``repeat_interleave`` without ``output_size``...) waits for every queued kernel: the launches after it stop overlapping the GPU's
-work, and a ``torch.compile``d forward breaks its graph there. Both are visible on a CPU, where nothing
-else about GPU speed is.
+``repeat_interleave`` without ``output_size``...) waits for every queued kernel: the launches after it
+stop overlapping the GPU's work, and a ``torch.compile``d forward breaks its graph there. Both are
+visible on a CPU, where nothing else about GPU speed is.
 """
 
 from __future__ import annotations
