@@ -17,7 +17,7 @@ from tokenprune.overlay import first_image_keep, render_overlay
 from tokenprune.pruned_vlm import Generation, PrunedVLM, Request
 
 from . import shapes_model, suite
-from .bench import bench_config, median_ms, write_rows
+from .bench import bench_config, times_ms, write_rows
 
 
 def answers(model, processor, examples: list[suite.Example], batch_size: int = 32) -> list[str]:
@@ -91,7 +91,7 @@ def evaluate_methods(
 ) -> list[AccuracyRow]:
     """Score the unpruned model, then every method at every keep ratio, on ``examples``.
 
-    Prefill time is the median of ``timing_repeats`` forward passes over the first batch; the unpruned
+    Prefill time is the fastest of ``timing_repeats`` forward passes over the first batch; the unpruned
     model is timed right before each configuration and the speedup is the ratio of the two, so that
     slow drift of a shared machine cancels (the unpruned row's time is the median of those baselines).
     Returns the rows, the unpruned one first.
@@ -110,20 +110,20 @@ def evaluate_methods(
     for method in methods:
         for ratio in keep_ratios:
             config = bench_config(method, ratio)
-            baselines.append(median_ms(prefill, device, timing_repeats))  # right before, as drift is slow
+            baselines.append(min(times_ms(prefill, device, timing_repeats)))  # right before, as drift is slow
             with contextlib.ExitStack() as scope:
                 try:
                     pruner = scope.enter_context(tp.pruned(model, config))
                 except ValueError as error:  # e.g. more merging than the encoder's layers allow
                     rows.append(_row(method, config.stage, ratio, None, None, None, None, base, str(error)))
                     continue
-                ms = median_ms(prefill, device, timing_repeats)
+                ms = min(times_ms(prefill, device, timing_repeats))
                 accuracy = score(model, processor, examples, batch_size)
                 stats = pruner.stats
             kept = sum(stats.kept_tokens) / len(stats.kept_tokens)
             rows.append(_row(method, stats.stage, ratio, kept, ms, baselines[-1], accuracy, base))
     visual = int((timing["input_ids"][0] == model.config.image_token_id).sum())
-    base_ms = statistics.median(baselines) if baselines else median_ms(prefill, device, timing_repeats)
+    base_ms = statistics.median(baselines) if baselines else min(times_ms(prefill, device, timing_repeats))
     return [_row("none", "none", 1.0, visual, base_ms, base_ms, base, base), *rows]
 
 

@@ -2,8 +2,10 @@
 
 For each batch size and budget, in one run: the unpruned model; the *ideal*, the same model with the
 language model run on a sequence of the pruned length and no selection work (vision tower included, as
-every method pays for it); and every method. Each timing is the median of ``repeats`` after a warm-up,
-so the ratios (speedup, speedup / ideal, selection share of prefill) come from one machine and moment.
+every method pays for it); and every method. Each prefill timing is the fastest of ``repeats`` after a
+warm-up (a prefill does the same work each time: the fastest run is the one the machine disturbed least),
+each decode timing their median, so the ratios (speedup, speedup / ideal, selection share of prefill)
+come from one machine and moment.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,7 +41,9 @@ class BenchRow:
 
     ``decode_tokens_per_s`` is NaN when the decode time could not be told apart from timing noise.
     ``compiled_decode_tokens_per_s`` is the same with a static cache and transformers' compiled decode
-    step (``--compile``; NaN when not measured). ``kv_cache_mib`` is what the KV cache holds after
+    step, and ``compiled_prefill_ms`` the prefill (time to first token) of the whole forward under
+    ``torch.compile``, pruner and all, ``compiled_prefill_speedup`` against the unpruned one's (``--compile``;
+    NaN when not measured). ``kv_cache_mib`` is what the KV cache holds after
     prefill, every layer together. ``prefill_launches`` counts what one prefill launches: CUDA kernels on
     a GPU (torch profiler), torch ops dispatched on a CPU (their GPU launches, one or more each).
     """
@@ -56,6 +61,8 @@ class BenchRow:
     peak_memory_mib: float | None
     kv_cache_mib: float = float("nan")
     compiled_decode_tokens_per_s: float = float("nan")
+    compiled_prefill_ms: float = float("nan")
+    compiled_prefill_speedup: float = float("nan")
     prefill_launches: int = 0
     prefill_speedup: float = 1.0
     ideal_speedup: float = 1.0
@@ -80,8 +87,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up, in milliseconds."""
+@torch.no_grad()
+def _no_grad(fn: Callable[..., object], **kwargs) -> object:
+    return fn(**kwargs)
+
+
+def times_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
+    """Wall times of ``fn`` over ``repeats`` runs after one warm-up, in milliseconds."""
     fn()
     times = []
     for _ in range(repeats):
@@ -90,7 +102,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> f
         fn()
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 def build_model(config, attn: str, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
@@ -165,7 +177,9 @@ class _Runner:
     def decode(self, **generate_kwargs) -> tuple[float, float]:
         """End-to-end ``generate`` ms and decode tokens/s (the steps after the first token)."""
         end_to_end, first_token = (
-            median_ms(lambda n=n: self.generate(n, **generate_kwargs), self.device, self.repeats)
+            statistics.median(
+                times_ms(lambda n=n: self.generate(n, **generate_kwargs), self.device, self.repeats)
+            )
             for n in (self.new_tokens, 1)
         )
         batch = self.inputs["input_ids"].shape[0]
@@ -183,10 +197,20 @@ class _Runner:
         finally:
             torch.compiler.reset()
 
+    def compiled_prefill_ms(self) -> float:
+        """The fastest prefill of the whole forward compiled afresh for this configuration (the warm-up run
+        compiles; dropped afterwards, as in :meth:`compiled_decode_rate`)."""
+        torch.compiler.reset()
+        try:
+            forward = partial(_no_grad, torch.compile(self.model), **self.inputs, logits_to_keep=1)
+            return min(times_ms(forward, self.device, self.repeats))
+        finally:
+            torch.compiler.reset()
+
     def measure(self, method: str, layer: int | None, kept: int, pruner: tp.Pruner | None = None) -> BenchRow:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        prefill = median_ms(self.prefill, self.device, self.repeats)
+        prefill = min(times_ms(self.prefill, self.device, self.repeats))
         selection = pruner.stats.selection_ms if pruner is not None else 0.0
         end_to_end, decode_rate = self.decode()
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
@@ -205,6 +229,7 @@ class _Runner:
             peak_memory_mib=peak,
             kv_cache_mib=self.kv_cache_mib(),
             compiled_decode_tokens_per_s=self.compiled_decode_rate() if self.compile else float("nan"),
+            compiled_prefill_ms=self.compiled_prefill_ms() if self.compile else float("nan"),
         )
 
 
@@ -276,7 +301,7 @@ def run_benchmark(
             for ratio in keep_ratios:
                 kept = max(1, round(ratio * n))
                 progress.update(task, description=f"bs={batch_size} keep={kept} ideal")
-                ideal_ms = median_ms(lambda r=runner, k=kept: r.ideal_prefill(k), device, repeats)
+                ideal_ms = min(times_ms(lambda r=runner, k=kept: r.ideal_prefill(k), device, repeats))
                 ideal = BenchRow(
                     "ideal",
                     None,
@@ -304,6 +329,7 @@ def run_benchmark(
                     row.ideal_speedup = base.prefill_ms / ideal.prefill_ms
                     row.speedup_vs_ideal = row.prefill_speedup / row.ideal_speedup
                     row.selection_share = row.selection_ms / row.prefill_ms
+                    row.compiled_prefill_speedup = base.compiled_prefill_ms / row.compiled_prefill_ms
         # Launches are counted after every timing: on a GPU the profiler that counts them leaves CUDA's
         # profiling library hooked into every later launch (an H100 run, counting as it timed, then measured
         # the ideal prefill, less work than the unpruned one before it, 1.5x slower than that one).
@@ -395,12 +421,13 @@ def save_plot(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> None
 
 
 def markdown_table(rows: list[BenchRow]) -> str:
-    """The rows as a README table (with a compiled-decode column where it was measured)."""
+    """The rows as a README table (with the compiled prefill's and decode's columns where measured)."""
     compiled = any(r.compiled_decode_tokens_per_s == r.compiled_decode_tokens_per_s for r in rows)  # not NaN
     lines = [
         "| batch | method | layer | kept | prefill ms | speedup | ideal | of ideal | selection % | launches "
-        f"| decode tok/s |{' compiled decode tok/s |' if compiled else ''} KV MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if compiled else ""),
+        + ("| compiled prefill ms | compiled speedup " if compiled else "")
+        + f"| decode tok/s |{' compiled decode tok/s |' if compiled else ''} KV MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if compiled else ""),
     ]
     for r in rows:
         if r.method == "ideal":
@@ -409,7 +436,8 @@ def markdown_table(rows: list[BenchRow]) -> str:
             f"| {r.batch_size} | {r.method} | {'-' if r.layer is None else r.layer} | {r.kept_tokens} | "
             f"{r.prefill_ms:.1f} | {r.prefill_speedup:.2f}x | {r.ideal_speedup:.2f}x | "
             f"{r.speedup_vs_ideal:.2f} | {100 * r.selection_share:.1f} | {r.prefill_launches} | "
-            f"{r.decode_tokens_per_s:.1f} | "
+            + (f"{r.compiled_prefill_ms:.1f} | {r.compiled_prefill_speedup:.2f}x | " if compiled else "")
+            + f"{r.decode_tokens_per_s:.1f} | "
             + (f"{r.compiled_decode_tokens_per_s:.1f} | " if compiled else "")
             + f"{r.kv_cache_mib:.1f} |"
         )

@@ -49,8 +49,11 @@ def causal_mask(
     cache: Any,
     layer_idx: int,
     sequence_ids: torch.Tensor | None = None,
+    skip_allowed: bool = True,
 ) -> Any:
-    """The attention mask that the model's own code would build for layer ``layer_idx``.
+    """The attention mask that the model's own code would build for layer ``layer_idx``; without
+    ``skip_allowed``, never ``None`` for a causal mask without padding (for a caller that knows there is
+    padding: the mask code would read the device to look).
 
     ``attention_mask`` is 2-D over the cache plus the new tokens of that layer. Position ids are not
     passed: pruned rows keep their original, non-contiguous positions, which transformers would
@@ -59,7 +62,14 @@ def causal_mask(
     """
     within = None if sequence_ids is None else masking_utils.packed_sequence_mask_function(sequence_ids)
     return masking_utils.create_causal_mask(
-        config, hidden, attention_mask, cache, None, and_mask_function=within, layer_idx=layer_idx
+        config,
+        hidden,
+        attention_mask,
+        cache,
+        None,
+        and_mask_function=within,
+        layer_idx=layer_idx,
+        allow_is_causal_skip=skip_allowed,
     )
 
 

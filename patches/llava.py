@@ -109,6 +109,8 @@ class LlavaAdapter:
         images = has_media_inputs(kwargs)
         placeholders = placeholder_mask(self.base, args, kwargs, self.image_token_id) if images else None
         self._language_model.pending_visual = placeholders
+        count = image_count(kwargs) if images else None
+        self._language_model.pending_sizes = None if count is None else [self.tokens_per_image] * count
 
     def _select_patches(self, module: nn.Module, args: tuple) -> tuple | None:
         """Before the projector: the patches the vision method kept (merging methods chose them already)."""
@@ -131,6 +133,17 @@ class LlavaAdapter:
         num_images, _, dim = output.shape
         full = output.new_zeros(num_images, self.tokens_per_image, dim)
         return full.scatter_(1, index[..., None].expand(-1, -1, dim), output)
+
+
+def image_count(kwargs: dict) -> int | None:
+    """The images of a forward call as its inputs' shapes tell: one per ``pixel_values [I, 3, H, W]``, or per
+    feature that ``generate`` encoded beforehand; ``None`` for other shapes."""
+    pixels = kwargs.get("pixel_values")
+    if isinstance(pixels, torch.Tensor):
+        return pixels.shape[0] if pixels.dim() == 4 else None
+    encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+    features = getattr(encoded, "pooler_output", None)
+    return None if features is None else len(features)
 
 
 def feature_layer_encoder(config, tower: nn.Module, method: str) -> EncoderPruningHooks:

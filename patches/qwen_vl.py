@@ -145,7 +145,7 @@ class Qwen2VLAdapter:
         """Mark the placeholders of the images and videos pruned in this call's prompt (by id, or by embedding
         for a call made with ``inputs_embeds``), and the patch grid of each image size. A call without media
         (a decode step, whose generated token may be a placeholder id) has none: ``None``."""
-        self.hooks.pending_visual = None
+        self.hooks.pending_visual = self.hooks.pending_sizes = None
         modalities = [modality for modality in self._modalities if has_media_inputs(kwargs, modality)]
         if not modalities:
             return
@@ -161,15 +161,23 @@ class Qwen2VLAdapter:
                 )
             visual |= found
         self.hooks.pending_visual = visual
-        grids = [kwargs[k] for k in ("image_grid_thw", "video_grid_thw") if kwargs.get(k) is not None]
-        grids, self._encoded_grids = grids or self._encoded_grids, []
-        self.hooks.grids = self._grids(torch.cat(grids)) if grids else {}
+        given = [kwargs.get(f"{modality}_grid_thw") for modality in ("image", "video")]
+        grids, self._encoded_grids = [g for g in given if g is not None] or self._encoded_grids, []
+        thw = torch.cat(grids).tolist() if grids else []  # the one read of the device: each item's grid
+        self.hooks.grids = self._grids(thw)
+        # each item's tokens, in prompt order, where the call prunes one modality whose grids it was given
+        (modality,) = modalities if len(modalities) == 1 else (None,)
+        one_run_each = modality == "image" or (modality == "video" and not self.frames_apart)
+        if one_run_each and given[modality == "video"] is not None:
+            first = 0 if modality == "image" or given[0] is None else len(given[0])
+            items = thw[first : first + len(given[modality == "video"])]
+            self.hooks.pending_sizes = [t * (h // self.merge) * (w // self.merge) for t, h, w in items]
 
-    def _grids(self, grid_thw: torch.Tensor) -> dict[int, tuple[int, int]]:
-        """Token count -> merged patch grid of single-frame images; a count two shapes (or a video) share
-        has none."""
+    def _grids(self, grid_thw: list[list[int]]) -> dict[int, tuple[int, int]]:
+        """Token count -> merged patch grid of single-frame images (of ``grid_thw``, each item's temporal,
+        height and width patches); a count two shapes (or a video) share has none."""
         grids: dict[int, tuple[int, int] | None] = {}
-        for t, h, w in grid_thw.tolist():
+        for t, h, w in grid_thw:
             grid = (h // self.merge, w // self.merge) if t == 1 else None
             count = t * (h // self.merge) * (w // self.merge)
             grids[count] = grid if grids.get(count, grid) == grid else None

@@ -33,12 +33,13 @@ from torch.utils.hooks import RemovableHandle
 from tokenprune.context import SelectionContext
 from tokenprune.kernels import use_triton
 from tokenprune.kernels.retrieval import attention_top_k
-from tokenprune.sequence import VisualLayout, image_groups, keep_masks
+from tokenprune.sequence import VisualLayout, image_layouts, keep_masks
 
 from . import _cache_internals as caches
 from . import _internals as internals
 from . import _tensor_parallel as tensor_parallel
 from .decoder import LanguageModelHooks
+from .decoder.layout import image_rows
 
 if TYPE_CHECKING:
     from tokenprune.pruner import Pruner
@@ -133,9 +134,10 @@ class DecodeRetrievalHooks(LanguageModelHooks):
     def _before_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         visual, self.pending_visual = self.pending_visual, None
         image_id, self.pending_image_id = self.pending_image_id, None
+        sizes, self.pending_sizes = self.pending_sizes, None
         self._new_prompt = self._step = None
         cache = caches.cache_argument(kwargs)
-        has_images = visual is not None and bool(visual.any())
+        has_images = visual is not None and (bool(sizes) if sizes is not None else bool(visual.any()))
         prompt = caches.cache_record(cache)
         if isinstance(prompt, _Prompt):
             if has_images:
@@ -150,15 +152,15 @@ class DecodeRetrievalHooks(LanguageModelHooks):
             return
         if caches.cache_length(cache, 0) > 0:
             raise ValueError("images must be in the first forward of a cache (no chunked prefill)")
-        layouts = image_groups(self.image_ids(visual) if image_id is None else image_id)
+        image_id = self.image_ids(visual) if image_id is None else image_id
+        rows = image_rows(visual, image_id, None, sizes, self._pruner.checking("the prompts' image rows"))
         # each image's count from its own size (a budget larger than an image raises here, before any work)
-        keeps = [self._pruner.config.kept_per_image(layout.positions.shape[1]) for layout in layouts]
+        kept = [self._pruner.config.kept_per_image(size) for size in rows.sizes]
+        layouts = image_layouts(visual, rows)
+        keeps = [kept[layout.images[0]] for layout in layouts]
         self._new_prompt = _Prompt(visual, layouts, keeps, ~visual)
-        attended = torch.zeros(visual.shape[0], dtype=torch.long, device=visual.device)
-        for layout, keep in zip(layouts, keeps, strict=True):
-            attended.index_add_(0, layout.sample, torch.full_like(layout.sample, keep))
         self._pruner.begin_prefill()
-        self._pruner.record_decode_prompt(visual.sum(dim=1).tolist(), attended.tolist())
+        self._pruner.record_decode_prompt(rows.in_rows(list(rows.sizes)), rows.in_rows(kept))
 
     @staticmethod
     def _step_mask(kwargs: dict, cache: Any, prompt: _Prompt) -> torch.Tensor:

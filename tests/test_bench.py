@@ -88,12 +88,12 @@ def test_launches_are_counted_after_every_timing(monkeypatch):
 
     calls = []
 
-    def median_ms(fn, device, repeats):
+    def times_ms(fn, device, repeats):
         fn()
         calls.append("time")
-        return 1.0
+        return [1.0]
 
-    monkeypatch.setattr(bench, "median_ms", median_ms)
+    monkeypatch.setattr(bench, "times_ms", times_ms)
     monkeypatch.setattr(bench, "launches", lambda fn, device: calls.append("count") or 1)
     model = build_model(ARCHS["tiny"](), "sdpa", torch.device("cpu"), torch.float32)
     rows = run_benchmark(model, ["uniform", "fastv"], [0.25], [1, 2], repeats=1, new_tokens=2)

@@ -9,6 +9,8 @@ from .registry import MethodSpec, get_method, stage_for_layer, vision_methods
 
 #: Values of :attr:`PrunerConfig.media`.
 MEDIA = ("images", "videos", "both")
+#: Values of :attr:`PrunerConfig.checks`.
+CHECKS = ("first", "every")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,12 @@ class PrunerConfig:
             this config's method then chooses among the tokens the encoder kept, its ratio or budget
             still counting the image's original tokens.
 
+        checks: when the checks that read the device run, each a host sync on a GPU: ``"first"`` (the
+            default) at the pruner's first forward only (the method's answer: sorted, unique, in range; the
+            prompts: whole images in each row, where the batch's shapes cannot tell; a vision stage's
+            features), so that later forwards read nothing the model does not; ``"every"`` at every
+            forward, to debug a new method or new inputs.
+
     A ``vision`` method (``tome``, ``hiprune``, ``visionzip``) counts patches, without the CLS token;
     ``tome`` also takes ``r`` (tokens merged per layer) instead of ``keep_ratio``/``budget``.
     ``media`` says what is pruned in a family that takes videos (Qwen2-VL, Qwen2.5-VL, Qwen3-VL):
@@ -64,9 +72,12 @@ class PrunerConfig:
     vision: PrunerConfig | None = None
     media: str = "both"
     positions: str | None = None
+    checks: str = "first"
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
+        if self.checks not in CHECKS:
+            raise ValueError(f"checks must be one of {CHECKS} (when to check contracts), got {self.checks!r}")
         if self.media not in MEDIA:
             raise ValueError(f"media must be one of {MEDIA} (what is pruned), got {self.media!r}")
         if self.positions is not None and self.positions not in POSITIONS:

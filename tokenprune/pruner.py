@@ -127,6 +127,7 @@ class Pruner:
         else:
             self.keep_per_image = None
         self.stats: PruneStats | None = None
+        self._checked: set[str] = set()  # the contracts checked so far (see :meth:`checking`)
         self.begin_prefill()
         self._handles = adapter.attach(self)
         setattr(model, _ATTRIBUTE, self)
@@ -149,9 +150,19 @@ class Pruner:
     # -- called by adapters ---------------------------------------------------------------------
 
     def begin_prefill(self) -> None:
-        """Start timing (and checking) a new forward's selection work."""
+        """Start timing (and, with ``checks="every"``, checking) a new forward's selection work."""
         self._timer = SelectionTimer()
-        self._values_checked: set[str] = set()
+        if self.config.checks == "every":
+            self._checked = set()
+
+    def checking(self, contract: str) -> bool:
+        """Whether to check ``contract`` now, reading the device: at its first use by this pruner (or, with
+        ``checks="every"``, of each forward), never in a compiled graph. A read stalls a GPU's queue: later
+        forwards run on the trust the first one earned."""
+        if torch.compiler.is_compiling() or contract in self._checked:
+            return False
+        self._checked.add(contract)
+        return True
 
     @contextlib.contextmanager
     def timed_selection(self) -> Iterator[None]:
@@ -170,11 +181,9 @@ class Pruner:
 
     def select_with(self, config: PrunerConfig, ctx: SelectionContext, keep: int) -> torch.Tensor | Merged:
         """What ``config``'s method keeps (or merges) of the images in ``ctx``. The answer's values are
-        checked at the method's first selection of each forward (or of a ``kv`` method's decode steps) only:
-        a check reads the device, and a merging tower or a decode step selects in every layer."""
-        check = not torch.compiler.is_compiling() and config.method not in self._values_checked
-        if check:
-            self._values_checked.add(config.method)
+        checked at the method's first selection only (see :meth:`checking`): a check reads the device, and a
+        merging tower or a decode step selects in every layer."""
+        check = self.checking(f"{config.method}'s answer")
         return config.spec.select(ctx, keep, config.options, check_values=check)
 
     def record_encoder(self, visual: list[int], kept: list[int]) -> None:

@@ -17,13 +17,13 @@ class VisualLayout:
         sample: batch row of each image ``[I]``.
         image_index: index of each image within its own prompt ``[I]``.
         positions: sequence position of each visual token ``[I, N]``.
-        image: each image's number in the batch, row by row ``[I]`` (``None`` where not tracked).
+        images: each image's number in the batch, row by row (on the host).
     """
 
     sample: torch.Tensor
     image_index: torch.Tensor
     positions: torch.Tensor
-    image: torch.Tensor | None = None
+    images: tuple[int, ...]
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """The visual rows of a sequence tensor ``x [B, L, *rest]`` as ``[I, N, *rest]``."""
@@ -54,15 +54,15 @@ class Compaction:
         return gather_sequence(hidden, position_ids, attention_mask, self.index, self.valid)
 
 
-def plan_compaction(keep: torch.Tensor) -> Compaction:
-    """Lay out the tokens flagged in ``keep [B, L]`` as a dense, left-padded batch ``[B, L']``.
+def plan_compaction(keep: torch.Tensor, new_length: int) -> Compaction:
+    """Lay out the tokens flagged in ``keep [B, L]`` as a dense, left-padded batch ``[B, new_length]``.
 
-    ``L'`` is the longest row's kept count; shorter rows are left-padded so that every row still ends at
-    its last token, as ``generate`` expects.
+    ``new_length`` is the longest row's kept count (which the caller knows on the host: reading it here
+    would stall a GPU); shorter rows are left-padded so that every row still ends at its last token, as
+    ``generate`` expects.
     """
     batch, length = keep.shape
     kept = keep.sum(dim=1)
-    new_length = int(kept.max())
     # Stable sort puts dropped tokens first and kept tokens last, each group in original order.
     order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices
     index = order[:, length - new_length :]
@@ -95,13 +95,7 @@ def keep_masks(visual: torch.Tensor, selections: list[tuple[VisualLayout, torch.
 
 def image_ids_by_count(visual: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
     """Number each image's tokens ``[B, L]`` (-1 off images), images of ``tokens_per_image`` consecutive
-    visual tokens, numbered row by row. ``ValueError`` if a row's count is not a whole number of images."""
-    counts = visual.sum(dim=1)
-    if bool((counts % tokens_per_image != 0).any()):
-        raise ValueError(
-            f"each image must have {tokens_per_image} placeholder tokens, but the prompts hold "
-            f"{counts.tolist()} image tokens; build the prompt with the model's processor"
-        )
+    visual tokens, numbered row by row (that each row holds whole images is :class:`ImageRows`' check)."""
     order = visual.flatten().cumsum(0).view_as(visual) - 1  # rank of each visual token, row-major
     return torch.where(visual, order // tokens_per_image, -1)
 
@@ -128,24 +122,122 @@ def image_ids_by_runs(visual: torch.Tensor) -> torch.Tensor:
     return torch.where(visual, ids, -1)
 
 
-def image_groups(image_id: torch.Tensor, key: torch.Tensor | None = None) -> list[VisualLayout]:
-    """The images of ``image_id [B, L]`` (from :func:`image_ids_by_count` or :func:`image_ids_by_runs`,
-    possibly gathered since) in groups of equal token count (and equal ``key [num_images]``, if given):
-    one :class:`VisualLayout` per group, its ``image`` the images' numbers, in order."""
-    visual = image_id >= 0
-    rows, cols = visual.nonzero(as_tuple=True)  # row-major: images in order, tokens in order
-    ids = image_id[rows, cols]
-    num_images = int(ids.max()) + 1 if ids.numel() else 0
-    counts = torch.bincount(ids, minlength=num_images)
-    sample = torch.zeros(num_images, dtype=torch.long, device=image_id.device).scatter_(0, ids, rows)
-    per_row = torch.bincount(sample, minlength=image_id.shape[0])
-    first = torch.cumsum(per_row, 0) - per_row
-    image_index = torch.arange(num_images, device=image_id.device) - first[sample]
-    group_key = counts if key is None else torch.stack([counts, key], dim=1)
+@dataclass(frozen=True)
+class ImageRows:
+    """Where the images of a batch are, as the host knows it: the tokens of each image, in order row by row,
+    and the images of each row. Laying out a pruned batch from these reads nothing from the device.
+
+    Attributes:
+        sizes: placeholder tokens of each image.
+        per_row: images of each row.
+        real: real (unpadded) tokens of each row, where they were read with the rows' image tokens; ``None``
+            where the rows were told apart by shapes alone, and compaction keeps every row's padding.
+    """
+
+    sizes: tuple[int, ...]
+    per_row: tuple[int, ...]
+    real: tuple[int, ...] | None = None
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        """The row of each image."""
+        return tuple(row for row, count in enumerate(self.per_row) for _ in range(count))
+
+    @property
+    def places(self) -> tuple[int, ...]:
+        """Each image's place among its row's images."""
+        return tuple(place for count in self.per_row for place in range(count))
+
+    def in_rows(self, values: list[int]) -> list[int]:
+        """The sum of one value per image, ``values``, over each row's images."""
+        sums = [0] * len(self.per_row)
+        for row, value in zip(self.rows, values, strict=True):
+            sums[row] += value
+        return sums
+
+    @property
+    def regular(self) -> bool:
+        """Whether every row holds as many images, all of one size."""
+        return len(set(self.per_row)) == 1 and len(set(self.sizes)) == 1
+
+
+def rows_by_shapes(sizes: list[int], batch: int, length: int) -> ImageRows | None:
+    """The rows of ``sizes`` (each image's tokens, in order) in a batch of ``batch`` rows of ``length``
+    tokens, where shapes alone tell them apart, else ``None``.
+
+    One row holds them all. ``m = len(sizes) / batch`` images a row where no row can hold ``m + 1`` (the
+    ``m + 1`` smallest take more than ``length`` tokens): then every row holds exactly ``m``. This takes the
+    model's own check that the prompts hold one placeholder per image token, and each image's placeholders
+    in one row (:func:`rows_by_counts` checks that).
+    """
+    if batch == 1:
+        return ImageRows(tuple(sizes), (len(sizes),))
+    per_row, rest = divmod(len(sizes), batch)
+    if rest or per_row == 0 or sum(sorted(sizes)[: per_row + 1]) <= length:
+        return None
+    return ImageRows(tuple(sizes), (per_row,) * batch)
+
+
+def rows_by_counts(sizes: list[int], counts: list[int], real: list[int] | None = None) -> ImageRows:
+    """The rows of ``sizes`` (each image's tokens, in order) that hold ``counts`` image tokens each (read
+    from the device). ``ValueError`` where a row does not hold whole images."""
+    per_row, image = [], 0
+    for count in counts:
+        held = 0
+        while held < count and image < len(sizes):
+            held, image = held + sizes[image], image + 1
+        per_row.append(image - sum(per_row))
+        if held != count:
+            break
+    if image != len(sizes) or sum(counts) != sum(sizes) or len(per_row) != len(counts):
+        raise ValueError(
+            f"the prompts hold {counts} image tokens, which are not whole images of {list(sizes)} tokens "
+            "row by row; build the prompt with the model's processor"
+        )
+    return ImageRows(tuple(sizes), tuple(per_row), None if real is None else tuple(real))
+
+
+def _on(device: torch.device, values: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """A small long tensor of host ``values`` on ``device``, copied without waiting for the device."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
+def image_layouts(visual: torch.Tensor, rows: ImageRows, keys: list[int] | None = None) -> list[VisualLayout]:
+    """The images of ``rows`` in the batch whose image tokens are ``visual [B, L]``, in groups of equal token
+    count (and equal ``keys``, one per image, if given): one :class:`VisualLayout` per group, in the order of
+    their first images. Reads nothing from the device."""
+    device = visual.device
+    # each row's image tokens first, in order: image i of a row is at its row's offset of i
+    order = torch.sort(visual.to(torch.int8), dim=1, descending=True, stable=True).indices
+    if rows.regular and len(set(keys or [0])) == 1:  # one group, every row alike: a view of ``order``
+        count, size = rows.per_row[0], rows.sizes[0]
+        images = torch.arange(len(rows.sizes), device=device)
+        return [
+            VisualLayout(
+                images // count,
+                images % count,
+                order[:, : count * size].reshape(-1, size),
+                tuple(range(len(rows.sizes))),
+            )
+        ]
+    offsets, start, row_of = [], 0, rows.rows
+    for image, size in enumerate(rows.sizes):
+        start = 0 if image == 0 or row_of[image] != row_of[image - 1] else start
+        offsets.append(start)
+        start += size
+    groups: dict[tuple[int, int], list[int]] = {}
+    for image, size in enumerate(rows.sizes):
+        groups.setdefault((size, keys[image] if keys else 0), []).append(image)
     layouts = []
-    for value in torch.unique(group_key, dim=0):
-        members = (group_key == value).view(num_images, -1).all(dim=1).nonzero()[:, 0]
-        n = int(counts[members[0]])
-        positions = cols[torch.isin(ids, members)].view(len(members), n)
-        layouts.append(VisualLayout(sample[members], image_index[members], positions, members))
+    for (size, _), members in groups.items():
+        positions = torch.stack([order[row_of[i], offsets[i] : offsets[i] + size] for i in members])
+        places = rows.places
+        layouts.append(
+            VisualLayout(
+                _on(device, [row_of[i] for i in members]),
+                _on(device, [places[i] for i in members]),
+                positions,
+                tuple(members),
+            )
+        )
     return layouts

@@ -33,7 +33,7 @@ from tokenprune.transition import sublayer_transition
 from .. import _cache_internals as caches
 from .. import _internals as internals
 from .labels import LabelHooks
-from .layout import Call
+from .layout import Call, image_rows
 from .needs import SCORING_INPUT_NEEDS
 from .session import decode_inputs, masks_for_generate, record_session, session_of, step_layer_inputs
 from .stages import Stages
@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 class LanguageModelHooks:
     """What every set of hooks on a decoder-only language model holds: the model, its layers, the image
     token layout, and the image placeholders of the next forward (``pending_visual [B, L]``, set by the
-    family adapter)."""
+    family adapter, with ``pending_sizes``, each image's tokens in order, where the adapter knows them
+    without reading the device)."""
 
     def __init__(self, language_model: nn.Module, tokens_per_image: int, grid: tuple[int, int] | None):
         internals.check_decoder_internals(language_model)
@@ -54,6 +55,7 @@ class LanguageModelHooks:
         self.tokens_per_image = tokens_per_image
         self.grid = grid
         self.pending_visual: torch.Tensor | None = None
+        self.pending_sizes: list[int] | None = None
         self.pending_image_id: torch.Tensor | None = None  # [B, L] set by adapters that number images
         # families whose image size varies: each image is one run of placeholders, and the patch grid
         # of an image of a given token count, where known (set per forward by the family adapter)
@@ -156,10 +158,11 @@ class DecoderPruningHooks(LanguageModelHooks):
     def _before_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         visual, self.pending_visual = self.pending_visual, None
         image_id, self.pending_image_id = self.pending_image_id, None
+        sizes, self.pending_sizes = self.pending_sizes, None
         self._call = None
         cache = caches.cache_argument(kwargs)
         # ``visual`` is None in a call without images, so that a decode step (compiled, perhaps) reads no data
-        has_images = visual is not None and bool(visual.any())
+        has_images = visual is not None and (bool(sizes) if sizes is not None else bool(visual.any()))
         session = session_of(cache)
         if session is not None:
             if has_images:
@@ -189,9 +192,10 @@ class DecoderPruningHooks(LanguageModelHooks):
             self._pruner.begin_prefill()
         packed = mask is None and cache is None  # as the model's mask code, which then reads the positions
         image_id = self.image_ids(visual) if image_id is None else image_id
-        self._call = Call.prefill(visual, image_id, mask, packed)
+        rows = image_rows(visual, image_id, mask, sizes, self._pruner.checking("the prompts' image rows"))
+        self._call = Call.prefill(visual, image_id, mask, packed, rows)
         if self._labels is not None:
-            self._labels.check(self._call, lambda: self._stages.drops_tokens(self._call.image_sizes))
+            self._labels.check(self._call, lambda: self._stages.drops_tokens(rows.sizes))
         return args, kwargs
 
     def _after_language_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tokenprune.sequence import Compaction
+from tokenprune.sequence import Compaction, ImageRows, rows_by_counts, rows_by_shapes
 
 if TYPE_CHECKING:
     from .session import Session, StageCache
@@ -28,7 +28,8 @@ class Call:
 
     visual: torch.Tensor | None = None  # [B, L_cur] image token flags
     image_id: torch.Tensor | None = None  # [B, L_cur] number of each token's image, -1 off images
-    image_sizes: torch.Tensor | None = None  # [num_images] tokens of each image in the prompt
+    images: ImageRows | None = None  # the images of each row, as the current layout holds them
+    image_sizes: tuple[int, ...] = ()  # tokens of each image in the prompt
     attention_mask: torch.Tensor | None = None  # [B, L_cur] 2-D mask
     origin: torch.Tensor | None = None  # [B, L_cur] prompt position of each row
     real: torch.Tensor | None = None  # [B, L_cur] the row holds a prompt token, not re-padding
@@ -50,22 +51,29 @@ class Call:
 
     @classmethod
     def prefill(
-        cls, visual: torch.Tensor, image_id: torch.Tensor, mask: torch.Tensor | None, packed: bool
+        cls,
+        visual: torch.Tensor,
+        image_id: torch.Tensor,
+        mask: torch.Tensor | None,
+        packed: bool,
+        images: ImageRows,
     ) -> Call:
         """The call of a prefill whose prompt holds the image placeholders ``visual [B, L]``, numbered by
-        ``image_id [B, L]``, under the 2-D ``mask`` (``None``: every token real)."""
+        ``image_id [B, L]``, laid out in rows as ``images`` says, under the 2-D ``mask`` (``None``: every
+        token real)."""
         batch, length = visual.shape
         if mask is None:
             mask = torch.ones(batch, length, dtype=torch.long, device=visual.device)
         return cls(
             visual=visual,
             image_id=image_id,
-            image_sizes=torch.bincount(image_id[visual]),
+            images=images,
+            image_sizes=images.sizes,
             attention_mask=mask,
             origin=torch.arange(length, device=visual.device).expand(batch, length),
             real=torch.ones_like(visual),
             original_length=length,
-            visual_in=visual.sum(1).tolist(),
+            visual_in=images.in_rows(list(images.sizes)),
             packed=packed,
         )
 
@@ -86,6 +94,30 @@ class Call:
         batch = self.origin.shape[0]
         reached = torch.zeros(batch, self.original_length, dtype=torch.int32, device=self.origin.device)
         return reached.scatter_add_(1, self.origin, self.real.to(torch.int32)) > 0
+
+
+def image_rows(
+    visual: torch.Tensor,
+    image_id: torch.Tensor,
+    mask: torch.Tensor | None,
+    sizes: list[int] | None,
+    check: bool,
+) -> ImageRows:
+    """Where the images of a prefill are (see :class:`~tokenprune.sequence.ImageRows`): from the shapes alone
+    where they tell (:func:`~tokenprune.sequence.rows_by_shapes`, for ``sizes``, each image's tokens, that
+    the family adapter knew without reading the device), else from one read of each row's image and real
+    tokens (and, where the adapter did not know ``sizes``, of each image's). With ``check``, the read is
+    made anyway, to check that every row holds whole images (``ValueError`` if not)."""
+    batch, length = visual.shape
+    by_shapes = rows_by_shapes(sizes, batch, length) if sizes is not None else None
+    if by_shapes is not None and not check:
+        return by_shapes
+    real = mask.sum(dim=1) if mask is not None else torch.full_like(visual[:, 0], length, dtype=torch.long)
+    if sizes is None:
+        sizes = torch.bincount(image_id.flatten() + 1)[1:].tolist()
+    counts, real = torch.stack([visual.sum(dim=1), real]).tolist()
+    rows = rows_by_counts(sizes, counts, real)
+    return rows if by_shapes is None else by_shapes  # the layout of the calls that do not check
 
 
 def largest_per_prompt(sequence: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -126,7 +158,7 @@ def instruction_rows(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     """The positions of each row's instructions ``[B, Q]``: the real tokens after the last visual token of
     their prompt (its last token, where none follows its images; a padding-free row holds several
     prompts), in order; a row with fewer is padded with its last token, and ``counted [B, Q]`` says which
-    are not padding. Reads the device once (Q)."""
+    are not padding. ``Q`` is the most tokens a row holds off its images (known on the host: no read)."""
     valid = call.attention_mask.bool()
     batch, length = valid.shape
     positions = torch.arange(length, device=valid.device).expand(batch, length)
@@ -139,7 +171,7 @@ def instruction_rows(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     after_images = per_prompt(torch.where(call.visual, positions, -1))
     instruction = valid & ((positions > after_images) | (positions == last))
     count = instruction.sum(dim=1)
-    width = int(count.max())
+    width = length - min(call.images.in_rows(list(call.images.sizes)))
     counted = torch.arange(width, device=valid.device) < count[:, None]
     rows = torch.where(instruction, positions, length).sort(dim=1).values[:, :width]
     return torch.where(counted, rows, last_rows(call)[:, None]), counted

@@ -8,13 +8,14 @@ on. A schedule prunes at several layers, each time among the tokens still kept.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from tokenprune.context import SelectionContext
-from tokenprune.sequence import VisualLayout, image_groups, keep_masks, plan_compaction
+from tokenprune.sequence import VisualLayout, image_layouts, keep_masks, plan_compaction
 
 from .. import _internals as internals
 from .layout import Call
@@ -51,20 +52,22 @@ def size_following_stages(config: PrunerConfig, num_layers: int, model_name: str
     return [(layer, None) for layer in layers]
 
 
-def kept_by_vision_stage(image_tokens: torch.Tensor, keep: int) -> torch.Tensor:
-    """The patches a vision stage kept of the images ``image_tokens [I, N, D]``: ``[I, keep]``.
+def kept_by_vision_stage(image_tokens: torch.Tensor, keep: int, check: bool) -> torch.Tensor:
+    """The patches a vision stage kept of the images ``image_tokens [I, N, D]``: ``[I, keep]``, in order.
 
     The adapter hands the language model every dropped patch as a zero placeholder, so the kept set travels
     with the features themselves, whatever ``generate`` does with them (encoding the images before the
-    forward, repeating them for several sequences per prompt).
+    forward, repeating them for several sequences per prompt). With ``check``, ``ValueError`` (a read of the
+    device) unless each image has ``keep`` nonzero features.
     """
     kept = image_tokens.ne(0).any(dim=-1)
-    if bool((kept.sum(dim=1) != keep).any()):
+    if check and bool((kept.sum(dim=1) != keep).any()):
         raise ValueError(
             "the image features reaching the language model are not the ones this pruner's vision "
             "stage encoded: pass pixel_values (not features encoded elsewhere) with the prompt"
         )
-    return kept.nonzero()[:, 1].view(-1, keep)
+    # the kept patches last, each group in order: no count to read
+    return torch.sort(kept.to(torch.int8), dim=1, stable=True).indices[:, -keep:]
 
 
 class Stages:
@@ -89,19 +92,22 @@ class Stages:
         config = self._pruner.config
         return () if config.spec.vision else config.spec.needs
 
-    def keeps(self, stage: int, image_sizes: torch.Tensor) -> torch.Tensor:
-        """Tokens each image keeps at ``stage`` ``[num_images]``: the stage's count, or, for a family whose
-        image size varies, the config's count for each image's size (``ValueError`` for a budget over it)."""
+    def keeps(self, stage: int, sizes: tuple[int, ...]) -> list[int]:
+        """Tokens each image of ``sizes`` (each image's tokens in the prompt) keeps at ``stage``: the stage's
+        count, or, for a family whose image size varies, the config's count for each image's size
+        (``ValueError`` for a budget over it)."""
         keep = self.stages[stage][1]
         if keep is not None:
-            return torch.full_like(image_sizes, keep)
-        by_size = {size: self._kept_for_size(stage, size) for size in image_sizes.unique().tolist()}
-        return torch.tensor([by_size[size] for size in image_sizes.tolist()], device=image_sizes.device)
+            return [keep] * len(sizes)
+        by_size = {size: self._kept_for_size(stage, size) for size in set(sizes)}
+        return [by_size[size] for size in sizes]
 
-    def drops_tokens(self, image_sizes: torch.Tensor) -> bool:
-        """Whether any stage keeps fewer tokens than some image of ``image_sizes`` has."""
+    def drops_tokens(self, sizes: tuple[int, ...]) -> bool:
+        """Whether any stage keeps fewer tokens than some image of ``sizes`` has."""
         return any(
-            bool((self.keeps(stage, image_sizes) < image_sizes).any()) for stage in range(len(self.stages))
+            keep < size
+            for stage in range(len(self.stages))
+            for keep, size in zip(self.keeps(stage, sizes), sizes, strict=True)
         )
 
     def _kept_for_size(self, stage: int, size: int) -> int:
@@ -140,22 +146,30 @@ class Stages:
 
         pruner = self._pruner
         hooks = self._hooks
+        images = call.images
         with pruner.timed_selection():
             keeps = self.keeps(stage, call.image_sizes)
             reading = LayerReading(call, hooks.layers, hooks.language_model, layer, hidden, (cos, sin))
             scores = provide(self.needs, reading)
             selections = []
-            for layout in image_groups(call.image_id, keeps):
-                keep = int(keeps[layout.image[0]])
+            for layout in image_layouts(call.visual, images, keeps):
+                keep = keeps[layout.images[0]]
                 if stage == 0 and pruner.config.vision_stage is not None:
-                    index = kept_by_vision_stage(layout.take(hidden), keep)
+                    check = pruner.checking("the vision stage's features")
+                    index = kept_by_vision_stage(layout.take(hidden), keep, check)
                 else:
                     index = pruner.select(self._context(hidden, scores, layout, stage), keep)
                 selections.append((layout, index))
             keep = keep_masks(call.visual, selections)
-            if bool((call.visual & ~keep).any()):  # else (keep-all) the batch stays exactly as it was
-                keep &= call.attention_mask.bool()  # padding goes: as long as the longest kept row
-            plan = plan_compaction(keep)
+            dropped = images.in_rows([size - kept for size, kept in zip(images.sizes, keeps, strict=True)])
+            real = images.real
+            if real is not None and any(dropped):  # padding goes too: as long as the longest kept row
+                keep &= call.attention_mask.bool()
+                real = tuple(tokens - drop for tokens, drop in zip(real, dropped, strict=True))
+                width = max(real)
+            else:  # every row keeps its padding (else, keep-all, the batch stays exactly as it was)
+                width = length - min(dropped)
+            plan = plan_compaction(keep, width)
 
         shift, moved = renumbering(call, keep) if self.renumbered else (None, None)
         pruned_hidden, pruned_positions, call.attention_mask = plan.gather_sequence(
@@ -167,15 +181,21 @@ class Stages:
             rotary = internals.rotary_embedding(hooks.language_model)
             position_embeddings = renumbered_tables(call, plan, moved, pruned_hidden, rotary)
         call.compact(plan)
-        call.layer_kwargs = {
-            "attention_mask": internals.causal_mask(
+        call.images = dataclasses.replace(images, sizes=tuple(keeps), real=real)
+        if kwargs.get("attention_mask") is None and len(set(dropped)) == 1:
+            mask = None  # no padding before, and each row as long as the others: causal still, and known
+        else:  # padding, which the mask code would read the device to look for
+            mask = internals.causal_mask(
                 hooks.language_model.config,
                 pruned_hidden,
                 call.attention_mask,
                 cache,
                 layer,
                 call.sequence_ids,
-            ),
+                skip_allowed=False,
+            )
+        call.layer_kwargs = {
+            "attention_mask": mask,
             "position_ids": pruned_positions,
             "position_embeddings": position_embeddings,
         }
@@ -183,7 +203,7 @@ class Stages:
         if stage == 0:
             call.first_index = call.origin
         call.keep_masks[layer] = call.reached()
-        pruner.record_prefill(call.visual_in, call.visual.sum(dim=1).tolist(), dict(call.keep_masks))
+        pruner.record_prefill(call.visual_in, images.in_rows(keeps), dict(call.keep_masks))
         args, kwargs = internals.with_layer_hidden_states(args, kwargs, pruned_hidden)
         return args, {**kwargs, **call.layer_kwargs}
 
