@@ -22,6 +22,7 @@ grid that the packing unpads: refused.
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -81,11 +82,9 @@ class AnyResVisionHooks:
                 [*(a[..., None] for a in attention.values()), *([] if keys is None else [keys])], -1
             )
             packed_scores = self._packed_scores(pack, args, kwargs, scores.float())
-            tiles = torch.tensor([0, *(s.shape[0] for s in packed_scores[1][:-1])]).cumsum(0)
+            first_tiles = itertools.accumulate((s.shape[0] for s in packed_scores[1][:-1]), initial=0)
             out, visual, kept = [], [], []
-            for features, image_scores, first_tile in zip(
-                packed, packed_scores[0], tiles.tolist(), strict=True
-            ):
+            for features, image_scores, first_tile in zip(packed, packed_scores[0], first_tiles, strict=True):
                 places = image_scores[:, 0].isnan().logical_not().nonzero()[:, 0]  # not a newline
                 keep = config.kept_per_image(len(places))
                 values = image_scores[places]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -55,9 +56,12 @@ class _Block:
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [N, d]
 
 
-def window_order(visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor | None:
-    """Qwen2.5-VL: the merger group each block-order group is (``window_index``); ``None`` for a tower
-    without window attention. ``InternalsMovedError`` if transformers no longer exposes it."""
+def window_order(visual: nn.Module, grid: list[list[int]], device: torch.device) -> torch.Tensor | None:
+    """Qwen2.5-VL: the merger group each block-order group is (``window_index``), on ``device``; ``None``
+    for a tower without window attention. ``InternalsMovedError`` if transformers no longer exposes it.
+
+    transformers computes it from the items' ``grid`` ``(t, h, w)`` on the host: given the host's copy,
+    it reads nothing of the device."""
     if not hasattr(visual, "fullatt_block_indexes"):
         return None
     try:
@@ -65,12 +69,12 @@ def window_order(visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor | No
     except ImportError as error:
         raise InternalsMovedError("transformers.vision_utils.get_vision_window_index moved") from error
     index, _ = get_vision_window_index(
-        grid_thw,
+        torch.tensor(grid),
         spatial_merge_size=visual.spatial_merge_size,
         window_size=visual.window_size,
         patch_size=visual.patch_size,
     )
-    return index.to(grid_thw.device)
+    return index.to(device)
 
 
 class QwenVisionHooks:
@@ -203,23 +207,26 @@ class QwenVisionHooks:
         grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         tokens = output.pooler_output  # [T, D] every item's merged tokens, in order
         deepstack = list(getattr(output, "deepstack_features", None) or [])
-        counts = grid_thw.prod(dim=-1) // self.unit
-        starts = torch.cumsum(counts, 0) - counts
+        grid, longest = self._read_shapes(grid_thw, blocks)
+        counts = [t * h * w // self.unit for t, h, w in grid]
+        starts = list(itertools.accumulate(counts, initial=0))
         pruner, config = self._pruner, self._config
         with pruner.timed_selection():
-            order = window_order(self.visual, grid_thw)
+            order = window_order(self.visual, grid, tokens.device)
             attention = {
-                i: self._received_attention(blocks[i], grid_thw, order) for i in self._attention_layers
+                i: self._received_attention(blocks[i], longest[i], grid_thw, order)
+                for i in self._attention_layers
             }
             keys = self._token_keys(blocks[self.output_layer], order) if "keys" in config.spec.needs else None
             pruned = tokens.new_zeros(tokens.shape)
             pruned_deepstack = [feature.new_zeros(feature.shape) for feature in deepstack]
-            kept = torch.zeros_like(counts)
-            for shape in torch.unique(grid_thw, dim=0):
-                members = (grid_thw == shape).all(dim=1).nonzero()[:, 0]
-                t, h, w = shape.tolist()
+            kept = [0] * len(grid)
+            for t, h, w in sorted(set(map(tuple, grid))):
+                members = [item for item, shape in enumerate(grid) if shape == [t, h, w]]
                 n = t * h * w // self.unit
-                index = starts[members][:, None] + torch.arange(n, device=tokens.device)  # [I, n]
+                index = torch.stack(
+                    [torch.arange(starts[m], starts[m] + n, device=tokens.device) for m in members]
+                )
                 keep = config.kept_per_image(n)
                 ctx = SelectionContext(
                     features=tokens[index],
@@ -237,13 +244,26 @@ class QwenVisionHooks:
                     else:
                         followed = gather_tokens(feature[index], chosen)
                     out[places] = followed.to(feature.dtype)
-                kept[members] = keep
+                for m in members:
+                    kept[m] = keep
         output.pooler_output = pruned
         if deepstack:
             output.deepstack_features = pruned_deepstack
         self._encoded = True
-        pruner.record_encoder(counts.tolist(), kept.tolist())
+        pruner.record_encoder(counts, kept)
         return output
+
+    def _read_shapes(
+        self, grid_thw: torch.Tensor, blocks: dict[int, _Block]
+    ) -> tuple[list[list[int]], dict[int, int]]:
+        """The tower forward's one read of the device: each item's grid ``(t, h, w)``, which sets how many
+        tokens it has, and the longest attention segment of each block whose attention the method needs,
+        the width its scores are padded to."""
+        lengths = [blocks[i].segments.diff().amax()[None].to(grid_thw) for i in self._attention_layers]
+        values = torch.cat([grid_thw.flatten(), *lengths]).tolist()
+        split = grid_thw.numel()
+        grid = [values[item : item + 3] for item in range(0, split, 3)]
+        return grid, dict(zip(self._attention_layers, values[split:], strict=True))
 
     def _choose(self, ctx: SelectionContext, keep: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """The method's places ``[I, keep]`` among the tokens of ``ctx``, the tokens it puts there, and
@@ -260,29 +280,31 @@ class QwenVisionHooks:
         return self._rotary(qkv[:, 0], qkv[:, 1], cos, sin)
 
     def _received_attention(
-        self, block: _Block, grid_thw: torch.Tensor, order: torch.Tensor | None
+        self, block: _Block, longest: int, grid_thw: torch.Tensor, order: torch.Tensor | None
     ) -> torch.Tensor:
         """Attention each merger group receives at ``block`` ``[T]``: softmax over each attention segment of
-        the block (a window or an image), heads averaged, summed over every query of the group's image and
-        divided by their count (the mean query), summed over the group's patches; in output order."""
+        the block (a window or an image, ``longest`` patches at most), heads averaged, summed over every
+        query of the group's image and divided by their count (the mean query), summed over the group's
+        patches; in output order."""
         query, key = self._projections(block)
+        num_patches = query.shape[0]
         segments = block.segments.long()
         lengths = segments.diff()
-        longest = int(lengths.max())
         slot = torch.arange(longest, device=query.device)
         valid = slot[None] < lengths[:, None]  # [S, longest]
-        rows = (segments[:-1, None] + slot[None]).clamp(
-            max=query.shape[0] - 1
-        )  # [S, longest] patch of each slot
+        rows = (segments[:-1, None] + slot[None]).clamp(max=num_patches - 1)  # [S, longest] patch of a slot
         q, k = query[rows].transpose(1, 2), key[rows].transpose(1, 2)  # [S, H, longest, d]
         scores = query_logits(q, k, self.scale)  # [S, H, longest, longest]
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         weights = scores.softmax(dim=-1) * valid[:, None, :, None]  # padding queries give nothing
         received = weights.sum(dim=2).mean(dim=1)  # [S, longest]
-        per_patch = query.new_zeros(query.shape[0], dtype=torch.float32)
-        per_patch[rows[valid]] = received[valid]
+        # Each patch is one valid slot; padding slots write to a spare entry past the patches.
+        targets = torch.where(valid, rows, num_patches).flatten()
+        per_patch = query.new_zeros(num_patches + 1, dtype=torch.float32)
+        per_patch = per_patch.scatter_(0, targets, received.flatten().float())[:num_patches]
         patches = grid_thw.prod(dim=-1)
-        per_patch = per_patch / torch.repeat_interleave(patches, patches).to(per_patch)
+        image_patches = torch.repeat_interleave(patches, patches, output_size=num_patches)  # [N] of its image
+        per_patch = per_patch / image_patches.to(per_patch)
         return self._by_token(per_patch.view(-1, self.unit).sum(dim=1), order)
 
     def _token_keys(self, block: _Block, order: torch.Tensor | None) -> torch.Tensor:

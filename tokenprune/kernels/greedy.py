@@ -21,12 +21,14 @@ def greedy_max_min_reference(distance: torch.Tensor, first: torch.Tensor, keep: 
     rows = torch.arange(num_images, device=distance.device)
     selected = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=distance.device)
     selected[rows, first] = True
+    picks = [first]
     nearest = distance[rows, first]  # [I, N] distance to the nearest selected token
     for _ in range(keep - 1):
         pick = nearest.masked_fill(selected, float("-inf")).argmax(dim=1)
         selected[rows, pick] = True
+        picks.append(pick)
         nearest = torch.minimum(nearest, distance[rows, pick])
-    return selected.nonzero()[:, 1].view(num_images, keep)
+    return torch.stack(picks, dim=1).sort(dim=1).values
 
 
 def greedy_max_min(distance: torch.Tensor, first: torch.Tensor, keep: int) -> torch.Tensor:
@@ -46,12 +48,14 @@ def greedy_mmr_reference(
     rows = torch.arange(num_images, device=relevance.device)
     selected = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=relevance.device)
     selected[rows, first] = True
+    picks = [first]
     redundancy = similarity[rows, first]  # [I, N] max similarity to the selected set
     for _ in range(keep - 1):
         pick = (relevance - penalty * redundancy).masked_fill(selected, float("-inf")).argmax(dim=1)
         selected[rows, pick] = True
+        picks.append(pick)
         redundancy = torch.maximum(redundancy, similarity[rows, pick])
-    return selected.nonzero()[:, 1].view(num_images, keep)
+    return torch.stack(picks, dim=1).sort(dim=1).values
 
 
 def greedy_mmr(

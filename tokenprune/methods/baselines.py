@@ -16,12 +16,13 @@ def random_selection(ctx: SelectionContext, keep: int, *, seed: int = 0) -> torc
     """Keep a seeded random subset of each image's tokens.
 
     Image ``j`` of a prompt draws from a generator seeded with ``seed + j``, so the choice for an image
-    does not depend on what else is in the batch.
+    does not depend on what else is in the batch. The seeds are host values: one read of the device, for
+    the images' indices (a group of the batch's images may hold any of them).
     """
     num_tokens = ctx.features.shape[1]
     scores = torch.stack(
         [
-            torch.rand(num_tokens, generator=torch.Generator().manual_seed(seed + int(j)))
+            torch.rand(num_tokens, generator=torch.Generator().manual_seed(seed + j))
             for j in ctx.image_index.tolist()
         ]
     )

@@ -10,7 +10,7 @@ import torch
 
 from ..context import SelectionContext
 from ..registry import register_method
-from ._select import cosine_similarity_matrix
+from ._select import cosine_similarity_matrix, flagged
 
 
 def _visiting_order(places: torch.Tensor, is_pivot: torch.Tensor) -> torch.Tensor:
@@ -52,8 +52,8 @@ def dart(
     are shared evenly over the pivots, the first visited taking one more where it does not divide; an
     instruction shorter than ``text_pivots`` gives fewer pivots.
 
-    Returns the kept indices ``[I, keep]``, sorted. Reads the device for the pivots' positions (the set's
-    order) and for the kept tokens.
+    Returns the kept indices ``[I, keep]``, sorted. Reads the device once, for the pivots' positions (the
+    set's order).
 
     Deviations:
     - exactly ``keep`` survive, pivots included (the contract's exact per-image budget); the reference
@@ -99,4 +99,4 @@ def dart(
         ranked = score.topk(slot.numel(), dim=1).indices
         taken = slot[None] < shares[:, p : p + 1]
         selected.scatter_(1, ranked, taken | torch.gather(selected, 1, ranked))
-    return selected.nonzero()[:, 1].view(num_images, keep)
+    return flagged(selected, keep)

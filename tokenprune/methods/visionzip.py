@@ -12,7 +12,7 @@ import torch
 from ..context import Merged, SelectionContext
 from ..kernels import gather_tokens
 from ..registry import register_method
-from ._select import cosine_similarity_matrix, top_k
+from ._select import cosine_similarity_matrix, flagged, top_k
 
 
 @register_method(
@@ -84,16 +84,16 @@ def _targets_and_merged_away(
     Of the ``R`` patches that are not ``dominant [I, d]``, the targets are the first ``c`` of every
     ``max(1, R // c)``-th, from the first (none when ``c`` is 0); the others are merged away.
     """
-    num_images = dominant.shape[0]
+    num_images, num_dominant = dominant.shape
     rest_mask = torch.ones(num_images, num_patches, dtype=torch.bool, device=dominant.device)
     rest_mask.scatter_(1, dominant, False)
-    rest = rest_mask.nonzero()[:, 1].view(num_images, -1)
+    rest = flagged(rest_mask, num_patches - num_dominant)  # [I, R]
     num_rest = rest.shape[1]
-    is_target = torch.zeros(num_rest, dtype=torch.bool, device=dominant.device)
-    if num_contextual:
-        step = max(1, num_rest // num_contextual)
-        is_target[torch.arange(0, num_rest, step, device=dominant.device)[:num_contextual]] = True
-    return rest[:, is_target], rest[:, ~is_target]
+    step = max(1, num_rest // num_contextual) if num_contextual else 1
+    is_target = torch.zeros_like(rest, dtype=torch.bool)
+    is_target[:, : step * num_contextual : step] = True
+    targets = torch.gather(rest, 1, flagged(is_target, num_contextual))
+    return targets, torch.gather(rest, 1, flagged(~is_target, num_rest - num_contextual))
 
 
 def _contextual_tokens(
@@ -108,7 +108,9 @@ def _contextual_tokens(
     if num_contextual == 0:
         return features[:, :0], features.new_zeros(features.shape[0], 0)
     similarity = cosine_similarity_matrix(gather_tokens(keys, merged_away), gather_tokens(keys, targets))
-    one_hot = torch.nn.functional.one_hot(similarity.argmax(dim=-1), num_contextual).to(features.dtype)
+    # A scatter, not one_hot, which on a CPU reads the device to check the classes.
+    joins = similarity.argmax(dim=-1, keepdim=True)  # [I, R - c, 1]
+    one_hot = features.new_zeros(*joins.shape[:2], num_contextual).scatter_(2, joins, 1)
     counts = one_hot.sum(dim=1)  # [I, c]
     joined = one_hot.transpose(1, 2) @ gather_tokens(features, merged_away) / counts.clamp_min(1)[..., None]
     return gather_tokens(features, targets) + joined, counts
