@@ -24,6 +24,7 @@ def apply_pruner(
     drop_early_kv: bool = False,
     media: str = "both",
     positions: str | None = None,
+    checks: str = "first",
     **options: object,
 ) -> Pruner:
     """Prune the visual tokens of every forward pass of ``model`` (including inside ``generate``).
@@ -41,6 +42,8 @@ def apply_pruner(
         media: in a family that takes videos, prune ``"images"``, ``"videos"`` or ``"both"``.
         positions: ``"original"`` keeps the kept tokens' positions, ``"renumbered"`` closes the gaps the
             dropped ones leave, ``None`` follows the method's reference (see :class:`PrunerConfig`).
+        checks: ``"first"`` checks the contracts that read the device (a host sync each on a GPU) at the
+            first forward only, ``"every"`` at each (see :class:`PrunerConfig`).
         **options: method-specific options, checked against the method's declaration (type and range;
             ``docs/methods.md`` lists them).
 
@@ -53,7 +56,9 @@ def apply_pruner(
     """
     if isinstance(method, PrunerConfig):
         extra = (keep_ratio, budget, layer, schedule)
-        defaults = not drop_early_kv and not options and media == "both" and positions is None
+        defaults = (
+            not drop_early_kv and not options and media == "both" and positions is None and checks == "first"
+        )
         if any(x is not None for x in extra) or not defaults:
             raise TypeError("pass either a PrunerConfig or a method name with its arguments, not both")
         config = method
@@ -68,6 +73,7 @@ def apply_pruner(
             drop_early_kv=drop_early_kv,
             media=media,
             positions=positions,
+            checks=checks,
         )
     if attached_pruner(model) is not None:
         raise RuntimeError("this model already has a pruner; call tokenprune.remove_pruner(model) first")

@@ -54,6 +54,13 @@ class Compaction:
         return gather_sequence(hidden, position_ids, attention_mask, self.index, self.valid)
 
 
+def flagged(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices ``[I, count]`` of the True entries of each row of ``mask [I, N]``, which has ``count`` of
+    them, in increasing order: a stable sort of the flags, where ``nonzero`` would make the host read the
+    device for how many there are."""
+    return torch.sort(mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :count]
+
+
 def plan_compaction(keep: torch.Tensor, new_length: int) -> Compaction:
     """Lay out the tokens flagged in ``keep [B, L]`` as a dense, left-padded batch ``[B, new_length]``.
 
@@ -208,7 +215,7 @@ def image_layouts(visual: torch.Tensor, rows: ImageRows, keys: list[int] | None 
     their first images. Reads nothing from the device."""
     device = visual.device
     # each row's image tokens first, in order: image i of a row is at its row's offset of i
-    order = torch.sort(visual.to(torch.int8), dim=1, descending=True, stable=True).indices
+    order = flagged(visual, visual.shape[1])
     if rows.regular and len(set(keys or [0])) == 1:  # one group, every row alike: a view of ``order``
         count, size = rows.per_row[0], rows.sizes[0]
         images = torch.arange(len(rows.sizes), device=device)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tokenprune.context import SelectionContext
-from tokenprune.sequence import VisualLayout, image_layouts, keep_masks, plan_compaction
+from tokenprune.sequence import VisualLayout, flagged, image_layouts, keep_masks, plan_compaction
 
 from .. import _internals as internals
 from .layout import Call
@@ -66,8 +66,7 @@ def kept_by_vision_stage(image_tokens: torch.Tensor, keep: int, check: bool) -> 
             "the image features reaching the language model are not the ones this pruner's vision "
             "stage encoded: pass pixel_values (not features encoded elsewhere) with the prompt"
         )
-    # the kept patches last, each group in order: no count to read
-    return torch.sort(kept.to(torch.int8), dim=1, stable=True).indices[:, -keep:]
+    return flagged(kept, keep)
 
 
 class Stages:

@@ -10,13 +10,6 @@ def top_k(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.topk(scores, keep, dim=1).indices.sort(dim=1).values
 
 
-def flagged(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices ``[I, count]`` of the True entries of each row of ``mask [I, N]``, which has ``count`` of
-    them, in increasing order: a stable sort of the flags, where ``nonzero`` would make the host read the
-    device for how many there are."""
-    return torch.sort(mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :count]
-
-
 def min_max(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Each row of ``scores [I, N]`` rescaled to [0, 1], in float32."""
     scores = scores.float()

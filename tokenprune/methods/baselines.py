@@ -10,23 +10,30 @@ from ..context import SelectionContext
 from ..registry import register_method
 from ._select import top_k
 
+#: 31-bit arithmetic on int64 (no product overflows): the multiplier of the integer hash below.
+_HASH_MULTIPLIER = 0x45D9F3B
+_BITS31 = 2**31 - 1
+
+
+def hashed_scores(seed: int, image_index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Scores ``[I, N]`` in ``[0, 2**31)``, a hash of (``seed``, each image's ``image_index [I]``, token):
+    random-looking, computed on the device, and the same for an image whatever else is in the batch."""
+    token = torch.arange(num_tokens, device=image_index.device)
+    x = (token + image_index[:, None] * 0x3C6EF37 + (seed % 2**31 + 1) * 0x1B87359) & _BITS31
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * _HASH_MULTIPLIER) & _BITS31
+    return (x >> 16) ^ x
+
 
 @register_method("random", ranges={"seed": (0, 2**32 - 1)})
 def random_selection(ctx: SelectionContext, keep: int, *, seed: int = 0) -> torch.Tensor:
     """Keep a seeded random subset of each image's tokens.
 
-    Image ``j`` of a prompt draws from a generator seeded with ``seed + j``, so the choice for an image
-    does not depend on what else is in the batch. The seeds are host values: one read of the device, for
-    the images' indices (a group of the batch's images may hold any of them).
+    The scores are a hash of ``seed``, the image's index in its prompt and the token's (see
+    :func:`hashed_scores`), so the choice for an image does not depend on what else is in the batch, and
+    nothing is read back from the device.
     """
-    num_tokens = ctx.features.shape[1]
-    scores = torch.stack(
-        [
-            torch.rand(num_tokens, generator=torch.Generator().manual_seed(seed + j))
-            for j in ctx.image_index.tolist()
-        ]
-    )
-    return top_k(scores.to(ctx.features.device), keep)
+    return top_k(hashed_scores(seed, ctx.image_index, ctx.features.shape[1]), keep)
 
 
 def evenly_spaced(count: int, total: int) -> torch.Tensor:

@@ -10,7 +10,8 @@ import torch
 
 from ..context import SelectionContext
 from ..registry import register_method
-from ._select import cosine_similarity_matrix, flagged
+from ..sequence import flagged
+from ._select import cosine_similarity_matrix
 
 
 def _visiting_order(places: torch.Tensor, is_pivot: torch.Tensor) -> torch.Tensor:

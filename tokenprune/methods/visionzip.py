@@ -12,7 +12,8 @@ import torch
 from ..context import Merged, SelectionContext
 from ..kernels import gather_tokens
 from ..registry import register_method
-from ._select import cosine_similarity_matrix, flagged, top_k
+from ..sequence import flagged
+from ._select import cosine_similarity_matrix, top_k
 
 
 @register_method(

@@ -76,7 +76,7 @@ class DeviceReads(TorchDispatchMode):
     """Counts the host's reads of device values in the block (``.count``): each a host sync on a GPU.
 
     ``sites`` counts them by where they happened (the op, and the innermost frames of the caller's stack
-    outside torch), to find them. Use as a context manager.
+    outside torch: file, line and function), to find them. Use as a context manager.
     """
 
     def __init__(self):
@@ -99,7 +99,7 @@ class DeviceReads(TorchDispatchMode):
         """Count one read, of kind ``what``, at the current call site."""
         self.count += 1
         frames = [
-            f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
+            f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.name}"
             for frame in traceback.extract_stack()
             if "/torch/" not in frame.filename and not frame.filename.endswith("dispatch.py")
         ]
