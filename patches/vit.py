@@ -389,6 +389,11 @@ class VisionEncoderAdapter:
         self.encoder = EncoderPruningHooks(vision_model)
         self.tokens_per_image = self.encoder.num_patches
 
+    @property
+    def num_layers(self) -> int:
+        """No language model: no decoder layers."""
+        return 0
+
     def image_grid(self) -> tuple[int, int]:
         return self.encoder.grid
 

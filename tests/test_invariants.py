@@ -144,8 +144,11 @@ def test_pruned_layers_see_the_configured_count(model, method):
     n = tokens_per_image(model)
     with tp.pruned(model, method, budget=10) as pruner:
         seen = layer_input_lengths(model, inputs)
-    k = pruner.config.acting_layer
-    assert seen == [length] * k + [length - n + 10] * (len(model.model.language_model.layers) - k)
+    expected = [length] * len(seen)
+    for layer, keep in pruner.config.stages(n):  # one stage, or a pyramid's (pdrop) down to 10
+        expected[layer:] = [length - n + keep] * (len(seen) - layer)
+    assert seen == expected
+    assert expected[-1] == length - n + 10
 
 
 @pytest.mark.parametrize(("family", "method"), CASES)
@@ -155,10 +158,12 @@ def test_a_ragged_batch_is_as_long_as_its_longest_kept_row(model, method):
     inputs = tiny_inputs(model, RAGGED)
     with tp.pruned(model, method, keep_ratio=0.25) as pruner:
         seen = layer_input_lengths(model, inputs)
-    dropped = (tokens_per_image(model) - 16) * torch.tensor(RAGGED)
-    longest = int((inputs["attention_mask"].sum(dim=1) - dropped).max())
-    k = pruner.config.acting_layer
-    assert seen == [inputs["input_ids"].shape[1]] * k + [longest] * (len(seen) - k)
+    n = tokens_per_image(model)
+    expected = [inputs["input_ids"].shape[1]] * len(seen)
+    for layer, keep in pruner.config.stages(n):  # one stage, or a pyramid's (pdrop) down to 16
+        dropped = (n - keep) * torch.tensor(RAGGED)
+        expected[layer:] = [int((inputs["attention_mask"].sum(dim=1) - dropped).max())] * (len(seen) - layer)
+    assert seen == expected
 
 
 @pytest.mark.parametrize(("family", "method"), CASES)

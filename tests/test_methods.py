@@ -38,6 +38,7 @@ def random_context(images=3, rows=6, cols=8, dim=16, seed=0) -> SelectionContext
         unrotated_logits=torch.randn(images, n, 4, generator=g),
         instruction_rows=random_instruction_rows(images, n, g),
         prompt_positions=torch.arange(n).expand(images, n) + 3,  # after 3 text tokens
+        pruning_layer_attention=torch.rand(images, n, generator=g).softmax(-1),
     )
 
 
@@ -77,6 +78,7 @@ def test_each_image_is_selected_on_its_own(method):
                 ctx.instruction_rows.mask[i : i + 1],
             ),
             prompt_positions=ctx.prompt_positions[i : i + 1],
+            pruning_layer_attention=ctx.pruning_layer_attention[i : i + 1],
         )
         assert torch.equal(get_method(method).select(alone, 12, {}), together[i : i + 1])
 

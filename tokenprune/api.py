@@ -78,6 +78,7 @@ def apply_pruner(
     if attached_pruner(model) is not None:
         raise RuntimeError("this model already has a pruner; call tokenprune.remove_pruner(model) first")
     adapter = adapter_for(model)
+    config = config.for_depth(adapter.num_layers)  # a pyramid's layers follow the language model's depth
     check_placement(model, config.vision_stage is not None, config.spec.decode)
     stages = adapter.stages(config)  # a layer outside the model or a budget larger than an image raises
     return Pruner(model, config, adapter, stages)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .positions import POSITIONS
 from .registry import MethodSpec, get_method, stage_for_layer, vision_methods
@@ -23,7 +23,9 @@ class PrunerConfig:
             ``max(1, round(keep_ratio * N))``. Exactly one of ``keep_ratio`` and ``budget`` is given.
         budget: visual tokens kept per image, >= 1.
         layer: decoder layer at which the method acts; 0 is before the language model. ``None`` takes the
-            method's default (2 for ``fastv`` and ``dart``, 0 for the others).
+            method's default (2 for ``fastv`` and ``dart``, 0 for the others). A pyramid method (``pdrop``)
+            prunes at ``layer``, ``2 * layer``... (see :attr:`stage_layers`), by default spaced evenly over
+            the language model's depth.
         options: method-specific options (keyword-only parameters of the method function), checked here
             against the method's declaration (type and range; see ``docs/methods.md``).
         schedule: prune at several layers instead of one, as ``((layer, keep_ratio), ...)`` with layers
@@ -126,6 +128,10 @@ class PrunerConfig:
             raise TypeError(f"layer must be an int, got {self.layer!r}")
         if self.layer is not None and self.layer < 0:
             raise ValueError(f"layer must be >= 0 (0 prunes before the language model), got {self.layer}")
+        if spec.pyramid and self.layer == 0:
+            raise ValueError(
+                f"{self.method!r} prunes at layer, 2 * layer...: layer must be >= 1 (or give a schedule)"
+            )
         if "transition" in spec.needs and self.acting_layer == 0:
             raise ValueError(
                 f"method {self.method!r} scores how decoder layers change tokens: it needs layer >= 1, not 0"
@@ -182,6 +188,12 @@ class PrunerConfig:
         if self.schedule is not None:
             stages = ", then ".join(f"{_percent(ratio)} from layer {layer}" for layer, ratio in self.schedule)
             text = f"{self.method}: {stages} of each image's visual tokens kept"
+        elif self.pyramid:
+            amount = f"{self.budget} visual tokens" if self.budget is not None else _percent(self.keep_ratio)
+            layers = ", ".join(str(layer) for layer in self.stage_layers)
+            text = (
+                f"{self.method}: a pyramid down to {amount} of each image's visual tokens at layers {layers}"
+            )
         elif self.spec.per_layer and self.options.get("r") is not None:
             text = f"{self.method}: {self.options['r']} tokens merged before each encoder layer"
         else:
@@ -203,15 +215,55 @@ class PrunerConfig:
         return f"{self.vision.describe()}; then {text}" if self.vision is not None else text
 
     def stages(self, num_tokens: int) -> list[tuple[int, int]]:
-        """``(layer, visual tokens kept per image)`` of each pruning stage, for images of ``num_tokens``."""
-        if self.schedule is None:
-            return [(self.acting_layer, self.kept_per_image(num_tokens))]
-        return [(layer, max(1, round(ratio * num_tokens))) for layer, ratio in self.schedule]
+        """``(layer, visual tokens kept per image)`` of each pruning stage, for images of ``num_tokens``.
+
+        A pyramid's stage ``s`` of ``S`` keeps ``max(1, round(N * share ** (s / S)))`` of an image's ``N``
+        tokens, ``share`` being ``keep_ratio`` (or ``budget / N``), so that each stage keeps the same share
+        of the tokens the one before kept and the last keeps ``keep_ratio``/``budget``."""
+        if self.schedule is not None:
+            return [(layer, max(1, round(ratio * num_tokens))) for layer, ratio in self.schedule]
+        kept = self.kept_per_image(num_tokens)
+        if not self.pyramid:
+            return [(self.acting_layer, kept)]
+        share = kept / num_tokens if self.keep_ratio is None else self.keep_ratio
+        steps = len(self.stage_layers)
+        counts = [max(1, round(num_tokens * share ** (s / steps))) for s in range(1, steps)]
+        return list(zip(self.stage_layers, [*counts, kept], strict=True))
+
+    def stage_ratio(self, stage: int) -> float | None:
+        """The keep ratio (of each image's original tokens) of pruning stage ``stage``; ``None`` for a
+        ``budget``."""
+        if self.schedule is not None:
+            return self.schedule[stage][1]
+        if self.keep_ratio is None or not self.pyramid:
+            return self.keep_ratio
+        return self.keep_ratio ** ((stage + 1) / self.spec.pyramid)
+
+    @property
+    def pyramid(self) -> bool:
+        """Whether the method's pyramid sets the stages: a pyramid method without a schedule."""
+        return bool(self.spec.pyramid) and self.schedule is None
+
+    @property
+    def stage_layers(self) -> list[int]:
+        """The decoder layer of each pruning stage: the schedule's; for a pyramid of ``S`` stages
+        (PyramidDrop's 3), ``layer``, ``2 * layer`` ... ``S * layer``; else the acting layer alone."""
+        if self.schedule is not None:
+            return [layer for layer, _ in self.schedule]
+        return [self.acting_layer * s for s in range(1, self.spec.pyramid + 1)] or [self.acting_layer]
 
     @property
     def last_layer(self) -> int:
         """The deepest layer at which tokens are dropped."""
-        return self.schedule[-1][0] if self.schedule is not None else self.acting_layer
+        return self.stage_layers[-1]
+
+    def for_depth(self, num_layers: int) -> PrunerConfig:
+        """This config on a language model of ``num_layers`` layers: for a pyramid without a ``layer``, its
+        ``S`` stages spaced evenly over the depth, ``layer = max(1, num_layers // (S + 1))`` (PyramidDrop's
+        8, 16 and 24 of LLaVA-1.5-7B's 32 layers; 1, 2 and 3 of 4); itself otherwise."""
+        if not self.pyramid or self.layer is not None:
+            return self
+        return replace(self, layer=max(1, num_layers // (self.spec.pyramid + 1)))
 
     @property
     def spec(self) -> MethodSpec:

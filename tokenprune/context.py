@@ -64,6 +64,9 @@ class SelectionContext:
             acting layer, or layer 0 before the language model ``[I, N, H_kv * d]`` (needs ``keys``).
         attention: attention that the prompt's last token pays to each visual token, softmax over the
             whole prompt and averaged over heads ``[I, N]`` (needs ``attention``).
+        pruning_layer_attention: the same attention at the acting layer itself, from its own projections of
+            its input (the first layer that runs on the kept tokens, where PyramidDrop ranks) ``[I, N]``
+            (needs ``pruning_layer_attention``).
         unrotated_logits: the same query's attention logits (scaled query-key products, before any
             softmax) to each visual token by head, computed without RoPE ``[I, N, H]`` (needs
             ``unrotated_logits``).
@@ -116,6 +119,7 @@ class SelectionContext:
     image_index: torch.Tensor
     keys: torch.Tensor | None = None
     attention: torch.Tensor | None = None
+    pruning_layer_attention: torch.Tensor | None = None
     unrotated_logits: torch.Tensor | None = None
     instruction_attention: torch.Tensor | None = None
     instruction: Instruction | None = None

@@ -29,6 +29,7 @@ EncoderLayersFn = Callable[[dict[str, object], int], tuple[int, ...]]
 KNOWN_NEEDS = (
     "keys",
     "attention",
+    "pruning_layer_attention",
     "unrotated_logits",
     "instruction_attention",
     "instruction",
@@ -155,7 +156,9 @@ class MethodSpec:
     its rows may be of any width and repeat an index, a repeat keeping nothing more. ``declared`` are its
     options (:class:`MethodOption`), which :meth:`check_options` checks. ``positions`` is the position rule
     its reference follows after dropping tokens in front of or inside the language model (one of
-    :data:`tokenprune.positions.POSITIONS`; a vision method's, in a VLM), a config's default.
+    :data:`tokenprune.positions.POSITIONS`; a vision method's, in a VLM), a config's default. A ``pyramid``
+    method prunes, without a schedule, at that many layers (see :meth:`PrunerConfig.stage_layers
+    <tokenprune.config.PrunerConfig.stage_layers>`).
     """
 
     name: str
@@ -172,6 +175,7 @@ class MethodSpec:
     attention_top_k: bool = False
     variable_count: bool = False
     positions: str = "original"
+    pyramid: int = 0
 
     @property
     def options(self) -> dict[str, object]:
@@ -275,6 +279,7 @@ def register_method(
     variable_count: bool = False,
     ranges: Mapping[str, tuple[Bound, Bound]] | None = None,
     positions: str = "original",
+    pyramid: int = 0,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn(ctx, keep, **options) -> LongTensor[I, keep] | Merged`` under ``name``.
 
@@ -283,7 +288,10 @@ def register_method(
     decode step and decoder layer with the cached visual keys and the step's attention to them); otherwise
     the method acts at prefill, at decoder layer ``default_layer``. ``positions`` is its reference's position
     rule in a language model (``"renumbered"`` where the reference counts the kept tokens' positions
-    again; ``"original"`` for a ``kv`` method).
+    again; ``"original"`` for a ``kv`` method). A prefill method with ``pyramid=S`` prunes, where a config
+    gives no schedule, at ``S`` layers evenly spaced from ``default_layer`` (or the config's ``layer``), each
+    stage keeping the same share of the tokens the one before kept, down to ``keep_ratio``/``budget``
+    (PyramidDrop's rule; :class:`~tokenprune.config.PrunerConfig` spaces them over the model's depth).
     The options are the function's keyword-only parameters; their defaults are the method's defaults, and
     their annotations (``int``, ``float``, ``bool``, ``str``, each optionally ``| None``) the types they take.
     ``ranges`` maps a numeric option to the closed range ``(low, high)`` it takes, ``None`` for no bound or
@@ -305,6 +313,8 @@ def register_method(
         raise ValueError('attention_top_k is for stage="kv" methods that need "attention"')
     if positions not in POSITIONS or (positions != "original" and stage == "kv"):
         raise ValueError(f"positions must be one of {POSITIONS}, and 'original' for a kv method")
+    if pyramid < 0 or (pyramid and (stage is not None or default_layer < 1)):
+        raise ValueError("pyramid (a number of stages) is for prefill methods acting at a layer >= 1")
 
     def decorator(fn: MethodFn) -> MethodFn:
         if name in _registry():
@@ -326,6 +336,7 @@ def register_method(
             attention_top_k=attention_top_k,
             variable_count=variable_count,
             positions=positions,
+            pyramid=pyramid,
         )
         return fn
 

@@ -134,8 +134,22 @@ def prompt_positions(reading: LayerReading) -> torch.Tensor:
 def last_token_attention(reading: LayerReading) -> torch.Tensor:
     """Attention of each prompt's last token to every token of that prompt ``[B, L]``, at the scoring layer:
     softmax over the tokens up to it, heads averaged."""
+    return _last_token_attention(reading, *reading.scoring_layer())
+
+
+def pruning_layer_attention(reading: LayerReading) -> torch.Tensor:
+    """The same attention at the pruning layer itself, from its projections of its input ``[B, L]``
+    (PyramidDrop ranks with the first layer that runs on the kept tokens)."""
+    return _last_token_attention(reading, reading.layers[reading.layer], reading.hidden)
+
+
+def _last_token_attention(reading: LayerReading, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Attention of each prompt's last token to every token of that prompt ``[B, L]`` at ``layer``, whose
+    input is ``hidden``: softmax over the tokens up to it, heads averaged."""
     call = reading.call
-    query, states, scaling, ends = _last_token_projections(reading, reading.position_embeddings)
+    query, states, scaling, ends = _last_token_projections(
+        reading, layer, hidden, reading.position_embeddings
+    )
     valid = call.attention_mask.bool()
     positions = torch.arange(valid.shape[1], device=valid.device)
     prompt = sequences(call)
@@ -155,22 +169,21 @@ def unrotated_logits(reading: LayerReading) -> torch.Tensor:
     token)."""
     cos, sin = reading.position_embeddings  # rotating by angle 0: no RoPE
     identity = (torch.ones_like(cos), torch.zeros_like(sin))
-    query, states, scaling, _ = _last_token_projections(reading, identity)
+    query, states, scaling, _ = _last_token_projections(reading, *reading.scoring_layer(), identity)
     logits = query_logits(query, states, scaling)  # [B, H, P, L]
     prompt = sequences(reading.call)[:, None, None, :].expand(-1, logits.shape[1], 1, -1)
     return torch.gather(logits, 2, prompt)[:, :, 0].transpose(1, 2)
 
 
 def _last_token_projections(
-    reading: LayerReading, position_embeddings: RotaryTables
+    reading: LayerReading, layer: nn.Module, hidden: torch.Tensor, position_embeddings: RotaryTables
 ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
-    """The scoring layer's query of each prompt's last token ``[B, H, P, d]``, its keys of every token
-    ``[B, H_kv, L, d]`` (RoPE as ``position_embeddings`` give it), its attention scaling, and where those
-    last tokens are ``[B, P]`` (see :func:`~.layout.prompt_ends`)."""
-    scoring_layer, scoring_input = reading.scoring_layer()
+    """``layer``'s query of each prompt's last token ``[B, H, P, d]`` and its keys of every token
+    ``[B, H_kv, L, d]``, from its input ``hidden`` (RoPE as ``position_embeddings`` give it), its attention
+    scaling, and where those last tokens are ``[B, P]`` (see :func:`~.layout.prompt_ends`)."""
     ends = prompt_ends(reading.call)
-    query, states = internals.project_queries_keys(scoring_layer, scoring_input, position_embeddings, ends)
-    return query, states, internals.attention_scaling(scoring_layer), ends
+    query, states = internals.project_queries_keys(layer, hidden, position_embeddings, ends)
+    return query, states, internals.attention_scaling(layer), ends
 
 
 def instruction_attention(reading: LayerReading) -> torch.Tensor:
@@ -230,6 +243,7 @@ PROVIDERS: dict[str, Callable[[LayerReading], Any]] = {
     "prompt_positions": prompt_positions,
     "instruction_rows": instruction_rows_attention,
     "attention": last_token_attention,
+    "pruning_layer_attention": pruning_layer_attention,
     "unrotated_logits": unrotated_logits,
     "instruction_attention": instruction_attention,
     "transition": transition,

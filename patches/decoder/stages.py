@@ -48,8 +48,7 @@ def size_following_stages(config: PrunerConfig, num_layers: int, model_name: str
             f"layer={config.last_layer} is outside the language model's {num_layers} layers "
             f"(valid: 0..{num_layers - 1})"
         )
-    layers = [layer for layer, _ in config.schedule] if config.schedule else [config.acting_layer]
-    return [(layer, None) for layer in layers]
+    return [(layer, None) for layer in config.stage_layers]
 
 
 def kept_by_vision_stage(image_tokens: torch.Tensor, keep: int, check: bool) -> torch.Tensor:
@@ -213,13 +212,12 @@ class Stages:
         of a tensor over every token, its part of a per-image value, a module as it is)."""
         grid = self._hooks.grid_for(layout.positions.shape[1]) if stage == 0 else None  # later: a subset
         config = self._pruner.config
-        ratio = config.schedule[stage][1] if config.schedule is not None else config.keep_ratio
         ctx = SelectionContext(
             features=layout.take(hidden),
             grid=grid,
             image_index=layout.image_index,
             stage=stage,
-            keep_ratio=ratio,
+            keep_ratio=config.stage_ratio(stage),
         )
         for name, value in scores.items():
             if isinstance(value, torch.Tensor):

@@ -9,10 +9,12 @@ from . import (  # noqa: F401
     feather,
     hiprune,
     idpruner,
+    pdrop,
     saint,
     sparsevila,
     tome,
     transprune,
     turbo,
     visionzip,
+    vispruner,
 )

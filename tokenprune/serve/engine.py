@@ -143,7 +143,8 @@ class Engine:
         if config is None or repr(config) in self._checked:
             return
         try:
-            adapter_for(self.model).stages(config)
+            adapter = adapter_for(self.model)
+            adapter.stages(config.for_depth(adapter.num_layers))
         except (ValueError, TypeError) as error:
             raise RequestError(str(error), param="tokenprune") from error
         self._checked.add(repr(config))
