@@ -4,7 +4,8 @@ For each batch size and budget, in one run: the unpruned model; the *ideal*, the
 language model run on a sequence of the pruned length and no selection work (vision tower included, as
 every method pays for it); and every method. Each prefill timing is the fastest of ``repeats`` after a
 warm-up (a prefill does the same work each time: the fastest run is the one the machine disturbed least),
-each decode timing their median, so the ratios (speedup, speedup / ideal, selection share of prefill)
+each decode timing their median; a method's prefill is timed in turns with the ideal it is held to, so the
+ratios (speedup, speedup / ideal, selection share of prefill)
 come from one machine and moment.
 """
 
@@ -46,6 +47,7 @@ class BenchRow:
     NaN when not measured). ``kv_cache_mib`` is what the KV cache holds after
     prefill, every layer together. ``prefill_launches`` counts what one prefill launches: CUDA kernels on
     a GPU (torch profiler), torch ops dispatched on a CPU (their GPU launches, one or more each).
+    ``ideal_speedup`` is the unpruned prefill's time over the ideal's, timed in turns with this row's.
     """
 
     method: str
@@ -207,11 +209,35 @@ class _Runner:
         finally:
             torch.compiler.reset()
 
-    def measure(self, method: str, layer: int | None, kept: int, pruner: tp.Pruner | None = None) -> BenchRow:
+    def paired_prefill_ms(self, config: tp.PrunerConfig, kept: int) -> tuple[float, float, float]:
+        """The fastest prefill under ``config`` (and the least selection time of its runs) and the fastest
+        ideal one of ``kept`` tokens per image, timed in turns (the pruner attached for its own runs, each
+        after an untimed one that checks its contracts), so that both meet the same moments of a shared
+        machine."""
+        pruned, ideal, selection = [], [], []
+        for _ in range(self.repeats):
+            ideal += times_ms(partial(self.ideal_prefill, kept), self.device, 1)
+            with tp.pruned(self.model, config) as pruner:
+                pruned += times_ms(self.prefill, self.device, 1)
+                selection.append(pruner.stats.selection_ms)
+        return min(pruned), min(ideal), min(selection)
+
+    def measure(
+        self,
+        method: str,
+        layer: int | None,
+        kept: int,
+        pruner: tp.Pruner | None = None,
+        prefill: tuple[float, float] | None = None,
+    ) -> BenchRow:
+        """The row of the model as it is now (``pruner`` attached, if given), its prefill and selection ms
+        timed here unless ``prefill`` gives them."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        prefill = min(times_ms(self.prefill, self.device, self.repeats))
-        selection = pruner.stats.selection_ms if pruner is not None else 0.0
+        if prefill is None:
+            prefill_ms = min(times_ms(self.prefill, self.device, self.repeats))
+            prefill = prefill_ms, pruner.stats.selection_ms if pruner is not None else 0.0
+        prefill_ms, selection = prefill
         end_to_end, decode_rate = self.decode()
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
         batch = self.inputs["input_ids"].shape[0]
@@ -222,7 +248,7 @@ class _Runner:
             visual_tokens=tokens_per_image(self.model, self.inputs),
             kept_tokens=kept,
             prompt_tokens=self.inputs["input_ids"].shape[1],
-            prefill_ms=prefill,
+            prefill_ms=prefill_ms,
             selection_ms=selection,
             decode_tokens_per_s=decode_rate,
             end_to_end_ms=end_to_end,
@@ -317,16 +343,21 @@ def run_benchmark(
                 )
                 rows.append(ideal)
                 progress.advance(task)
+                neighbours = {"ideal": ideal_ms}  # each method's ideal, timed in turns with it
                 for method in methods:
                     progress.update(task, description=f"bs={batch_size} keep={kept} {method}")
-                    with tp.pruned(model, bench_config(method, ratio)) as pruner:
-                        row = runner.measure(method, pruner.config.acting_layer, kept, pruner)
+                    config = bench_config(method, ratio)
+                    prefill_ms, neighbours[method], selection = runner.paired_prefill_ms(config, kept)
+                    with tp.pruned(model, config) as pruner:
+                        row = runner.measure(
+                            method, pruner.config.acting_layer, kept, pruner, (prefill_ms, selection)
+                        )
                     rows.append(row)
                     counted.append((row, runner, ratio))
                     progress.advance(task)
                 for row in (ideal, *rows[-len(methods) :]):
                     row.prefill_speedup = base.prefill_ms / row.prefill_ms
-                    row.ideal_speedup = base.prefill_ms / ideal.prefill_ms
+                    row.ideal_speedup = base.prefill_ms / neighbours[row.method]
                     row.speedup_vs_ideal = row.prefill_speedup / row.ideal_speedup
                     row.selection_share = row.selection_ms / row.prefill_ms
                     row.compiled_prefill_speedup = base.compiled_prefill_ms / row.compiled_prefill_ms

@@ -88,12 +88,13 @@ def decode_steps(model, inputs: dict, steps: int, counter: type[CountOps]) -> li
 
 @pytest.mark.parametrize("method", PREFILL_METHODS)
 def test_a_decode_step_on_a_pruned_cache_costs_about_an_unpruned_one(llava, method):
-    """Within 15% of the unpruned step's ops: the step's positions and masks, nothing else of ours."""
+    """Within 15% of the unpruned step's ops per pruning stage: the step's positions and masks, nothing else
+    of ours (the layers of each stage hold caches of their own length, so each stage has its mask)."""
     inputs = tiny_inputs(llava, (1, 2, 1))
     (unpruned,) = decode_steps(llava, inputs, 1, CountOps)
-    with tp.pruned(llava, method, keep_ratio=0.25):
+    with tp.pruned(llava, method, keep_ratio=0.25) as pruner:
         (pruned,) = decode_steps(llava, inputs, 1, CountOps)
-    assert pruned <= 1.15 * unpruned, (pruned, unpruned)
+    assert pruned <= (1 + 0.15 * len(pruner.stages)) * unpruned, (pruned, unpruned)
 
 
 def test_a_merging_tower_reads_the_device_once(llava):
