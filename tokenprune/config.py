@@ -209,7 +209,7 @@ class PrunerConfig:
                 text = f"{self.method}: {_percent(self.keep_ratio)} of each image's visual tokens {where}"
         extras = [f"{name}={value!r}" for name, value in self.options.items() if name != "r"]
         extras += ["KV of early layers dropped"] if self.drop_early_kv else []
-        extras += ["positions renumbered"] if self.positions != "original" else []
+        extras += ["positions renumbered"] if self.position_rule == "renumbered" else []
         extras += [f"{self.media} only"] if self.media != "both" else []
         text += f" ({', '.join(extras)})" if extras else ""
         return f"{self.vision.describe()}; then {text}" if self.vision is not None else text

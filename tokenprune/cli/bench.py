@@ -67,9 +67,17 @@ def bench(
     out: Annotated[pathlib.Path, typer.Option(help="Folder for results.json, results.csv, speedup.png.")] = (
         RESULTS / "bench"
     ),
+    page: Annotated[
+        pathlib.Path | None,
+        typer.Option(
+            help="Also write the table into this Markdown page (docs/performance.md), between the markers "
+            "named after the --out folder (<!-- cpu-llava-small:start --> ...)."
+        ),
+    ] = None,
     markdown: MarkdownOption = False,
 ) -> None:
     """Time prefill, decode and end-to-end of pruned runs against the unpruned model and the ideal."""
+    from ..eval.accuracy import replace_between_markers
     from ..eval.archs import ARCHS
     from ..eval.bench import bench_config, build_model, markdown_table, run_benchmark, write_results
 
@@ -84,6 +92,9 @@ def bench(
                     bench_config(name, ratio)
         if model is None and arch not in ARCHS:
             raise CliError(f"unknown --arch {arch!r}; known: {', '.join(ARCHS)}")
+        if page is not None:
+            with user_errors(OSError, ValueError):  # missing markers fail before the run, not after
+                replace_between_markers(page.read_text(), "", out.name)
         torch_device, torch_dtype = resolve_device(device, dtype)
         with quiet_transformers(), console.status("Building the model...", spinner="dots"):
             if model is None:
@@ -97,7 +108,10 @@ def bench(
     settings = {"repeats": repeats, "new_tokens": new_tokens, "compile": compile}
     meta = run_meta(model or arch, torch_device, attn, torch_dtype, **settings)
     paths = write_results(rows, out, meta)
-    print_report(console, markdown_table(rows), markdown)
+    table = markdown_table(rows)
+    if page is not None:
+        page.write_text(replace_between_markers(page.read_text(), table + "\n", out.name))
+    print_report(console, table, markdown)
     console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
 
 
