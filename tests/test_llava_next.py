@@ -127,9 +127,13 @@ def test_pruned_layers_see_the_kept_count(next_model, method):
     length = inputs["input_ids"].shape[1]
     with tp.pruned(next_model, method, budget=10) as pruner:
         seen = layer_input_lengths(next_model, inputs)
-    k = pruner.config.acting_layer
-    dropped = pruner.stats.visual_tokens[0] - 10
-    assert seen == [length] * k + [length - dropped] * (len(next_model.model.language_model.layers) - k)
+    visual = pruner.stats.visual_tokens[0]
+    stages = pruner.config.stages(visual)  # (layer, kept) of each stage: a pyramid's several
+    ends = [layer for layer, _ in stages[1:]] + [len(next_model.model.language_model.layers)]
+    expected = [length] * stages[0][0]
+    for (layer, kept), end in zip(stages, ends, strict=True):
+        expected += [length - (visual - kept)] * (end - layer)
+    assert stages[-1][1] == 10 and seen == expected
 
 
 def test_keep_all_text_only_and_remove(next_model):
