@@ -4,6 +4,9 @@ VLM families (:data:`FAMILIES`) come from :func:`tiny_model`; standalone image e
 (:data:`ENCODER_FAMILIES`) from :func:`tiny_encoder`; their inputs from :func:`tiny_inputs` and
 :func:`tiny_pixels`; checkpoints loadable with ``from_pretrained`` from :func:`save_tiny_checkpoint`.
 
+:mod:`tokenprune.testing.dispatch` counts what a forward asks of the device on a CPU: the torch ops it
+dispatches and the values it reads back (each a host sync on a GPU).
+
 Used by the test-suite, the docs and the CLI's built-in default. The weights are random: outputs are
 meaningless, but every code path (vision tower, projector, decoder, cache, generate) is the real one.
 """
