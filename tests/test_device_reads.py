@@ -102,17 +102,16 @@ def test_checks_takes_first_or_every():
         tp.PrunerConfig("fastv", keep_ratio=0.5, checks="never")
 
 
-#: One method of each path a prefill takes: before the language model, at a layer by attention, by the
-#: instruction's attention rows with renumbered positions, in the vision tower, at decode steps; on Qwen-VL,
-#: its multimodal positions too. DART reads its pivots' positions for the reference's order (above), where
-#: a compiled forward breaks its graph.
+#: Every method on both families but those a Qwen-VL tower refuses, and those that read where a compiled
+#: forward then breaks its graph: DART (its pivots' positions, for its reference's order) and a vision method
+#: on a Qwen-VL tower (its grids and segments, and transformers' window order on the host's copy of them).
 COMPILED = [
-    ("llava", "uniform"),
-    ("llava", "fastv"),
-    ("llava", "adaptinfer"),
-    ("llava", "visionzip"),
-    ("llava", "sparsevila"),
-    ("qwen2_5_vl", "adaptinfer"),
+    (family, method)
+    for family in ALLOWED
+    for method in METHODS
+    if method != "dart"
+    and (family, method) not in REFUSED
+    and not (family == "qwen2_5_vl" and STAGES[method] == "vision")
 ]
 
 
