@@ -160,7 +160,7 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         keeps = [kept[layout.images[0]] for layout in layouts]
         self._new_prompt = _Prompt(visual, layouts, keeps, ~visual)
         self._pruner.begin_prefill()
-        self._pruner.record_decode_prompt(rows.in_rows(list(rows.sizes)), rows.in_rows(kept))
+        self._pruner.record_decode_prompt(rows.tokens_in_rows, rows.in_rows(kept))
 
     @staticmethod
     def _step_mask(kwargs: dict, cache: Any, prompt: _Prompt) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -155,12 +156,17 @@ class ImageRows:
         """Each image's place among its row's images."""
         return tuple(place for count in self.per_row for place in range(count))
 
-    def in_rows(self, values: list[int]) -> list[int]:
+    def in_rows(self, values: Sequence[int]) -> list[int]:
         """The sum of one value per image, ``values``, over each row's images."""
         sums = [0] * len(self.per_row)
         for row, value in zip(self.rows, values, strict=True):
             sums[row] += value
         return sums
+
+    @property
+    def tokens_in_rows(self) -> list[int]:
+        """The image tokens of each row."""
+        return self.in_rows(self.sizes)
 
     @property
     def regular(self) -> bool:
@@ -227,7 +233,7 @@ def image_layouts(visual: torch.Tensor, rows: ImageRows, keys: list[int] | None 
                 tuple(range(len(rows.sizes))),
             )
         ]
-    offsets, start, row_of = [], 0, rows.rows
+    offsets, start, row_of, places = [], 0, rows.rows, rows.places
     for image, size in enumerate(rows.sizes):
         start = 0 if image == 0 or row_of[image] != row_of[image - 1] else start
         offsets.append(start)
@@ -238,7 +244,6 @@ def image_layouts(visual: torch.Tensor, rows: ImageRows, keys: list[int] | None 
     layouts = []
     for (size, _), members in groups.items():
         positions = torch.stack([order[row_of[i], offsets[i] : offsets[i] + size] for i in members])
-        places = rows.places
         layouts.append(
             VisualLayout(
                 _on(device, [row_of[i] for i in members]),

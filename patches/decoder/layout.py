@@ -73,7 +73,7 @@ class Call:
             origin=torch.arange(length, device=visual.device).expand(batch, length),
             real=torch.ones_like(visual),
             original_length=length,
-            visual_in=images.in_rows(list(images.sizes)),
+            visual_in=images.tokens_in_rows,
             packed=packed,
         )
 
@@ -171,7 +171,7 @@ def instruction_rows(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     after_images = per_prompt(torch.where(call.visual, positions, -1))
     instruction = valid & ((positions > after_images) | (positions == last))
     count = instruction.sum(dim=1)
-    width = length - min(call.images.in_rows(list(call.images.sizes)))
+    width = length - min(call.images.tokens_in_rows)
     counted = torch.arange(width, device=valid.device) < count[:, None]
     rows = torch.where(instruction, positions, length).sort(dim=1).values[:, :width]
     return torch.where(counted, rows, last_rows(call)[:, None]), counted
