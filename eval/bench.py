@@ -116,6 +116,10 @@ def build_model(config, attn: str, device: torch.device, dtype: torch.dtype) -> 
     return model.eval()
 
 
+#: Text tokens of each benchmark prompt beside its image.
+TEXT_TOKENS = 40
+
+
 def benchmark_inputs(model, batch_size: int, text_tokens: int, device: torch.device) -> dict:
     """One image and ``text_tokens`` text tokens per prompt, on ``device`` in the model's dtype (a Qwen-VL
     image of :data:`QWEN_IMAGE_PATCHES`)."""
@@ -136,7 +140,10 @@ def tokens_per_image(model, inputs: dict) -> int:
     return int((ids == model.config.image_token_id).sum()) // ids.shape[0]
 
 
-class _Runner:
+class Runner:
+    """Times one model on one batch of ``inputs``: prefill, the ideal prefill, decode and its KV cache, each
+    ``repeats`` times after a warm-up (``new_tokens`` per decode)."""
+
     def __init__(
         self, model, inputs: dict, device: torch.device, repeats: int, new_tokens: int, compile: bool = False
     ):
@@ -209,18 +216,29 @@ class _Runner:
         finally:
             torch.compiler.reset()
 
-    def paired_prefill_ms(self, config: tp.PrunerConfig, kept: int) -> tuple[float, float, float]:
-        """The fastest prefill under ``config`` (and the least selection time of its runs) and the fastest
-        ideal one of ``kept`` tokens per image, timed in turns (the pruner attached for its own runs, each
-        after an untimed one that checks its contracts), so that both meet the same moments of a shared
-        machine."""
-        pruned, ideal, selection = [], [], []
+    def prefill_turns(
+        self, config: tp.PrunerConfig, kept: int, unpruned: bool = False
+    ) -> dict[str, list[float]]:
+        """Prefill ms of ``repeats`` rounds, each timing in turn the ideal prefill of ``kept`` tokens per
+        image, the model under ``config`` (attached for its own run, after an untimed one that checks its
+        contracts) and, with ``unpruned``, the model as it is, so that all meet the same moments of a shared
+        machine. Keys ``"ideal"``, ``"pruned"``, ``"selection"`` (each pruned run's selection ms) and
+        ``"unpruned"``."""
+        turns: dict[str, list[float]] = {"ideal": [], "pruned": [], "selection": [], "unpruned": []}
         for _ in range(self.repeats):
-            ideal += times_ms(partial(self.ideal_prefill, kept), self.device, 1)
+            if unpruned:
+                turns["unpruned"] += times_ms(self.prefill, self.device, 1)
+            turns["ideal"] += times_ms(partial(self.ideal_prefill, kept), self.device, 1)
             with tp.pruned(self.model, config) as pruner:
-                pruned += times_ms(self.prefill, self.device, 1)
-                selection.append(pruner.stats.selection_ms)
-        return min(pruned), min(ideal), min(selection)
+                turns["pruned"] += times_ms(self.prefill, self.device, 1)
+                turns["selection"].append(pruner.stats.selection_ms)
+        return turns
+
+    def paired_prefill_ms(self, config: tp.PrunerConfig, kept: int) -> tuple[float, float, float]:
+        """The fastest prefill under ``config``, the fastest ideal one of ``kept`` tokens per image and the
+        least selection ms, of :meth:`prefill_turns`."""
+        turns = self.prefill_turns(config, kept)
+        return min(turns["pruned"]), min(turns["ideal"]), min(turns["selection"])
 
     def measure(
         self,
@@ -300,7 +318,7 @@ def run_benchmark(
     *,
     repeats: int = 3,
     new_tokens: int = 8,
-    text_tokens: int = 40,
+    text_tokens: int = TEXT_TOKENS,
     compile: bool = False,
 ) -> list[BenchRow]:
     """Measure the unpruned model, the ideal and every method, per batch size and keep ratio.
@@ -311,14 +329,14 @@ def run_benchmark(
     """
     device = next(model.parameters()).device
     rows: list[BenchRow] = []
-    counted: list[tuple[BenchRow, _Runner, float | None]] = []  # rows whose launches are counted last
+    counted: list[tuple[BenchRow, Runner, float | None]] = []  # rows whose launches are counted last
     steps = len(batch_sizes) * (1 + len(keep_ratios) * (1 + len(methods)))
     with Progress(transient=True) as progress:
         task = progress.add_task("benchmark", total=steps)
         for batch_size in batch_sizes:
             inputs = benchmark_inputs(model, batch_size, text_tokens, device)
             n = tokens_per_image(model, inputs)
-            runner = _Runner(model, inputs, device, repeats, new_tokens, compile)
+            runner = Runner(model, inputs, device, repeats, new_tokens, compile)
             progress.update(task, description=f"bs={batch_size} unpruned")
             base = runner.measure("unpruned", None, n)
             rows.append(base)

@@ -128,11 +128,17 @@ def test_run_tiny_writes_overlay(tmp_path):
         "4",
         "--overlay",
         str(target),
+        "--timing",
+        "model",
     ]
     result = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     text = plain(result.output)
     assert re.search(r"visual tokens │? *64 │? *8\b", text), text
+    # the answering model's prefill, timed unpruned, pruned and ideal
+    assert "prefill on tiny on this image: median of 5 rounds in turns, one CPU thread" in text, text
+    assert re.search(r"visual tokens │? *64 │? *8 │? *8\b", text), text
+    assert re.search(r"prefill speedup │? *1\.00x │? *\d+\.\d\dx │? *\d+\.\d\dx", text), text
     assert "unpruned answer:" in text and "pruned answer:" in text
     assert "8/64 kept" in text and str(target) in text
     with Image.open(target) as picture:
@@ -152,6 +158,19 @@ def test_run_unknown_method_is_a_clear_error():
     result = runner.invoke(app, ["run", "--method", "no-such-method"])
     assert result.exit_code == 2
     assert "no-such-method" in plain(result.output)
+
+
+def test_run_unknown_timing_is_a_clear_error():
+    result = runner.invoke(app, ["run", "--timing", "llava-huge"])
+    assert result.exit_code != 0
+    assert "--timing must be one of llava-small, llava-1.5-7b, qwen2.5-vl-small, model or none" in result.output
+
+
+def test_run_times_architectures_the_benchmark_builds():
+    from tokenprune.cli.run import TIMED_ARCHS
+    from tokenprune.eval.archs import ARCHS
+
+    assert set(TIMED_ARCHS) <= set(ARCHS)
 
 
 def test_run_budget_larger_than_image_is_a_clear_error(tmp_path):
@@ -234,7 +253,7 @@ def test_run_writes_its_overlay_under_the_results_folder_that_git_ignores(tmp_pa
 
     monkeypatch.chdir(tmp_path)
     args = ["run", "--model", "tiny", "--method", "uniform", "--budget", "8", "--max-new-tokens", "2"]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, [*args, "--timing", "none"])
     assert result.exit_code == 0, result.output
     assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*")] == [RESULTS, RESULTS / "overlay.png"]
     assert "uniform: 8 visual tokens per image kept before the language model" in plain(result.output)

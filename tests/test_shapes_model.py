@@ -60,3 +60,6 @@ def test_readme_command_answers_the_bundled_example(tmp_path):
     assert f"unpruned answer: {example.answer}" in text, text
     assert f"pruned answer: {example.answer}" in text, text
     assert re.search(r"visual tokens │? *144 │? *36\b", text), text
+    # the prefill timed where pruning pays: the LLaVA-1.5-shaped architecture, same method and ratio
+    assert "prefill on llava-small (random weights, 576 visual tokens)" in text, text
+    assert re.search(r"visual tokens │? *576 │? *144 │? *144\b", text), text

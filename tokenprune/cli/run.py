@@ -19,6 +19,10 @@ import tokenprune
 
 from .common import RESULTS, SHAPES, TINY, MarkdownOption, exit_on_user_error, print_report
 
+#: The architectures ``run --timing`` may time (:data:`tokenprune.eval.archs.ARCHS`, named here so that
+#: ``--help`` imports no torch).
+TIMED_ARCHS = ("llava-small", "llava-1.5-7b", "qwen2.5-vl-small")
+
 #: The question of the bundled example image (``assets/example.png``: example 4 of the shapes suite's seed 7).
 DEFAULT_PROMPT = "which cell holds the blue object ?"
 
@@ -111,6 +115,13 @@ def run(
             help="'auto' (bfloat16 on GPU, float32 on CPU), 'float32', 'float16', 'bfloat16'.",
         ),
     ] = "auto",
+    timing: Annotated[
+        str,
+        typer.Option(
+            help="Where prefill is timed unpruned, pruned and ideal: an architecture with random weights "
+            f"({', '.join(TIMED_ARCHS)}), 'model' (the answering model itself) or 'none'.",
+        ),
+    ] = "llava-small",
 ) -> None:
     """Answer PROMPT about IMAGE with and without pruning; print answers, token counts, timings."""
     from .demo import demo
@@ -132,4 +143,5 @@ def run(
             seed=seed,
             device=device,
             dtype=dtype,
+            timing=timing,
         )
