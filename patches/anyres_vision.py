@@ -1,22 +1,28 @@
-"""The ``vision`` stage on LLaVA-NeXT and LLaVA-OneVision: ``hiprune`` and ``visionzip`` choose among the
-tokens an image's tiles leave after the model's own packing.
+"""The ``vision`` stage on LLaVA-NeXT and LLaVA-OneVision: ``hiprune``, ``visionzip`` and ``vispruner`` choose
+among the tokens an image's tiles leave after the model's own packing.
 
 The CLIP/SigLIP tower runs whole on every tile, as without a pruner; its hooks
 (:class:`~tokenprune.patches.vit.EncoderPruningHooks`) gather, per tile, the attention each patch receives
-at the layers the method names and the output layer's keys. The model's packing step
-(``pack_image_features``) then runs twice: on the projected features, as the model runs it, and on those
-per-patch scores, so that each packed token gets the scores of the patch it is (after the unpadding, and
-OneVision's bilinear downsizing of large images, which blends the scores as it blends the features). The
-method chooses among an image's packed tokens, the newline tokens left out: one budget for all tiles of an
-image, counted over the tokens that survive the unpadding. The tokens it drops become zeros in the packed
-features; the decoder's first stage drops their placeholders before the language model, where the kept (or,
-for ``visionzip``, merged) tokens reach it at their original positions, each row still ended by its newline.
+at the layers the method names, the output layer's keys and CLS token, and a hook on the projector takes the
+tower's features it projects. The model's packing step (``pack_image_features``) then runs twice: on the
+projected features, as the model runs it, and on those per-patch scores and tower features, so that each
+packed token gets the scores and features of the patch it is (after the unpadding, and OneVision's bilinear
+downsizing of large images, which blends them as it blends the projected features). The method chooses
+among an image's packed tokens, the newline tokens left out, as on a single tile: on the tower's features,
+with each tile's CLS token, and with HiPrune's buffers in the grid each token sits in (the base tile, or the
+stitched high-resolution tiles). Kept tokens are the model's projected ones; merged ones (``visionzip``'s) are
+projected from the merged tower features. The tokens it drops become zeros in the packed features; the
+decoder's first stage drops their placeholders before the language model, each row of the kept ones still
+ended by its newline.
 
-Deviations from a single-tile tower: the packed tokens form no single patch grid (``hiprune`` anchors get no
-buffers); attention is normalized within each tile; ``visionzip`` merges projected features (the packing
-follows the projector) and, where it takes the CLS token, takes the base tile's. ``tome`` and ``turbo`` merge
-inside each tile's encoder layers, and ``saint`` drops there, which leaves their tokens no place in the tile
-grid that the packing unpads: refused.
+Forced by the contract (the budget is the image's tokens as the model packs them, ``keep_ratio`` of them
+exactly, and keeping them all must give the unpatched model), where the references' LLaVA-NeXT code (HiPrune,
+VisionZip, VisPruner) selects a fixed count in every tile and then packs without unpadding or newline tokens:
+one budget over an image's packed tokens (a tile's own count would fall partly in the padding the model
+removes), the model's unpadding and newline tokens kept (they are the tokens the processor gave placeholders
+for); so a buffer or a row crosses from tile to tile in the stitched grid, where the reference's stay in their
+24x24 tile. ``tome`` and ``turbo`` merge inside each tile's encoder layers, and ``saint`` drops there, which
+leaves their tokens no place in the tile grid that the packing unpads: refused.
 """
 
 from __future__ import annotations
@@ -60,10 +66,16 @@ class AnyResVisionHooks:
         self._base = base
         self._pruner: Pruner | None = None
         self._config = vision
+        self._tower_features: torch.Tensor | None = None
 
     def attach(self, pruner: Pruner) -> list[RemovableHandle]:
         self._pruner = pruner
-        return self.encoder.attach(pruner, self._config, standalone=False)
+        handles = self.encoder.attach(pruner, self._config, standalone=False)
+        return [*handles, self.projector.register_forward_pre_hook(self._capture_tower_features)]
+
+    def _capture_tower_features(self, module: nn.Module, args: tuple) -> None:
+        """Keep the tower's features the projector is about to project ``[T, N, C]`` (every tile's)."""
+        self._tower_features = args[0]
 
     @property
     def encoded(self) -> bool:
@@ -76,50 +88,76 @@ class AnyResVisionHooks:
         """The packed features ``packed`` (each image's ``[L, D]``, of ``pack(base, *args, **kwargs)``) with
         the tokens the method drops made zeros and the ones it keeps (or merges) in the places it chose."""
         attention, keys, class_token = self.encoder.patch_scores()
+        tower, self._tower_features = self._tower_features, None
         pruner, config = self._pruner, self._config
         with pruner.timed_selection():
-            scores = torch.cat(
-                [*(a[..., None] for a in attention.values()), *([] if keys is None else [keys])], -1
-            )
-            packed_scores = self._packed_scores(pack, args, kwargs, scores.float())
-            first_tiles = itertools.accumulate((s.shape[0] for s in packed_scores[1][:-1]), initial=0)
+            channels = [*(a[..., None] for a in attention.values()), *([] if keys is None else [keys]), tower]
+            packed_scores, tiles = self._packed_scores(pack, args, kwargs, torch.cat(channels, -1).float())
+            first_tiles = itertools.accumulate(tiles[:-1], initial=0)
+            num_scores = len(attention) + (0 if keys is None else keys.shape[-1])
             out, visual, kept = [], [], []
-            for features, image_scores, first_tile in zip(packed, packed_scores[0], first_tiles, strict=True):
-                places = image_scores[:, 0].isnan().logical_not().nonzero()[:, 0]  # not a newline
+            for features, image_scores, image_tiles, first_tile in zip(
+                packed, packed_scores, tiles, first_tiles, strict=True
+            ):
+                newline = image_scores[:, 0].isnan()
+                places = newline.logical_not().nonzero()[:, 0]
                 keep = config.kept_per_image(len(places))
                 values = image_scores[places]
                 ctx = SelectionContext(
-                    features=features[places][None],
+                    features=values[None, :, num_scores:],
                     grid=None,
                     image_index=torch.zeros(1, dtype=torch.long, device=features.device),
                     encoder_attention={layer: values[None, :, i] for i, layer in enumerate(attention)},
-                    keys=None if keys is None else values[None, :, len(attention) :],
+                    keys=None if keys is None else values[None, :, len(attention) : num_scores],
+                    grid_neighbours=self._grid_neighbours(newline, image_tiles)[None],
                 )
                 if class_token is not None and keep < len(places):
-                    ctx.class_token = self.projector(class_token[first_tile : first_tile + 1])
+                    ctx.class_token = class_token[None, first_tile : first_tile + image_tiles].float()
+                visual.append(len(places))
+                kept.append(keep)
+                if keep == len(places):
+                    out.append(features)
+                    continue
                 result = pruner.select_with(config, ctx, keep)
-                index, chosen = (
-                    (result.index, result.features) if isinstance(result, Merged) else (result, None)
-                )
-                chosen = gather_tokens(ctx.features, index) if chosen is None else chosen
+                if isinstance(result, Merged):  # merged in the tower's space, then projected, as one tile's
+                    index = result.index
+                    chosen = self.projector(result.features.to(next(self.projector.parameters()).dtype))
+                else:
+                    index, chosen = result, gather_tokens(features[places][None], result)
                 pruned = features.clone()
                 pruned[places] = 0
                 pruned[places[index[0]]] = chosen[0].to(features.dtype)
                 out.append(pruned)
-                visual.append(len(places))
-                kept.append(keep)
         pruner.record_encoder(visual, kept)
         return out
 
+    def _grid_neighbours(self, newline: torch.Tensor, tiles: int) -> torch.Tensor:
+        """Each of an image's packed tokens' (its ``newline [L]`` flags left out) flat neighbours in its own
+        grid ``[N, 4]``: the tokens one before and after it and one row above and below, clamped to that
+        grid, as HiPrune's buffers take them in a tile. The grids are the base tile's and, with more tiles,
+        the stitched high-resolution grid the model unpads (and OneVision may downsize), as wide as its
+        first row."""
+        num_tokens = int(newline.logical_not().sum())
+        rows, cols = self.encoder.grid
+        base = rows * cols if tiles > 1 else num_tokens
+        width = int(newline.int().argmax()) - base if tiles > 1 else cols
+        index = torch.arange(num_tokens, device=newline.device)
+        in_base = index < base
+        start = torch.where(in_base, 0, base)[:, None]
+        end = torch.where(in_base, base, num_tokens)[:, None] - 1
+        row = torch.where(in_base, cols, width)[:, None]
+        steps = torch.tensor([-1, 1, -1, 1], device=newline.device)
+        step = torch.cat([steps[None, :2].expand(num_tokens, -1), steps[None, 2:] * row], dim=1)
+        return torch.minimum(torch.maximum(index[:, None] + step, start), end)
+
     def _packed_scores(
         self, pack: Callable, args: tuple, kwargs: dict, scores: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    ) -> tuple[list[torch.Tensor], list[int]]:
         """Each image's packed ``scores`` (per tile and patch ``[T, N, C]``, packed as the features are,
-        newline rows NaN), and each image's tiles of ``scores`` (how many the model gave it)."""
+        newline rows NaN), and each image's tile count (how many the model gave it)."""
         bound = self._signature.bind(self._base, *args, **kwargs)
         tiles = [features.shape[0] for features in bound.arguments["image_features"]]
-        per_image = list(torch.split(scores, tiles))
-        bound.arguments["image_features"] = per_image
+        bound.arguments["image_features"] = list(torch.split(scores, tiles))
         bound.arguments["image_newline"] = scores.new_full(scores.shape[-1:], float("nan"))
         packed, _ = pack(*bound.args, **bound.kwargs)
-        return packed, per_image
+        return packed, tiles

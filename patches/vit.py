@@ -321,7 +321,7 @@ class EncoderPruningHooks:
             if "keys" in spec.needs:
                 ctx.keys = self._patch_keys(call, self.output_layer)
             if self._takes_class_token(keep, num_patches):
-                ctx.class_token = call.class_token
+                ctx.class_token = call.class_token[:, None]
             result = self._pruner.select_with(config, ctx, keep)
         self._record(num_images, num_patches, keep)
         if isinstance(result, Merged):

@@ -18,6 +18,7 @@ from helpers import (
     tokenprune_hooks,
     tower_outputs,
 )
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 import tokenprune as tp
 from tokenprune.patches import InternalsMovedError
@@ -25,7 +26,11 @@ from tokenprune.testing import ANYRES_FAMILIES, tiny_inputs, tiny_model
 
 IMAGES = (1, 2, 1)
 PREFILL_METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage in ("pre_llm", "llm"))
-VISION_METHODS = ["hiprune", "visionzip"]  # tome is refused (test_tome_is_refused_before_any_work)
+VISION_METHODS = [
+    "hiprune",
+    "visionzip",
+    "vispruner",
+]  # tome is refused (test_tome_is_refused_before_any_work)
 
 
 @pytest.fixture(params=ANYRES_FAMILIES)
@@ -196,10 +201,12 @@ def test_vision_stage_attention_implementations_agree(family):
 
 
 @pytest.mark.parametrize("family", ANYRES_FAMILIES)
-def test_each_packed_token_gets_its_own_patch_attention(family):
+def test_each_packed_token_gets_its_own_patch_scores_features_and_neighbours(family):
     """What hiprune reads for each packed token (base tile, then the unpadded tiles row by row) is the
-    eager attention that its own tile's patch received at each named layer, heads and queries averaged: the
-    patch is found by its projected features, which equal the packed token's exactly."""
+    eager attention that its own tile's patch received at each named layer, heads and queries averaged, and
+    the tower's features of that patch (found by them, which the packed token's equal exactly); its
+    buffers are its neighbours in the image as the tiles stitch it: one before and after in row order, one
+    row above and below, clamped to the base tile or the stitched tiles."""
     model = shared_model(family, "eager")
     inputs = tiny_inputs(model, (1, 1, 1))  # three aspect ratios; the last loses rows to the unpadding
     pixels = []
@@ -213,20 +220,46 @@ def test_each_packed_token_gets_its_own_patch_attention(family):
         out = tower(pixels[0], output_attentions=True, output_hidden_states=True)
         strategy = model.config.vision_feature_select_strategy
         patches = out.hidden_states[model.config.vision_feature_layer][:, int(strategy == "default") :]
-        projected = model.model.multi_modal_projector(patches)  # [T, N, D]
     first = int(strategy == "default")  # the CLS key, if any, is not a patch
     received = {
         layer: out.attentions[layer].mean(dim=(1, 2))[:, first:] for layer in contexts[0].encoder_attention
     }
     output_layer = model.config.vision_feature_layer % (len(out.attentions) + 1) - 1  # hidden_states[i + 1]
     assert len(contexts) == 3 and sorted(received) == [0, output_layer]
-    for ctx in contexts:
-        match = (ctx.features[0][:, None, None] == projected[None]).all(dim=-1)  # [n, T, N]
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    tiles_before = 0
+    for ctx, image_size in zip(contexts, inputs["image_sizes"], strict=True):
+        match = (ctx.features[0][:, None, None] == patches[None]).all(dim=-1)  # [n, T, N]
         assert match.flatten(1).sum(dim=1).eq(1).all()
         _, tile, patch = match.nonzero().unbind(dim=1)
         for layer, attention in received.items():
             expected = attention[tile, patch]
             torch.testing.assert_close(ctx.encoder_attention[layer][0], expected, atol=1e-6, rtol=0)
+        tile = tile - tiles_before
+        tiles_before += int(tile.max()) + 1
+        height, width = get_anyres_image_grid_shape(
+            image_size.tolist(), model.config.image_grid_pinpoints, vision.image_size
+        )
+        assert int(tile.max()) == height * width
+        # each token's place in the image: (grid, row, column), the high-resolution tiles stitched
+        in_base = tile == 0
+        tile_row, tile_col = (tile - 1).clamp(min=0) // width, (tile - 1).clamp(min=0) % width
+        row = torch.where(in_base, patch // side, tile_row * side + patch // side)
+        col = torch.where(in_base, patch % side, tile_col * side + patch % side)
+        places = {
+            (int(b), int(r), int(c)): i for i, (b, r, c) in enumerate(zip(in_base, row, col, strict=True))
+        }
+        for i, (b, r, c) in enumerate(zip(in_base.tolist(), row.tolist(), col.tolist(), strict=True)):
+            grid = [j for j, other in enumerate(in_base.tolist()) if other == b]
+            last_col = max(int(col[j]) for j in grid)
+            after = places.get(
+                (b, r, c + 1), places.get((b, r + 1, min(int(col[j]) for j in grid)), grid[-1])
+            )
+            before = places.get((b, r, c - 1), places.get((b, r - 1, last_col), grid[0]))
+            below = places.get((b, r + 1, c), grid[-1])
+            above = places.get((b, r - 1, c), grid[0])
+            assert ctx.grid_neighbours[0, i].tolist() == [before, after, above, below], (i, b, r, c)
 
 
 def test_a_moved_newline_is_named():
@@ -258,3 +291,28 @@ def test_the_tiny_llava_next_checkpoint_loads_and_prunes(tmp_path):
     with tp.pruned(model, "fastv", keep_ratio=0.25) as pruner, torch.no_grad():
         model(**inputs)
     assert len(set(pruner.stats.visual_tokens)) == 2
+
+
+def test_visionzip_keeps_every_tiles_class_token_first():
+    """As VisionZip's LLaVA-NeXT code, every tile's CLS token at the output layer, projected, is among an
+    image's kept tokens, here the first of them, in tile order."""
+    model = shared_model("llava_next", "eager")
+    inputs = tiny_inputs(model, (1, 1, 1))
+    pixels = []
+    tower = model.model.vision_tower
+    handle = tower.register_forward_pre_hook(lambda module, args: pixels.append(args[0]))
+    with tp.pruned(model, "visionzip", keep_ratio=0.25), tower_outputs(model) as handed_on, torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    with torch.no_grad():
+        out = tower(pixels[0], output_hidden_states=True)
+        cls = model.model.multi_modal_projector(out.hidden_states[model.config.vision_feature_layer][:, 0])
+    newline = model.model.image_newline
+    first_tile = 0
+    for packed in handed_on[0][0]:
+        kept = packed[(packed != 0).any(dim=-1) & (packed != newline).any(dim=-1)]
+        tiles = len(kept) and int(torch.isclose(kept[:, None], cls[None], atol=1e-5).all(-1).any(0).sum())
+        torch.testing.assert_close(kept[:tiles], cls[first_tile : first_tile + tiles], atol=1e-5, rtol=0)
+        assert tiles >= 2  # the base tile's and at least one high-resolution tile's
+        first_tile += tiles
+    assert first_tile == len(cls)

@@ -85,7 +85,7 @@ def context(query, keys, hidden, class_token: bool) -> SelectionContext:
         image_index=torch.zeros(images, dtype=torch.long),
         keys=keys.mean(dim=1)[:, 1:],
         encoder_attention={0: attention[:, 1:]},
-        class_token=hidden[:, 0] if class_token else None,
+        class_token=hidden[:, :1] if class_token else None,
     )
 
 
@@ -110,7 +110,7 @@ def test_visionzip_selects_and_merges_what_the_reference_does(keep, dominant, co
     sizes = torch.cat([torch.zeros(3, 1), torch.ones(3, dominant - 1), 1 + members.sum(dim=2)], dim=1)
     assert torch.equal(merged.sizes, sizes)
 
-    ctx.features, ctx.class_token = torch.eye(576).expand(3, -1, -1), torch.zeros(3, 576)
+    ctx.features, ctx.class_token = torch.eye(576).expand(3, -1, -1), torch.zeros(3, 1, 576)
     made_of = get_method("visionzip").select(ctx, keep, {}).features[:, dominant:]
     share = members / members.sum(dim=2, keepdim=True).clamp(min=1)
     expected_made_of = torch.zeros(3, contextual, 576).scatter_(2, targets[..., None], 1.0)

@@ -54,6 +54,10 @@ class SelectionContext:
         features: visual token features ``[I, N, D]``: projected embeddings before the language model
             (``pre_llm``) or the hidden states entering decoder layer K (``llm``).
         grid: ``(rows, cols)`` of the patch grid when the N tokens form one, else ``None``.
+        grid_neighbours: where the N tokens form several patch grids one after another instead (an AnyRes
+            image's base tile and its stitched high-resolution tiles, newline tokens left out), each token's
+            flat neighbours in its own grid ``[I, N, 4]``: the tokens one before and after it and one row
+            above and below, clamped to that grid; else ``None``.
         image_index: index of each image within its own prompt ``[I]`` (0 for the first image), so that
             seeded methods draw the same numbers for an image whatever batch it is run in.
         stage: which pruning stage of a decoder schedule this is (0: the first, or the only one); a later
@@ -105,9 +109,10 @@ class SelectionContext:
             included); heads averaged (needs ``encoder_attention``). A merging step gets one entry, the
             layer its ``keys`` come from, over every token it merges ``[I, n]`` (the protected CLS included),
             with proportional attention's ``log(size)`` bias where the method uses it.
-        class_token: the encoder's CLS token at the output layer ``[I, D]``, for a method that returns it
-            among its ``keep`` tokens in the place of a patch it merged away (needs ``class_token``; only
-            from an encoder with a CLS token, and only when a patch is merged away).
+        class_token: the encoder's CLS tokens at the output layer ``[I, C, D]`` (one for an image, one per
+            tile of an AnyRes image), for a method that returns them among its ``keep`` tokens in the places
+            of patches it merged away (needs ``class_token``; only from an encoder with a CLS token, and only
+            when patches are merged away).
         sizes: how many patches each token stands for ``[I, N]`` (after merges; ones otherwise).
         protected: leading tokens that must survive as they are (the CLS token of a merging step).
         key_heads: how many heads ``keys`` concatenates in its last dimension (a decoder stage's ``H_kv``;
@@ -117,6 +122,7 @@ class SelectionContext:
     features: torch.Tensor
     grid: tuple[int, int] | None
     image_index: torch.Tensor
+    grid_neighbours: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     attention: torch.Tensor | None = None
     pruning_layer_attention: torch.Tensor | None = None

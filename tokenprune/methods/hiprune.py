@@ -28,18 +28,29 @@ def _anchor_and_output_layers(options: dict[str, object], output_layer: int) -> 
     return (anchor, output_layer)
 
 
+def _neighbours(ctx: SelectionContext, num_tokens: int) -> torch.Tensor | None:
+    """Each token's flat neighbours ``[I, N, 4]`` at offsets -1, +1, -cols and +cols of its patch grid,
+    clamped to it, as the reference computes HiPrune's buffers (so they wrap across rows at the grid's
+    edges); ``None`` where the tokens form no grid."""
+    if ctx.grid_neighbours is not None:
+        return ctx.grid_neighbours
+    if ctx.grid is None:
+        return None
+    offsets = torch.tensor([-1, 1, -ctx.grid[1], ctx.grid[1]], device=ctx.features.device)
+    index = torch.arange(num_tokens, device=offsets.device)[:, None] + offsets
+    return index.clamp(0, num_tokens - 1).expand(ctx.features.shape[0], -1, -1)
+
+
 def _anchors_and_buffers(
-    attention: torch.Tensor, num_anchors: int, grid: tuple[int, int] | None
+    attention: torch.Tensor, num_anchors: int, neighbours: torch.Tensor | None
 ) -> torch.Tensor:
-    """Mask ``[I, N]`` of the ``num_anchors`` tokens of highest ``attention`` and of their buffers: the
-    tokens 1 and one grid row (``cols``) before and after each anchor in the flat sequence, clamped to
-    it, as the reference computes them (so they wrap across rows at the grid's edges)."""
+    """Mask ``[I, N]`` of the ``num_anchors`` tokens of highest ``attention`` and of their buffers, their
+    ``neighbours [I, N, 4]`` (none without them)."""
     num_images, num_tokens = attention.shape
     chosen = attention.topk(num_anchors, dim=1).indices
-    if grid is not None:
-        cols = grid[1]
-        offsets = torch.tensor([0, -1, 1, -cols, cols], device=attention.device)
-        chosen = (chosen[:, :, None] + offsets).clamp(0, num_tokens - 1).flatten(1)
+    if neighbours is not None:
+        buffers = torch.gather(neighbours, 1, chosen[:, :, None].expand(-1, -1, neighbours.shape[2]))
+        chosen = torch.cat([chosen, buffers.flatten(1)], dim=1)
     mask = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=attention.device)
     return mask.scatter_(1, chosen, True)
 
@@ -83,11 +94,13 @@ def hiprune(
     - exact budget: anchors and buffers beyond ``keep`` (the reference fails) keep the best at anchor_layer.
     - without a patch grid (an image size other than the encoder's) anchors get no buffers.
     - LLaVA-NeXT/OneVision (the reference's LLaVA-NeXT code splits the budget evenly over the tiles, keeps
-      buffers in each tile's grid and drops the unpadding and the newline tokens): one budget over an
-      image's tokens that survive the unpadding, attention normalized within each tile, newline tokens
-      kept, no buffers (the packed tokens form no single grid; see :mod:`tokenprune.patches.anyres_vision`).
+      buffers in each tile's grid and packs without the unpadding and the newline tokens): one budget over
+      the image's packed tokens, newline tokens kept, buffers in the base tile's grid or the stitched
+      high-resolution one, forced by the exact budget and keep-all contract (see
+      :mod:`tokenprune.patches.anyres_vision`).
     """
     attention = ctx.require("encoder_attention")
     anchor_attention, register_attention = attention[min(attention)], attention[max(attention)]
-    anchored = _anchors_and_buffers(anchor_attention, round(keep * alpha / 5), ctx.grid)
+    neighbours = _neighbours(ctx, anchor_attention.shape[1])
+    anchored = _anchors_and_buffers(anchor_attention, round(keep * alpha / 5), neighbours)
     return _first_then_best(anchored, anchor_attention, register_attention, keep)

@@ -34,8 +34,8 @@ def visionzip(ctx: SelectionContext, keep: int, *, contextual: float = 10 / 64) 
     (averaged over heads) is most cosine-similar, and a contextual token is its target plus the mean of
     the patches that joined it. The output is the reference's ``[CLS, dominant patches in patch order,
     contextual tokens in target order]``, and its tokens take, in this order, the places of the dominant
-    patches, the targets and the first patch merged away, sorted, so that a language model reads them in
-    this order. The CLS token stands for no patch (size 0).
+    patches, the targets and the first patches merged away, sorted, so that a language model reads them
+    in this order. The CLS token stands for no patch (size 0); an AnyRes image has one per tile.
 
     An encoder without a CLS token (SigLIP), which the reference does not cover: the ``keep - c`` patches
     that receive the most attention averaged over all queries are the dominant tokens, and the output is
@@ -48,10 +48,12 @@ def visionzip(ctx: SelectionContext, keep: int, *, contextual: float = 10 / 64) 
 
     Deviations:
     - Keeping every patch leaves no place for the CLS token, which the reference would add.
-    - LLaVA-NeXT/OneVision (the reference's LLaVA-NeXT code keeps fixed counts in every tile, drops the
-      unpadding and the newline tokens, and appends every tile's CLS and contextual tokens after the grid):
-      one budget over an image's tokens that survive the unpadding, newline tokens kept, the base tile's
-      CLS token only, contextual tokens merged from projected features in dropped tokens' places (see
+    - LLaVA-NeXT/OneVision (the reference's LLaVA-NeXT code keeps fixed counts in every tile, packs
+      without the unpadding and the newline tokens, and appends every tile's CLS and contextual tokens
+      after the grid): one budget over the image's packed tokens, newline tokens kept, every tile's CLS
+      token first and the contextual tokens last among the kept ones, in dropped tokens' places, forced by
+      the exact budget and keep-all contract; OneVision's downsized large images blend the tower's
+      features before the projector, where the model blends the projected ones (see
       :mod:`tokenprune.patches.anyres_vision`).
     """
     features = ctx.features
@@ -59,20 +61,22 @@ def visionzip(ctx: SelectionContext, keep: int, *, contextual: float = 10 / 64) 
     if keep == num_patches:
         index = torch.arange(num_patches, device=features.device).expand(num_images, -1)
         return Merged(index, features, torch.ones_like(index, dtype=features.dtype))
-    class_token = ctx.class_token
-    num_contextual = min(round(contextual * keep), keep - int(class_token is not None))
+    class_tokens = ctx.class_token if ctx.class_token is not None else features[:, :0]  # [I, C, D]
+    num_class = min(class_tokens.shape[1], keep)
+    class_tokens = class_tokens[:, :num_class]
+    num_contextual = min(round(contextual * keep), keep - num_class)
     (attention,) = ctx.require("encoder_attention").values()
-    dominant = top_k(attention, keep - num_contextual - int(class_token is not None))
+    dominant = top_k(attention, keep - num_contextual - num_class)
     targets, merged_away = _targets_and_merged_away(dominant, num_patches, num_contextual)
     contextual_tokens, counts = _contextual_tokens(features, ctx.require("keys"), targets, merged_away)
 
-    places = [dominant, targets]
-    tokens = [gather_tokens(features, dominant), contextual_tokens]
-    sizes = [torch.ones_like(dominant, dtype=features.dtype), 1 + counts]
-    if class_token is not None:
-        places.insert(0, merged_away[:, :1])
-        tokens.insert(0, class_token[:, None])
-        sizes.insert(0, torch.zeros_like(merged_away[:, :1], dtype=features.dtype))
+    places = [merged_away[:, :num_class], dominant, targets]
+    tokens = [class_tokens.to(features.dtype), gather_tokens(features, dominant), contextual_tokens]
+    sizes = [
+        torch.zeros_like(places[0], dtype=features.dtype),
+        torch.ones_like(dominant, dtype=features.dtype),
+        1 + counts,
+    ]
     index = torch.cat(places, dim=1).sort(dim=1).values
     return Merged(index, torch.cat(tokens, dim=1), torch.cat(sizes, dim=1))
 

@@ -45,10 +45,10 @@ def vispruner(ctx: SelectionContext, keep: int, *, important_ratio: float = 0.5)
       tokens (the reference's indexing fails there).
     - an encoder without a CLS token (SigLIP): every query's attention, averaged, at the output layer (the
       reference's SigLIP tower averages its last layer's).
-    - LLaVA-NeXT/OneVision (the reference keeps ``keep`` tokens in every tile, each tile on its own): one
-      budget over an image's tokens that survive the unpadding, attention normalized within each tile,
-      duplicates measured on projected features, newline tokens kept (see
-      :mod:`tokenprune.patches.anyres_vision`).
+    - LLaVA-NeXT/OneVision (the reference keeps ``keep`` tokens in every tile, each tile on its own, and
+      packs without the unpadding and the newline tokens): one budget over the image's packed tokens, each
+      tile's attention ranked together, newline tokens kept, forced by the exact budget and keep-all
+      contract (see :mod:`tokenprune.patches.anyres_vision`).
     """
     (attention,) = ctx.require("encoder_attention").values()
     num_important = int(keep * important_ratio)
