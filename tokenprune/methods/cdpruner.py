@@ -53,11 +53,12 @@ def cdpruner(
 
     Deviations:
     - relevance from the model's own input embeddings: the visual tokens entering the language model against
-      the mean input embedding of the instruction's tokens (those after the images), as OpenVINO GenAI's
-      CDPruner for Qwen2-VL; the reference compares CLIP's projected patch embeddings with CLIP's text
-      tower's embedding of the question, a tower that transformers VLMs do not ship (LLaVA's checkpoints
-      hold the vision tower only; SigLIP and Qwen-VL towers have none), while every model has its input
-      embeddings, in the space its visual tokens are projected to.
+      the mean input embedding of the instruction's tokens (those after the images, the chat template's
+      closing tokens included), as OpenVINO GenAI's CDPruner for Qwen2-VL; the reference compares CLIP's
+      projected patch embeddings with CLIP's text tower's embedding of the question alone, a tower that
+      transformers VLMs do not ship (LLaVA's checkpoints hold the vision tower only; SigLIP and Qwen-VL
+      towers have none), while every model has its input embeddings, in the space its visual tokens are
+      projected to.
     - relevance not negated by default (``negative_relevance=False``, OpenVINO GenAI's default): the reference
       negates its CLIP patch-text cosine, an inversion it found in CLIP's penultimate-layer patch features;
       ``negative_relevance=True`` negates as it does.
@@ -70,8 +71,9 @@ def cdpruner(
       root of a negative gain, and the NaNs that follow repeat tokens).
     - the Triton kernel adds the factor's earlier rows in order, the reference's ``einsum`` as BLAS does: the
       gains may differ in float32 rounding, so the picks too where two gains lie within it.
-    - LLaVA-NeXT: one budget over the image's tokens as they enter the language model (the reference keeps
-      its count in every tile); several images of a prompt each select against the same instruction.
+    - LLaVA-NeXT: one budget over the tokens of all an image's tiles, its newline tokens left out and kept
+      (the reference keeps its count in every tile, the base one included); several images of a prompt
+      each select against the same instruction (the reference's prompts hold one image).
     """
     instruction = ctx.require("instruction")
     similarity = cosine_similarity_matrix(ctx.features, ctx.features)  # [I, N, N]
