@@ -45,6 +45,7 @@ POINTERS = {
         "first_ptr": "i64",
         "out_ptr": "i64",
     },
+    "_greedy_dpp_kernel": {"kernel_ptr": "fp32", "factor_ptr": "fp32", "out_ptr": "i64"},
     "_attention_top_k_kernel": {
         "query_ptr": "bf16",
         "key_ptr": "bf16",
@@ -55,9 +56,12 @@ POINTERS = {
         "visible_ptr": "i1",
     },
 }
+#: Kernels of a module of their own (the others are in ``tokenprune.kernels.triton_kernels``).
+MODULES = {"_greedy_dpp_kernel": "tokenprune.kernels.triton_dpp"}
 CONSTEXPRS = [
     *[{"BLOCK": 128}] * 4,
     {"BLOCK": 1024, "MMR": True},
+    {"BLOCK": 1024, "UNROLL": 4},
     {"HEADS": 32, "GROUPS": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_C": 64, "BLOCK_N": 1024},
     {"BLOCK": 64, "MMR": False},
 ]
@@ -70,7 +74,7 @@ def test_kernels_lower_to_triton_ir_for_an_h100(name, constexprs):
     """The Triton front end, run on the CPU for an sm_90 target: the type checks the interpreter skips (a
     loop-carried value that changes type, say) fail here, not first on a GPU."""
     assert os.environ.get("TRITON_INTERPRET") != "1"
-    kernel = getattr(importlib.import_module("tokenprune.kernels.triton_kernels"), name)
+    kernel = getattr(importlib.import_module(MODULES.get(name, "tokenprune.kernels.triton_kernels")), name)
     params = inspect.signature(kernel.fn).parameters
     signature = {
         p: "constexpr" if p in constexprs else f"*{POINTERS[name][p]}" if p.endswith("_ptr") else "i32"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tokenprune.context import SelectionContext
+from tokenprune.kernels import dpp, greedy, use_triton
 from tokenprune.kernels import gather as reference
-from tokenprune.kernels import greedy, use_triton
 from tokenprune.methods._select import cosine_similarity_matrix, min_max
 from tokenprune.registry import get_method
 
@@ -150,6 +150,49 @@ def test_greedy_mmr_kernel(kernels, case, lam):
     got = kernels.greedy_select(similarity, lam * importance, first, keep, 1.0 - lam)
     expected = greedy.greedy_mmr_reference(similarity, lam * importance, 1.0 - lam, first, keep)
     assert torch.equal(got, expected)
+
+
+def dpp_kernel(num_images: int, num_tokens: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """CDPruner's kernel ``[I, N, N]``: random relevance times the cosine similarity of random tokens of a few
+    directions plus noise (rank ``dim``), with exact duplicates (tied gains) and a zero token."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(num_images, num_tokens, 6, generator=g) @ torch.randn(6, dim, generator=g)
+    tokens = tokens + 0.5 * torch.randn(num_images, num_tokens, dim, generator=g)
+    tokens[:, 5], tokens[:, 9] = tokens[:, 3], tokens[:, 3]
+    tokens[:, 7] = 0.0
+    relevance = torch.rand(num_images, num_tokens, generator=g)
+    relevance[:, 5], relevance[:, 9] = relevance[:, 3], relevance[:, 3]
+    similarity = cosine_similarity_matrix(tokens, tokens)
+    return relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
+
+
+#: (images, tokens per image, kept, feature dimension: the kernel's rank, but for the duplicates and zero)
+DPP = {
+    "one": (2, 64, 1, 32),
+    "some": (3, 100, 37, 64),
+    "all": (2, 40, 40, 64),
+    "llava": (2, 576, 64, 256),
+}
+
+
+@pytest.mark.parametrize("case", DPP.values(), ids=DPP.keys())
+def test_greedy_dpp_kernel(kernels, case):
+    """CDPruner's loop in one program per image keeps the reference's tokens, ties included (its gains are
+    summed in another order: the same picks while no two gains lie within float32 rounding)."""
+    num_images, num_tokens, keep, dim = case
+    kernel = dpp_kernel(num_images, num_tokens, dim)
+    got = kernels.greedy_dpp(kernel, keep)
+    assert torch.equal(got, dpp.greedy_dpp_reference(kernel, keep))
+    assert not ((got == 5) | (got == 9)).any() or keep == num_tokens  # duplicates of 3: no gain once it is in
+
+
+def test_greedy_dpp_kernel_past_the_rank(kernels):
+    """More picks than the kernel's rank: the gains left are rounding noise, on which the kernel and the
+    reference may order differently, but each token is picked once and the first picks agree."""
+    kernel = dpp_kernel(2, 64, 12, seed=1)
+    got = kernels.greedy_dpp(kernel, 48)
+    assert all(row.unique().numel() == 48 for row in got) and int(got.max()) < 64
+    assert torch.equal(kernels.greedy_dpp(kernel, 10), dpp.greedy_dpp_reference(kernel, 10))
 
 
 def test_dispatch_picks_the_reference_on_cpu(monkeypatch):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokenprune as tp
-from tokenprune.context import InstructionRows, SelectionContext
+from tokenprune.context import Instruction, InstructionRows, SelectionContext
 from tokenprune.methods.adaptinfer import text_guided_scores
 from tokenprune.methods.baselines import grid_sample
 from tokenprune.registry import get_method
@@ -24,6 +24,15 @@ def random_instruction_rows(images: int, n: int, g: torch.Generator, heads=4, qu
     return InstructionRows(rows[..., :n], rows[..., n:], mask)
 
 
+def random_instruction(images: int, n: int, dim: int, g: torch.Generator, queries=5) -> Instruction:
+    """A random instruction of ``queries`` tokens after the image's ``n`` (the last image's one shorter)."""
+    mask = torch.ones(images, queries, dtype=torch.bool)
+    mask[-1, -1] = False
+    features = torch.randn(images, queries, dim, generator=g)
+    positions = torch.arange(queries).expand(images, queries) + n + 3
+    return Instruction(torch.randn(images, queries, 8, generator=g), features, mask, positions)
+
+
 def random_context(images=3, rows=6, cols=8, dim=16, seed=0) -> SelectionContext:
     g = torch.Generator().manual_seed(seed)
     n = rows * cols
@@ -39,6 +48,7 @@ def random_context(images=3, rows=6, cols=8, dim=16, seed=0) -> SelectionContext
         instruction_rows=random_instruction_rows(images, n, g),
         prompt_positions=torch.arange(n).expand(images, n) + 3,  # after 3 text tokens
         pruning_layer_attention=torch.rand(images, n, generator=g).softmax(-1),
+        instruction=random_instruction(images, n, dim, g),
     )
 
 
@@ -79,6 +89,9 @@ def test_each_image_is_selected_on_its_own(method):
             ),
             prompt_positions=ctx.prompt_positions[i : i + 1],
             pruning_layer_attention=ctx.pruning_layer_attention[i : i + 1],
+            instruction=Instruction(
+                *(t[i : i + 1] for t in vars(ctx.instruction).values())  # keys, features, mask, positions
+            ),
         )
         assert torch.equal(get_method(method).select(alone, 12, {}), together[i : i + 1])
 

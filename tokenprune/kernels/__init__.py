@@ -5,6 +5,7 @@ Each kernel is a plain function with a torch reference; the Triton version runs 
 (see :func:`use_triton`).
 """
 
+from .dpp import greedy_dpp
 from .gather import gather_kv, gather_sequence, gather_tokens, merge_tokens, use_triton
 from .greedy import greedy_max_min, greedy_mmr
 
@@ -12,6 +13,7 @@ __all__ = [
     "gather_kv",
     "gather_sequence",
     "gather_tokens",
+    "greedy_dpp",
     "greedy_max_min",
     "greedy_mmr",
     "merge_tokens",

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_dpp import greedy_dpp  # noqa: F401  (CDPruner's loop: a module of its own)
+
 BLOCK_D = 128
 
 

@@ -3,6 +3,7 @@
 from . import (  # noqa: F401
     adaptinfer,
     baselines,
+    cdpruner,
     dart,
     divprune,
     fastv,
