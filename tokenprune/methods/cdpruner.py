@@ -73,8 +73,8 @@ def cdpruner(
       gains may differ in float32 rounding, so the picks too where two gains lie within it.
     - LLaVA-NeXT: one budget over the tokens of all an image's tiles, its newline tokens left out and kept
       (the reference keeps its count in every tile, the base one included), forced by the exact per-image
-      budget over the tokens the model packs (see :mod:`tokenprune.patches.anyres_vision`); several images of a prompt
-      each select against the same instruction (the reference's prompts hold one image).
+      budget over the tokens the model packs (see :mod:`tokenprune.patches.anyres_vision`); several images
+      of a prompt each select against the same instruction (the reference's prompts hold one image).
     """
     instruction = ctx.require("instruction")
     similarity = cosine_similarity_matrix(ctx.features, ctx.features)  # [I, N, N]
