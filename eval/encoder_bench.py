@@ -49,7 +49,7 @@ def run_encoder_benchmark(
     batch_size: int,
     *,
     repeats: int = 3,
-    selecting: tuple[str, ...] = ("hiprune", "visionzip", "saint"),
+    selecting: tuple[str, ...] = ("hiprune", "visionzip", "vispruner", "saint"),
     merging: tuple[str, ...] = ("tome", "turbo"),
 ) -> list[EncoderRow]:
     """Time ``model`` unpruned, with each ``merging`` method at each ``r`` in ``merges``, and with each

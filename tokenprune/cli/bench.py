@@ -17,6 +17,7 @@ from .common import (
     DeviceOption,
     DtypeOption,
     MarkdownOption,
+    PageOption,
     checkpoint_path,
     exit_on_user_error,
     floats,
@@ -67,17 +68,10 @@ def bench(
     out: Annotated[pathlib.Path, typer.Option(help="Folder for results.json, results.csv, speedup.png.")] = (
         RESULTS / "bench"
     ),
-    page: Annotated[
-        pathlib.Path | None,
-        typer.Option(
-            help="Also write the table into this Markdown page (docs/performance.md), between the markers "
-            "named after the --out folder (<!-- cpu-llava-small:start --> ...)."
-        ),
-    ] = None,
+    page: PageOption = None,
     markdown: MarkdownOption = False,
 ) -> None:
     """Time prefill, decode and end-to-end of pruned runs against the unpruned model and the ideal."""
-    from ..eval.accuracy import replace_between_markers
     from ..eval.archs import ARCHS
     from ..eval.bench import bench_config, build_model, markdown_table, run_benchmark, write_results
 
@@ -92,9 +86,7 @@ def bench(
                     bench_config(name, ratio)
         if model is None and arch not in ARCHS:
             raise CliError(f"unknown --arch {arch!r}; known: {', '.join(ARCHS)}")
-        if page is not None:
-            with user_errors(OSError, ValueError):  # missing markers fail before the run, not after
-                replace_between_markers(page.read_text(), "", out.name)
+        check_page(page, out)
         torch_device, torch_dtype = resolve_device(device, dtype)
         with quiet_transformers(), console.status("Building the model...", spinner="dots"):
             if model is None:
@@ -108,11 +100,7 @@ def bench(
     settings = {"repeats": repeats, "new_tokens": new_tokens, "compile": compile}
     meta = run_meta(model or arch, torch_device, attn, torch_dtype, **settings)
     paths = write_results(rows, out, meta)
-    table = markdown_table(rows)
-    if page is not None:
-        page.write_text(replace_between_markers(page.read_text(), table + "\n", out.name))
-    print_report(console, table, markdown)
-    console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
+    report(console, markdown_table(rows), paths, page, out, markdown)
 
 
 def bench_encoder(
@@ -123,7 +111,7 @@ def bench_encoder(
         str, typer.Option("--r", help="Comma-separated r values of tome and turbo (tokens per layer).")
     ] = "0,4,8,12,16",
     keep_ratios: Annotated[
-        str, typer.Option(help="Keep ratios of hiprune, visionzip and saint.")
+        str, typer.Option(help="Keep ratios of hiprune, visionzip, vispruner and saint.")
     ] = "0.5,0.25",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward.")] = 8,
     attn: Annotated[str, typer.Option(help="Attention implementation.")] = "sdpa",
@@ -133,6 +121,7 @@ def bench_encoder(
     out: Annotated[
         pathlib.Path, typer.Option(help="Folder for results.json, results.csv, throughput.png.")
     ] = RESULTS / "bench-encoder",
+    page: PageOption = None,
     markdown: MarkdownOption = False,
 ) -> None:
     """Images/s of an image encoder with vision-stage methods against the unpruned encoder."""
@@ -155,11 +144,32 @@ def bench_encoder(
                 PrunerConfig("hiprune", keep_ratio=ratio)
         if arch not in ENCODER_ARCHS:
             raise CliError(f"unknown --arch {arch!r}; known: {', '.join(ENCODER_ARCHS)}")
+        check_page(page, out)
         torch_device, torch_dtype = resolve_device(device, dtype)
         with quiet_transformers():
             encoder = build_encoder(ENCODER_ARCHS[arch](), attn, torch_device, torch_dtype)
             rows = run_encoder_benchmark(encoder, rs, ratios, batch_size, repeats=repeats)
     meta = run_meta(arch, torch_device, attn, torch_dtype, batch_size=batch_size, repeats=repeats)
     paths = write_encoder_results(rows, out, meta)
-    print_report(console, encoder_markdown_table(rows), markdown)
+    report(console, encoder_markdown_table(rows), paths, page, out, markdown)
+
+
+def check_page(page: pathlib.Path | None, out: pathlib.Path) -> None:
+    """A :class:`CliError` before any run if ``page`` cannot be read or lacks the markers of ``out``."""
+    from ..eval.accuracy import replace_between_markers
+
+    if page is not None:
+        with user_errors(OSError, ValueError):
+            replace_between_markers(page.read_text(), "", out.name)
+
+
+def report(
+    console: Console, table: str, paths: dict, page: pathlib.Path | None, out: pathlib.Path, markdown: bool
+) -> None:
+    """Print ``table`` and where the results went; write it into ``page`` between ``out``'s markers."""
+    from ..eval.accuracy import replace_between_markers
+
+    if page is not None:
+        page.write_text(replace_between_markers(page.read_text(), table + "\n", out.name))
+    print_report(console, table, markdown)
     console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)

@@ -35,6 +35,13 @@ MarkdownOption = Annotated[
     bool, typer.Option("--markdown", help="Print tables as Markdown (as when the output is not a terminal).")
 ]
 DeviceOption = Annotated[str, typer.Option(help="'auto' (cuda when available), 'cpu', 'cuda'...")]
+PageOption = Annotated[
+    pathlib.Path | None,
+    typer.Option(
+        help="Also write the table into this Markdown page (docs/performance.md), between the markers "
+        "named after the --out folder (<!-- cpu-llava-small:start --> ...)."
+    ),
+]
 DtypeOption = Annotated[str, typer.Option(help="'auto' (bfloat16 on GPU, float32 on CPU) or a dtype name.")]
 
 
