@@ -241,6 +241,7 @@ def test_encoder_rows_count_tokens_and_share_one_baseline(encoder_rows):
         ("turbo", "r=8", 64 - 6 * 8),
         ("hiprune", "keep=0.25", 16),
         ("visionzip", "keep=0.25", 16),
+        ("vispruner", "keep=0.25", 16),
         ("saint", "keep=0.25", 16),
     ]
     base = encoder_rows[0]
