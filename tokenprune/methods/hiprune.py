@@ -75,6 +75,7 @@ def _first_then_best(
     encoder_layers=_anchor_and_output_layers,
     encoder_queries="all",
     ranges={"anchor_layer": (0, None), "alpha": (0, 1)},
+    positions="renumbered",
 )
 def hiprune(
     ctx: SelectionContext, keep: int, *, anchor_layer: int | None = None, alpha: float = 0.1
@@ -88,6 +89,13 @@ def hiprune(
     (cols: the grid's width, the reference's 24), clamped to ``[0, N)``, so ``alpha`` counts anchors with
     their buffers; registers fill the rest of the budget with the other patches most attended at the
     output layer (the layer whose output the model uses).
+
+    In a VLM the language model sees the kept patches at consecutive positions by default, as the
+    reference's LLaVA code selects ``image_feature[index_mask]`` in ``prepare_inputs_labels_for_multimodal``
+    before it builds the sequence and numbers it (``positions="original"`` keeps their places). Its
+    Qwen2.5-VL script (``Qwen2_5_VL/qwen2_5_vl_HiPrune.py``) gathers the kept tokens' multimodal position
+    ids instead: a method has one default rule, here its LLaVA code's, and ``positions="original"`` gives
+    the Qwen script's.
 
     Deviations:
     - attention is recomputed in float32 from queries and keys (FlashAttention/SDPA give no weights).

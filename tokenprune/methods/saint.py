@@ -5,6 +5,9 @@ Reference: github.com/ArmenJeddi/saint at baaff9526bfe0bcfe79406c6a637238d4b3277
 (``iterative_drop_full_graph``, the ViT mode, called from ``VLM/saint/patch/clip.py``) and
 ``VLM/transformers/src/transformers/models/llama/modeling_llama.py`` (``saint_drop``, the LLM mode).
 Its hybrid mode is the two composed: ``PrunerConfig("saint_llm", ..., vision=PrunerConfig("saint", ...))``.
+A pruner has one position rule, the decoder method's in a composition: the hybrid keeps original positions
+(``saint_llm``'s), where the reference numbers the fewer features its tower hands LLaVA from 0 and then keeps
+those positions at its LLM stage; ``positions="renumbered"`` renumbers at both stages instead.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ._select import cosine_similarity_matrix
     needs=("keys",),
     per_layer=True,
     ranges={"drop_layer": (0, None), "divisor": (1, None)},
+    positions="renumbered",
 )
 def saint(ctx: SelectionContext, keep: int, *, drop_layer: int | None = None, divisor: int = 16) -> Merged:
     """Drop the patches most similar to the rest inside the image encoder, by iterated graph degree (SAINT).
@@ -36,7 +40,10 @@ def saint(ctx: SelectionContext, keep: int, *, drop_layer: int | None = None, di
     MLP, with that attention's keys, as the reference drops; that MLP and the later layers run on the kept
     tokens. ``drop_layer=None`` is three layers
     before the output layer (19 of the 23 layers LLaVA-1.5 runs of CLIP-L, the reference's setting).
-    The kept tokens are the input tokens as they are (``sizes`` unchanged), in patch order.
+    The kept tokens are the input tokens as they are (``sizes`` unchanged), in patch order. In a VLM the
+    language model sees them at consecutive positions by default, as the reference's tower hands LLaVA
+    fewer features, which its ``prepare_inputs_labels_for_multimodal`` numbers from 0
+    (``positions="original"`` keeps their places).
 
     Deviations:
     - The reference takes one image (its batch's first) and a fixed ``keep_num = 376`` (the CLS token and
@@ -104,6 +111,9 @@ def saint_llm(
     - Keys are the layer's input through its key projection and RoPE, as the reference's cached keys.
     - Chosen here: the default layer 2, as the library's other decoder methods (the reference's 8 needs
       a deeper model than the 4-layer ones the tests run).
+
+    The kept tokens keep their positions by default, as the reference's ``LlamaModel.forward`` gathers
+    ``position_ids[batch_idx, keep_indexs]``.
     """
     keys = ctx.require("keys")
     num_images, num_tokens, width = keys.shape

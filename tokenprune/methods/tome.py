@@ -13,7 +13,9 @@ from ..merge import bipartite_soft_matching
 from ..registry import register_method
 
 
-@register_method("tome", stage="vision", needs=("keys",), per_layer=True, ranges={"r": (0, None)})
+@register_method(
+    "tome", stage="vision", needs=("keys",), per_layer=True, ranges={"r": (0, None)}, positions="renumbered"
+)
 def tome(ctx: SelectionContext, keep: int, *, r: int | None = None, proportional: bool = True) -> Merged:
     """Merge similar tokens layer by layer with bipartite soft matching (ToMe), keeping token sizes.
 
@@ -30,7 +32,11 @@ def tome(ctx: SelectionContext, keep: int, *, r: int | None = None, proportional
     :func:`~tokenprune.merge.bipartite_soft_matching`), so every step pairs the tokens ToMe's would on the
     same inputs (tests/test_parity_tome.py: tiny CLIP, SigLIP, ViT and LLaVA's tower against a
     re-implementation of ``tome.patch``'s block); a VLM's language model gets them back in patch order,
-    each in its first patch's place, and a standalone encoder returns them in ToMe's layout.
+    each in its first patch's place, and a standalone encoder returns them in ToMe's layout. ToMe's code
+    has no language model; in a VLM the merged tokens get consecutive positions by default, as an encoder
+    handing LLaVA fewer features gets them (Turbo's LLaVA code, ``turbo``'s reference, merges this way and
+    does so; the same rule keeps ``turbo`` with ``alpha=0`` equal to ``tome``), and ``positions="original"``
+    puts each in its first patch's place.
 
     Returns the merged tokens, their places and sizes (a :class:`~tokenprune.context.Merged`).
 

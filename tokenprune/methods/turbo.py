@@ -30,6 +30,7 @@ def _merging_layers(options: dict[str, object], output_layer: int) -> tuple[int,
     per_layer=True,
     encoder_layers=_merging_layers,
     ranges={"r": (0, None), "alpha": (0, None)},
+    positions="renumbered",
 )
 def turbo(
     ctx: SelectionContext, keep: int, *, r: int | None = None, proportional: bool = True, alpha: float = 1.0
@@ -44,7 +45,10 @@ def turbo(
     minus its semantic value, ``30 * alpha`` times the attention the CLS query pays it in that attention
     (heads averaged, with the ``log(size)`` bias where ``proportional``), from ``ctx.encoder_attention``
     (recomputed from the layer's query/key projections, so sdpa runs). The ``r`` sources of highest
-    redundancy minus semantic value are merged into their matches. ``alpha=0`` is ToMe.
+    redundancy minus semantic value are merged into their matches. ``alpha=0`` is ToMe. In a VLM the
+    language model sees the merged tokens at consecutive positions by default, as the reference's LLaVA-1.5
+    code hands LLaVA fewer features (``llava/model/multimodal_encoder/clip_encoder.py`` patches the tower;
+    ``llava_arch.py`` numbers the sequence from 0); ``positions="original"`` keeps their places.
 
     Returns the merged tokens, their places and sizes (a :class:`~tokenprune.context.Merged`).
 
