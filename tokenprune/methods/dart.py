@@ -51,7 +51,8 @@ def dart(
     kept yet whose hidden states entering layer K, through the model's final norm, have the lowest cosine
     similarity to the pivot's are kept, and the image pivots stay. The ``keep`` minus image pivots tokens
     are shared evenly over the pivots, the first visited taking one more where it does not divide; an
-    instruction shorter than ``text_pivots`` gives fewer pivots.
+    instruction shorter than ``text_pivots`` gives fewer pivots. The kept tokens keep their positions, as
+    the reference's ``DART_K_norm.forward`` sets ``position_ids = keep_indexs``.
 
     Returns the kept indices ``[I, keep]``, sorted. Reads the device once, for the pivots' positions (the
     set's order).

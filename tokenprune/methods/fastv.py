@@ -19,7 +19,8 @@ def fastv(ctx: SelectionContext, keep: int) -> torch.Tensor:
 
     As in the reference (pkunlp-icler/FastV, ``LlamaModel.forward`` with ``fastv_config``;
     tests/test_parity_fastv.py): layer K-1's attention map, averaged over heads, ranks the image tokens by
-    its last row (the prompt's last token); the top ``keep`` are kept from layer K on.
+    its last row (the prompt's last token); the top ``keep`` are kept from layer K on, at their positions
+    (the reference sets ``position_ids = keep_indexs``).
 
     Deviations:
     - only the last token's row is recomputed, from queries and keys (FlashAttention/SDPA give no weights).

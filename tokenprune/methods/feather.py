@@ -36,6 +36,8 @@ def feather(ctx: SelectionContext, keep: int, *, stride: int = 3, exact_budget: 
     ``keep`` grid cells spread evenly over it). ``exact_budget=False`` keeps what the reference keeps:
     the union of the grid and the top ``int(ratio * tokens)`` (``keep`` for a budget), between that
     count and that count plus the grid, per image; a later stage keeps ``int(ratio * tokens present)``.
+    As the reference, the kept tokens keep their positions (its ``LlamaModel.forward`` gathers
+    ``position_ids[:, keep_indexs]``).
 
     Deviations:
     - exact_budget (default): each stage keeps exactly ``keep``, not the reference's variable count.

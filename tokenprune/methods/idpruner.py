@@ -20,6 +20,8 @@ def idpruner(ctx: SelectionContext, keep: int, *, lam: float = 0.5) -> torch.Ten
     As in the reference (YF-T/IDPruner, ``idpruner`` with one token per round; tests/test_parity_idpruner.py):
     the first token is the most important, importance is min-max normalised to [0, 1], similarity is the
     cosine of the visual tokens entering the language model, both in float32, and ``lam`` defaults to 0.5.
+    As the reference, the kept tokens keep their positions by default: its adapters gather the kept tokens'
+    rotary tables (``Prunable_LlamaModel.forward``, ``Prunable_Qwen2_5_VLTextModel.forward``).
 
     Deviations:
     - importance is each token's L2 norm, not the reference's trained per-model scorer (no weights here).
