@@ -41,10 +41,12 @@ class PrunerConfig:
             ``"renumbered"`` closes the gaps the dropped tokens leave, so that the kept tokens follow one
             another, in those layers and at later decode steps (see :mod:`tokenprune.positions` for the
             rule, Qwen-VL's multimodal positions included). ``None`` (the default) takes the method's
-            reference's rule (:attr:`position_rule`): ``"renumbered"`` for ``transprune``, ``adaptinfer``
-            and ``visionzip`` (in a VLM), ``"original"`` for the others; composed with ``vision=``, this
-            config's method's. Original positions keep an object's place for the questions that ask for it
-            (GAP's finding; docs/performance.md measures it).
+            reference's rule (:attr:`position_rule`): ``"renumbered"`` for ``transprune``, ``adaptinfer``,
+            ``pdrop``, ``divprune`` and the vision methods (in a VLM), whose references count the kept
+            tokens' positions again or hand the language model fewer features, ``"original"`` for the
+            others; composed with ``vision=``, this config's method's, for both stages. Original
+            positions keep an object's place for the questions that ask for it (GAP's finding;
+            docs/performance.md measures it).
         vision: a ``vision``-stage config run first, inside the image encoder, e.g.
             ``PrunerConfig("fastv", keep_ratio=0.125, vision=PrunerConfig("tome", keep_ratio=0.5))``;
             this config's method then chooses among the tokens the encoder kept, its ratio or budget
@@ -212,7 +214,10 @@ class PrunerConfig:
         extras += ["positions renumbered"] if self.position_rule == "renumbered" else []
         extras += [f"{self.media} only"] if self.media != "both" else []
         text += f" ({', '.join(extras)})" if extras else ""
-        return f"{self.vision.describe()}; then {text}" if self.vision is not None else text
+        if self.vision is None:
+            return text
+        # a composition runs under this config's position rule, not its vision stage's own
+        return f"{replace(self.vision, positions='original').describe()}; then {text}"
 
     def stages(self, num_tokens: int) -> list[tuple[int, int]]:
         """``(layer, visual tokens kept per image)`` of each pruning stage, for images of ``num_tokens``.
