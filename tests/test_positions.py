@@ -11,8 +11,10 @@ from helpers import (
     generated_steps,
     greedy_with_logits,
     hide_tokens_from_layers,
+    recorded_image_features,
     renumbered,
     renumbered_rotary,
+    substituted_image_features,
 )
 
 import tokenprune as tp
@@ -79,15 +81,54 @@ def test_an_unknown_positions_value_is_refused(positions):
         tp.PrunerConfig("fastv", keep_ratio=0.5, positions=positions)
 
 
-def test_each_method_defaults_to_its_references_positions():
-    """``positions=None`` (the default) is the reference's rule: TransPrune's and AdaptInfer's code renumber
-    the kept tokens, VisionZip's hands LLaVA fewer image features (consecutive positions), FastV's and
-    DART's keep their positions; an explicit value overrides it."""
-    for method in ("transprune", "adaptinfer", "visionzip"):
-        assert tp.PrunerConfig(method, keep_ratio=0.5).position_rule == "renumbered"
-    assert tp.PrunerConfig("fastv", keep_ratio=0.5).position_rule == "original"
-    assert tp.PrunerConfig("dart", keep_ratio=0.5).position_rule == "original"
+#: Each method's declared position rule: its reference's, where the method's docstring says it comes from
+#: (renumbered where the reference counts the kept tokens' positions again, or hands the language model
+#: fewer features, which it numbers from 0; original where it gathers the kept tokens' position ids or
+#: rotary tables). A change here is a change of reference, never a side effect.
+REFERENCE_POSITIONS = {
+    "adaptinfer": "renumbered",  # AdaptInfer-base renumbers the sequence after each stage
+    "dart": "original",  # DART_K_norm.forward: position_ids = keep_indexs
+    "divprune": "renumbered",  # prepare_inputs_labels_for_multimodal slices the prompt; generate numbers it
+    "fastv": "original",  # LlamaModel.forward: position_ids = keep_indexs
+    "feather": "original",  # LlamaModel.forward: position_ids[:, keep_indexs]
+    "hiprune": "renumbered",  # its LLaVA code selects image features before the sequence is built
+    "idpruner": "original",  # its adapters gather the kept tokens' rotary tables
+    "pdrop": "renumbered",  # pdrop_forward renumbers the kept tokens at each stage
+    "random": "original",  # a baseline: no reference
+    "saint": "renumbered",  # its tower hands LLaVA fewer features
+    "saint_llm": "original",  # LlamaModel.forward: position_ids[batch_idx, keep_indexs]
+    "sparsevila": "original",  # kv: nothing dropped at prefill
+    "tome": "renumbered",  # ToMe's code has no VLM: as an encoder handing LLaVA fewer features (turbo's)
+    "transprune": "renumbered",  # its code renumbers the sequence after each stage
+    "turbo": "renumbered",  # its LLaVA-1.5 code hands LLaVA fewer features
+    "uniform": "original",  # a baseline: no reference
+    "visionzip": "renumbered",  # hands LLaVA fewer features
+    "vispruner": "renumbered",  # hands LLaVA fewer features
+}
+
+
+def test_each_method_declares_its_references_positions():
+    """``positions=None`` (the default) is the declared rule, and the declared rule is the reference's; an
+    explicit value overrides it. A method registered without a line above fails here: say its rule."""
+    from tokenprune.registry import get_method
+
+    assert set(tp.list_methods()) == set(REFERENCE_POSITIONS)
+    declared = {method: get_method(method).positions for method in REFERENCE_POSITIONS}
+    assert declared == REFERENCE_POSITIONS
+    for method, rule in REFERENCE_POSITIONS.items():
+        assert tp.PrunerConfig(method, keep_ratio=0.5).position_rule == rule
     assert tp.PrunerConfig("transprune", keep_ratio=0.5, positions="original").position_rule == "original"
+    assert tp.PrunerConfig("fastv", keep_ratio=0.5, positions="renumbered").position_rule == "renumbered"
+
+
+def test_a_composition_runs_under_its_decoder_methods_rule():
+    """SAINT's hybrid: the tower's ``saint`` renumbers alone, but a pruner has one rule, ``saint_llm``'s."""
+    vision = tp.PrunerConfig("saint", keep_ratio=0.5)
+    hybrid = tp.PrunerConfig("saint_llm", keep_ratio=0.25, vision=vision)
+    assert vision.position_rule == "renumbered" and hybrid.position_rule == "original"
+    assert "renumbered" not in hybrid.describe()
+    renumbered_hybrid = tp.PrunerConfig("saint_llm", keep_ratio=0.25, vision=vision, positions="renumbered")
+    assert renumbered_hybrid.describe().count("positions renumbered") == 1
 
 
 def test_positions_do_not_apply_to_a_kv_method_or_an_image_encoder():
@@ -168,6 +209,35 @@ def test_renumbered_before_the_language_model_equals_the_model_fed_the_kept_toke
         kept = embedded["inputs_embeds"][:, keep]
         expected = model.lm_head(model.model.language_model(inputs_embeds=kept).last_hidden_state)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["divprune", "hiprune", "saint", "tome", "turbo"])
+def test_a_method_whose_reference_hands_fewer_tokens_equals_the_model_fed_them_alone(method):
+    """By default, as their references: the language model fed only the kept (or merged) tokens' embeddings,
+    at its own positions (0, 1, ...); original positions give other logits."""
+    model = shared_model("llava", "sdpa")
+    inputs = {k: v[:1] for k, v in tiny_inputs(model, (1,)).items()}
+    with torch.no_grad():
+        with tp.pruned(model, method, keep_ratio=0.25) as p, recorded_image_features(model) as seen:
+            got = model(**inputs).logits
+        with tp.pruned(model, method, keep_ratio=0.25, positions="original"):
+            original = model(**inputs).logits
+    keep = p.stats.keep_mask[0]
+    embedded = {}
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: embedded.update(kwargs), with_kwargs=True
+    )
+    features = seen[-1] if p.config.vision_stage is not None else None  # a vision stage's, in their places
+    try:
+        with torch.no_grad(), substituted_image_features(model, features):
+            model(**inputs)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        kept = embedded["inputs_embeds"][:, keep]
+        expected = model.lm_head(model.model.language_model(inputs_embeds=kept).last_hidden_state)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    assert (original[:, -1] - got[:, -1]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("family", FAMILIES)
