@@ -7,7 +7,9 @@ decoder, pruned by :class:`~tokenprune.patches.decoder.DecoderPruningHooks`; thi
 images are. For a ``vision`` method it also hooks the tower
 (:class:`~tokenprune.patches.vit.EncoderPruningHooks`) and the projector: only the kept patches are
 projected, and the decoder's first stage (before the language model) drops the placeholders of the
-others, so the language model sees one token per kept patch, at its original position.
+others, so the language model sees one token per kept patch, at its original position or, under the
+``renumbered`` rule (the vision methods' default, as their references hand LLaVA fewer features), at
+consecutive ones.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ output order.
 
 The tokens a method drops become zeros in the tower's output (and in Qwen3-VL's DeepStack features); the
 decoder's first stage drops their placeholders before the language model, where the tokens kept (or,
-for ``visionzip``, merged into the dropped tokens' places) reach it at their original positions. A merged
-token's DeepStack features are merged the same way (the method re-run on them: its choice depends on
+for ``visionzip``, merged into the dropped tokens' places) reach it at their original positions, or
+renumbered under the ``renumbered`` rule (the vision methods' default; see :mod:`tokenprune.positions`).
+A merged token's DeepStack features are merged the same way (the method re-run on them: its choice depends on
 attention and keys only). ``tome`` merges inside the blocks, which the tower's packed segments and its
 2x2 merger groups do not allow: it is refused before any work.
 """
