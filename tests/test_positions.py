@@ -87,6 +87,7 @@ def test_an_unknown_positions_value_is_refused(positions):
 #: rotary tables). A change here is a change of reference, never a side effect.
 REFERENCE_POSITIONS = {
     "adaptinfer": "renumbered",  # AdaptInfer-base renumbers the sequence after each stage
+    "cdpruner": "renumbered",  # its LLaVA encode_images hands the language model fewer features
     "dart": "original",  # DART_K_norm.forward: position_ids = keep_indexs
     "divprune": "renumbered",  # prepare_inputs_labels_for_multimodal slices the prompt; generate numbers it
     "fastv": "original",  # LlamaModel.forward: position_ids = keep_indexs
