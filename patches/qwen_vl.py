@@ -5,7 +5,8 @@ Each image becomes one run of ``image_token_id`` placeholders between vision sta
 (multimodal RoPE): the model computes them from the unpruned prompt before the language model, and its
 text model turns them into ordinary per-token rotary tables, which the decoder hooks gather with the kept
 tokens; at decode the model derives each new token's position from the full 2-D mask and its stored
-``rope_deltas``, so kept tokens and new tokens keep their original positions. The language model is a
+``rope_deltas``, so kept tokens and new tokens keep their original positions (under the ``renumbered``
+rule, the decoder hooks move both down: :mod:`tokenprune.positions`). The language model is a
 Llama-style decoder, pruned by :class:`~tokenprune.patches.decoder.DecoderPruningHooks`.
 
 Supported here: images and videos of any sizes, mixed in one batch (``keep_ratio`` and ``budget`` apply per

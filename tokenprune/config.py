@@ -42,11 +42,11 @@ class PrunerConfig:
             another, in those layers and at later decode steps (see :mod:`tokenprune.positions` for the
             rule, Qwen-VL's multimodal positions included). ``None`` (the default) takes the method's
             reference's rule (:attr:`position_rule`): ``"renumbered"`` for ``transprune``, ``adaptinfer``,
-            ``pdrop``, ``divprune`` and the vision methods (in a VLM), whose references count the kept
-            tokens' positions again or hand the language model fewer features, ``"original"`` for the
-            others; composed with ``vision=``, this config's method's, for both stages. Original
-            positions keep an object's place for the questions that ask for it (GAP's finding;
-            docs/performance.md measures it).
+            ``pdrop``, ``divprune``, ``cdpruner`` and the vision methods (in a VLM), whose references
+            count the kept tokens' positions again or hand the language model fewer features,
+            ``"original"`` for the others; composed with ``vision=``, this config's method's, for both
+            stages. Original positions keep an object's place for the questions that ask for it (GAP's
+            finding; docs/performance.md measures it).
         vision: a ``vision``-stage config run first, inside the image encoder, e.g.
             ``PrunerConfig("fastv", keep_ratio=0.125, vision=PrunerConfig("tome", keep_ratio=0.5))``;
             this config's method then chooses among the tokens the encoder kept, its ratio or budget
