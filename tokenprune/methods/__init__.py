@@ -11,6 +11,7 @@ from . import (  # noqa: F401
     idpruner,
     pdrop,
     saint,
+    scope,
     sparsevila,
     tome,
     transprune,
