@@ -73,6 +73,13 @@ class _OnGpu:
         return on_gpu
 
 
+def _forget_triton_modules() -> None:
+    """Drop the kernel modules (``triton_kernels`` and those it re-exports) from ``sys.modules``, so that the
+    next import decorates their kernels again, for the interpreter or for the GPU."""
+    for name in [name for name in sys.modules if name.startswith("tokenprune.kernels.triton_")]:
+        del sys.modules[name]
+
+
 @pytest.fixture
 def kernels():
     """The Triton kernels module under the Triton interpreter (``TRITON_INTERPRET=1`` before the kernels
@@ -85,10 +92,10 @@ def kernels():
         return
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    sys.modules.pop("tokenprune.kernels.triton_kernels", None)  # decorate the kernels in interpreter mode
+    _forget_triton_modules()  # decorate the kernels in interpreter mode
     module = importlib.import_module("tokenprune.kernels.triton_kernels")
     yield module
-    sys.modules.pop("tokenprune.kernels.triton_kernels", None)
+    _forget_triton_modules()
     if previous is None:
         del os.environ["TRITON_INTERPRET"]
     else:
