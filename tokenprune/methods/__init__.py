@@ -8,6 +8,7 @@ from . import (  # noqa: F401
     fastv,
     feather,
     hiprune,
+    holov,
     idpruner,
     pdrop,
     saint,
