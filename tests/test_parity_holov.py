@@ -116,6 +116,16 @@ def test_holov_keeps_what_the_reference_keeps(keep, seed, crops):
     assert torch.equal(kept_mask(select(features, attention, keep, crops=crops), 576), expected)
 
 
+def test_the_variance_cancels_in_the_shares():
+    """The reference rescales each crop's variances to its mean attention, so the variance term adds ``alpha``
+    times the crop's mean attention to its score: crops weigh as their attention, whatever ``alpha``."""
+    g = torch.Generator().manual_seed(0)
+    attention = (2 * torch.randn(2, 576, generator=g)).softmax(dim=-1)
+    features = torch.randn(2, 576, 64, generator=g) + 4 * torch.rand(2, 576, 1, generator=g) ** 2
+    kept = [select(features, attention, 64, alpha=alpha) for alpha in (0.0, 0.09, 5.0)]
+    assert torch.equal(kept[0], kept[1]) and torch.equal(kept[0], kept[2])
+
+
 def test_crop_counts():
     """The reference's Qwen code's rule, 16 at LLaVA-1.5's 64 of 576 (the constant of its LLaVA code)."""
     assert [crop_count(576, k) for k in (64, 128, 144, 192, 576)] == [16, 8, 7, 5, 1]

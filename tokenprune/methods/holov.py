@@ -47,10 +47,12 @@ def holov(ctx: SelectionContext, keep: int, *, crops: int | None = None, alpha: 
     over ``n - 1``; the zeroed diagonal counted in the sum, as the reference does), its score its CLS
     attention times 1000 plus ``alpha`` times the variance rescaled to the mean of those (mean absolute
     attention over mean absolute variance plus 1e-6), and the run's score the mean of its tokens' (a run of
-    one token: its attention). A run gets ``floor(keep * score / (sum of scores + 1e-6))`` tokens, plus one
-    for each of the runs of largest weight until the budget is shared out, and keeps its most attended
-    tokens, or all of them where it got more. The kept tokens reach the language model in patch order, at
-    consecutive positions by default (the reference hands LLaVA only the kept features).
+    one token: its attention); that rescaling makes the variance term's mean ``alpha`` times the run's mean
+    scaled attention, so runs weigh as their mean attention, the variance acting through the 1e-6 and
+    rounding only, as in the reference. A run gets ``floor(keep * score / (sum of scores + 1e-6))`` tokens,
+    plus one for each of the runs of largest weight until the budget is shared out, and keeps its most
+    attended tokens, or all of them where it got more. The kept tokens reach the language model in patch
+    order, at consecutive positions by default (the reference hands LLaVA only the kept features).
 
     Deviations:
     - float32 similarities and scores (the reference's are in the model's dtype).
