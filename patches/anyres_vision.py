@@ -8,12 +8,12 @@ tower's features it projects. The model's packing step (``pack_image_features``)
 projected features, as the model runs it, and on those per-patch scores and tower features, so that each
 packed token gets the scores and features of the patch it is (after the unpadding, and OneVision's bilinear
 downsizing of large images, which blends them as it blends the projected features). The method chooses
-among an image's packed tokens, the newline tokens left out, as on a single tile: on the tower's features,
-with each tile's CLS token, and with HiPrune's buffers in the grid each token sits in (the base tile, or the
-stitched high-resolution tiles). Kept tokens are the model's projected ones; merged ones (``visionzip``'s) are
-projected from the merged tower features. The tokens it drops become zeros in the packed features; the
-decoder's first stage drops their placeholders before the language model, each row of the kept ones still
-ended by its newline.
+among an image's packed tokens, the newline tokens left out, as on a single tile: on the tower's features
+(a ``projected`` method's on the projected ones), with each tile's CLS token, and with HiPrune's buffers
+in the grid each token sits in (the base tile, or the stitched high-resolution tiles). Kept tokens are the
+model's projected ones; merged ones (``visionzip``'s) are projected from the merged tower features. The
+tokens it drops become zeros in the packed features; the decoder's first stage drops their placeholders
+before the language model, each row of the kept ones still ended by its newline.
 
 Forced by the contract (the budget is the image's tokens as the model packs them, ``keep_ratio`` of them
 exactly, and keeping them all must give the unpatched model), where the references' LLaVA-NeXT code (HiPrune,
@@ -104,7 +104,9 @@ class AnyResVisionHooks:
                 keep = config.kept_per_image(len(places))
                 values = image_scores[places]
                 ctx = SelectionContext(
-                    features=values[None, :, num_scores:],
+                    features=features[places][None]
+                    if config.spec.projected
+                    else values[None, :, num_scores:],
                     grid=None,
                     image_index=torch.zeros(1, dtype=torch.long, device=features.device),
                     encoder_attention={layer: values[None, :, i] for i, layer in enumerate(attention)},

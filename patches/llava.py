@@ -9,7 +9,8 @@ images are. For a ``vision`` method it also hooks the tower
 projected, and the decoder's first stage (before the language model) drops the placeholders of the
 others, so the language model sees one token per kept patch, at its original position or, under the
 ``renumbered`` rule (the vision methods' default, as their references hand LLaVA fewer features), at
-consecutive ones.
+consecutive ones. A ``projected`` method (its reference prunes after the projector) chooses after it,
+among every patch projected.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class LlavaAdapter:
         self.hooks = DecoderPruningHooks(model, self.base.language_model, self.tokens_per_image, grid)
         self.encoder: EncoderPruningHooks | None = None
         self._kept_patches: torch.Tensor | None = None  # [I, k] of the current forward's images
+        self._after_projector = False  # the vision method chooses among projected patches
         self._language_model: DecoderPruningHooks | DecodeRetrievalHooks = self.hooks
 
     @property
@@ -90,6 +92,7 @@ class LlavaAdapter:
     def attach(self, pruner) -> list[RemovableHandle]:
         handles = [self.base.register_forward_pre_hook(self._find_images, with_kwargs=True)]
         vision = pruner.config.vision_stage
+        self._after_projector = vision is not None and vision.spec.projected
         if vision is not None:
             projector = self.base.multi_modal_projector
             handles += [
@@ -117,7 +120,7 @@ class LlavaAdapter:
     def _select_patches(self, module: nn.Module, args: tuple) -> tuple | None:
         """Before the projector: the patches the vision method kept (merging methods chose them already)."""
         (features,) = args
-        if not self.encoder.encoded:  # not features of the tower's last forward: left as they are
+        if not self.encoder.encoded or self._after_projector:  # not the tower's features, or chosen after
             return None
         if self.encoder.merging:
             self._kept_patches = self.encoder.merged_origin(features.shape[0], features.device)
@@ -128,7 +131,10 @@ class LlavaAdapter:
     def _place_patches(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """After the projector: the kept patches in their placeholders' places and zeros in the others',
         so that the prompt's placeholder count still matches; the decoder drops the zero placeholders
-        before the language model (see :func:`tokenprune.patches.decoder.stages.kept_by_vision_stage`)."""
+        before the language model (see :func:`tokenprune.patches.decoder.stages.kept_by_vision_stage`). A
+        ``projected`` method chooses here, among the projected patches."""
+        if self._after_projector and self.encoder.encoded:
+            self._kept_patches, output = self.encoder.reduce(output)
         index, self._kept_patches = self._kept_patches, None
         if index is None:
             return output

@@ -55,6 +55,12 @@ POINTERS = {
         "attend_ptr": "i1",
         "visible_ptr": "i1",
     },
+    "_greedy_coverage_kernel": {
+        "matrix_ptr": "fp32",
+        "saliency_ptr": "fp32",
+        "covered_ptr": "fp32",
+        "out_ptr": "i64",
+    },
 }
 #: Kernels of a module of their own (the others are in ``tokenprune.kernels.triton_kernels``).
 MODULES = {"_greedy_dpp_kernel": "tokenprune.kernels.triton_dpp"}
@@ -63,6 +69,7 @@ CONSTEXPRS = [
     {"BLOCK": 1024, "MMR": True},
     {"BLOCK": 1024, "UNROLL": 4},
     {"HEADS": 32, "GROUPS": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_C": 64, "BLOCK_N": 1024},
+    {"ROWS": 8, "BLOCK": 1024},
     {"BLOCK": 64, "MMR": False},
 ]
 
@@ -80,7 +87,7 @@ def test_kernels_lower_to_triton_ir_for_an_h100(name, constexprs):
         p: "constexpr" if p in constexprs else f"*{POINTERS[name][p]}" if p.endswith("_ptr") else "i32"
         for p in params
     }
-    signature.update({p: "fp32" for p in params if p in ("penalty", "scaling")})
+    signature.update({p: "fp32" for p in params if p in ("penalty", "scaling", "scale")})
     target = GPUTarget("cuda", 90, 32)
     backend = triton.compiler.make_backend(target)
     options = backend.parse_options({})

@@ -195,6 +195,35 @@ def test_greedy_dpp_kernel_past_the_rank(kernels):
     assert torch.equal(kernels.greedy_dpp(kernel, 10), dpp.greedy_dpp_reference(kernel, 10))
 
 
+#: (images, tokens per image, kept): DivPrune's cases, LLaVA's 576 tokens with a short loop (each step of the
+#: interpreted kernel reads the whole matrix)
+COVERAGE = {**{k: v for k, v in GREEDY.items() if k != "llava"}, "llava": (1, 576, 12)}
+
+
+@pytest.mark.parametrize("case", COVERAGE.values(), ids=COVERAGE.keys())
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_greedy_coverage_kernel(kernels, case, alpha):
+    """SCOPE's loop in one program per image keeps exactly the reference's tokens, ties included (duplicate
+    tokens, a zero token, and with ``alpha=0`` a saliency of 1 everywhere)."""
+    num_images, num_tokens, keep = case
+    tokens = similar_tokens(num_images, num_tokens, torch.float32, seed=3)
+    similarity = cosine_similarity_matrix(tokens, tokens)
+    saliency = torch.rand(num_images, num_tokens, generator=torch.Generator().manual_seed(4)) ** alpha
+    got = kernels.greedy_coverage(similarity, saliency, keep)
+    assert torch.equal(got, greedy.greedy_coverage_reference(similarity, saliency, keep))
+    assert (got[:, 1:] > got[:, :-1]).all()
+
+
+def test_greedy_coverage_sums_exactly():
+    """Gains are integer sums of truncated terms, the same in any order: two candidates whose terms are the
+    same numbers in another order tie exactly, and the lower index wins."""
+    similarity = torch.tensor(
+        [[1.0, 0.1, 0.2, 0.3], [0.1, 1.0, 0.3, 0.2], [0.2, 0.3, 1.0, 0.1], [0.3, 0.2, 0.1, 1.0]]
+    )
+    picks = greedy.greedy_coverage_reference(similarity[None], torch.ones(1, 4), 1)
+    assert picks.tolist() == [[0]]
+
+
 def test_dispatch_picks_the_reference_on_cpu(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not use_triton(torch.zeros(1))

@@ -26,11 +26,8 @@ from tokenprune.testing import ANYRES_FAMILIES, tiny_inputs, tiny_model
 
 IMAGES = (1, 2, 1)
 PREFILL_METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage in ("pre_llm", "llm"))
-VISION_METHODS = [
-    "hiprune",
-    "visionzip",
-    "vispruner",
-]  # tome is refused (test_tome_is_refused_before_any_work)
+# tome is refused (test_tome_is_refused_before_any_work)
+VISION_METHODS = ["hiprune", "visionzip", "vispruner", "scope", "holov"]
 
 
 @pytest.fixture(params=ANYRES_FAMILIES)

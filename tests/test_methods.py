@@ -349,6 +349,11 @@ def test_a_bad_dart_option_names_the_option_and_what_it_accepts(options, error, 
         (lambda: tp.register_method("_o", ranges={"y": (0, 1)})(_int_option), r"ranges given for \['y'\]"),
         (lambda: tp.register_method("_o", ranges={"x": (2, None)})(_int_option), "x must be an int >= 2"),
         (lambda: tp.register_method("_o", ranges={"b": (0, 1)})(_bool_option), "b is not a number"),
+        (lambda: tp.register_method("_o", projected=True)(_int_option), "projected is for vision methods"),
+        (
+            lambda: tp.register_method("_o", stage="vision", per_layer=True, projected=True)(_int_option),
+            "projected is for vision methods",
+        ),
     ],
 )
 def test_a_bad_option_declaration_fails_at_registration(declare, match):

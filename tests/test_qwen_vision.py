@@ -22,7 +22,7 @@ from transformers.vision_utils import get_vision_window_index
 import tokenprune as tp
 from tokenprune.testing import QWEN_FAMILIES, tiny_inputs
 
-SELECTING = ["hiprune", "visionzip"]
+SELECTING = ["hiprune", "visionzip", "scope", "holov"]
 IMAGES = (1, 2, 1)
 VIDEOS = (1, 0, 2)
 PATCHES = ((16, 16), (8, 12), (12, 16), (16, 8))  # 64, 24, 48 and 32 tokens; videos of 32

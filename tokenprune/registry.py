@@ -158,7 +158,9 @@ class MethodSpec:
     its reference follows after dropping tokens in front of or inside the language model (one of
     :data:`tokenprune.positions.POSITIONS`; a vision method's, in a VLM), a config's default. A ``pyramid``
     method prunes, without a schedule, at that many layers (see :meth:`PrunerConfig.stage_layers
-    <tokenprune.config.PrunerConfig.stage_layers>`).
+    <tokenprune.config.PrunerConfig.stage_layers>`). A ``projected`` vision method chooses among the tokens
+    the model's projector outputs, as its reference prunes after the projector: a VLM whose vision stage
+    otherwise chooses before its projector (LLaVA) projects every patch first.
     """
 
     name: str
@@ -176,6 +178,7 @@ class MethodSpec:
     variable_count: bool = False
     positions: str = "original"
     pyramid: int = 0
+    projected: bool = False
 
     @property
     def options(self) -> dict[str, object]:
@@ -280,6 +283,7 @@ def register_method(
     ranges: Mapping[str, tuple[Bound, Bound]] | None = None,
     positions: str = "original",
     pyramid: int = 0,
+    projected: bool = False,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn(ctx, keep, **options) -> LongTensor[I, keep] | Merged`` under ``name``.
 
@@ -292,6 +296,8 @@ def register_method(
     gives no schedule, at ``S`` layers evenly spaced from ``default_layer`` (or the config's ``layer``), each
     stage keeping the same share of the tokens the one before kept, down to ``keep_ratio``/``budget``
     (PyramidDrop's rule; :class:`~tokenprune.config.PrunerConfig` spaces them over the model's depth).
+    ``projected=True`` marks a vision method (not ``per_layer``) that chooses among projected tokens (see
+    :class:`MethodSpec`).
     The options are the function's keyword-only parameters; their defaults are the method's defaults, and
     their annotations (``int``, ``float``, ``bool``, ``str``, each optionally ``| None``) the types they take.
     ``ranges`` maps a numeric option to the closed range ``(low, high)`` it takes, ``None`` for no bound or
@@ -315,6 +321,8 @@ def register_method(
         raise ValueError(f"positions must be one of {POSITIONS}, and 'original' for a kv method")
     if pyramid < 0 or (pyramid and (stage is not None or default_layer < 1)):
         raise ValueError("pyramid (a number of stages) is for prefill methods acting at a layer >= 1")
+    if projected and (stage != "vision" or per_layer):
+        raise ValueError("projected is for vision methods that choose once, after the encoder, not per_layer")
 
     def decorator(fn: MethodFn) -> MethodFn:
         if name in _registry():
@@ -337,6 +345,7 @@ def register_method(
             variable_count=variable_count,
             positions=positions,
             pyramid=pyramid,
+            projected=projected,
         )
         return fn
 

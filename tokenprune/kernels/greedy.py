@@ -1,11 +1,16 @@
-"""Greedy subset selection in one kernel: max-min diversity (DivPrune) and maximal marginal relevance
-(IDPruner), torch references and the dispatch to the Triton kernel.
+"""Greedy subset selection in one kernel: max-min diversity (DivPrune), maximal marginal relevance
+(IDPruner) and saliency-weighted coverage (SCOPE), torch references and the dispatch to the Triton kernels.
 
 A greedy pick depends on the one before it, so a torch loop dispatches a few small ops per kept token:
 ``keep`` rounds of launches on a GPU. The Triton kernel runs the whole loop in one program per image, the
 image's running score in registers and one row of the pairwise matrix read per pick; it equals the
 reference exactly (the same float32 arithmetic, ties to the lowest index as ``argmax``). The pairwise
 matrix is one batched matmul before it, the same on both paths.
+
+SCOPE's coverage gain of a token is a sum over every token: a float sum's value depends on its order, which
+differs between torch's CPU and GPU reductions and a kernel's. Its terms are summed exactly instead, as
+integers in units of :data:`COVERAGE_UNIT` (each term truncated to that unit first, the same on both
+paths), so that the kernel picks exactly the reference's tokens on any device.
 """
 
 from __future__ import annotations
@@ -67,3 +72,35 @@ def greedy_mmr(
     if use_triton(similarity):
         return _triton().greedy_select(similarity, relevance, first, keep, penalty)
     return greedy_mmr_reference(similarity, relevance, penalty, first, keep)
+
+
+#: The unit in which SCOPE's coverage terms (each in [0, 1]) are summed exactly as int64: ``2**-40``, so that
+#: a sum of up to ``2**23`` terms fits, and a term loses under ``2**-40`` to the truncation.
+COVERAGE_UNIT = 2.0**-40
+
+
+def greedy_coverage_reference(similarity: torch.Tensor, saliency: torch.Tensor, keep: int) -> torch.Tensor:
+    """Torch reference of :func:`greedy_coverage`."""
+    num_images, num_tokens = saliency.shape
+    rows = torch.arange(num_images, device=saliency.device)
+    selected = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=saliency.device)
+    covered = torch.zeros(num_images, num_tokens, dtype=similarity.dtype, device=similarity.device)
+    picks = []
+    for _ in range(keep):
+        terms = (similarity - covered[:, :, None]).clamp_min(0.0)  # [I, covering i, candidate j]
+        gain = (terms * (1.0 / COVERAGE_UNIT)).to(torch.int64).sum(dim=1)
+        pick = (gain.float() * saliency).masked_fill(selected, float("-inf")).argmax(dim=1)
+        selected[rows, pick] = True
+        picks.append(pick)
+        covered = torch.maximum(covered, similarity[rows, pick])
+    return torch.stack(picks, dim=1).sort(dim=1).values
+
+
+def greedy_coverage(similarity: torch.Tensor, saliency: torch.Tensor, keep: int) -> torch.Tensor:
+    """Saliency-weighted coverage: with ``covered[i]`` the largest ``similarity [I, N, N]`` (float32) of token
+    ``i`` to a selected token (0 before any), each next token ``j`` maximises ``saliency[j]`` (``[I, N]``)
+    times its gain ``sum_i max(0, similarity[i, j] - covered[i])``, summed exactly (see
+    :data:`COVERAGE_UNIT`). Returns the ``keep`` selected indices ``[I, keep]``, sorted."""
+    if use_triton(similarity):
+        return _triton().greedy_coverage(similarity, saliency, keep)
+    return greedy_coverage_reference(similarity, saliency.float(), keep)

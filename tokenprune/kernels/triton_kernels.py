@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_coverage import _greedy_coverage_kernel, greedy_coverage  # noqa: F401  (SCOPE's loop, its module)
 from .triton_dpp import greedy_dpp  # noqa: F401  (CDPruner's loop: a module of its own)
 
 BLOCK_D = 128
