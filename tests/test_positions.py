@@ -93,11 +93,13 @@ REFERENCE_POSITIONS = {
     "fastv": "original",  # LlamaModel.forward: position_ids = keep_indexs
     "feather": "original",  # LlamaModel.forward: position_ids[:, keep_indexs]
     "hiprune": "renumbered",  # its LLaVA code selects image features before the sequence is built
+    "holov": "renumbered",  # its LLaVA code hands the language model fewer projected features
     "idpruner": "original",  # its adapters gather the kept tokens' rotary tables
     "pdrop": "renumbered",  # pdrop_forward renumbers the kept tokens at each stage
     "random": "original",  # a baseline: no reference
     "saint": "renumbered",  # its tower hands LLaVA fewer features
     "saint_llm": "original",  # LlamaModel.forward: position_ids[batch_idx, keep_indexs]
+    "scope": "renumbered",  # its CLIP tower hands LLaVA fewer features
     "sparsevila": "original",  # kv: nothing dropped at prefill
     "tome": "renumbered",  # ToMe's code has no VLM: as an encoder handing LLaVA fewer features (turbo's)
     "transprune": "renumbered",  # its code renumbers the sequence after each stage
