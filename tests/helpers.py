@@ -13,6 +13,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 import tokenprune
+from tokenprune.context import SelectionContext
 from tokenprune.testing import ANYRES_FAMILIES, FAMILIES
 
 ATOL = 1e-4
@@ -437,3 +438,18 @@ def tome_block(
     metric = seen["keys"].view(*hidden.shape[:2], -1, attention.head_dim).mean(dim=2)
     hidden, size = merge(hidden, size, metric, weights)
     return hidden + layer.mlp(norm2(hidden)), size
+
+
+def random_patches_context(seed: int) -> tuple[torch.Tensor, torch.Tensor, SelectionContext]:
+    """Random attention of 4 heads ``[3, 4, 576]`` and features ``[3, 576, 32]`` of 3 images of 576 patches,
+    and the vision stage's context for them: the attention averaged over heads, as the stage computes it."""
+    g = torch.Generator().manual_seed(seed)
+    attention = torch.rand(3, 4, 576, generator=g).softmax(dim=-1)
+    features = torch.randn(3, 576, 32, generator=g)
+    ctx = SelectionContext(
+        features=features,
+        grid=(24, 24),
+        image_index=torch.zeros(3, dtype=torch.long),
+        encoder_attention={22: attention.mean(dim=1)},
+    )
+    return attention, features, ctx

@@ -3,6 +3,7 @@ identical inputs: random CLS attention and patch features (a 24x24 grid), then a
 
 import pytest
 import torch
+from helpers import random_patches_context
 
 import tokenprune as tp
 from tokenprune.context import SelectionContext
@@ -54,15 +55,7 @@ def test_scope_keeps_what_the_reference_keeps(keep, seed, alpha):
     Deviations (tokenprune/methods/scope.py), applied: the inputs are float32, so the reference scores in
     float32 too; the method gets the attention averaged over heads, as the vision stage computes it.
     """
-    g = torch.Generator().manual_seed(seed)
-    attention = torch.rand(3, 4, 576, generator=g).softmax(dim=-1)
-    features = torch.randn(3, 576, 32, generator=g)
-    ctx = SelectionContext(
-        features=features,
-        grid=(24, 24),
-        image_index=torch.zeros(3, dtype=torch.long),
-        encoder_attention={22: attention.mean(dim=1)},
-    )
+    attention, features, ctx = random_patches_context(seed)
     kept = get_method("scope").select(ctx, keep, {"alpha": alpha})
     assert torch.equal(kept_mask(kept, 576), scope_reference(attention, features, keep, alpha))
 

@@ -191,6 +191,25 @@ def test_renumbered_qwen_text_follows_the_largest_kept_position_of_each_image():
     assert (original[:, -1] - got[:, -1]).abs().max() > 1e-2
 
 
+def fed_the_kept_tokens_alone(
+    model, inputs: dict, keep: torch.Tensor, features: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits of the unpatched ``model``'s language model fed only the ``keep`` tokens of the embedded prompt
+    (the image features replaced by ``features`` where given), at its own positions (0, 1, ...)."""
+    embedded = {}
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: embedded.update(kwargs), with_kwargs=True
+    )
+    try:
+        with torch.no_grad(), substituted_image_features(model, features):
+            model(**inputs)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        kept = embedded["inputs_embeds"][:, keep]
+        return model.lm_head(model.model.language_model(inputs_embeds=kept).last_hidden_state)
+
+
 def test_renumbered_before_the_language_model_equals_the_model_fed_the_kept_tokens_alone():
     """The reference prunes the prompt itself: the embeddings of the kept tokens only, the model's own
     positions (0, 1, ...)."""
@@ -198,19 +217,7 @@ def test_renumbered_before_the_language_model_equals_the_model_fed_the_kept_toke
     inputs = {k: v[:1] for k, v in tiny_inputs(model, (1,)).items()}
     with torch.no_grad(), tp.pruned(model, "fastv", keep_ratio=0.25, layer=0, positions="renumbered") as p:
         got = model(**inputs).logits
-    keep = p.stats.keep_mask[0]
-    embedded = {}
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: embedded.update(kwargs), with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        handle.remove()
-    with torch.no_grad():
-        kept = embedded["inputs_embeds"][:, keep]
-        expected = model.lm_head(model.model.language_model(inputs_embeds=kept).last_hidden_state)
+    expected = fed_the_kept_tokens_alone(model, inputs, p.stats.keep_mask[0])
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
@@ -225,20 +232,8 @@ def test_a_method_whose_reference_hands_fewer_tokens_equals_the_model_fed_them_a
             got = model(**inputs).logits
         with tp.pruned(model, method, keep_ratio=0.25, positions="original"):
             original = model(**inputs).logits
-    keep = p.stats.keep_mask[0]
-    embedded = {}
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: embedded.update(kwargs), with_kwargs=True
-    )
     features = seen[-1] if p.config.vision_stage is not None else None  # a vision stage's, in their places
-    try:
-        with torch.no_grad(), substituted_image_features(model, features):
-            model(**inputs)
-    finally:
-        handle.remove()
-    with torch.no_grad():
-        kept = embedded["inputs_embeds"][:, keep]
-        expected = model.lm_head(model.model.language_model(inputs_embeds=kept).last_hidden_state)
+    expected = fed_the_kept_tokens_alone(model, inputs, p.stats.keep_mask[0], features)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     assert (original[:, -1] - got[:, -1]).abs().max() > 1e-3
 
