@@ -206,7 +206,8 @@ def test_inputs_embeds_are_pruned_as_input_ids(vlm):
     with torch.no_grad():
         embeds = vlm.get_input_embeddings()(inputs["input_ids"])
     by_embeds = {**{k: v for k, v in inputs.items() if k != "input_ids"}, "inputs_embeds": embeds}
-    with tp.pruned(vlm, "divprune", keep_ratio=0.25) as pruner, torch.no_grad():
+    config = tp.PrunerConfig("divprune", keep_ratio=0.25, positions="original")  # the masked reference's
+    with tp.pruned(vlm, config) as pruner, torch.no_grad():
         vlm(**inputs)
         by_ids = pruner.stats.keep_mask
         got = vlm(**by_embeds).logits

@@ -160,7 +160,7 @@ def test_remove_restores_the_model(qwen):
 def test_media_picks_what_the_tower_prunes(qwen, media, kept_token):
     inputs = media_inputs(qwen)
     got, stats, expected = pruned_and_reference(
-        qwen, tp.PrunerConfig("hiprune", keep_ratio=0.25, media=media), inputs
+        qwen, tp.PrunerConfig("hiprune", keep_ratio=0.25, media=media, positions="original"), inputs
     )
     untouched = inputs["input_ids"] == getattr(qwen.config, kept_token)
     assert bool(stats.keep_mask[untouched].all()) and not bool(stats.keep_mask.all())
