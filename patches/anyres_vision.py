@@ -102,6 +102,11 @@ class AnyResVisionHooks:
                 newline = image_scores[:, 0].isnan()
                 places = newline.logical_not().nonzero()[:, 0]
                 keep = config.kept_per_image(len(places))
+                visual.append(len(places))
+                kept.append(keep)
+                if keep == len(places):
+                    out.append(features)
+                    continue
                 values = image_scores[places]
                 ctx = SelectionContext(
                     features=features[places][None]
@@ -113,13 +118,8 @@ class AnyResVisionHooks:
                     keys=None if keys is None else values[None, :, len(attention) : num_scores],
                     grid_neighbours=self._grid_neighbours(newline, image_tiles)[None],
                 )
-                if class_token is not None and keep < len(places):
+                if class_token is not None:
                     ctx.class_token = class_token[None, first_tile : first_tile + image_tiles].float()
-                visual.append(len(places))
-                kept.append(keep)
-                if keep == len(places):
-                    out.append(features)
-                    continue
                 result = pruner.select_with(config, ctx, keep)
                 if isinstance(result, Merged):  # merged in the tower's space, then projected, as one tile's
                     index = result.index
