@@ -101,15 +101,16 @@ def demo(
 
         with console.status(f"Generating with {method}...", spinner="dots"):
             with user_errors(ValueError, TypeError, RuntimeError):
-                scope = tokenprune.pruned(vlm, method, layer=layer, **amount)
-                pruner = stack.enter_context(scope)
-            torch.manual_seed(seed)
-            answer, pruned_generate = _generate(vlm, processor, inputs, max_new_tokens, torch_device)
-            stats = pruner.stats
-            grid = pruner.adapter.image_grid()
-            per_image = pruner.adapter.tokens_per_image
-            description = pruner.config.describe()  # words, not a repr
-            pruner.remove()
+                pruner = tokenprune.apply_pruner(vlm, method, layer=layer, **amount)
+            try:
+                torch.manual_seed(seed)
+                answer, pruned_generate = _generate(vlm, processor, inputs, max_new_tokens, torch_device)
+                stats = pruner.stats
+                grid = pruner.adapter.image_grid()
+                per_image = pruner.adapter.tokens_per_image
+                description = pruner.config.describe()  # words, not a repr
+            finally:
+                pruner.remove()  # the model as it was, for the timing that follows
 
         _report(console, description, stats, base_answer, answer, (base_generate, pruned_generate))
         _overlay(console, picture, stats, grid, per_image, inputs["input_ids"], vlm, overlay)
