@@ -38,6 +38,7 @@ from torch.utils.hooks import RemovableHandle
 
 from tokenprune.context import Merged, SelectionContext
 from tokenprune.kernels import gather_tokens
+from tokenprune.sequence import grid_neighbours
 
 from .llava import feature_layer_encoder
 
@@ -116,7 +117,7 @@ class AnyResVisionHooks:
                     image_index=torch.zeros(1, dtype=torch.long, device=features.device),
                     encoder_attention={layer: values[None, :, i] for i, layer in enumerate(attention)},
                     keys=None if keys is None else values[None, :, len(attention) : num_scores],
-                    grid_neighbours=self._grid_neighbours(newline, image_tiles)[None],
+                    grid_neighbours=self._grid_neighbours(newline, image_tiles, len(places))[None],
                 )
                 if class_token is not None:
                     ctx.class_token = class_token[None, first_tile : first_tile + image_tiles].float()
@@ -133,24 +134,17 @@ class AnyResVisionHooks:
         pruner.record_encoder(visual, kept)
         return out
 
-    def _grid_neighbours(self, newline: torch.Tensor, tiles: int) -> torch.Tensor:
-        """Each of an image's packed tokens' (its ``newline [L]`` flags left out) flat neighbours in its own
-        grid ``[N, 4]``: the tokens one before and after it and one row above and below, clamped to that
-        grid, as HiPrune's buffers take them in a tile. The grids are the base tile's and, with more tiles,
-        the stitched high-resolution grid the model unpads (and OneVision may downsize), as wide as its
-        first row."""
-        num_tokens = int(newline.logical_not().sum())
+    def _grid_neighbours(self, newline: torch.Tensor, tiles: int, num_tokens: int) -> torch.Tensor:
+        """Each of an image's ``num_tokens`` packed tokens' (its ``newline [L]`` flags left out) flat
+        neighbours in its own grid ``[N, 4]`` (:func:`~tokenprune.sequence.grid_neighbours`), as HiPrune's
+        buffers take them in a tile. The grids are the base tile's and, with more tiles, the stitched
+        high-resolution grid the model unpads (and OneVision may downsize), as wide as its first row."""
         rows, cols = self.encoder.grid
         base = rows * cols if tiles > 1 else num_tokens
         width = int(newline.int().argmax()) - base if tiles > 1 else cols
-        index = torch.arange(num_tokens, device=newline.device)
-        in_base = index < base
-        start = torch.where(in_base, 0, base)[:, None]
-        end = torch.where(in_base, base, num_tokens)[:, None] - 1
-        row = torch.where(in_base, cols, width)[:, None]
-        steps = torch.tensor([-1, 1, -1, 1], device=newline.device)
-        step = torch.cat([steps[None, :2].expand(num_tokens, -1), steps[None, 2:] * row], dim=1)
-        return torch.minimum(torch.maximum(index[:, None] + step, start), end)
+        in_base = torch.arange(num_tokens, device=newline.device) < base
+        start, end = torch.where(in_base, 0, base), torch.where(in_base, base, num_tokens)
+        return grid_neighbours(start, end, torch.where(in_base, cols, width))
 
     def _packed_scores(
         self, pack: Callable, args: tuple, kwargs: dict, scores: torch.Tensor

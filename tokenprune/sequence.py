@@ -62,6 +62,16 @@ def flagged(mask: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :count]
 
 
+def grid_neighbours(start: torch.Tensor, end: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """Each of ``N`` tokens' flat neighbours ``[N, 4]`` in its row-major grid, the grid of token ``i`` being
+    tokens ``start[i]`` to ``end[i] - 1`` in rows ``width[i]`` wide (each ``[N]``): the tokens one before and
+    after it and one row above and below, clamped to that grid (so they wrap across rows at its edges)."""
+    index = torch.arange(start.shape[0], device=start.device)[:, None]
+    steps = torch.tensor([-1, 1, -1, 1], device=start.device)
+    step = torch.cat([steps[None, :2].expand(start.shape[0], -1), steps[None, 2:] * width[:, None]], dim=1)
+    return torch.minimum(torch.maximum(index + step, start[:, None]), end[:, None] - 1)
+
+
 def plan_compaction(keep: torch.Tensor, new_length: int) -> Compaction:
     """Lay out the tokens flagged in ``keep [B, L]`` as a dense, left-padded batch ``[B, new_length]``.
 

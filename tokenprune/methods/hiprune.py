@@ -10,6 +10,7 @@ import torch
 
 from ..context import SelectionContext
 from ..registry import register_method
+from ..sequence import grid_neighbours
 
 #: The reference's object layer for CLIP (``HIPRUNE_OBJECT_LAYER=9``, counted from 1).
 OBJECT_LAYER = 8
@@ -36,9 +37,9 @@ def _neighbours(ctx: SelectionContext, num_tokens: int) -> torch.Tensor | None:
         return ctx.grid_neighbours
     if ctx.grid is None:
         return None
-    offsets = torch.tensor([-1, 1, -ctx.grid[1], ctx.grid[1]], device=ctx.features.device)
-    index = torch.arange(num_tokens, device=offsets.device)[:, None] + offsets
-    return index.clamp(0, num_tokens - 1).expand(ctx.features.shape[0], -1, -1)
+    whole = torch.full((num_tokens,), num_tokens, device=ctx.features.device)
+    neighbours = grid_neighbours(torch.zeros_like(whole), whole, torch.full_like(whole, ctx.grid[1]))
+    return neighbours.expand(ctx.features.shape[0], -1, -1)
 
 
 def _anchors_and_buffers(
