@@ -8,7 +8,9 @@ from helpers import INVARIANT_FAMILIES
 
 from tokenprune.testing import tiny_model
 
-torch.set_num_threads(2)
+# One thread per test process: the suite runs one pytest-xdist worker per core, and a second torch thread in
+# each makes them wait for each other at every op of these tiny models (several times slower, not faster).
+torch.set_num_threads(1)
 
 ATTENTION = ["eager", "sdpa"]
 try:  # flash-attn runs only on a GPU; its path is tested where it can run.
