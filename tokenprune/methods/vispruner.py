@@ -57,11 +57,15 @@ def vispruner(ctx: SelectionContext, keep: int, *, important_ratio: float = 0.5)
     residual = ranked[:, num_important:]
     if num_diverse == 0:
         return ranked[:, :num_important].sort(dim=1).values
-    normalized = torch.nn.functional.normalize(ctx.features.float(), dim=-1)
-    while residual.shape[1] > num_diverse:  # rounds known on the host: the shapes alone decide them
-        removed = min(PER_ROUND, residual.shape[1] - num_diverse)
-        tokens = gather_tokens(normalized, residual)
-        similarity = (tokens[:, ::2] @ tokens[:, 1::2].transpose(1, 2)).amax(dim=-1)
-        distinct = similarity.sort(dim=1, descending=True).indices[:, removed:]
-        residual = torch.cat([torch.gather(residual[:, ::2], 1, distinct), residual[:, 1::2]], dim=1)
-    return torch.cat([ranked[:, :num_important], residual], dim=1).sort(dim=1).values
+    tokens = torch.nn.functional.normalize(gather_tokens(ctx.features.float(), residual), dim=-1)
+    similarity = tokens @ tokens.transpose(1, 2)  # [I, R, R]: once, each round reads its even x odd block
+    place = torch.arange(residual.shape[1], device=residual.device).expand_as(residual)  # in the first residual
+    while place.shape[1] > num_diverse:  # rounds known on the host: the shapes alone decide them
+        removed = min(PER_ROUND, place.shape[1] - num_diverse)
+        even, odd = place[:, ::2], place[:, 1::2]
+        rows = torch.gather(similarity, 1, even.unsqueeze(-1).expand(-1, -1, similarity.shape[2]))
+        closest = torch.gather(rows, 2, odd.unsqueeze(1).expand(-1, even.shape[1], -1)).amax(dim=-1)
+        distinct = closest.sort(dim=1, descending=True).indices[:, removed:]
+        place = torch.cat([torch.gather(even, 1, distinct), odd], dim=1)
+    kept = torch.cat([ranked[:, :num_important], torch.gather(residual, 1, place)], dim=1)
+    return kept.sort(dim=1).values
