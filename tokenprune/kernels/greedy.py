@@ -20,20 +20,31 @@ import torch
 from .gather import _triton, use_triton
 
 
-def greedy_max_min_reference(distance: torch.Tensor, first: torch.Tensor, keep: int) -> torch.Tensor:
-    """Torch reference of :func:`greedy_max_min`."""
-    num_images, num_tokens = distance.shape[:2]
-    rows = torch.arange(num_images, device=distance.device)
-    selected = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=distance.device)
-    selected[rows, first] = True
+def _greedy_running_min(rows: torch.Tensor, first: torch.Tensor, keep: int) -> torch.Tensor:
+    """From ``first [I]``, each next pick is the token of largest running minimum of the picks' rows of
+    ``rows [I, N, N]``. Returns the ``keep`` picks ``[I, keep]``, sorted.
+
+    A picked token's running value is set to ``-inf``, where the minimum keeps it, so that no mask is
+    needed: five small ops per pick, none of them advanced indexing (each pick's row is an ``index_select``
+    of the flattened rows)."""
+    num_images, num_tokens = rows.shape[:2]
+    flat = rows.flatten(0, 1)  # [I * N, N]
+    offsets = torch.arange(num_images, device=rows.device) * num_tokens
+    running = flat.index_select(0, offsets + first).clone()
+    running.scatter_(1, first.unsqueeze(1), float("-inf"))
     picks = [first]
-    nearest = distance[rows, first]  # [I, N] distance to the nearest selected token
     for _ in range(keep - 1):
-        pick = nearest.masked_fill(selected, float("-inf")).argmax(dim=1)
-        selected[rows, pick] = True
+        pick = running.argmax(dim=1)
+        torch.minimum(running, flat.index_select(0, offsets + pick), out=running)
+        running.scatter_(1, pick.unsqueeze(1), float("-inf"))
         picks.append(pick)
-        nearest = torch.minimum(nearest, distance[rows, pick])
     return torch.stack(picks, dim=1).sort(dim=1).values
+
+
+def greedy_max_min_reference(distance: torch.Tensor, first: torch.Tensor, keep: int) -> torch.Tensor:
+    """Torch reference of :func:`greedy_max_min`: the running minimum is each token's distance to its
+    nearest selected token."""
+    return _greedy_running_min(distance, first, keep)
 
 
 def greedy_max_min(distance: torch.Tensor, first: torch.Tensor, keep: int) -> torch.Tensor:
@@ -48,26 +59,17 @@ def greedy_max_min(distance: torch.Tensor, first: torch.Tensor, keep: int) -> to
 def greedy_mmr_reference(
     similarity: torch.Tensor, relevance: torch.Tensor, penalty: float, first: torch.Tensor, keep: int
 ) -> torch.Tensor:
-    """Torch reference of :func:`greedy_mmr`."""
-    num_images, num_tokens = relevance.shape
-    rows = torch.arange(num_images, device=relevance.device)
-    selected = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=relevance.device)
-    selected[rows, first] = True
-    picks = [first]
-    redundancy = similarity[rows, first]  # [I, N] max similarity to the selected set
-    for _ in range(keep - 1):
-        pick = (relevance - penalty * redundancy).masked_fill(selected, float("-inf")).argmax(dim=1)
-        selected[rows, pick] = True
-        picks.append(pick)
-        redundancy = torch.maximum(redundancy, similarity[rows, pick])
-    return torch.stack(picks, dim=1).sort(dim=1).values
+    """Torch reference of :func:`greedy_mmr`: the running minimum of ``relevance - penalty * similarity``
+    rows is the marginal relevance itself, in float32 exactly as the kernel's ``relevance - penalty *
+    (largest similarity)``, since rounding keeps the order of a non-negative ``penalty``'s products."""
+    return _greedy_running_min(relevance.unsqueeze(1) - penalty * similarity, first, keep)
 
 
 def greedy_mmr(
     similarity: torch.Tensor, relevance: torch.Tensor, penalty: float, first: torch.Tensor, keep: int
 ) -> torch.Tensor:
     """Maximal marginal relevance: from ``first [I]``, each next token maximises ``relevance [I, N]`` less
-    ``penalty`` times its largest ``similarity [I, N, N]`` (float32) to a selected token. Returns the
+    ``penalty`` (>= 0) times its largest ``similarity [I, N, N]`` (float32) to a selected token. Returns the
     ``keep`` selected indices ``[I, keep]``, sorted."""
     if use_triton(similarity):
         return _triton().greedy_select(similarity, relevance, first, keep, penalty)
