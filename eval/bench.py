@@ -47,7 +47,8 @@ class BenchRow:
     NaN when not measured). ``kv_cache_mib`` is what the KV cache holds after
     prefill, every layer together. ``prefill_launches`` counts what one prefill launches: CUDA kernels on
     a GPU (torch profiler), torch ops dispatched on a CPU (their GPU launches, one or more each).
-    ``ideal_speedup`` is the unpruned prefill's time over the ideal's, timed in turns with this row's.
+    ``ideal_speedup`` is the unpruned prefill's time over the ideal's, timed in turns with this row's: for a
+    method dropping tokens inside the language model, its layer ideal (:func:`layer_ideal_ms`).
     """
 
     method: str
@@ -216,18 +217,24 @@ class Runner:
         finally:
             torch.compiler.reset()
 
+    #: What :meth:`prefill_turns` times.
+    TURNS = ("ideal", "pruned", "selection", "unpruned", "full")
+
     def prefill_turns(
-        self, config: tp.PrunerConfig, kept: int, unpruned: bool = False
+        self, config: tp.PrunerConfig, kept: int, unpruned: bool = False, full: bool = False
     ) -> dict[str, list[float]]:
         """Prefill ms of ``repeats`` rounds, each timing in turn the ideal prefill of ``kept`` tokens per
         image, the model under ``config`` (attached for its own run, after an untimed one that checks its
-        contracts) and, with ``unpruned``, the model as it is, so that all meet the same moments of a shared
-        machine. Keys ``"ideal"``, ``"pruned"``, ``"selection"`` (each pruned run's selection ms) and
-        ``"unpruned"``."""
-        turns: dict[str, list[float]] = {"ideal": [], "pruned": [], "selection": [], "unpruned": []}
+        contracts), with ``unpruned`` the model as it is, and with ``full`` the ideal prefill of every token,
+        so that all meet the same moments of a shared machine. Keys ``"ideal"``, ``"pruned"``,
+        ``"selection"`` (each pruned run's selection ms), ``"unpruned"`` and ``"full"``."""
+        turns: dict[str, list[float]] = {key: [] for key in self.TURNS}
+        visual = tokens_per_image(self.model, self.inputs)
         for _ in range(self.repeats):
             if unpruned:
                 turns["unpruned"] += times_ms(self.prefill, self.device, 1)
+            if full:
+                turns["full"] += times_ms(partial(self.ideal_prefill, visual), self.device, 1)
             turns["ideal"] += times_ms(partial(self.ideal_prefill, kept), self.device, 1)
             with tp.pruned(self.model, config) as pruner:
                 turns["pruned"] += times_ms(self.prefill, self.device, 1)
@@ -235,10 +242,19 @@ class Runner:
         return turns
 
     def paired_prefill_ms(self, config: tp.PrunerConfig, kept: int) -> tuple[float, float, float]:
-        """The fastest prefill under ``config``, the fastest ideal one of ``kept`` tokens per image and the
-        least selection ms, of :meth:`prefill_turns`."""
-        turns = self.prefill_turns(config, kept)
-        return min(turns["pruned"]), min(turns["ideal"]), min(turns["selection"])
+        """The fastest prefill under ``config``, the fastest ideal one it is held to and the least selection
+        ms, of :meth:`prefill_turns`. A method dropping tokens inside the language model is held to its
+        :func:`layer_ideal_ms`, from the fastest ideal prefills of ``kept`` and of every token per image."""
+        depth = self.model.config.get_text_config().num_hidden_layers
+        config = config.for_depth(depth)
+        visual = tokens_per_image(self.model, self.inputs)
+        lengths = decoder_lengths(config, visual, depth)
+        in_decoder = any(length != kept for length in lengths)
+        turns = self.prefill_turns(config, kept, full=in_decoder)
+        ideal = min(turns["ideal"])
+        if in_decoder:
+            ideal = layer_ideal_ms(ideal, min(turns["full"]), lengths, visual, kept)
+        return min(turns["pruned"]), ideal, min(turns["selection"])
 
     def measure(
         self,
@@ -275,6 +291,31 @@ class Runner:
             compiled_decode_tokens_per_s=self.compiled_decode_rate() if self.compile else float("nan"),
             compiled_prefill_ms=self.compiled_prefill_ms() if self.compile else float("nan"),
         )
+
+
+def decoder_lengths(config: tp.PrunerConfig, visual: int, depth: int) -> list[int]:
+    """The visual tokens per image each of the ``depth`` decoder layers runs on under ``config`` (resolved
+    for that depth), images of ``visual`` tokens: for a method dropping them inside the language model, what
+    its vision stage hands on, then each stage's count from its layer on; else the kept count throughout (a
+    ``kv`` method's prefill, which keeps every token, is held to the same ideal as the others)."""
+    if config.stage != "llm":
+        return [config.kept_per_image(visual)] * depth
+    vision = config.vision_stage
+    lengths = [visual if vision is None else vision.kept_per_image(visual)] * depth
+    for layer, kept in config.stages(visual):
+        lengths[layer:] = [kept] * (depth - layer)
+    return lengths
+
+
+def layer_ideal_ms(ideal_ms: float, full_ms: float, lengths: list[int], visual: int, kept: int) -> float:
+    """The ideal prefill of a method that drops tokens inside the language model, its layers running on
+    ``lengths`` visual tokens per image (:func:`decoder_lengths`): the ideal of ``kept`` tokens per image
+    (``ideal_ms``) plus, for each layer, its share of what every token costs more (``full_ms``, the ideal of
+    all ``visual`` tokens), in proportion to the tokens it runs on beyond ``kept``. Layers of one model are
+    alike, and a layer's time is taken as linear in its tokens between the two measured lengths (attention's
+    quadratic part makes it a little less in between, so the ideal is a little lenient)."""
+    extra = sum(length - kept for length in lengths) / (len(lengths) * max(visual - kept, 1))
+    return ideal_ms + (full_ms - ideal_ms) * extra
 
 
 #: The variants an entry may add to its method, ``method+variant``, and the config options each sets.

@@ -84,6 +84,27 @@ def test_ratios_are_consistent(rows):
             assert 0 < r.prefill_launches < 2 * base_launches.prefill_launches
 
 
+def test_a_decoder_method_is_held_to_the_ideal_of_its_layers_lengths():
+    """A layer-K method's layers before K run on every visual token, the ones after on its kept ones: its
+    ideal lies between the ideal of its kept tokens and that of every token, by the share of layers (and
+    tokens) it runs in full; a pre-LLM or vision method's is the ideal of its kept tokens."""
+    import tokenprune as tp
+    from tokenprune.eval.bench import bench_config, decoder_lengths, layer_ideal_ms
+
+    def lengths(method: str, depth: int = 8) -> list[int]:
+        return decoder_lengths(bench_config(method, 64 / 576).for_depth(depth), 576, depth)
+
+    assert lengths("fastv") == [576] * 2 + [64] * 6
+    assert lengths("saint_llm+saint") == [376] * 2 + [64] * 6  # the tower stage first
+    pyramid = tp.PrunerConfig("pdrop", keep_ratio=64 / 576).for_depth(8).stages(576)
+    assert lengths("pdrop") == [576] * 2 + [pyramid[0][1]] * 2 + [pyramid[1][1]] * 2 + [64] * 2
+    assert lengths("uniform") == lengths("tome") == lengths("sparsevila") == [64] * 8
+    assert layer_ideal_ms(100.0, 300.0, [64] * 8, 576, 64) == 100.0
+    assert layer_ideal_ms(100.0, 300.0, [576] * 8, 576, 64) == 300.0
+    assert layer_ideal_ms(100.0, 300.0, [576] * 2 + [64] * 6, 576, 64) == 150.0
+    assert layer_ideal_ms(100.0, 300.0, [320] * 8, 576, 64) == 200.0
+
+
 def test_launches_are_counted_after_every_timing(monkeypatch):
     """On a GPU the profiler that counts launches slows every later launch: no timing may follow it."""
     from tokenprune.eval import bench
