@@ -9,8 +9,6 @@ Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Langu
 
 from __future__ import annotations
 
-import bisect
-
 import torch
 
 from ..context import Embeddings, SelectionContext
@@ -34,8 +32,10 @@ def stage_counts(num_tokens: int, kept: int) -> tuple[int, int, int]:
     knots = [(0, 0, 0), *REFERENCE_COUNTS, (REFERENCE_TOKENS,) * 3]
     finals = [row[-1] / REFERENCE_TOKENS for row in knots]
     share = kept / num_tokens
-    right = min(bisect.bisect_left(finals, share), len(knots) - 1)
-    left = max(right - 1, 0)
+    right = 1
+    while finals[right] < share:  # the first row that keeps as large a share at its last stage, or all
+        right += 1
+    left = right - 1
     span = finals[right] - finals[left]
     weight = (share - finals[left]) / span if span else 1.0
     counts = []
