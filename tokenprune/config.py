@@ -114,7 +114,9 @@ class PrunerConfig:
                 "schedule, drop_early_kv, vision and positions do not apply"
             )
         if self.schedule is not None:
-            self._check_schedule()
+            if self.keep_ratio is not None or self.budget is not None or self.layer is not None:
+                raise ValueError("a schedule replaces keep_ratio, budget and layer: give only the schedule")
+            _check_schedule(self.schedule)
         elif merges_by_r:
             if self.keep_ratio is not None or self.budget is not None:
                 raise ValueError("give r (tokens merged per layer) or keep_ratio/budget, not both")
@@ -145,10 +147,8 @@ class PrunerConfig:
             raise ValueError(
                 f"method {self.method!r} scores how decoder layers change tokens: it needs layer >= 1, not 0"
             )
-        if self.depth is not None and (isinstance(self.depth, bool) or not isinstance(self.depth, int)):
-            raise TypeError(f"depth must be an int (the language model's layers), got {self.depth!r}")
-        if self.depth is not None and self.depth < 1:
-            raise ValueError(f"depth must be >= 1 (the language model's layers), got {self.depth}")
+        if self.depth is not None and (type(self.depth) is not int or self.depth < 1):
+            raise ValueError(f"depth must be an int >= 1 (the language model's layers), got {self.depth!r}")
         if not isinstance(self.drop_early_kv, bool):
             raise TypeError(f"drop_early_kv must be a bool, got {self.drop_early_kv!r}")
         if self.vision is not None:
@@ -170,29 +170,6 @@ class PrunerConfig:
             raise ValueError(
                 f"after a vision method, {self.method!r} must act at decoder layer >= 1 (the encoder already "
                 "chose the tokens entering the language model)"
-            )
-
-    def _check_schedule(self) -> None:
-        if self.keep_ratio is not None or self.budget is not None or self.layer is not None:
-            raise ValueError("a schedule replaces keep_ratio, budget and layer: give only the schedule")
-        stages = list(self.schedule)
-        if not stages:
-            raise ValueError("schedule must list at least one (layer, keep_ratio) stage")
-        for stage in stages:
-            if not (isinstance(stage, (tuple, list)) and len(stage) == 2):
-                raise TypeError(f"each schedule stage must be a (layer, keep_ratio) pair, got {stage!r}")
-            layer, ratio = stage
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                raise ValueError(f"schedule layers must be ints >= 0, got {layer!r}")
-            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
-                raise ValueError(f"schedule keep ratios must be in (0, 1], got {ratio!r}")
-        layers = [layer for layer, _ in stages]
-        ratios = [ratio for _, ratio in stages]
-        if layers != sorted(set(layers)):
-            raise ValueError(f"schedule layers must be strictly increasing, got {layers}")
-        if ratios != sorted(ratios, reverse=True):
-            raise ValueError(
-                f"schedule keep ratios must not increase from one stage to the next, got {ratios}"
             )
 
     def describe(self) -> str:
@@ -277,11 +254,9 @@ class PrunerConfig:
         pyramid = self.spec.pyramid
         if isinstance(pyramid, tuple):
             depth = self.depth or REFERENCE_DEPTH
-            scale = depth / REFERENCE_DEPTH if self.layer is None else self.layer / pyramid[0]
-            layers: list[int] = []
-            for reference in pyramid:
-                layers.append(max(round(reference * scale), layers[-1] + 1 if layers else 1))
-            return layers
+            return _scaled_layers(
+                pyramid, depth / REFERENCE_DEPTH if self.layer is None else self.layer / pyramid[0]
+            )
         return [self.acting_layer * s for s in range(1, pyramid + 1)] or [self.acting_layer]
 
     @property
@@ -337,6 +312,36 @@ class PrunerConfig:
                 )
             return self.budget
         return max(1, round(self.keep_ratio * num_tokens))
+
+
+def _check_schedule(schedule: tuple[tuple[int, float], ...]) -> None:
+    """``TypeError``/``ValueError`` unless ``schedule`` is a nonempty sequence of ``(layer, keep_ratio)``
+    stages, layers increasing and ratios not."""
+    stages = list(schedule)
+    if not stages:
+        raise ValueError("schedule must list at least one (layer, keep_ratio) stage")
+    for stage in stages:
+        if not (isinstance(stage, (tuple, list)) and len(stage) == 2):
+            raise TypeError(f"each schedule stage must be a (layer, keep_ratio) pair, got {stage!r}")
+        layer, ratio = stage
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"schedule layers must be ints >= 0, got {layer!r}")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
+            raise ValueError(f"schedule keep ratios must be in (0, 1], got {ratio!r}")
+    layers = [layer for layer, _ in stages]
+    ratios = [ratio for _, ratio in stages]
+    if layers != sorted(set(layers)):
+        raise ValueError(f"schedule layers must be strictly increasing, got {layers}")
+    if ratios != sorted(ratios, reverse=True):
+        raise ValueError(f"schedule keep ratios must not increase from one stage to the next, got {ratios}")
+
+
+def _scaled_layers(reference: tuple[int, ...], scale: float) -> list[int]:
+    """The layers ``reference`` times ``scale``, rounded, each at least 1 and one after the one before."""
+    layers: list[int] = []
+    for layer in reference:
+        layers.append(max(round(layer * scale), layers[-1] + 1 if layers else 1))
+    return layers
 
 
 def _percent(ratio: float) -> str:
