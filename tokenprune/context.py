@@ -53,7 +53,8 @@ class Embeddings:
 
     Attributes:
         visual: the image's tokens' ``[I, M, D]``, ``M`` the most tokens an image of the group had.
-        visual_mask: which of the ``M`` are the image's tokens (the rest pad a smaller image) ``[I, M]``.
+        visual_mask: which of the ``M`` are the image's tokens (the rest pad a smaller image, or hold the zero
+            placeholders of patches a vision stage dropped) ``[I, M]``.
         instruction: the instruction's tokens' (those of :class:`Instruction`) ``[I, Q, D]``.
         mask: which of the ``Q`` are tokens (the rest pad a shorter instruction) ``[I, Q]``.
     """

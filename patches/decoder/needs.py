@@ -119,6 +119,7 @@ class PromptEmbeddings:
         width = max(self.sizes[image] for image in layout.images)
         visual = self.embeddings[sample[:, None], flagged(own, width)]
         visual_mask = torch.arange(width, device=own.device) < own.sum(dim=1, keepdim=True)
+        visual_mask &= visual.ne(0).any(dim=-1)  # not a placeholder of a patch a vision stage dropped
         mask = self.prompt[sample] == self.sequences[sample, first][:, None]
         return Embeddings(visual, visual_mask, self.instruction[sample], mask)
 

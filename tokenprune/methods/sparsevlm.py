@@ -2,7 +2,8 @@
 
 Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference" (ICML
 2025). Reference: github.com/Gumpest/SparseVLMs, its default branch (``main``) in its default mode
-(``USE_VERSION`` unset: SparseVLM v1.5; ``2_0`` is SparseVLM+), ``llava/model/language_model/``:
+(``USE_VERSION`` unset: SparseVLM v1.5; ``2_0`` is SparseVLM+), commit 26a5f48 (2025-12-13),
+``llava/model/language_model/``:
 ``modelling_sparse_llama.py`` (``LlamaDynamicvitModel.forward``), ``score.py`` (``attn_postprocess_topk``,
 ``sparse_token_list_*``) and ``utils.py`` (``cluster_and_merge``).
 """
@@ -92,6 +93,7 @@ def sparsevlm(ctx: SelectionContext, keep: int) -> torch.Tensor:
     - no recycling: the reference also clusters the 30% best-scored of the dropped tokens (DPC-kNN, a
       tenth as many clusters) and inserts their means after the kept ones, 16/2/1 more tokens for its
       setting of 64; the decoder stage here keeps a fixed count of tokens and drops the others.
+    - the default layers scale with the model's depth (the reference takes its ``pruning_loc`` as given).
     - float32 raters and attention (the reference's are in the model's dtype, float16).
     - only the instruction's rows of the attention are computed (FlashAttention/SDPA give no weights).
     - several images in a prompt: each is ranked alone by the raters of its own tokens and the
