@@ -163,9 +163,9 @@ class MethodSpec:
     method prunes, without a schedule, at that many layers, or at the layers its tuple names on a 32-layer
     language model, scaled to the model's (see :meth:`PrunerConfig.stage_layers
     <tokenprune.config.PrunerConfig.stage_layers>`); ``stage_counts``, where given, are its stages' counts.
-    A ``projected`` vision method chooses among the tokens
-    the model's projector outputs, as its reference prunes after the projector: a VLM whose vision stage
-    otherwise chooses before its projector (LLaVA) projects every patch first.
+    A ``projected`` vision method chooses among the tokens the model's projector outputs, as its reference
+    prunes after the projector: a VLM whose vision stage otherwise chooses before its projector (LLaVA)
+    projects every patch first.
     """
 
     name: str

@@ -153,7 +153,7 @@ def embeddings(reading: LayerReading) -> PromptEmbeddings:
     as the prompt holds them (whichever tokens the stages before dropped)."""
     call = reading.call
     if call.embeddings is None:
-        raise RuntimeError("the language model got no inputs_embeds: the embeddings need them")
+        raise RuntimeError("the language model got no inputs_embeds, which the need 'embeddings' reads")
     rows, counted = instruction_rows(call)
     prompts = sequences(call)
     prompt = torch.where(counted, torch.gather(prompts, 1, rows), -1)
