@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import tokenprune as tp
-from tokenprune.context import Instruction, InstructionRows, SelectionContext
+from tokenprune.context import Embeddings, Instruction, InstructionRows, SelectionContext
 from tokenprune.methods.adaptinfer import text_guided_scores
 from tokenprune.methods.baselines import grid_sample
+from tokenprune.methods.sparsevlm import text_raters
 from tokenprune.registry import get_method
 
 METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage != "vision")
@@ -33,6 +34,17 @@ def random_instruction(images: int, n: int, dim: int, g: torch.Generator, querie
     return Instruction(torch.randn(images, queries, 8, generator=g), features, mask, positions)
 
 
+def random_embeddings(images: int, n: int, dim: int, g: torch.Generator, queries=5) -> Embeddings:
+    """Random input embeddings of an image's ``n`` tokens (the last image's two fewer) and of an instruction
+    of ``queries`` tokens (the last image's one shorter)."""
+    visual_mask = torch.ones(images, n, dtype=torch.bool)
+    visual_mask[-1, -2:] = False
+    mask = torch.ones(images, queries, dtype=torch.bool)
+    mask[-1, -1] = False
+    visual, text = torch.randn(images, n, dim, generator=g), torch.randn(images, queries, dim, generator=g)
+    return Embeddings(visual, visual_mask, text, mask)
+
+
 def random_context(images=3, rows=6, cols=8, dim=16, seed=0) -> SelectionContext:
     g = torch.Generator().manual_seed(seed)
     n = rows * cols
@@ -49,6 +61,7 @@ def random_context(images=3, rows=6, cols=8, dim=16, seed=0) -> SelectionContext
         prompt_positions=torch.arange(n).expand(images, n) + 3,  # after 3 text tokens
         pruning_layer_attention=torch.rand(images, n, generator=g).softmax(-1),
         instruction=random_instruction(images, n, dim, g),
+        embeddings=random_embeddings(images, n, dim, g),
     )
 
 
@@ -92,6 +105,7 @@ def test_each_image_is_selected_on_its_own(method):
             instruction=Instruction(
                 *(t[i : i + 1] for t in vars(ctx.instruction).values())  # keys, features, mask, positions
             ),
+            embeddings=Embeddings(*(t[i : i + 1] for t in vars(ctx.embeddings).values())),
         )
         assert torch.equal(get_method(method).select(alone, 12, {}), together[i : i + 1])
 
@@ -383,3 +397,15 @@ def test_a_str_option_of_a_user_method_is_checked():
             tp.PrunerConfig("_mine", keep_ratio=0.5, options={"mode": 1})
     finally:
         del _REGISTRY["_mine"]
+
+
+def test_sparsevlm_raters_are_the_instruction_tokens_above_the_mean_relevance():
+    """An instruction token aligned with every image token takes most of each image token's softmax: it
+    alone rates; where the instruction's tokens are alike, all of them do (none is above the mean)."""
+    visual = torch.ones(1, 4, 2)
+    instruction = torch.tensor([[[3.0, 3.0], [0.0, 0.0], [-1.0, 0.0], [5.0, 5.0]]])
+    mask = torch.tensor([[True, True, True, False]])  # the last pads: never a rater
+    embeddings = Embeddings(visual, torch.ones(1, 4, dtype=torch.bool), instruction, mask)
+    assert text_raters(embeddings).tolist() == [[True, False, False, False]]
+    alike = Embeddings(visual, embeddings.visual_mask, torch.zeros(1, 4, 2), mask)
+    assert text_raters(alike).tolist() == [[True, True, True, False]]

@@ -101,6 +101,7 @@ REFERENCE_POSITIONS = {
     "saint_llm": "original",  # LlamaModel.forward: position_ids[batch_idx, keep_indexs]
     "scope": "renumbered",  # its CLIP tower hands LLaVA fewer features
     "sparsevila": "original",  # kv: nothing dropped at prefill
+    "sparsevlm": "renumbered",  # LlamaDynamicvitModel.forward cuts position_ids to the kept length
     "tome": "renumbered",  # ToMe's code has no VLM: as an encoder handing LLaVA fewer features (turbo's)
     "transprune": "renumbered",  # its code renumbers the sequence after each stage
     "turbo": "renumbered",  # its LLaVA-1.5 code hands LLaVA fewer features

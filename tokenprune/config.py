@@ -11,6 +11,9 @@ from .registry import MethodSpec, get_method, stage_for_layer, vision_methods
 MEDIA = ("images", "videos", "both")
 #: Values of :attr:`PrunerConfig.checks`.
 CHECKS = ("first", "every")
+#: Layers of the language model whose layers a method's reference names (LLaVA-1.5-7B's): a pyramid given
+#: as layers is scaled from it to a model's depth.
+REFERENCE_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,8 @@ class PrunerConfig:
         layer: decoder layer at which the method acts; 0 is before the language model. ``None`` takes the
             method's default (2 for ``fastv`` and ``dart``, 0 for the others). A pyramid method (``pdrop``)
             prunes at ``layer``, ``2 * layer``... (see :attr:`stage_layers`), by default spaced evenly over
-            the language model's depth.
+            the language model's depth; ``sparsevlm`` at its reference's layers, scaled to the first being
+            ``layer``.
         options: method-specific options (keyword-only parameters of the method function), checked here
             against the method's declaration (type and range; see ``docs/methods.md``).
         schedule: prune at several layers instead of one, as ``((layer, keep_ratio), ...)`` with layers
@@ -57,6 +61,8 @@ class PrunerConfig:
             prompts: whole images in each row, where the batch's shapes cannot tell; a vision stage's
             features), so that later forwards read nothing the model does not; ``"every"`` at every
             forward, to debug a new method or new inputs.
+        depth: the language model's layers, which :meth:`for_depth` sets where the stages follow it
+            (``sparsevlm``'s, at its reference's layers scaled to the depth; ``None``: 32, the reference's).
 
     A ``vision`` method (``tome``, ``hiprune``, ``visionzip``) counts patches, without the CLS token;
     ``tome`` also takes ``r`` (tokens merged per layer) instead of ``keep_ratio``/``budget``.
@@ -77,6 +83,7 @@ class PrunerConfig:
     media: str = "both"
     positions: str | None = None
     checks: str = "first"
+    depth: int | None = None
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
@@ -107,7 +114,9 @@ class PrunerConfig:
                 "schedule, drop_early_kv, vision and positions do not apply"
             )
         if self.schedule is not None:
-            self._check_schedule()
+            if self.keep_ratio is not None or self.budget is not None or self.layer is not None:
+                raise ValueError("a schedule replaces keep_ratio, budget and layer: give only the schedule")
+            _check_schedule(self.schedule)
         elif merges_by_r:
             if self.keep_ratio is not None or self.budget is not None:
                 raise ValueError("give r (tokens merged per layer) or keep_ratio/budget, not both")
@@ -138,6 +147,8 @@ class PrunerConfig:
             raise ValueError(
                 f"method {self.method!r} scores how decoder layers change tokens: it needs layer >= 1, not 0"
             )
+        if self.depth is not None and (type(self.depth) is not int or self.depth < 1):
+            raise ValueError(f"depth must be an int >= 1 (the language model's layers), got {self.depth!r}")
         if not isinstance(self.drop_early_kv, bool):
             raise TypeError(f"drop_early_kv must be a bool, got {self.drop_early_kv!r}")
         if self.vision is not None:
@@ -159,29 +170,6 @@ class PrunerConfig:
             raise ValueError(
                 f"after a vision method, {self.method!r} must act at decoder layer >= 1 (the encoder already "
                 "chose the tokens entering the language model)"
-            )
-
-    def _check_schedule(self) -> None:
-        if self.keep_ratio is not None or self.budget is not None or self.layer is not None:
-            raise ValueError("a schedule replaces keep_ratio, budget and layer: give only the schedule")
-        stages = list(self.schedule)
-        if not stages:
-            raise ValueError("schedule must list at least one (layer, keep_ratio) stage")
-        for stage in stages:
-            if not (isinstance(stage, (tuple, list)) and len(stage) == 2):
-                raise TypeError(f"each schedule stage must be a (layer, keep_ratio) pair, got {stage!r}")
-            layer, ratio = stage
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                raise ValueError(f"schedule layers must be ints >= 0, got {layer!r}")
-            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
-                raise ValueError(f"schedule keep ratios must be in (0, 1], got {ratio!r}")
-        layers = [layer for layer, _ in stages]
-        ratios = [ratio for _, ratio in stages]
-        if layers != sorted(set(layers)):
-            raise ValueError(f"schedule layers must be strictly increasing, got {layers}")
-        if ratios != sorted(ratios, reverse=True):
-            raise ValueError(
-                f"schedule keep ratios must not increase from one stage to the next, got {ratios}"
             )
 
     def describe(self) -> str:
@@ -224,12 +212,15 @@ class PrunerConfig:
 
         A pyramid's stage ``s`` of ``S`` keeps ``max(1, round(N * share ** (s / S)))`` of an image's ``N``
         tokens, ``share`` being ``keep_ratio`` (or ``budget / N``), so that each stage keeps the same share
-        of the tokens the one before kept and the last keeps ``keep_ratio``/``budget``."""
+        of the tokens the one before kept and the last keeps ``keep_ratio``/``budget``; a method that
+        registered ``stage_counts`` keeps its counts (the last: ``keep_ratio``/``budget``)."""
         if self.schedule is not None:
             return [(layer, max(1, round(ratio * num_tokens))) for layer, ratio in self.schedule]
         kept = self.kept_per_image(num_tokens)
         if not self.pyramid:
             return [(self.acting_layer, kept)]
+        if self.spec.stage_counts is not None:
+            return list(zip(self.stage_layers, self.spec.stage_counts(num_tokens, kept), strict=True))
         share = kept / num_tokens if self.keep_ratio is None else self.keep_ratio
         steps = len(self.stage_layers)
         counts = [max(1, round(num_tokens * share ** (s / steps))) for s in range(1, steps)]
@@ -242,7 +233,10 @@ class PrunerConfig:
             return self.schedule[stage][1]
         if self.keep_ratio is None or not self.pyramid:
             return self.keep_ratio
-        return self.keep_ratio ** ((stage + 1) / self.spec.pyramid)
+        stages = len(self.stage_layers)
+        if self.spec.stage_counts is not None:  # counts that are no one share of every image's tokens
+            return self.keep_ratio if stage == stages - 1 else None
+        return self.keep_ratio ** ((stage + 1) / stages)
 
     @property
     def pyramid(self) -> bool:
@@ -252,10 +246,18 @@ class PrunerConfig:
     @property
     def stage_layers(self) -> list[int]:
         """The decoder layer of each pruning stage: the schedule's; for a pyramid of ``S`` stages
-        (PyramidDrop's 3), ``layer``, ``2 * layer`` ... ``S * layer``; else the acting layer alone."""
+        (PyramidDrop's 3), ``layer``, ``2 * layer`` ... ``S * layer``; for a pyramid of layers (SparseVLM's
+        3, 7 and 16 of 32), those scaled by ``layer / l1`` or, without a ``layer``, by ``depth / 32``,
+        rounded, each at least one after the one before (1, 2 and 3 of 4); else the acting layer alone."""
         if self.schedule is not None:
             return [layer for layer, _ in self.schedule]
-        return [self.acting_layer * s for s in range(1, self.spec.pyramid + 1)] or [self.acting_layer]
+        pyramid = self.spec.pyramid
+        if isinstance(pyramid, tuple):
+            depth = self.depth or REFERENCE_DEPTH
+            return _scaled_layers(
+                pyramid, depth / REFERENCE_DEPTH if self.layer is None else self.layer / pyramid[0]
+            )
+        return [self.acting_layer * s for s in range(1, pyramid + 1)] or [self.acting_layer]
 
     @property
     def last_layer(self) -> int:
@@ -265,9 +267,12 @@ class PrunerConfig:
     def for_depth(self, num_layers: int) -> PrunerConfig:
         """This config on a language model of ``num_layers`` layers: for a pyramid without a ``layer``, its
         ``S`` stages spaced evenly over the depth, ``layer = max(1, num_layers // (S + 1))`` (PyramidDrop's
-        8, 16 and 24 of LLaVA-1.5-7B's 32 layers; 1, 2 and 3 of 4); itself otherwise."""
+        8, 16 and 24 of LLaVA-1.5-7B's 32 layers; 1, 2 and 3 of 4), or its reference's layers scaled to the
+        depth (see :attr:`stage_layers`); itself otherwise."""
         if not self.pyramid or self.layer is not None:
             return self
+        if isinstance(self.spec.pyramid, tuple):
+            return replace(self, depth=num_layers)
         return replace(self, layer=max(1, num_layers // (self.spec.pyramid + 1)))
 
     @property
@@ -283,8 +288,8 @@ class PrunerConfig:
     @property
     def acting_layer(self) -> int:
         """The decoder layer the method acts at: ``layer`` or the method's default."""
-        if self.schedule is not None:
-            return self.schedule[0][0]
+        if self.schedule is not None or isinstance(self.spec.pyramid, tuple):
+            return self.stage_layers[0]
         return self.spec.default_layer if self.layer is None else self.layer
 
     @property
@@ -307,6 +312,36 @@ class PrunerConfig:
                 )
             return self.budget
         return max(1, round(self.keep_ratio * num_tokens))
+
+
+def _check_schedule(schedule: tuple[tuple[int, float], ...]) -> None:
+    """``TypeError``/``ValueError`` unless ``schedule`` is a nonempty sequence of ``(layer, keep_ratio)``
+    stages, layers increasing and ratios not."""
+    stages = list(schedule)
+    if not stages:
+        raise ValueError("schedule must list at least one (layer, keep_ratio) stage")
+    for stage in stages:
+        if not (isinstance(stage, (tuple, list)) and len(stage) == 2):
+            raise TypeError(f"each schedule stage must be a (layer, keep_ratio) pair, got {stage!r}")
+        layer, ratio = stage
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"schedule layers must be ints >= 0, got {layer!r}")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
+            raise ValueError(f"schedule keep ratios must be in (0, 1], got {ratio!r}")
+    layers = [layer for layer, _ in stages]
+    ratios = [ratio for _, ratio in stages]
+    if layers != sorted(set(layers)):
+        raise ValueError(f"schedule layers must be strictly increasing, got {layers}")
+    if ratios != sorted(ratios, reverse=True):
+        raise ValueError(f"schedule keep ratios must not increase from one stage to the next, got {ratios}")
+
+
+def _scaled_layers(reference: tuple[int, ...], scale: float) -> list[int]:
+    """The layers ``reference`` times ``scale``, rounded, each at least 1 and one after the one before."""
+    layers: list[int] = []
+    for layer in reference:
+        layers.append(max(round(layer * scale), layers[-1] + 1 if layers else 1))
+    return layers
 
 
 def _percent(ratio: float) -> str:

@@ -47,6 +47,25 @@ class InstructionRows:
 
 
 @dataclass
+class Embeddings:
+    """The language model's input embeddings of an image's tokens and of the instruction beside it, as the
+    prompt holds them (every token of the image, whichever tokens earlier stages dropped).
+
+    Attributes:
+        visual: the image's tokens' ``[I, M, D]``, ``M`` the most tokens an image of the group had.
+        visual_mask: which of the ``M`` are the image's tokens (the rest pad a smaller image, or hold the zero
+            placeholders of patches a vision stage dropped) ``[I, M]``.
+        instruction: the instruction's tokens' (those of :class:`Instruction`) ``[I, Q, D]``.
+        mask: which of the ``Q`` are tokens (the rest pad a shorter instruction) ``[I, Q]``.
+    """
+
+    visual: torch.Tensor
+    visual_mask: torch.Tensor
+    instruction: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
 class SelectionContext:
     """Inputs to a selection method for ``I`` images of ``N`` visual tokens each.
 
@@ -92,6 +111,8 @@ class SelectionContext:
             from 0 at the prompt's first real token, whatever padding or other prompts share its row
             ``[I, N]`` (needs ``prompt_positions``; see :func:`tokenprune.sequence.places_in_prompts`): the
             index a reference that runs one prompt unpadded gives it.
+        embeddings: the language model's input embeddings of the image's tokens and of the instruction, as
+            in the prompt (needs ``embeddings``; see :class:`Embeddings`).
 
     In the ``vision`` stage ``features`` are the image encoder's tokens (patches; a merging method also
     sees the ``protected`` CLS token first), ``keys`` are the key states of the output layer averaged
@@ -133,6 +154,7 @@ class SelectionContext:
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     transition: torch.Tensor | None = None
     prompt_positions: torch.Tensor | None = None
+    embeddings: Embeddings | None = None
     encoder_attention: dict[int, torch.Tensor] | None = None
     class_token: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
@@ -144,7 +166,8 @@ class SelectionContext:
     def require(self, name: str) -> Any:
         """What the method declared in ``needs`` (a tensor; for ``encoder_attention`` a dict of them, for
         ``instruction`` an :class:`Instruction`, for ``instruction_rows`` an :class:`InstructionRows`, for
-        ``final_norm`` a module); a clear error if the adapter did not provide it."""
+        ``embeddings`` an :class:`Embeddings`, for ``final_norm`` a module); a clear error if the adapter
+        did not provide it."""
         value = getattr(self, name)
         if value is None:
             raise RuntimeError(

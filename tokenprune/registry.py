@@ -24,6 +24,8 @@ from .positions import POSITIONS
 
 MethodFn = Callable[..., torch.Tensor | Merged]
 EncoderLayersFn = Callable[[dict[str, object], int], tuple[int, ...]]
+#: ``(N, the last stage's count) -> each stage's count`` of a pyramid method whose reference sets its own.
+StageCountsFn = Callable[[int, int], tuple[int, ...]]
 
 #: What an adapter can collect for a method, besides the visual token features themselves.
 KNOWN_NEEDS = (
@@ -37,6 +39,7 @@ KNOWN_NEEDS = (
     "final_norm",
     "transition",
     "prompt_positions",
+    "embeddings",
     "encoder_attention",
     "class_token",
 )
@@ -157,10 +160,12 @@ class MethodSpec:
     options (:class:`MethodOption`), which :meth:`check_options` checks. ``positions`` is the position rule
     its reference follows after dropping tokens in front of or inside the language model (one of
     :data:`tokenprune.positions.POSITIONS`; a vision method's, in a VLM), a config's default. A ``pyramid``
-    method prunes, without a schedule, at that many layers (see :meth:`PrunerConfig.stage_layers
-    <tokenprune.config.PrunerConfig.stage_layers>`). A ``projected`` vision method chooses among the tokens
-    the model's projector outputs, as its reference prunes after the projector: a VLM whose vision stage
-    otherwise chooses before its projector (LLaVA) projects every patch first.
+    method prunes, without a schedule, at that many layers, or at the layers its tuple names on a 32-layer
+    language model, scaled to the model's (see :meth:`PrunerConfig.stage_layers
+    <tokenprune.config.PrunerConfig.stage_layers>`); ``stage_counts``, where given, are its stages' counts.
+    A ``projected`` vision method chooses among the tokens the model's projector outputs, as its reference
+    prunes after the projector: a VLM whose vision stage otherwise chooses before its projector (LLaVA)
+    projects every patch first.
     """
 
     name: str
@@ -177,7 +182,8 @@ class MethodSpec:
     attention_top_k: bool = False
     variable_count: bool = False
     positions: str = "original"
-    pyramid: int = 0
+    pyramid: int | tuple[int, ...] = 0
+    stage_counts: StageCountsFn | None = None
     projected: bool = False
 
     @property
@@ -282,7 +288,8 @@ def register_method(
     variable_count: bool = False,
     ranges: Mapping[str, tuple[Bound, Bound]] | None = None,
     positions: str = "original",
-    pyramid: int = 0,
+    pyramid: int | tuple[int, ...] = 0,
+    stage_counts: StageCountsFn | None = None,
     projected: bool = False,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn(ctx, keep, **options) -> LongTensor[I, keep] | Merged`` under ``name``.
@@ -295,7 +302,10 @@ def register_method(
     again; ``"original"`` for a ``kv`` method). A prefill method with ``pyramid=S`` prunes, where a config
     gives no schedule, at ``S`` layers evenly spaced from ``default_layer`` (or the config's ``layer``), each
     stage keeping the same share of the tokens the one before kept, down to ``keep_ratio``/``budget``
-    (PyramidDrop's rule; :class:`~tokenprune.config.PrunerConfig` spaces them over the model's depth).
+    (PyramidDrop's rule; :class:`~tokenprune.config.PrunerConfig` spaces them over the model's depth);
+    with ``pyramid=(l1, l2, ...)``, at its reference's layers of a 32-layer language model (``l1`` the
+    ``default_layer``), scaled to the model's depth, and ``stage_counts(N, kept)`` gives each stage's count
+    of an image's ``N`` tokens, the last keeping ``kept`` (its reference's table of counts).
     ``projected=True`` marks a vision method (not ``per_layer``) that chooses among projected tokens (see
     :class:`MethodSpec`).
     The options are the function's keyword-only parameters; their defaults are the method's defaults, and
@@ -319,8 +329,15 @@ def register_method(
         raise ValueError('attention_top_k is for stage="kv" methods that need "attention"')
     if positions not in POSITIONS or (positions != "original" and stage == "kv"):
         raise ValueError(f"positions must be one of {POSITIONS}, and 'original' for a kv method")
-    if pyramid < 0 or (pyramid and (stage is not None or default_layer < 1)):
-        raise ValueError("pyramid (a number of stages) is for prefill methods acting at a layer >= 1")
+    if isinstance(pyramid, tuple):
+        if list(pyramid) != sorted(set(pyramid)) or pyramid[:1] != (default_layer,):
+            raise ValueError("pyramid layers must increase strictly, from default_layer")
+    elif pyramid < 0:
+        raise ValueError("pyramid (a number of stages, or the stages' layers) must not be negative")
+    if pyramid and (stage is not None or default_layer < 1):
+        raise ValueError("pyramid is for prefill methods acting at a layer >= 1")
+    if stage_counts is not None and not pyramid:
+        raise ValueError("stage_counts are the counts of a pyramid method's stages")
     if projected and (stage != "vision" or per_layer):
         raise ValueError("projected is for vision methods that choose once, after the encoder, not per_layer")
 
@@ -345,6 +362,7 @@ def register_method(
             variable_count=variable_count,
             positions=positions,
             pyramid=pyramid,
+            stage_counts=stage_counts,
             projected=projected,
         )
         return fn

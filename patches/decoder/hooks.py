@@ -193,7 +193,7 @@ class DecoderPruningHooks(LanguageModelHooks):
         packed = mask is None and cache is None  # as the model's mask code, which then reads the positions
         image_id = self.image_ids(visual) if image_id is None else image_id
         rows = image_rows(visual, image_id, mask, sizes, self._pruner.checking("the prompts' image rows"))
-        self._call = Call.prefill(visual, image_id, mask, packed, rows)
+        self._call = Call.prefill(visual, image_id, mask, packed, rows, kwargs.get("inputs_embeds"))
         if self._labels is not None:
             self._labels.check(self._call, lambda: self._stages.drops_tokens(rows.sizes))
         return args, kwargs

@@ -48,6 +48,9 @@ class Call:
     pending_transition: torch.Tensor | None = None  # [B, L_cur] a layer's attention's, until its MLP's
     # renumbered positions: the ids the rotary embedding was given (prefill: of the current layout)
     rotary_positions: torch.Tensor | None = None  # [B or 1, L_cur], or [3, B, L_cur] (multimodal RoPE)
+    # the prompt as the language model got it, whatever the stages drop: input embeddings, image numbers
+    embeddings: torch.Tensor | None = None  # [B, L, D]
+    prompt_image_id: torch.Tensor | None = None  # [B, L]
 
     @classmethod
     def prefill(
@@ -57,10 +60,11 @@ class Call:
         mask: torch.Tensor | None,
         packed: bool,
         images: ImageRows,
+        embeddings: torch.Tensor | None = None,
     ) -> Call:
         """The call of a prefill whose prompt holds the image placeholders ``visual [B, L]``, numbered by
         ``image_id [B, L]``, laid out in rows as ``images`` says, under the 2-D ``mask`` (``None``: every
-        token real)."""
+        token real); ``embeddings [B, L, D]`` are its input embeddings."""
         batch, length = visual.shape
         if mask is None:
             mask = torch.ones(batch, length, dtype=torch.long, device=visual.device)
@@ -75,6 +79,8 @@ class Call:
             original_length=length,
             visual_in=images.tokens_in_rows,
             packed=packed,
+            embeddings=embeddings,
+            prompt_image_id=image_id,
         )
 
     def compact(self, plan: Compaction) -> None:

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from tokenprune.attention import causal_rows_attention, query_logits
-from tokenprune.context import Instruction, InstructionRows
-from tokenprune.sequence import VisualLayout, places_in_prompts
+from tokenprune.context import Embeddings, Instruction, InstructionRows
+from tokenprune.sequence import VisualLayout, flagged, places_in_prompts
 
 from .. import _internals as internals
 from .layout import Call, instruction_rows, prompt_ends, sequences
@@ -100,6 +100,30 @@ class InstructionAttentionRows:
         return InstructionRows(visual, text * keys, mask)
 
 
+@dataclass
+class PromptEmbeddings:
+    """The input embeddings of a batch's prompts (see :func:`embeddings`)."""
+
+    embeddings: torch.Tensor  # [B, L, D] the language model's input, as the prompt
+    image_id: torch.Tensor  # [B, L] each prompt token's image, -1 off images
+    sizes: tuple[int, ...]  # each image's tokens in the prompt
+    current_image_id: torch.Tensor  # [B, L_cur] the same, of the tokens the layout holds now
+    instruction: torch.Tensor  # [B, Q, D] of each row's instruction tokens
+    prompt: torch.Tensor  # [B, Q] the prompt of each (-1: padding)
+    sequences: torch.Tensor  # [B, L_cur] the prompt of every token of the layout
+
+    def of(self, layout: VisualLayout) -> Embeddings:
+        """Each image's: its tokens' in the prompt, and its row's instruction tokens' of its own prompt."""
+        sample, first = layout.sample, layout.positions[:, 0]
+        own = self.image_id[sample] == self.current_image_id[sample, first][:, None]  # [I, L]
+        width = max(self.sizes[image] for image in layout.images)
+        visual = self.embeddings[sample[:, None], flagged(own, width)]
+        visual_mask = torch.arange(width, device=own.device) < own.sum(dim=1, keepdim=True)
+        visual_mask &= visual.ne(0).any(dim=-1)  # not a placeholder of a patch a vision stage dropped
+        mask = self.prompt[sample] == self.sequences[sample, first][:, None]
+        return Embeddings(visual, visual_mask, self.instruction[sample], mask)
+
+
 def keys(reading: LayerReading) -> torch.Tensor:
     """Key states of every token at the scoring layer ``[B, L, H_kv * d]``, RoPE applied."""
     scoring_layer, scoring_input = reading.scoring_layer()
@@ -122,6 +146,24 @@ def instruction(reading: LayerReading) -> Instructions:
 
     places = torch.gather(reading.need("prompt_positions"), 1, rows)
     return Instructions(take(reading.need("keys")), take(reading.hidden), prompt, prompts, places)
+
+
+def embeddings(reading: LayerReading) -> PromptEmbeddings:
+    """The language model's input embeddings of each image's tokens and of each row's instruction tokens,
+    as the prompt holds them (whichever tokens the stages before dropped)."""
+    call = reading.call
+    if call.embeddings is None:
+        raise RuntimeError("the language model got no inputs_embeds, which the need 'embeddings' reads")
+    rows, counted = instruction_rows(call)
+    prompts = sequences(call)
+    prompt = torch.where(counted, torch.gather(prompts, 1, rows), -1)
+    places = torch.gather(call.origin, 1, rows)  # the instruction tokens' places in the prompt
+    instruction = torch.gather(
+        call.embeddings, 1, places[..., None].expand(-1, -1, call.embeddings.shape[-1])
+    )
+    return PromptEmbeddings(
+        call.embeddings, call.prompt_image_id, call.image_sizes, call.image_id, instruction, prompt, prompts
+    )
 
 
 def prompt_positions(reading: LayerReading) -> torch.Tensor:
@@ -241,6 +283,7 @@ PROVIDERS: dict[str, Callable[[LayerReading], Any]] = {
     "keys": keys,
     "instruction": instruction,
     "prompt_positions": prompt_positions,
+    "embeddings": embeddings,
     "instruction_rows": instruction_rows_attention,
     "attention": last_token_attention,
     "pruning_layer_attention": pruning_layer_attention,

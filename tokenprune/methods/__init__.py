@@ -15,6 +15,7 @@ from . import (  # noqa: F401
     saint,
     scope,
     sparsevila,
+    sparsevlm,
     tome,
     transprune,
     turbo,
