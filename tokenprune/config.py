@@ -42,15 +42,17 @@ class PrunerConfig:
             another, in those layers and at later decode steps (see :mod:`tokenprune.positions` for the
             rule, Qwen-VL's multimodal positions included). ``None`` (the default) takes the method's
             reference's rule (:attr:`position_rule`): ``"renumbered"`` for ``transprune``, ``adaptinfer``,
-            ``pdrop``, ``divprune``, ``cdpruner`` and the vision methods (in a VLM), whose references
-            count the kept tokens' positions again or hand the language model fewer features,
+            ``pdrop``, ``vscan_llm``, ``divprune``, ``cdpruner`` and the vision methods (in a VLM), whose
+            references count the kept tokens' positions again or hand the language model fewer features,
             ``"original"`` for the others; composed with ``vision=``, this config's method's, for both
             stages. Original positions keep an object's place for the questions that ask for it (GAP's
             finding; docs/performance.md measures it).
         vision: a ``vision``-stage config run first, inside the image encoder, e.g.
             ``PrunerConfig("fastv", keep_ratio=0.125, vision=PrunerConfig("tome", keep_ratio=0.5))``;
             this config's method then chooses among the tokens the encoder kept, its ratio or budget
-            still counting the image's original tokens.
+            still counting the image's original tokens. A vision method whose reference prunes again inside
+            the language model (``vscan``) composes with that decoder stage by itself in a VLM (see
+            :meth:`with_decoder_stage`).
 
         checks: when the checks that read the device run, each a host sync on a GPU: ``"first"`` (the
             default) at the pruner's first forward only (the method's answer: sorted, unique, in range; the
@@ -190,7 +192,7 @@ class PrunerConfig:
         if self.schedule is not None:
             stages = ", then ".join(f"{_percent(ratio)} from layer {layer}" for layer, ratio in self.schedule)
             text = f"{self.method}: {stages} of each image's visual tokens kept"
-        elif self.pyramid:
+        elif self.pyramid and self.spec.pyramid > 1:
             amount = f"{self.budget} visual tokens" if self.budget is not None else _percent(self.keep_ratio)
             layers = ", ".join(str(layer) for layer in self.stage_layers)
             text = (
@@ -263,12 +265,40 @@ class PrunerConfig:
         return self.stage_layers[-1]
 
     def for_depth(self, num_layers: int) -> PrunerConfig:
-        """This config on a language model of ``num_layers`` layers: for a pyramid without a ``layer``, its
-        ``S`` stages spaced evenly over the depth, ``layer = max(1, num_layers // (S + 1))`` (PyramidDrop's
-        8, 16 and 24 of LLaVA-1.5-7B's 32 layers; 1, 2 and 3 of 4); itself otherwise."""
+        """This config on a language model of ``num_layers`` layers: for a vision method with a decoder stage,
+        in a model with a language model (``num_layers > 0``), the two stages (:meth:`with_decoder_stage`);
+        for a pyramid without a ``layer``, its ``S`` stages spaced evenly over the depth, ``layer = max(1,
+        num_layers // (S + 1))`` (PyramidDrop's 8, 16 and 24 of LLaVA-1.5-7B's 32 layers; 1, 2 and 3 of 4;
+        a pyramid of one stage, the middle layer); itself otherwise."""
+        if self.spec.decoder_stage is not None and num_layers > 0:
+            return self.with_decoder_stage().for_depth(num_layers)
         if not self.pyramid or self.layer is not None:
             return self
         return replace(self, layer=max(1, num_layers // (self.spec.pyramid + 1)))
+
+    def with_decoder_stage(self) -> PrunerConfig:
+        """This vision method's config composed with the decoder stage its reference runs after it (its
+        ``decoder_stage``, e.g. VScan's middle-layer pruning): that method keeps this config's
+        ``keep_ratio``/``budget`` at its default layer, after this vision stage keeping ``encoder_factor``
+        times as many (every token at most: ``keep_ratio=1.0`` keeps all in both), under this config's
+        ``media``, ``positions`` and ``checks``. ``ValueError`` for a method without one."""
+        spec = self.spec
+        if spec.decoder_stage is None:
+            raise ValueError(f"{self.method!r} names no decoder stage to run after it")
+        factor = spec.encoder_factor
+        if self.budget is not None:
+            vision = replace(self, budget=self.budget * factor)
+        else:
+            vision = replace(self, keep_ratio=min(1.0, self.keep_ratio * factor))
+        return PrunerConfig(
+            spec.decoder_stage,
+            keep_ratio=self.keep_ratio,
+            budget=self.budget,
+            vision=vision,
+            media=self.media,
+            positions=self.positions,
+            checks=self.checks,
+        )
 
     @property
     def spec(self) -> MethodSpec:

@@ -160,7 +160,12 @@ class MethodSpec:
     method prunes, without a schedule, at that many layers (see :meth:`PrunerConfig.stage_layers
     <tokenprune.config.PrunerConfig.stage_layers>`). A ``projected`` vision method chooses among the tokens
     the model's projector outputs, as its reference prunes after the projector: a VLM whose vision stage
-    otherwise chooses before its projector (LLaVA) projects every patch first.
+    otherwise chooses before its projector (LLaVA) projects every patch first. A vision method with a
+    ``decoder_stage`` (the name of a prefill decoder method) is, in a model with a language model, the first
+    of two stages, as its reference prunes again inside the language model: the vision stage keeps
+    ``encoder_factor`` times the config's ``keep_ratio``/``budget`` (every token at most), and the decoder
+    method the config's count, at its default layer (see :meth:`PrunerConfig.with_decoder_stage
+    <tokenprune.config.PrunerConfig.with_decoder_stage>`).
     """
 
     name: str
@@ -179,6 +184,8 @@ class MethodSpec:
     positions: str = "original"
     pyramid: int = 0
     projected: bool = False
+    decoder_stage: str | None = None
+    encoder_factor: int = 1
 
     @property
     def options(self) -> dict[str, object]:
@@ -284,6 +291,8 @@ def register_method(
     positions: str = "original",
     pyramid: int = 0,
     projected: bool = False,
+    decoder_stage: str | None = None,
+    encoder_factor: int = 1,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn(ctx, keep, **options) -> LongTensor[I, keep] | Merged`` under ``name``.
 
@@ -297,7 +306,9 @@ def register_method(
     stage keeping the same share of the tokens the one before kept, down to ``keep_ratio``/``budget``
     (PyramidDrop's rule; :class:`~tokenprune.config.PrunerConfig` spaces them over the model's depth).
     ``projected=True`` marks a vision method (not ``per_layer``) that chooses among projected tokens (see
-    :class:`MethodSpec`).
+    :class:`MethodSpec`). ``decoder_stage`` names the prefill decoder method that a vision method's reference
+    runs after it, in a model with a language model; the vision stage then keeps ``encoder_factor`` times
+    the tokens that method keeps (see :class:`MethodSpec`).
     The options are the function's keyword-only parameters; their defaults are the method's defaults, and
     their annotations (``int``, ``float``, ``bool``, ``str``, each optionally ``| None``) the types they take.
     ``ranges`` maps a numeric option to the closed range ``(low, high)`` it takes, ``None`` for no bound or
@@ -323,6 +334,8 @@ def register_method(
         raise ValueError("pyramid (a number of stages) is for prefill methods acting at a layer >= 1")
     if projected and (stage != "vision" or per_layer):
         raise ValueError("projected is for vision methods that choose once, after the encoder, not per_layer")
+    if encoder_factor < 1 or (stage != "vision" and (decoder_stage is not None or encoder_factor != 1)):
+        raise ValueError("decoder_stage and encoder_factor (>= 1) are for vision methods")
 
     def decorator(fn: MethodFn) -> MethodFn:
         if name in _registry():
@@ -346,6 +359,8 @@ def register_method(
             positions=positions,
             pyramid=pyramid,
             projected=projected,
+            decoder_stage=decoder_stage,
+            encoder_factor=encoder_factor,
         )
         return fn
 
