@@ -91,7 +91,12 @@ def test_default_split_is_the_references():
     assert (config.method, config.vision.method) == ("vscan_llm", "vscan")
     assert config.vision.kept_per_image(576) == 96 and config.stages(576) == [(16, 32)]
     assert tp.PrunerConfig("vscan", keep_ratio=0.0556).for_depth(28).stage_layers == [14]
-    assert tp.PrunerConfig("vscan", budget=32).for_depth(32).vision.budget == 96
+    assert tp.PrunerConfig("vscan", budget=32).for_depth(32).vision.kept_per_image(576) == 96
+    assert tp.PrunerConfig("vscan", budget=300).for_depth(32).vision.kept_per_image(576) == 576  # at most all
+    with pytest.raises(ValueError, match="larger than the 576"):  # composed by hand: the budget as given
+        tp.PrunerConfig(
+            "vscan_llm", budget=32, vision=tp.PrunerConfig("vscan", budget=900)
+        ).vision.kept_per_image(576)
     everything = tp.PrunerConfig("vscan", keep_ratio=1.0).for_depth(32)
     assert everything.vision.keep_ratio == 1.0 and everything.keep_ratio == 1.0
     encoder = tp.PrunerConfig("vscan", keep_ratio=0.5)

@@ -79,6 +79,9 @@ class PrunerConfig:
     media: str = "both"
     positions: str | None = None
     checks: str = "first"
+    #: set on the vision stage that :meth:`with_decoder_stage` composes: a ``budget`` larger than an image's
+    #: tokens keeps them all, as ``keep_ratio`` does there, instead of raising
+    budget_capped: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
@@ -280,7 +283,8 @@ class PrunerConfig:
         """This vision method's config composed with the decoder stage its reference runs after it (its
         ``decoder_stage``, e.g. VScan's middle-layer pruning): that method keeps this config's
         ``keep_ratio``/``budget`` at its default layer, after this vision stage keeping ``encoder_factor``
-        times as many (every token at most: ``keep_ratio=1.0`` keeps all in both), under this config's
+        times as many (every token at most: ``keep_ratio=1.0`` keeps all in both, and a budget whose multiple
+        exceeds an image keeps all of it in the encoder), under this config's
         ``media``, ``positions`` and ``checks``. ``ValueError`` for a method without one."""
         spec = self.spec
         if spec.decoder_stage is None:
@@ -288,6 +292,7 @@ class PrunerConfig:
         factor = spec.encoder_factor
         if self.budget is not None:
             vision = replace(self, budget=self.budget * factor)
+            object.__setattr__(vision, "budget_capped", True)  # not an argument (init=False): set here
         else:
             vision = replace(self, keep_ratio=min(1.0, self.keep_ratio * factor))
         return PrunerConfig(
@@ -331,11 +336,11 @@ class PrunerConfig:
     def kept_per_image(self, num_tokens: int) -> int:
         """Visual tokens kept for an image of ``num_tokens``; ``ValueError`` if the budget exceeds it."""
         if self.budget is not None:
-            if self.budget > num_tokens:
+            if self.budget > num_tokens and not self.budget_capped:
                 raise ValueError(
                     f"budget={self.budget} is larger than the {num_tokens} visual tokens per image"
                 )
-            return self.budget
+            return min(self.budget, num_tokens)
         return max(1, round(self.keep_ratio * num_tokens))
 
 
