@@ -102,7 +102,8 @@ def vscan(ctx: SelectionContext, keep: int, *, local_layer: int | None = None, w
       over the image's packed tokens, newline tokens kept (see :mod:`tokenprune.patches.anyres_vision`).
     - Qwen-VL (its Qwen2.5-VL script scans layer 7 in 4x4 windows of merged tokens, greedily capped, the
       last layer globally, by every query's attention): the LLaVA rule, on the merged grid with the
-      attention each merger group receives.
+      attention each merger group receives; Qwen3-VL's DeepStack levels, which the adapter hands the method
+      in the tokens' place, each join by their own similarities (the same kept tokens).
     - an encoder without a CLS token (SigLIP): every query's attention, averaged.
     """
     attention = ctx.require("encoder_attention")
