@@ -9,6 +9,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import tokenprune as tp
+from tokenprune.config import with_decoder_stage
 from tokenprune.context import SelectionContext
 from tokenprune.registry import get_method
 from tokenprune.testing import tiny_inputs, tiny_model
@@ -101,6 +102,8 @@ def test_default_split_is_the_references():
     assert everything.vision.keep_ratio == 1.0 and everything.keep_ratio == 1.0
     encoder = tp.PrunerConfig("vscan", keep_ratio=0.5)
     assert encoder.for_depth(0) is encoder  # no language model: the encoder stage alone
+    with pytest.raises(ValueError, match="names no decoder stage"):
+        with_decoder_stage(tp.PrunerConfig("hiprune", keep_ratio=0.5))
 
 
 @pytest.mark.parametrize("keep", [64, 144, 192])

@@ -50,9 +50,8 @@ class PrunerConfig:
         vision: a ``vision``-stage config run first, inside the image encoder, e.g.
             ``PrunerConfig("fastv", keep_ratio=0.125, vision=PrunerConfig("tome", keep_ratio=0.5))``;
             this config's method then chooses among the tokens the encoder kept, its ratio or budget
-            still counting the image's original tokens. A vision method whose reference prunes again inside
-            the language model (``vscan``) composes with that decoder stage by itself in a VLM (see
-            :meth:`with_decoder_stage`).
+            still counting the image's original tokens. A vision method whose reference prunes again in the
+            language model (``vscan``) brings that stage itself in a VLM (:func:`with_decoder_stage`).
 
         checks: when the checks that read the device run, each a host sync on a GPU: ``"first"`` (the
             default) at the pruner's first forward only (the method's answer: sorted, unique, in range; the
@@ -79,8 +78,7 @@ class PrunerConfig:
     media: str = "both"
     positions: str | None = None
     checks: str = "first"
-    #: set on the vision stage that :meth:`with_decoder_stage` composes: a ``budget`` larger than an image's
-    #: tokens keeps them all, as ``keep_ratio`` does there, instead of raising
+    #: set by :func:`with_decoder_stage`: a ``budget`` larger than an image keeps it whole, not an error
     budget_capped: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -268,42 +266,15 @@ class PrunerConfig:
         return self.stage_layers[-1]
 
     def for_depth(self, num_layers: int) -> PrunerConfig:
-        """This config on a language model of ``num_layers`` layers: for a vision method with a decoder stage,
-        in a model with a language model (``num_layers > 0``), the two stages (:meth:`with_decoder_stage`);
-        for a pyramid without a ``layer``, its ``S`` stages spaced evenly over the depth, ``layer = max(1,
-        num_layers // (S + 1))`` (PyramidDrop's 8, 16 and 24 of LLaVA-1.5-7B's 32 layers; 1, 2 and 3 of 4;
-        a pyramid of one stage, the middle layer); itself otherwise."""
+        """This config on a language model of ``num_layers`` layers: for a pyramid without a ``layer``, its
+        ``S`` stages spaced evenly over the depth, ``layer = max(1, num_layers // (S + 1))`` (PyramidDrop's
+        8, 16 and 24 of LLaVA-1.5-7B's 32 layers; 1, 2 and 3 of 4; one stage: the middle layer); for a vision
+        method with a ``decoder_stage``, both stages (:func:`with_decoder_stage`); itself otherwise."""
         if self.spec.decoder_stage is not None and num_layers > 0:
-            return self.with_decoder_stage().for_depth(num_layers)
+            return with_decoder_stage(self).for_depth(num_layers)
         if not self.pyramid or self.layer is not None:
             return self
         return replace(self, layer=max(1, num_layers // (self.spec.pyramid + 1)))
-
-    def with_decoder_stage(self) -> PrunerConfig:
-        """This vision method's config composed with the decoder stage its reference runs after it (its
-        ``decoder_stage``, e.g. VScan's middle-layer pruning): that method keeps this config's
-        ``keep_ratio``/``budget`` at its default layer, after this vision stage keeping ``encoder_factor``
-        times as many (every token at most: ``keep_ratio=1.0`` keeps all in both, and a budget whose multiple
-        exceeds an image keeps all of it in the encoder), under this config's
-        ``media``, ``positions`` and ``checks``. ``ValueError`` for a method without one."""
-        spec = self.spec
-        if spec.decoder_stage is None:
-            raise ValueError(f"{self.method!r} names no decoder stage to run after it")
-        factor = spec.encoder_factor
-        if self.budget is not None:
-            vision = replace(self, budget=self.budget * factor)
-            object.__setattr__(vision, "budget_capped", True)  # not an argument (init=False): set here
-        else:
-            vision = replace(self, keep_ratio=min(1.0, self.keep_ratio * factor))
-        return PrunerConfig(
-            spec.decoder_stage,
-            keep_ratio=self.keep_ratio,
-            budget=self.budget,
-            vision=vision,
-            media=self.media,
-            positions=self.positions,
-            checks=self.checks,
-        )
 
     @property
     def spec(self) -> MethodSpec:
@@ -342,6 +313,33 @@ class PrunerConfig:
                 )
             return min(self.budget, num_tokens)
         return max(1, round(self.keep_ratio * num_tokens))
+
+
+def with_decoder_stage(config: PrunerConfig) -> PrunerConfig:
+    """A vision method's ``config`` composed with the decoder stage its reference runs after it (its
+    ``decoder_stage``, e.g. VScan's middle-layer pruning), as a model with a language model runs it: that
+    method keeps the config's ``keep_ratio``/``budget`` at its default layer, after this vision stage keeping
+    ``encoder_factor`` times as many (every token at most: ``keep_ratio=1.0`` keeps all in both, and a budget
+    whose multiple exceeds an image keeps all of it in the encoder), under the config's ``media``,
+    ``positions`` and ``checks``. ``ValueError`` for a method without one."""
+    spec = config.spec
+    if spec.decoder_stage is None:
+        raise ValueError(f"{config.method!r} names no decoder stage to run after it")
+    factor = spec.encoder_factor
+    if config.budget is not None:
+        vision = replace(config, budget=config.budget * factor)
+        object.__setattr__(vision, "budget_capped", True)  # not an argument (init=False): set here
+    else:
+        vision = replace(config, keep_ratio=min(1.0, config.keep_ratio * factor))
+    return PrunerConfig(
+        spec.decoder_stage,
+        keep_ratio=config.keep_ratio,
+        budget=config.budget,
+        vision=vision,
+        media=config.media,
+        positions=config.positions,
+        checks=config.checks,
+    )
 
 
 def _percent(ratio: float) -> str:

@@ -164,8 +164,7 @@ class MethodSpec:
     ``decoder_stage`` (the name of a prefill decoder method) is, in a model with a language model, the first
     of two stages, as its reference prunes again inside the language model: the vision stage keeps
     ``encoder_factor`` times the config's ``keep_ratio``/``budget`` (every token at most), and the decoder
-    method the config's count, at its default layer (see :meth:`PrunerConfig.with_decoder_stage
-    <tokenprune.config.PrunerConfig.with_decoder_stage>`).
+    method the config's count, at its default layer (see :func:`tokenprune.config.with_decoder_stage`).
     """
 
     name: str
