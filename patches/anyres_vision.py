@@ -11,7 +11,8 @@ downsizing of large images, which blends them as it blends the projected feature
 among an image's packed tokens, the newline tokens left out, as on a single tile: on the tower's features
 (a ``projected`` method's on the projected ones), with each tile's CLS token, and with HiPrune's buffers
 in the grid each token sits in (the base tile, or the stitched high-resolution tiles). Kept tokens are the
-model's projected ones; merged ones (``visionzip``'s) are projected from the merged tower features. The
+model's projected ones; merged ones are projected from the merged tower features (``visionzip``'s), or are
+the merged projected tokens (``vscan``'s, a ``projected`` method). The
 tokens it drops become zeros in the packed features; the decoder's first stage drops their placeholders
 before the language model, each row of the kept ones still ended by its newline.
 
@@ -122,7 +123,9 @@ class AnyResVisionHooks:
                 if class_token is not None:
                     ctx.class_token = class_token[None, first_tile : first_tile + image_tiles].float()
                 result = pruner.select_with(config, ctx, keep)
-                if isinstance(result, Merged):  # merged in the tower's space, then projected, as one tile's
+                if isinstance(result, Merged) and config.spec.projected:  # merged projected tokens
+                    index, chosen = result.index, result.features
+                elif isinstance(result, Merged):  # merged in the tower's space, then projected, as one tile's
                     index = result.index
                     chosen = self.projector(result.features.to(next(self.projector.parameters()).dtype))
                 else:

@@ -137,6 +137,13 @@ def test_remove_restores_exactly(model, method):
     assert pruner.stats is not None
 
 
+def configured_stages(config: tp.PrunerConfig, n: int) -> list[tuple[int, int]]:
+    """``(layer, tokens kept)`` of each stage of ``config`` for images of ``n`` tokens: a composed vision
+    stage's first (layer 0: before the language model), as ``vscan`` composes in a VLM, then the config's."""
+    vision = [] if config.vision is None else [(0, config.vision.kept_per_image(n))]
+    return [*vision, *config.stages(n)]
+
+
 @pytest.mark.parametrize(("family", "method"), CASES)
 def test_pruned_layers_see_the_configured_count(model, method):
     inputs = tiny_inputs(model, (1,))
@@ -145,7 +152,7 @@ def test_pruned_layers_see_the_configured_count(model, method):
     with tp.pruned(model, method, budget=10) as pruner:
         seen = layer_input_lengths(model, inputs)
     expected = [length] * len(seen)
-    for layer, keep in pruner.config.stages(n):  # one stage, or a pyramid's (pdrop) down to 10
+    for layer, keep in configured_stages(pruner.config, n):  # one stage, a pyramid's (pdrop) down to 10...
         expected[layer:] = [length - n + keep] * (len(seen) - layer)
     assert seen == expected
     assert expected[-1] == length - n + 10
@@ -160,7 +167,7 @@ def test_a_ragged_batch_is_as_long_as_its_longest_kept_row(model, method):
         seen = layer_input_lengths(model, inputs)
     n = tokens_per_image(model)
     expected = [inputs["input_ids"].shape[1]] * len(seen)
-    for layer, keep in pruner.config.stages(n):  # one stage, or a pyramid's (pdrop) down to 16
+    for layer, keep in configured_stages(pruner.config, n):  # one stage, a pyramid's (pdrop) down to 16...
         dropped = (n - keep) * torch.tensor(RAGGED)
         expected[layer:] = [int((inputs["attention_mask"].sum(dim=1) - dropped).max())] * (len(seen) - layer)
     assert seen == expected

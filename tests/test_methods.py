@@ -368,6 +368,8 @@ def test_a_bad_dart_option_names_the_option_and_what_it_accepts(options, error, 
             lambda: tp.register_method("_o", stage="vision", per_layer=True, projected=True)(_int_option),
             "projected is for vision methods",
         ),
+        (lambda: tp.register_method("_o", decoder_stage="fastv")(_int_option), "decoder_stage and encoder"),
+        (lambda: tp.register_method("_o", stage="vision", encoder_factor=0)(_int_option), "encoder_factor"),
     ],
 )
 def test_a_bad_option_declaration_fails_at_registration(declare, match):

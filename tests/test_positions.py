@@ -108,6 +108,8 @@ REFERENCE_POSITIONS = {
     "uniform": "original",  # a baseline: no reference
     "visionzip": "renumbered",  # hands LLaVA fewer features
     "vispruner": "renumbered",  # hands LLaVA fewer features
+    "vscan": "renumbered",  # its LLaVA code keeps image_feature[index_mask]: fewer features
+    "vscan_llm": "renumbered",  # layer_prune renumbers the kept tokens (arange over the new sequence)
 }
 
 

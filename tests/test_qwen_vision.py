@@ -23,6 +23,7 @@ import tokenprune as tp
 from tokenprune.testing import QWEN_FAMILIES, tiny_inputs
 
 SELECTING = ["hiprune", "visionzip", "scope", "holov"]
+TWO_STAGES = ["vscan"]  # alone, its encoder stage then vscan_llm (composed by hand: below)
 IMAGES = (1, 2, 1)
 VIDEOS = (1, 0, 2)
 PATCHES = ((16, 16), (8, 12), (12, 16), (16, 8))  # 64, 24, 48 and 32 tokens; videos of 32
@@ -61,7 +62,7 @@ def pruned_and_reference(model, config, inputs: dict):
     return got, stats, expected
 
 
-@pytest.mark.parametrize("method", SELECTING)
+@pytest.mark.parametrize("method", SELECTING + TWO_STAGES)
 def test_keep_all_equals_the_unpatched_model(qwen, method):
     inputs = media_inputs(qwen)
     with torch.no_grad():
@@ -85,13 +86,15 @@ def test_dropping_equals_masking_with_the_features_handed_on(qwen, method, keep)
     assert_kept_rows_match(got, expected, stats.keep_mask, inputs["attention_mask"])
 
 
-@pytest.mark.parametrize(("vision", "decoder"), [("hiprune", "fastv"), ("visionzip", "dart")])
+@pytest.mark.parametrize(
+    ("vision", "decoder"), [("hiprune", "fastv"), ("visionzip", "dart"), ("vscan", "vscan_llm")]
+)
 def test_composed_stages_equal_masking(qwen, vision, decoder):
     inputs = media_inputs(qwen)
     items = item_tokens(qwen, inputs)
-    config = tp.PrunerConfig(
-        decoder, keep_ratio=0.125, layer=2, vision=tp.PrunerConfig(vision, keep_ratio=0.5)
-    )
+    # the reference masks the dropped tokens, each token at its own position (renumbered: test_positions.py)
+    vision_stage = tp.PrunerConfig(vision, keep_ratio=0.5)
+    config = tp.PrunerConfig(decoder, keep_ratio=0.125, layer=2, vision=vision_stage, positions="original")
     got, stats, expected = pruned_and_reference(qwen, config, inputs)
     assert sorted(stats.keep_masks) == [0, 2] and stats.stage == "llm"
     assert stats.kept_tokens == [sum(round(0.125 * n) for n in sizes) for sizes in items]

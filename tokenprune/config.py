@@ -28,8 +28,7 @@ class PrunerConfig:
         layer: decoder layer at which the method acts; 0 is before the language model. ``None`` takes the
             method's default (2 for ``fastv`` and ``dart``, 0 for the others). A pyramid method (``pdrop``)
             prunes at ``layer``, ``2 * layer``... (see :attr:`stage_layers`), by default spaced evenly over
-            the language model's depth; ``sparsevlm`` at its reference's layers, scaled to the first being
-            ``layer``.
+            the depth; ``sparsevlm`` at its reference's layers, scaled to the first being ``layer``.
         options: method-specific options (keyword-only parameters of the method function), checked here
             against the method's declaration (type and range; see ``docs/methods.md``).
         schedule: prune at several layers instead of one, as ``((layer, keep_ratio), ...)`` with layers
@@ -46,16 +45,16 @@ class PrunerConfig:
             another, in those layers and at later decode steps (see :mod:`tokenprune.positions` for the
             rule, Qwen-VL's multimodal positions included). ``None`` (the default) takes the method's
             reference's rule (:attr:`position_rule`): ``"renumbered"`` for ``transprune``, ``adaptinfer``,
-            ``pdrop``, ``divprune``, ``cdpruner`` and the vision methods (in a VLM), whose references
-            count the kept tokens' positions again or hand the language model fewer features,
-            ``"original"`` for the others; composed with ``vision=``, this config's method's, for both
-            stages. Original positions keep an object's place for the questions that ask for it (GAP's
+            ``pdrop``, ``sparsevlm``, ``vscan_llm``, ``divprune``, ``cdpruner`` and the vision methods (in a
+            VLM), whose references count the kept tokens' positions again or hand the language model fewer
+            features, ``"original"`` for the others; composed with ``vision=``, this config's method's, for
+            both stages. Original positions keep an object's place for the questions that ask for it (GAP's
             finding; docs/performance.md measures it).
         vision: a ``vision``-stage config run first, inside the image encoder, e.g.
             ``PrunerConfig("fastv", keep_ratio=0.125, vision=PrunerConfig("tome", keep_ratio=0.5))``;
             this config's method then chooses among the tokens the encoder kept, its ratio or budget
-            still counting the image's original tokens.
-
+            still counting the image's original tokens. A vision method whose reference prunes again in the
+            language model (``vscan``) brings that stage itself in a VLM (:func:`with_decoder_stage`).
         checks: when the checks that read the device run, each a host sync on a GPU: ``"first"`` (the
             default) at the pruner's first forward only (the method's answer: sorted, unique, in range; the
             prompts: whole images in each row, where the batch's shapes cannot tell; a vision stage's
@@ -84,6 +83,8 @@ class PrunerConfig:
     positions: str | None = None
     checks: str = "first"
     depth: int | None = None
+    #: set by :func:`with_decoder_stage`: a ``budget`` larger than an image keeps it whole, not an error
+    budget_capped: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
@@ -178,7 +179,7 @@ class PrunerConfig:
         if self.schedule is not None:
             stages = ", then ".join(f"{_percent(ratio)} from layer {layer}" for layer, ratio in self.schedule)
             text = f"{self.method}: {stages} of each image's visual tokens kept"
-        elif self.pyramid:
+        elif self.pyramid and self.spec.pyramid > 1:
             amount = f"{self.budget} visual tokens" if self.budget is not None else _percent(self.keep_ratio)
             layers = ", ".join(str(layer) for layer in self.stage_layers)
             text = (
@@ -267,8 +268,11 @@ class PrunerConfig:
     def for_depth(self, num_layers: int) -> PrunerConfig:
         """This config on a language model of ``num_layers`` layers: for a pyramid without a ``layer``, its
         ``S`` stages spaced evenly over the depth, ``layer = max(1, num_layers // (S + 1))`` (PyramidDrop's
-        8, 16 and 24 of LLaVA-1.5-7B's 32 layers; 1, 2 and 3 of 4), or its reference's layers scaled to the
-        depth (see :attr:`stage_layers`); itself otherwise."""
+        8, 16 and 24 of LLaVA-1.5-7B's 32 layers; 1, 2 and 3 of 4; one stage: the middle layer), or its
+        reference's layers scaled to the depth (see :attr:`stage_layers`); for a vision method with a
+        ``decoder_stage``, both stages (:func:`with_decoder_stage`); itself otherwise."""
+        if self.spec.decoder_stage is not None and num_layers > 0:
+            return with_decoder_stage(self).for_depth(num_layers)
         if not self.pyramid or self.layer is not None:
             return self
         if isinstance(self.spec.pyramid, tuple):
@@ -306,11 +310,11 @@ class PrunerConfig:
     def kept_per_image(self, num_tokens: int) -> int:
         """Visual tokens kept for an image of ``num_tokens``; ``ValueError`` if the budget exceeds it."""
         if self.budget is not None:
-            if self.budget > num_tokens:
+            if self.budget > num_tokens and not self.budget_capped:
                 raise ValueError(
                     f"budget={self.budget} is larger than the {num_tokens} visual tokens per image"
                 )
-            return self.budget
+            return min(self.budget, num_tokens)
         return max(1, round(self.keep_ratio * num_tokens))
 
 
@@ -342,6 +346,33 @@ def _scaled_layers(reference: tuple[int, ...], scale: float) -> list[int]:
     for layer in reference:
         layers.append(max(round(layer * scale), layers[-1] + 1 if layers else 1))
     return layers
+
+
+def with_decoder_stage(config: PrunerConfig) -> PrunerConfig:
+    """A vision method's ``config`` composed with the decoder stage its reference runs after it (its
+    ``decoder_stage``, e.g. VScan's middle-layer pruning), as a model with a language model runs it: that
+    method keeps the config's ``keep_ratio``/``budget`` at its default layer, after this vision stage keeping
+    ``encoder_factor`` times as many (every token at most: ``keep_ratio=1.0`` keeps all in both, and a budget
+    whose multiple exceeds an image keeps all of it in the encoder), under the config's ``media``,
+    ``positions`` and ``checks``. ``ValueError`` for a method without one."""
+    spec = config.spec
+    if spec.decoder_stage is None:
+        raise ValueError(f"{config.method!r} names no decoder stage to run after it")
+    factor = spec.encoder_factor
+    if config.budget is not None:
+        vision = replace(config, budget=config.budget * factor)
+        object.__setattr__(vision, "budget_capped", True)  # not an argument (init=False): set here
+    else:
+        vision = replace(config, keep_ratio=min(1.0, config.keep_ratio * factor))
+    return PrunerConfig(
+        spec.decoder_stage,
+        keep_ratio=config.keep_ratio,
+        budget=config.budget,
+        vision=vision,
+        media=config.media,
+        positions=config.positions,
+        checks=config.checks,
+    )
 
 
 def _percent(ratio: float) -> str:

@@ -165,7 +165,11 @@ class MethodSpec:
     <tokenprune.config.PrunerConfig.stage_layers>`); ``stage_counts``, where given, are its stages' counts.
     A ``projected`` vision method chooses among the tokens the model's projector outputs, as its reference
     prunes after the projector: a VLM whose vision stage otherwise chooses before its projector (LLaVA)
-    projects every patch first.
+    projects every patch first. A vision method with a ``decoder_stage`` (the name of a prefill decoder
+    method) is, in a model with a language model, the first of two stages, as its reference prunes again
+    inside the language model: the vision stage keeps ``encoder_factor`` times the config's
+    ``keep_ratio``/``budget`` (every token at most), and the decoder method the config's count, at its
+    default layer (see :func:`tokenprune.config.with_decoder_stage`).
     """
 
     name: str
@@ -185,6 +189,8 @@ class MethodSpec:
     pyramid: int | tuple[int, ...] = 0
     stage_counts: StageCountsFn | None = None
     projected: bool = False
+    decoder_stage: str | None = None
+    encoder_factor: int = 1
 
     @property
     def options(self) -> dict[str, object]:
@@ -291,6 +297,8 @@ def register_method(
     pyramid: int | tuple[int, ...] = 0,
     stage_counts: StageCountsFn | None = None,
     projected: bool = False,
+    decoder_stage: str | None = None,
+    encoder_factor: int = 1,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn(ctx, keep, **options) -> LongTensor[I, keep] | Merged`` under ``name``.
 
@@ -307,7 +315,9 @@ def register_method(
     ``default_layer``), scaled to the model's depth, and ``stage_counts(N, kept)`` gives each stage's count
     of an image's ``N`` tokens, the last keeping ``kept`` (its reference's table of counts).
     ``projected=True`` marks a vision method (not ``per_layer``) that chooses among projected tokens (see
-    :class:`MethodSpec`).
+    :class:`MethodSpec`). ``decoder_stage`` names the prefill decoder method that a vision method's reference
+    runs after it, in a model with a language model; the vision stage then keeps ``encoder_factor`` times
+    the tokens that method keeps (see :class:`MethodSpec`).
     The options are the function's keyword-only parameters; their defaults are the method's defaults, and
     their annotations (``int``, ``float``, ``bool``, ``str``, each optionally ``| None``) the types they take.
     ``ranges`` maps a numeric option to the closed range ``(low, high)`` it takes, ``None`` for no bound or
@@ -340,6 +350,8 @@ def register_method(
         raise ValueError("stage_counts are the counts of a pyramid method's stages")
     if projected and (stage != "vision" or per_layer):
         raise ValueError("projected is for vision methods that choose once, after the encoder, not per_layer")
+    if encoder_factor < 1 or (stage != "vision" and (decoder_stage is not None or encoder_factor != 1)):
+        raise ValueError("decoder_stage and encoder_factor (>= 1) are for vision methods")
 
     def decorator(fn: MethodFn) -> MethodFn:
         if name in _registry():
@@ -364,6 +376,8 @@ def register_method(
             pyramid=pyramid,
             stage_counts=stage_counts,
             projected=projected,
+            decoder_stage=decoder_stage,
+            encoder_factor=encoder_factor,
         )
         return fn
 

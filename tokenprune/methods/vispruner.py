@@ -59,7 +59,7 @@ def vispruner(ctx: SelectionContext, keep: int, *, important_ratio: float = 0.5)
         return ranked[:, :num_important].sort(dim=1).values
     tokens = torch.nn.functional.normalize(gather_tokens(ctx.features.float(), residual), dim=-1)
     similarity = tokens @ tokens.transpose(1, 2)  # [I, R, R]: once, each round reads its even x odd block
-    place = torch.arange(residual.shape[1], device=residual.device).expand_as(residual)  # in the first residual
+    place = torch.arange(residual.shape[1], device=residual.device).expand_as(residual)  # in the first one
     while place.shape[1] > num_diverse:  # rounds known on the host: the shapes alone decide them
         removed = min(PER_ROUND, place.shape[1] - num_diverse)
         even, odd = place[:, ::2], place[:, 1::2]
