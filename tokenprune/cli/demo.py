@@ -180,7 +180,7 @@ def _time_prefill(
     runner = Runner(model, inputs, device, TIMING_ROUNDS, 1)
     with console.status(f"Timing prefill on {escape(label)}...", spinner="dots"), _one_cpu_thread(device):
         turns = runner.prefill_turns(config, kept, unpruned=True)
-    median = {name: statistics.median(times) for name, times in turns.items()}
+    median = {name: statistics.median(times) for name, times in turns.items() if times}
     threads = ", one CPU thread" if device.type == "cpu" else ""
     title = f"prefill on {label}: median of {TIMING_ROUNDS} rounds in turns{threads}"
     table = Table(title=escape(title), title_justify="left")
