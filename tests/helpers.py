@@ -6,7 +6,7 @@ import contextlib
 import functools
 import inspect
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -453,3 +453,26 @@ def random_patches_context(seed: int) -> tuple[torch.Tensor, torch.Tensor, Selec
         encoder_attention={22: attention.mean(dim=1)},
     )
     return attention, features, ctx
+
+
+def stage_attention_maps(
+    eager, inputs: dict, masks: dict[int, torch.Tensor], layers: list[int]
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each of a renumbering pruner's stage ``layers`` on one prompt (its ``keep_masks``): the layer, the
+    eager attention map ``[H, L_s, L_s]`` of the layer before it over the tokens still present (the unpatched
+    ``eager`` model with the tokens dropped by the stages before hidden and the kept ones renumbered: a
+    hidden key gets no weight, so this is the pruned sequence's own map), the image's places in that map,
+    and which of the image's still present tokens the stage kept."""
+    image = inputs["input_ids"][0] == eager.config.image_token_id
+    present = torch.ones_like(image)
+    for layer in layers:
+        before = {k: v for k, v in masks.items() if k < layer}
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            if before:
+                stack.enter_context(hide_tokens_from_layers(eager, before, inputs["attention_mask"]))
+                stack.enter_context(renumbered_rotary(eager, inputs, before))
+            weights = eager(**inputs, output_attentions=True, use_cache=False).attentions[layer - 1][0]
+        visual = image[present].nonzero()[:, 0]
+        kept = masks[layer][0][present][visual].nonzero()[:, 0]
+        yield layer, weights[:, present][:, :, present].float(), visual, kept
+        present = masks[layer][0]

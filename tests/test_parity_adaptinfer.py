@@ -2,12 +2,11 @@
 code, on identical inputs: random attention maps, and a tiny model's own attention through the real hooks."""
 
 import math
-from contextlib import nullcontext
 
 import pytest
 import torch
 from conftest import shared_model
-from helpers import hide_tokens_from_layers, renumbered_rotary
+from helpers import stage_attention_maps
 
 import tokenprune as tp
 from tokenprune.context import InstructionRows, SelectionContext
@@ -109,19 +108,9 @@ def test_a_renumbered_schedule_keeps_what_the_reference_keeps_at_each_stage(fami
     schedule = ((1, 0.5), (3, 0.25))
     with torch.no_grad(), tp.pruned(model, "adaptinfer", schedule=schedule, positions="renumbered") as pruner:
         model(**inputs)
-    masks = pruner.stats.keep_masks
-    image = inputs["input_ids"][0] == eager.config.image_token_id
-    present = torch.ones_like(image)
-    for layer, ratio in schedule:
-        before = {k: v for k, v in masks.items() if k < layer}
-        hidden = hide_tokens_from_layers(eager, before, inputs["attention_mask"]) if before else nullcontext()
-        moved = renumbered_rotary(eager, inputs, before) if before else nullcontext()
-        with torch.no_grad(), hidden, moved:
-            weights = eager(**inputs, output_attentions=True, use_cache=False).attentions[layer - 1][0]
-        weights = weights[:, present][:, :, present].float()  # [H, L_s, L_s] over the tokens still present
-        visual = image[present].nonzero()[:, 0]
-        count = round(ratio * int(image.sum()))
-        expected = adaptinfer_reference(weights, int(visual[0]), len(visual), count)
-        kept = masks[layer][0][present][visual].nonzero()[:, 0]
+    image_tokens = int((inputs["input_ids"][0] == eager.config.image_token_id).sum())
+    layers = [layer for layer, _ in schedule]
+    maps = stage_attention_maps(eager, inputs, pruner.stats.keep_masks, layers)
+    for (_, ratio), (_, weights, visual, kept) in zip(schedule, maps, strict=True):
+        expected = adaptinfer_reference(weights, int(visual[0]), len(visual), round(ratio * image_tokens))
         assert kept.tolist() == sorted(expected)
-        present = masks[layer][0]

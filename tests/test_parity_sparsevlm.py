@@ -3,12 +3,11 @@ its table of stages, three stages over random input embeddings and attention map
 tokens, and a tiny model's own embeddings and attention through the real hooks."""
 
 import math
-from contextlib import nullcontext
 
 import pytest
 import torch
 from conftest import shared_model
-from helpers import hide_tokens_from_layers, renumbered_rotary
+from helpers import stage_attention_maps
 
 import tokenprune as tp
 from tokenprune.context import Embeddings, InstructionRows, SelectionContext
@@ -134,20 +133,10 @@ def test_the_hooks_keep_what_the_reference_keeps_at_each_stage(family):
             model(**inputs)
     finally:
         handle.remove()
-    masks = pruner.stats.keep_masks
-    image = inputs["input_ids"][0] == eager.config.image_token_id
-    visual = image.nonzero()[:, 0]
-    raters = sparsevlm_raters(captured[0].float(), int(visual[0]), len(visual))
-    present = torch.ones_like(image)
-    for layer, keep in pruner.config.stages(len(visual)):
-        before = {k: v for k, v in masks.items() if k < layer}
-        hidden = hide_tokens_from_layers(eager, before, inputs["attention_mask"]) if before else nullcontext()
-        moved = renumbered_rotary(eager, inputs, before) if before else nullcontext()
-        with torch.no_grad(), hidden, moved:
-            weights = eager(**inputs, output_attentions=True, use_cache=False).attentions[layer - 1][0]
-        weights = weights[:, present][:, :, present].float()  # [H, L_s, L_s] over the tokens still present
-        visual = image[present].nonzero()[:, 0]
+    image = (inputs["input_ids"][0] == eager.config.image_token_id).nonzero()[:, 0]
+    raters = sparsevlm_raters(captured[0].float(), int(image[0]), len(image))
+    stages = pruner.config.stages(len(image))
+    maps = stage_attention_maps(eager, inputs, pruner.stats.keep_masks, [layer for layer, _ in stages])
+    for (_, keep), (layer, weights, visual, kept) in zip(stages, maps, strict=True):
         expected = sparsevlm_reference(weights, int(visual[0]), len(visual), raters, keep)
-        kept = masks[layer][0][present][visual].nonzero()[:, 0]
         assert torch.equal(kept, expected), layer
-        present = masks[layer][0]

@@ -11,22 +11,10 @@ import torch
 from ..context import SelectionContext
 from ..registry import register_method
 from ..sequence import grid_neighbours
+from ._select import shallow_and_output_layers
 
 #: The reference's object layer for CLIP (``HIPRUNE_OBJECT_LAYER=9``, counted from 1).
 OBJECT_LAYER = 8
-
-
-def _anchor_and_output_layers(options: dict[str, object], output_layer: int) -> tuple[int, ...]:
-    """The anchor layer (``anchor_layer``, default :data:`OBJECT_LAYER` or the output layer if the encoder
-    is shallower) and the output layer, whose attentions the method reads."""
-    anchor = options.get("anchor_layer")
-    anchor = min(OBJECT_LAYER, output_layer) if anchor is None else anchor
-    if anchor > output_layer:  # its type and >= 0 are checked with the other options
-        raise ValueError(
-            f"hiprune anchor_layer must be an encoder layer in 0..{output_layer} (the layer whose output "
-            f"the model uses), got {anchor!r}"
-        )
-    return (anchor, output_layer)
 
 
 def _neighbours(ctx: SelectionContext, num_tokens: int) -> torch.Tensor | None:
@@ -73,7 +61,7 @@ def _first_then_best(
     "hiprune",
     stage="vision",
     needs=("encoder_attention",),
-    encoder_layers=_anchor_and_output_layers,
+    encoder_layers=shallow_and_output_layers("hiprune", "anchor_layer", OBJECT_LAYER),
     encoder_queries="all",
     ranges={"anchor_layer": (0, None), "alpha": (0, 1)},
     positions="renumbered",

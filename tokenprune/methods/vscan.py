@@ -16,7 +16,7 @@ import torch
 from ..context import Merged, SelectionContext
 from ..kernels import gather_tokens, merge_tokens
 from ..registry import register_method
-from ._select import cosine_similarity_matrix
+from ._select import cosine_similarity_matrix, shallow_and_output_layers
 from .pdrop import pdrop
 
 #: The reference's shallow encoder layer of the local scan (``image_attentions[5]``, counted from 0).
@@ -46,24 +46,11 @@ def vscan_llm(ctx: SelectionContext, keep: int) -> torch.Tensor:
     return pdrop(ctx, keep)
 
 
-def _local_and_output_layers(options: dict[str, object], output_layer: int) -> tuple[int, ...]:
-    """The local scan's layer (``local_layer``, default :data:`LOCAL_LAYER` or the output layer if the
-    encoder is shallower) and the output layer, whose CLS attentions the method reads."""
-    local = options.get("local_layer")
-    local = min(LOCAL_LAYER, output_layer) if local is None else local
-    if local > output_layer:  # its type and >= 0 are checked with the other options
-        raise ValueError(
-            f"vscan local_layer must be an encoder layer in 0..{output_layer} (the layer whose output the "
-            f"model uses), got {local!r}"
-        )
-    return (local, output_layer)
-
-
 @register_method(
     "vscan",
     stage="vision",
     needs=("encoder_attention",),
-    encoder_layers=_local_and_output_layers,
+    encoder_layers=shallow_and_output_layers("vscan", "local_layer", LOCAL_LAYER),
     ranges={"local_layer": (0, None), "window": (1, None)},
     positions="renumbered",
     projected=True,
