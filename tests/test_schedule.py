@@ -108,3 +108,23 @@ def test_bad_schedules(model, kwargs, error, match):
     with pytest.raises(error, match=match):
         tp.apply_pruner(model, "fastv", **kwargs)
     assert not hasattr(model, "_tokenprune_pruner")
+
+
+def test_every_method_describes_its_stages_on_a_32_layer_model():
+    """Every registered method's config says where it acts: a pyramid of several stages (``pdrop``'s evenly
+    spaced layers, ``sparsevlm``'s tuple of its reference's layers) names them all, a one-stage pyramid
+    (``vscan_llm``) its layer as any one-stage method, and ``vscan`` both of its stages."""
+    for method in tp.list_methods():
+        config = tp.PrunerConfig(method, keep_ratio=0.125).for_depth(32)
+        assert config.describe().startswith(f"{method}: ") or config.vision is not None, method
+    assert "at layers 8, 16, 24" in tp.PrunerConfig("pdrop", keep_ratio=0.125).for_depth(32).describe()
+    assert "at layers 3, 7, 16" in tp.PrunerConfig("sparsevlm", keep_ratio=0.125).for_depth(32).describe()
+    one_stage = tp.PrunerConfig("vscan_llm", keep_ratio=0.125).for_depth(32).describe()
+    assert (
+        one_stage
+        == "vscan_llm: 12.5% of each image's visual tokens kept from decoder layer 16 (positions renumbered)"
+    )
+    vscan = tp.PrunerConfig("vscan", keep_ratio=0.125).for_depth(32).describe()
+    assert vscan.startswith(
+        "vscan: 37.5% of each image's visual tokens kept inside the image encoder; then vscan_llm"
+    )

@@ -179,7 +179,7 @@ class PrunerConfig:
         if self.schedule is not None:
             stages = ", then ".join(f"{_percent(ratio)} from layer {layer}" for layer, ratio in self.schedule)
             text = f"{self.method}: {stages} of each image's visual tokens kept"
-        elif self.pyramid and self.spec.pyramid > 1:
+        elif self.pyramid and len(self.stage_layers) > 1:
             amount = f"{self.budget} visual tokens" if self.budget is not None else _percent(self.keep_ratio)
             layers = ", ".join(str(layer) for layer in self.stage_layers)
             text = (
