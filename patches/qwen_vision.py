@@ -232,6 +232,7 @@ class QwenVisionHooks:
                 ctx = SelectionContext(
                     features=tokens[index],
                     grid=(h // self.merge, w // self.merge) if t == 1 else None,
+                    frames=(t, h // self.merge, w // self.merge) if t > 1 else None,
                     image_index=torch.zeros(len(members), dtype=torch.long, device=tokens.device),
                     encoder_attention={i: a[index] for i, a in attention.items()},
                     keys=None if keys is None else keys[index],

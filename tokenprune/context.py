@@ -73,6 +73,9 @@ class SelectionContext:
         features: visual token features ``[I, N, D]``: projected embeddings before the language model
             (``pre_llm``) or the hidden states entering decoder layer K (``llm``).
         grid: ``(rows, cols)`` of the patch grid when the N tokens form one, else ``None``.
+        frames: ``(T, rows, cols)`` where the N tokens are a video's: ``T`` frames one after another, each a
+            ``rows x cols`` grid in raster order (a Qwen-VL video's frame is one temporal patch, two input
+            frames); else ``None`` (see :meth:`frame_grid`).
         grid_neighbours: where the N tokens form several patch grids one after another instead (an AnyRes
             image's base tile and its stitched high-resolution tiles, newline tokens left out), each token's
             flat neighbours in its own grid ``[I, N, 4]``: the tokens one before and after it and one row
@@ -144,6 +147,7 @@ class SelectionContext:
     grid: tuple[int, int] | None
     image_index: torch.Tensor
     grid_neighbours: torch.Tensor | None = None
+    frames: tuple[int, int, int] | None = None
     keys: torch.Tensor | None = None
     attention: torch.Tensor | None = None
     pruning_layer_attention: torch.Tensor | None = None
@@ -162,6 +166,15 @@ class SelectionContext:
     stage: int = 0
     keep_ratio: float | None = None
     key_heads: int = 1
+
+    def frame_grid(self) -> tuple[int, int, int]:
+        """``(T, rows, cols)`` of the tokens as frames, for a method that works frame by frame: a video's
+        ``frames``; an image is one frame, its ``grid``, or one row of its ``N`` tokens where it has none."""
+        if self.frames is not None:
+            return self.frames
+        if self.grid is not None:
+            return (1, *self.grid)
+        return (1, 1, self.features.shape[1])
 
     def require(self, name: str) -> Any:
         """What the method declared in ``needs`` (a tensor; for ``encoder_attention`` a dict of them, for
