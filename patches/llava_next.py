@@ -23,20 +23,21 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenprune.config import PrunerConfig
-from tokenprune.sequence import image_ids_by_lengths
+from tokenprune.sequence import image_ids_by_lengths, items_in_prompt_order
 
 from ._internals import InstanceOverride, InternalsMovedError, base_model, has_media_inputs, placeholder_mask
 from .anyres_vision import AnyResVisionHooks
 from .decoder import DecoderPruningHooks, LanguageModelHooks, size_following_stages
+from .onevision_video import OneVisionVideos, video_method_runs
 from .retrieval import DecodeRetrievalHooks
 
 _PACK = "pack_image_features"
 
 
 class LlavaNextAdapter:
-    """Adapter for ``model_type`` ``llava_next`` and ``llava_onevision`` (``pre_llm``, ``llm`` and ``kv``
-    methods on images; OneVision's videos are left unpruned). ``hooks`` are the language model's, chosen
-    at :meth:`attach` by the method's stage."""
+    """Adapter for ``model_type`` ``llava_next`` and ``llava_onevision`` (``pre_llm``, ``llm``, ``kv`` and
+    ``vision`` methods on images; OneVision's videos: :mod:`~tokenprune.patches.onevision_video`). ``hooks``
+    are the language model's, chosen at :meth:`attach` by the method's stage."""
 
     model_types = ("llava_next", "llava_onevision")
 
@@ -53,6 +54,11 @@ class LlavaNextAdapter:
         self.hooks: LanguageModelHooks = DecoderPruningHooks(model, self.base.language_model, 0, None)
         self._lengths: torch.Tensor | None = None  # tokens of each image of the last encoding
         self.vision: AnyResVisionHooks | None = None  # the vision tower's hooks, for a vision-stage method
+        onevision = model.config.model_type == "llava_onevision"
+        self.videos = OneVisionVideos(self.base) if onevision else None
+        self._modalities: tuple[str, ...] = ("image",)  # what the pruner prunes, of what the model takes
+        self._found: list[str] = []  # of those, what this call carries
+        self._videos: torch.Tensor | None = None  # [B, L] this call's video placeholders
 
     @property
     def num_layers(self) -> int:
@@ -80,7 +86,16 @@ class LlavaNextAdapter:
     def attach(self, pruner) -> list[RemovableHandle]:
         if pruner.config.spec.decode:  # a kv method: decode-time hooks on the same language model
             self.hooks = DecodeRetrievalHooks(self.base.language_model, 0, None)
-        vision = [] if pruner.config.vision_stage is None else self.vision.attach(pruner)
+        config = pruner.config
+        vision = [] if config.vision_stage is None else self.vision.attach(pruner)
+        self._modalities = {"images": ("image",), "videos": ("video",), "both": ("image", "video")}[
+            config.media
+        ]
+        if self.videos is None or not video_method_runs(config.vision_stage):
+            self._modalities = tuple(m for m in self._modalities if m == "image")
+        elif "video" in self._modalities:
+            encoder = None if self.vision is None else self.vision.encoder
+            vision += self.videos.attach(pruner, config.vision_stage, encoder)
         return [
             *vision,
             InstanceOverride(self.base, _PACK, self._pack),
@@ -100,10 +115,16 @@ class LlavaNextAdapter:
         return features, lengths
 
     def _find_images(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Mark the image placeholders of this call, by id or by embedding (``None`` without images)."""
-        images = has_media_inputs(kwargs)
-        placeholders = placeholder_mask(self.base, args, kwargs, self.image_token_id) if images else None
-        self.hooks.pending_visual = placeholders
+        """Mark the placeholders of this call's pruned images and videos, by id or by embedding (``None``
+        without either)."""
+        self.hooks.pending_visual = self._videos = None
+        self._found = modalities = [m for m in self._modalities if has_media_inputs(kwargs, m)]
+        if "image" in modalities:
+            self.hooks.pending_visual = placeholder_mask(self.base, args, kwargs, self.image_token_id)
+        if "video" in modalities:
+            self._videos = placeholder_mask(self.base, args, kwargs, self.videos.token_id)
+            images = self.hooks.pending_visual
+            self.hooks.pending_visual = self._videos if images is None else images | self._videos
 
     def _drop_newlines(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Before the language model (registered ahead of the decoder hooks): number the placeholders by
@@ -111,11 +132,21 @@ class LlavaNextAdapter:
         visual = self.hooks.pending_visual
         if visual is None or not bool(visual.any()):
             return
+        videos, self._videos = self._videos, None
+        images = visual if videos is None else visual & ~videos
+        item_id = self._image_ids(images) if "image" in self._found else None
+        if videos is not None:
+            video_id = self.videos.item_ids(videos)
+            self.hooks.frames = self.videos.frames
+            item_id = video_id if item_id is None else items_in_prompt_order(item_id, video_id)
+        embeds = kwargs["inputs_embeds"]
+        newline = (embeds == self.base.image_newline.to(embeds)).all(dim=-1) & visual
+        self.hooks.pending_visual = visual & ~newline
+        self.hooks.pending_image_id = torch.where(newline, -1, item_id)
+
+    def _image_ids(self, images: torch.Tensor) -> torch.Tensor:
+        """The number of each image placeholder's image ``[B, L]`` (-1 elsewhere), from the last packing."""
         lengths, self._lengths = self._lengths, None
         if lengths is None:
             raise ValueError("LLaVA-NeXT pruning needs the images encoded in this call (pass pixel_values)")
-        embeds = kwargs["inputs_embeds"]
-        newline = (embeds == self.base.image_newline.to(embeds)).all(dim=-1) & visual
-        image_id = image_ids_by_lengths(visual, lengths.to(visual.device))
-        self.hooks.pending_visual = visual & ~newline
-        self.hooks.pending_image_id = torch.where(newline, -1, image_id)
+        return image_ids_by_lengths(images, lengths.to(images.device))

@@ -228,7 +228,7 @@ class QwenVisionHooks:
                 index = torch.stack(
                     [torch.arange(starts[m], starts[m] + n, device=tokens.device) for m in members]
                 )
-                keep = config.kept_per_image(n)
+                keep = config.kept_per_image(n, t)
                 ctx = SelectionContext(
                     features=tokens[index],
                     grid=(h // self.merge, w // self.merge) if t == 1 else None,

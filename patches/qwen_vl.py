@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 
 from tokenprune.config import PrunerConfig
 from tokenprune.kernels import gather_tokens
-from tokenprune.sequence import image_ids_by_lengths, image_ids_by_runs
+from tokenprune.sequence import image_ids_by_lengths, image_ids_by_runs, items_in_prompt_order
 
 from ._internals import InstanceOverride, InternalsMovedError, base_model, has_media_inputs, placeholder_mask
 from .decoder import DecoderPruningHooks, LanguageModelHooks, size_following_stages
@@ -165,7 +165,7 @@ class Qwen2VLAdapter:
         given = [kwargs.get(f"{modality}_grid_thw") for modality in ("image", "video")]
         grids, self._encoded_grids = [g for g in given if g is not None] or self._encoded_grids, []
         thw = torch.cat(grids).tolist() if grids else []  # the one read of the device: each item's grid
-        self.hooks.grids = self._grids(thw)
+        self.hooks.grids, self.hooks.frames = self._grids(thw)
         # each item's tokens, in prompt order, where the call prunes one modality whose grids it was given
         (modality,) = modalities if len(modalities) == 1 else (None,)
         one_run_each = modality == "image" or (modality == "video" and not self.frames_apart)
@@ -174,15 +174,20 @@ class Qwen2VLAdapter:
             items = thw[first : first + len(given[modality == "video"])]
             self.hooks.pending_sizes = [t * (h // self.merge) * (w // self.merge) for t, h, w in items]
 
-    def _grids(self, grid_thw: list[list[int]]) -> dict[int, tuple[int, int]]:
-        """Token count -> merged patch grid of single-frame images (of ``grid_thw``, each item's temporal,
-        height and width patches); a count two shapes (or a video) share has none."""
-        grids: dict[int, tuple[int, int] | None] = {}
+    def _grids(
+        self, grid_thw: list[list[int]]
+    ) -> tuple[dict[int, tuple[int, int]], dict[int, tuple[int, int, int]]]:
+        """Token count -> merged patch grid of single-frame images, and -> ``(frames, rows, cols)`` of
+        videos (of ``grid_thw``, each item's temporal, height and width patches); a count that two shapes
+        share has neither."""
+        shapes: dict[int, tuple[int, int, int] | None] = {}
         for t, h, w in grid_thw:
-            grid = (h // self.merge, w // self.merge) if t == 1 else None
-            count = t * (h // self.merge) * (w // self.merge)
-            grids[count] = grid if grids.get(count, grid) == grid else None
-        return {count: grid for count, grid in grids.items() if grid is not None}
+            shape = (t, h // self.merge, w // self.merge)
+            count = shape[0] * shape[1] * shape[2]
+            shapes[count] = shape if shapes.get(count, shape) == shape else None
+        known = {count: shape for count, shape in shapes.items() if shape is not None}
+        grids = {count: (rows, cols) for count, (t, rows, cols) in known.items() if t == 1}
+        return grids, {count: shape for count, shape in known.items() if shape[0] > 1}
 
 
 def _video_lengths(kwargs: dict, merge: int) -> torch.Tensor:
@@ -202,11 +207,5 @@ def _items_with_frames_apart(
 ) -> torch.Tensor:
     """Number each image and video ``[B, L]`` (-1 elsewhere) where a video is one placeholder run per frame:
     an image is its run, a video all its frames' runs (``video_lengths`` tokens each, in order)."""
-    runs = image_ids_by_runs(visual)
-    video = image_ids_by_lengths(videos, video_lengths.to(visual.device))
-    key = torch.where(videos, -1 - video, runs)[visual]  # one key per image run or per video
-    starts = torch.ones_like(key, dtype=torch.bool)
-    starts[1:] = key[1:] != key[:-1]
-    ids = torch.full_like(runs, -1)
-    ids[visual] = starts.cumsum(0) - 1
-    return ids
+    images = torch.where(videos, -1, image_ids_by_runs(visual & ~videos))
+    return items_in_prompt_order(images, image_ids_by_lengths(videos, video_lengths.to(visual.device)))

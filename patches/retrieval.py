@@ -155,7 +155,8 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         image_id = self.image_ids(visual) if image_id is None else image_id
         rows = image_rows(visual, image_id, None, sizes, self._pruner.checking("the prompts' image rows"))
         # each image's count from its own size (a budget larger than an image raises here, before any work)
-        kept = [self._pruner.config.kept_per_image(size) for size in rows.sizes]
+        config = self._pruner.config
+        kept = [config.kept_per_image(size, (self.frames_for(size) or (1,))[0]) for size in rows.sizes]
         layouts = image_layouts(visual, rows)
         keeps = [kept[layout.images[0]] for layout in layouts]
         self._new_prompt = _Prompt(visual, layouts, keeps, ~visual)
@@ -260,6 +261,7 @@ class DecodeRetrievalHooks(LanguageModelHooks):
             ctx = SelectionContext(
                 features=attention.new_empty(*layout.positions.shape, 0) if taken is None else taken,
                 grid=self.grid_for(layout.positions.shape[1]),
+                frames=self.frames_for(layout.positions.shape[1]),
                 image_index=layout.image_index,
                 keys=taken,
                 attention=layout.take(attention),

@@ -120,6 +120,8 @@ class EncoderPruningHooks:
         self._config: PrunerConfig | None = None
         self._attention_layers: tuple[int, ...] = ()
         self._call: _EncoderCall | None = None
+        #: set while the encoder runs on something the method does not take (a VLM's video frames)
+        self.suspended = False
 
     @property
     def merging(self) -> bool:
@@ -198,6 +200,9 @@ class EncoderPruningHooks:
     # -- hooks ----------------------------------------------------------------------------------
 
     def _start(self, module: nn.Module, args: tuple) -> None:
+        if self.suspended:
+            self._call = None
+            return
         self._pruner.begin_prefill()
         self._call = _EncoderCall()
 

@@ -139,19 +139,27 @@ def tower_outputs(model, substitutes: list | None = None):
     if visual is not None:
         handle = visual.register_forward_hook(hook)
         remove = handle.remove
-    else:  # the packing follows the tower inside get_image_features
+    else:  # the packing follows the tower inside get_image_features (OneVision's pooling, get_video_features)
         base = model.model
-        encode = base.get_image_features
+        names = [name for name in ("get_image_features", "get_video_features") if hasattr(base, name)]
 
-        @functools.wraps(encode)
-        def recording(*args, **kwargs):
-            output = encode(*args, **kwargs)
-            return hook(None, args, output) or output
+        def recording(encode):
+            @functools.wraps(encode)
+            def encode_and_record(*args, **kwargs):
+                output = encode(*args, **kwargs)
+                return hook(None, args, output) or output
 
-        base.get_image_features = recording
+            return encode_and_record
+
+        shadowed = {name: vars(base)[name] for name in names if name in vars(base)}  # a pruner's, kept
+        for name in names:
+            setattr(base, name, recording(getattr(base, name)))
 
         def remove():
-            del base.get_image_features
+            for name in names:
+                delattr(base, name)
+                if name in shadowed:
+                    setattr(base, name, shadowed[name])
 
     try:
         yield recorded
@@ -252,7 +260,7 @@ def select_sample(
     }
     pixels, grid = inputs["pixel_values"], inputs.get("image_grid_thw")
     if grid is None:  # one pixel_values entry per image
-        alone["pixel_values"] = None if pixels is None else pixels[first : first + count]
+        alone["pixel_values"] = None if pixels is None or not count else pixels[first : first + count]
     else:  # Qwen2-VL: rows of patches, grid.prod() per image
         rows = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), grid.prod(-1)]), 0)
         alone["pixel_values"] = pixels[rows[first] : rows[first + count]] if count else None
@@ -261,10 +269,12 @@ def select_sample(
         alone["image_grid_thw"] = None
     if "image_sizes" in inputs:  # LLaVA-NeXT: each image's original size
         alone["image_sizes"] = inputs["image_sizes"][first : first + count] if count else None
-    if videos_per_prompt is not None:  # Qwen2-VL videos: rows of patches, grid.prod() per video
-        first, count, grid = sum(videos_per_prompt[:b]), videos_per_prompt[b], inputs["video_grid_thw"]
-        rows = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), grid.prod(-1)]), 0)
-        if count:
+    if videos_per_prompt is not None:
+        first, count, grid = sum(videos_per_prompt[:b]), videos_per_prompt[b], inputs.get("video_grid_thw")
+        if count and grid is None:  # LLaVA-OneVision: one entry per video
+            alone["pixel_values_videos"] = inputs["pixel_values_videos"][first : first + count]
+        elif count:  # Qwen2-VL: rows of patches, grid.prod() per video
+            rows = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), grid.prod(-1)]), 0)
             alone["pixel_values_videos"] = inputs["pixel_values_videos"][rows[first] : rows[first + count]]
             alone["video_grid_thw"] = grid[first : first + count]
     return alone

@@ -33,6 +33,13 @@ def assert_untouched(model):
         ({"method": "fastv", "budget": 2.5}, TypeError, "budget must be an int"),
         ({"method": "fastv", "budget": 65}, ValueError, "larger than the 64 visual tokens"),
         (
+            {"method": "fastv", "budget": 65, "per_frame": True},
+            ValueError,
+            "larger than the 64 visual tokens per",
+        ),
+        ({"method": "fastv", "keep_ratio": 0.5, "per_frame": True}, ValueError, "per_frame counts a budget"),
+        ({"method": "fastv", "budget": 4, "per_frame": 1}, TypeError, "per_frame must be a bool"),
+        (
             {"method": "fastv", "keep_ratio": 0.5, "layer": 4},
             ValueError,
             r"outside .* 4 layers \(valid: 0..3\)",

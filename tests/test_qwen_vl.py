@@ -13,6 +13,7 @@ from helpers import (
     greedy_with_logits,
     masked_reference,
     select_sample,
+    selection_contexts,
 )
 
 import tokenprune as tp
@@ -152,6 +153,27 @@ def test_a_qwen3_video_is_one_item_across_its_frames():
         qwen3(**inputs)
     assert pruner.stats.visual_tokens == [32, 64 + 32]
     assert pruner.stats.kept_tokens == [5, 10]  # a budget per video, not per frame
+    for method in ("fastv", "visionzip", "sparsevila"):  # a decoder, a vision and a kv stage
+        with tp.pruned(qwen3, method, budget=5, per_frame=True) as pruner, torch.no_grad():
+            qwen3(**inputs)
+        assert pruner.stats.kept_tokens == [10, 15], method  # or per frame (an image is one)
+
+
+@pytest.mark.parametrize("method", ["fastv", "uniform", "evs"])
+def test_a_video_is_given_as_frames(qwen_with_videos, method):
+    """Each video's tokens reach a method with its ``(frames, rows, cols)`` (2 temporal patches of 4 x 4
+    merged tokens), in the vision stage, before the language model and in a decoder layer; images with
+    their grid, as one frame."""
+    if method not in tp.list_methods():
+        pytest.skip(f"{method} is not registered")
+    qwen = qwen_with_videos
+    inputs = tiny_inputs(qwen, (1, 0), videos_per_prompt=(1, 1))  # images of 8 x 8 merged tokens
+    with selection_contexts() as contexts, tp.pruned(qwen, method, keep_ratio=0.5), torch.no_grad():
+        qwen(**inputs)
+    by_count = {ctx.features.shape[1]: ctx for ctx in contexts}
+    assert set(by_count) == {64, 32}
+    assert by_count[64].frames is None and by_count[64].frame_grid() == (1, 8, 8)
+    assert by_count[32].frames == (2, 4, 4) and by_count[32].grid is None
 
 
 def test_a_moved_deepstack_step_is_named(monkeypatch):

@@ -10,6 +10,7 @@ from tokenprune.sequence import (
     image_ids_by_lengths,
     image_ids_by_runs,
     image_layouts,
+    items_in_prompt_order,
     keep_masks,
     plan_compaction,
     rows_by_counts,
@@ -81,3 +82,12 @@ def test_keep_masks_keep_text_and_the_chosen_tokens_of_each_group():
     assert torch.equal(keep, expected)
     plan = plan_compaction(keep, 5)
     assert plan.valid.sum(dim=1).tolist() == [5, 5]
+
+
+def test_items_in_prompt_order_number_images_and_videos_together():
+    # row 0: image 0, a video split by a word (frames apart), image 1 right after it; row 1: video 1
+    images = torch.tensor([[0, 0, -1, -1, -1, -1, 1, -1], [-1, -1, -1, -1, -1, -1, -1, -1]])
+    videos = torch.tensor([[-1, -1, 0, -1, 0, 0, -1, -1], [-1, 1, 1, 1, -1, -1, -1, -1]])
+    expected = torch.tensor([[0, 0, 1, -1, 1, 1, 2, -1], [-1, 3, 3, 3, -1, -1, -1, -1]])
+    assert torch.equal(items_in_prompt_order(images, videos), expected)
+    assert torch.equal(items_in_prompt_order(images, torch.full_like(videos, -1)), images)

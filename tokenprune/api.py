@@ -25,6 +25,7 @@ def apply_pruner(
     media: str = "both",
     positions: str | None = None,
     checks: str = "first",
+    per_frame: bool = False,
     **options: object,
 ) -> Pruner:
     """Prune the visual tokens of every forward pass of ``model`` (including inside ``generate``).
@@ -44,6 +45,7 @@ def apply_pruner(
             dropped ones leave, ``None`` follows the method's reference (see :class:`PrunerConfig`).
         checks: ``"first"`` checks the contracts that read the device (a host sync each on a GPU) at the
             first forward only, ``"every"`` at each (see :class:`PrunerConfig`).
+        per_frame: ``budget`` counts per frame of a video (an image is one frame), not per video.
         **options: method-specific options, checked against the method's declaration (type and range;
             ``docs/methods.md`` lists them).
 
@@ -58,7 +60,7 @@ def apply_pruner(
         extra = (keep_ratio, budget, layer, schedule)
         defaults = (
             not drop_early_kv and not options and media == "both" and positions is None and checks == "first"
-        )
+        ) and not per_frame
         if any(x is not None for x in extra) or not defaults:
             raise TypeError("pass either a PrunerConfig or a method name with its arguments, not both")
         config = method
@@ -74,6 +76,7 @@ def apply_pruner(
             media=media,
             positions=positions,
             checks=checks,
+            per_frame=per_frame,
         )
     if attached_pruner(model) is not None:
         raise RuntimeError("this model already has a pruner; call tokenprune.remove_pruner(model) first")

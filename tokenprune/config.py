@@ -62,13 +62,17 @@ class PrunerConfig:
             forward, to debug a new method or new inputs.
         depth: the language model's layers, which :meth:`for_depth` sets where the stages follow it
             (``sparsevlm``'s, at its reference's layers scaled to the depth; ``None``: 32, the reference's).
+        per_frame: ``budget`` counts the tokens kept per frame of a video (a video of ``F`` frames keeps
+            ``F * budget``; an image is one frame; a Qwen-VL video's frame is one temporal patch), not per
+            video.
 
     A ``vision`` method (``tome``, ``hiprune``, ``visionzip``) counts patches, without the CLS token;
     ``tome`` also takes ``r`` (tokens merged per layer) instead of ``keep_ratio``/``budget``.
-    ``media`` says what is pruned in a family that takes videos (Qwen2-VL, Qwen2.5-VL, Qwen3-VL):
-    ``"images"``, ``"videos"`` or ``"both"`` (the default); each video counts as one visual item, like an
-    image. A ``kv`` method (``sparsevila``) keeps every token at prefill; its ratio or budget is the
-    visual tokens of each image that every decode step attends to, in each layer.
+    ``media`` says what is pruned in a family that takes videos (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+    LLaVA-OneVision): ``"images"``, ``"videos"`` or ``"both"`` (the default); each video counts as one visual
+    item, like an image (its ``keep_ratio`` or ``budget``, or ``budget`` per frame with ``per_frame``). A
+    ``kv`` method (``sparsevila``) keeps every token at prefill; its ratio or budget is the visual tokens of
+    each image that every decode step attends to, in each layer.
     """
 
     method: str
@@ -83,6 +87,7 @@ class PrunerConfig:
     positions: str | None = None
     checks: str = "first"
     depth: int | None = None
+    per_frame: bool = False
     #: set by :func:`with_decoder_stage`: a ``budget`` larger than an image keeps it whole, not an error
     budget_capped: bool = field(default=False, init=False, repr=False, compare=False)
 
@@ -126,32 +131,7 @@ class PrunerConfig:
                 "give exactly one of keep_ratio (fraction of visual tokens kept) or budget "
                 "(visual tokens kept per image)"
             )
-        if self.keep_ratio is not None:
-            if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
-                raise TypeError(f"keep_ratio must be a number in (0, 1], got {self.keep_ratio!r}")
-            if not 0.0 < self.keep_ratio <= 1.0:
-                raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.budget is not None:
-            if isinstance(self.budget, bool) or not isinstance(self.budget, int):
-                raise TypeError(f"budget must be an int >= 1, got {self.budget!r}")
-            if self.budget < 1:
-                raise ValueError(f"budget must be >= 1 visual token per image, got {self.budget}")
-        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
-            raise TypeError(f"layer must be an int, got {self.layer!r}")
-        if self.layer is not None and self.layer < 0:
-            raise ValueError(f"layer must be >= 0 (0 prunes before the language model), got {self.layer}")
-        if spec.pyramid and self.layer == 0:
-            raise ValueError(
-                f"{self.method!r} prunes at layer, 2 * layer...: layer must be >= 1 (or give a schedule)"
-            )
-        if "transition" in spec.needs and self.acting_layer == 0:
-            raise ValueError(
-                f"method {self.method!r} scores how decoder layers change tokens: it needs layer >= 1, not 0"
-            )
-        if self.depth is not None and (type(self.depth) is not int or self.depth < 1):
-            raise ValueError(f"depth must be an int >= 1 (the language model's layers), got {self.depth!r}")
-        if not isinstance(self.drop_early_kv, bool):
-            raise TypeError(f"drop_early_kv must be a bool, got {self.drop_early_kv!r}")
+        _check_numbers(self)
         if self.vision is not None:
             self._check_vision()
 
@@ -195,7 +175,8 @@ class PrunerConfig:
                 "llm": f"kept from decoder layer {self.acting_layer}",
             }[self.stage]
             if self.budget is not None:
-                text = f"{self.method}: {self.budget} visual tokens per image {where}"
+                per = "frame of a video or image" if self.per_frame else "image"
+                text = f"{self.method}: {self.budget} visual tokens per {per} {where}"
             else:
                 text = f"{self.method}: {_percent(self.keep_ratio)} of each image's visual tokens {where}"
         extras = [f"{name}={value!r}" for name, value in self.options.items() if name != "r"]
@@ -208,8 +189,9 @@ class PrunerConfig:
         # a composition runs under this config's position rule, not its vision stage's own
         return f"{replace(self.vision, positions='original').describe()}; then {text}"
 
-    def stages(self, num_tokens: int) -> list[tuple[int, int]]:
-        """``(layer, visual tokens kept per image)`` of each pruning stage, for images of ``num_tokens``.
+    def stages(self, num_tokens: int, frames: int = 1) -> list[tuple[int, int]]:
+        """``(layer, visual tokens kept per image)`` of each pruning stage, for images (or videos of
+        ``frames`` frames) of ``num_tokens``.
 
         A pyramid's stage ``s`` of ``S`` keeps ``max(1, round(N * share ** (s / S)))`` of an image's ``N``
         tokens, ``share`` being ``keep_ratio`` (or ``budget / N``), so that each stage keeps the same share
@@ -217,7 +199,7 @@ class PrunerConfig:
         registered ``stage_counts`` keeps its counts (the last: ``keep_ratio``/``budget``)."""
         if self.schedule is not None:
             return [(layer, max(1, round(ratio * num_tokens))) for layer, ratio in self.schedule]
-        kept = self.kept_per_image(num_tokens)
+        kept = self.kept_per_image(num_tokens, frames)
         if not self.pyramid:
             return [(self.acting_layer, kept)]
         if self.spec.stage_counts is not None:
@@ -307,15 +289,50 @@ class PrunerConfig:
         """The config of the image-encoder stage, if any: this one or the composed ``vision``."""
         return self if self.spec.vision else self.vision
 
-    def kept_per_image(self, num_tokens: int) -> int:
-        """Visual tokens kept for an image of ``num_tokens``; ``ValueError`` if the budget exceeds it."""
+    def kept_per_image(self, num_tokens: int, frames: int = 1) -> int:
+        """Visual tokens kept for an image (or a video of ``frames`` frames) of ``num_tokens``; ``ValueError``
+        if the budget exceeds it."""
         if self.budget is not None:
-            if self.budget > num_tokens and not self.budget_capped:
-                raise ValueError(
-                    f"budget={self.budget} is larger than the {num_tokens} visual tokens per image"
-                )
-            return min(self.budget, num_tokens)
+            budget = self.budget * frames if self.per_frame else self.budget
+            if budget > num_tokens and not self.budget_capped:
+                per, tokens = ("frame", num_tokens // frames) if self.per_frame else ("image", num_tokens)
+                raise ValueError(f"budget={self.budget} is larger than the {tokens} visual tokens per {per}")
+            return min(budget, num_tokens)
         return max(1, round(self.keep_ratio * num_tokens))
+
+
+def _check_numbers(config: PrunerConfig) -> None:
+    """``TypeError``/``ValueError`` for a ``config`` whose amounts, layers or flags are out of their range."""
+    if config.keep_ratio is not None:
+        if isinstance(config.keep_ratio, bool) or not isinstance(config.keep_ratio, (int, float)):
+            raise TypeError(f"keep_ratio must be a number in (0, 1], got {config.keep_ratio!r}")
+        if not 0.0 < config.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {config.keep_ratio}")
+    if config.budget is not None:
+        if isinstance(config.budget, bool) or not isinstance(config.budget, int):
+            raise TypeError(f"budget must be an int >= 1, got {config.budget!r}")
+        if config.budget < 1:
+            raise ValueError(f"budget must be >= 1 visual token per image, got {config.budget}")
+    if config.layer is not None and (isinstance(config.layer, bool) or not isinstance(config.layer, int)):
+        raise TypeError(f"layer must be an int, got {config.layer!r}")
+    if config.layer is not None and config.layer < 0:
+        raise ValueError(f"layer must be >= 0 (0 prunes before the language model), got {config.layer}")
+    if config.spec.pyramid and config.layer == 0:
+        raise ValueError(
+            f"{config.method!r} prunes at layer, 2 * layer...: layer must be >= 1 (or give a schedule)"
+        )
+    if "transition" in config.spec.needs and config.acting_layer == 0:
+        raise ValueError(
+            f"method {config.method!r} scores how decoder layers change tokens: it needs layer >= 1, not 0"
+        )
+    if config.depth is not None and (type(config.depth) is not int or config.depth < 1):
+        raise ValueError(f"depth must be an int >= 1 (the language model's layers), got {config.depth!r}")
+    if not isinstance(config.drop_early_kv, bool):
+        raise TypeError(f"drop_early_kv must be a bool, got {config.drop_early_kv!r}")
+    if not isinstance(config.per_frame, bool):
+        raise TypeError(f"per_frame must be a bool, got {config.per_frame!r}")
+    if config.per_frame and config.budget is None:
+        raise ValueError("per_frame counts a budget per frame of a video: give budget, not keep_ratio")
 
 
 def _check_schedule(schedule: tuple[tuple[int, float], ...]) -> None:
@@ -372,6 +389,7 @@ def with_decoder_stage(config: PrunerConfig) -> PrunerConfig:
         media=config.media,
         positions=config.positions,
         checks=config.checks,
+        per_frame=config.per_frame,
     )
 
 

@@ -140,6 +140,21 @@ def image_ids_by_runs(visual: torch.Tensor) -> torch.Tensor:
     return torch.where(visual, ids, -1)
 
 
+def items_in_prompt_order(images: torch.Tensor, videos: torch.Tensor) -> torch.Tensor:
+    """Number images and videos together ``[B, L]`` (-1 elsewhere), in order row by row, from their own
+    numberings ``images`` and ``videos`` ``[B, L]`` (each -1 off its items, on tokens apart): an item is a
+    stretch of visual tokens of one image or one video, wherever other tokens interrupt it (a video's
+    frames apart). Reads nothing from the device."""
+    visual = (images >= 0) | (videos >= 0)
+    key = torch.where(videos >= 0, -2 - videos, images).flatten()  # one value per item: -1 off them
+    place = torch.arange(key.numel(), device=key.device)
+    last_visual = torch.where(visual.flatten(), place, -1).cummax(dim=0).values  # at or before each token
+    before = torch.nn.functional.pad(last_visual[:-1], (1, 0), value=-1)  # the visual token before each
+    starts = visual.flatten() & ((before < 0) | (key != key[before.clamp(min=0)]))
+    ids = starts.cumsum(0) - 1
+    return torch.where(visual, ids.view_as(visual), -1)
+
+
 @dataclass(frozen=True)
 class ImageRows:
     """Where the images of a batch are, as the host knows it: the tokens of each image, in order row by row,

@@ -61,6 +61,8 @@ class LanguageModelHooks:
         # of an image of a given token count, where known (set per forward by the family adapter)
         self.images_by_runs = False
         self.grids: dict[int, tuple[int, int]] = {}
+        # and the (frames, rows, cols) of a video of a given token count, where known
+        self.frames: dict[int, tuple[int, int, int]] = {}
         self._pruner: Pruner | None = None
 
     @property
@@ -76,6 +78,10 @@ class LanguageModelHooks:
     def grid_for(self, tokens: int) -> tuple[int, int] | None:
         """The patch grid of an image of ``tokens`` tokens, if known."""
         return self.grids.get(tokens) if self.images_by_runs else self.grid
+
+    def frames_for(self, tokens: int) -> tuple[int, int, int] | None:
+        """The ``(frames, rows, cols)`` of a video of ``tokens`` tokens, if known."""
+        return self.frames.get(tokens)
 
     def masks_for_generate(self, model: nn.Module) -> Callable:
         """The ``create_masks_for_generate`` that ``model``'s ``generate`` uses while these hooks are attached

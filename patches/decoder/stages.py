@@ -114,12 +114,13 @@ class Stages:
         stage handed on."""
         config = self._pruner.config
         vision = config.vision_stage
+        frames = (self._hooks.frames_for(size) or (1,))[0]
         if vision is None:
-            return config.stages(size)[stage][1]
-        kept = vision.kept_per_image(size)
+            return config.stages(size, frames)[stage][1]
+        kept = vision.kept_per_image(size, frames)
         if stage == 0:
             return kept
-        keep = config.stages(size)[stage - 1][1]
+        keep = config.stages(size, frames)[stage - 1][1]
         if keep > kept:
             raise ValueError(
                 f"{config.method!r} keeps {keep} tokens of an image of {size} but {vision.method!r} in the "
@@ -210,11 +211,13 @@ class Stages:
     ) -> SelectionContext:
         """The selection context of the images of ``layout``: their tokens and ``scores`` (each image's rows
         of a tensor over every token, its part of a per-image value, a module as it is)."""
-        grid = self._hooks.grid_for(layout.positions.shape[1]) if stage == 0 else None  # later: a subset
+        tokens = layout.positions.shape[1]
+        first = stage == 0  # a later stage sees a subset of the tokens: no grid
         config = self._pruner.config
         ctx = SelectionContext(
             features=layout.take(hidden),
-            grid=grid,
+            grid=self._hooks.grid_for(tokens) if first else None,
+            frames=self._hooks.frames_for(tokens) if first else None,
             image_index=layout.image_index,
             stage=stage,
             keep_ratio=config.stage_ratio(stage),

@@ -16,6 +16,9 @@ from .models import (
 )
 from .processors import anyres_image_processor
 
+#: Frames of a tiny LLaVA-OneVision video.
+ONEVISION_VIDEO_FRAMES = 4
+
 
 def tiny_pixels(model: PreTrainedModel, num_images: int = 2, seed: int = 0) -> torch.Tensor:
     """Random ``pixel_values`` of ``num_images`` images for ``model`` (an encoder or a VLM): ``[I, 3, H, W]``
@@ -54,10 +57,12 @@ def tiny_inputs(
     ``mm_token_type_ids`` instead. ``image_patches`` gives each Qwen2-VL image its own (rows, columns) of
     patches (even numbers; default 16 x 16, 64 tokens); ``videos_per_prompt`` adds Qwen-VL videos after
     the images (4 frames of 8 x 8 patches: 32 tokens each; ``pixel_values_videos``, ``video_grid_thw``;
-    for Qwen3-VL each pair of frames is its own placeholder run after a timestamp-like word).
+    for Qwen3-VL each pair of frames is its own placeholder run after a timestamp-like word), or
+    LLaVA-OneVision videos (:data:`ONEVISION_VIDEO_FRAMES` frames of 4 x 4 pooled tokens and a newline
+    token: 65 placeholders each; ``pixel_values_videos [V, 4, 3, 32, 32]``).
     """
     if model.config.model_type in ANYRES_FAMILIES:
-        return _anyres_inputs(model, images_per_prompt, text_lengths, seed)
+        return _anyres_inputs(model, images_per_prompt, text_lengths, seed, videos_per_prompt)
     generator = torch.Generator().manual_seed(seed)
     image_token = model.config.image_token_id
     qwen = model.config.model_type in QWEN_FAMILIES
@@ -68,7 +73,7 @@ def tiny_inputs(
         raise ValueError("image_patches gives one (rows, columns) per image, for Qwen2-VL only")
     videos_per_prompt = videos_per_prompt or (0,) * len(images_per_prompt)
     if any(videos_per_prompt) and not qwen:
-        raise ValueError("tiny videos are built for the Qwen-VL families only")
+        raise ValueError("tiny videos are built for the Qwen-VL families and LLaVA-OneVision only")
     frames_apart = model.config.model_type == "qwen3_vl"  # a timestamp and a placeholder run per frame
     video_grid = (2, 8, 8)  # temporal groups of 2 frames, rows, columns of patches
     merge = model.config.vision_config.spatial_merge_size if qwen else 1
@@ -130,10 +135,21 @@ def _anyres_inputs(
     images_per_prompt: tuple[int, ...],
     text_lengths: tuple[int, ...] | None,
     seed: int,
+    videos_per_prompt: tuple[int, ...] | None,
 ) -> dict[str, torch.Tensor]:
     """Prompts for the tiny LLaVA-NeXT / OneVision: random words and images of three aspect ratios in turn
-    (so their token counts differ), each image as many placeholders as the model packs features for it."""
+    (so their token counts differ), each image as many placeholders as the model packs features for it, then
+    (OneVision) the prompt's videos."""
     from PIL import Image
+
+    videos_per_prompt = videos_per_prompt or (0,) * len(images_per_prompt)
+    video_tokens = 0
+    if any(videos_per_prompt):
+        if model.config.model_type != "llava_onevision":
+            raise ValueError("tiny videos are built for the Qwen-VL families and LLaVA-OneVision only")
+        vision = model.config.vision_config
+        side = -(-vision.image_size // vision.patch_size // 2)  # a frame after the model's 2x2 pooling
+        video_tokens = ONEVISION_VIDEO_FRAMES * side * side + 1  # and the newline
 
     generator = torch.Generator().manual_seed(seed)
     shapes = [(40, 80), (60, 60), (90, 30)]
@@ -157,15 +173,23 @@ def _anyres_inputs(
         text_lengths = tuple(5 + 3 * b for b in range(len(images_per_prompt)))
     sizes = iter(counts)
     prompts = []
-    for num_images, length in zip(images_per_prompt, text_lengths, strict=False):
+    for num_images, num_videos, length in zip(
+        images_per_prompt, videos_per_prompt, text_lengths, strict=False
+    ):
         text = torch.randint(5, QWEN_VIDEO_TOKEN_ID, (length,), generator=generator)
         pieces = [text[: length // 2]]
         for _ in range(num_images):
             pieces += [torch.full((next(sizes),), model.config.image_token_id), text[:1]]
+        for _ in range(num_videos):
+            pieces += [torch.full((video_tokens,), model.config.video_token_id), text[:1]]
         pieces.append(text[length // 2 :])
         prompts.append(torch.cat(pieces))
     input_ids, attention_mask = _left_padded(prompts)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if video_tokens:
+        size = model.config.vision_config.image_size
+        shape = (sum(videos_per_prompt), ONEVISION_VIDEO_FRAMES, 3, size, size)
+        inputs["pixel_values_videos"] = torch.randn(shape, generator=generator)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **inputs}
 
 
