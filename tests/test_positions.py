@@ -91,6 +91,7 @@ REFERENCE_POSITIONS = {
     "dart": "original",  # DART_K_norm.forward: position_ids = keep_indexs
     "divprune": "renumbered",  # prepare_inputs_labels_for_multimodal slices the prompt; generate numbers it
     "fastv": "original",  # LlamaModel.forward: position_ids = keep_indexs
+    "fastvid": "original",  # its Qwen2.5-VL forward: position_ids[:, :, keep_indexs]
     "feather": "original",  # LlamaModel.forward: position_ids[:, keep_indexs]
     "hiprune": "renumbered",  # its LLaVA code selects image features before the sequence is built
     "holov": "renumbered",  # its LLaVA code hands the language model fewer projected features

@@ -7,6 +7,7 @@ from . import (  # noqa: F401
     dart,
     divprune,
     fastv,
+    fastvid,
     feather,
     hiprune,
     holov,
