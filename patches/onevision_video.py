@@ -5,12 +5,13 @@ frames and size (``pixel_values_videos [V, F, 3, H, W]``).
 
 :class:`OneVisionVideos` reads each video's token count and ``(frames, rows, cols)`` from the model's own
 ``get_video_features`` (shadowed on the instance) and, with a ``vision`` method that chooses among projected
-tokens by their features alone (the video methods: ``evs``, ``vidcom2``, ...), runs it there on every
-video's frame tokens, the newline left out: the tokens it drops become zeros, whose placeholders the
-decoder's first stage drops before the language model, as for images. A vision method that needs the
-tower's attention, keys or CLS token (chosen per image tile) leaves videos whole, as do ``media="images"``
-pruners; decoder (``pre_llm``, ``llm``) and ``kv`` methods prune them like images, each video one item of its
-frame tokens (the newline kept, as an image's).
+tokens (the video methods, ``vscan``), runs it there on every video's frame tokens, the newline left out,
+with the attention they receive in the tower and their keys where it needs them (gathered on each frame as
+on an image tile, and pooled as the model pools the frames' features): the tokens it drops become zeros,
+whose placeholders the decoder's first stage drops before the language model, as for images. A vision
+method that chooses among the tower's own features (``visionzip``, ``hiprune``, ...) leaves videos whole,
+as do ``media="images"`` pruners; decoder (``pre_llm``, ``llm``) and ``kv`` methods prune them like
+images, each video one item of its frame tokens (the newline kept, as an image's).
 """
 
 from __future__ import annotations
@@ -40,16 +41,18 @@ _ENCODE = "get_video_features"
 
 def video_method_runs(vision: PrunerConfig | None) -> bool:
     """Whether a pruner whose vision stage is ``vision`` prunes OneVision's videos: without a vision stage,
-    or with one that chooses among projected tokens by their features alone."""
-    return vision is None or (vision.spec.projected and not set(vision.spec.needs) - {"sizes"})
+    or with one that chooses among projected tokens (by their features, the attention they receive in the
+    tower and their keys: not by a CLS token, which the SigLIP tower has not)."""
+    return vision is None or (vision.spec.projected and "class_token" not in vision.spec.needs)
 
 
 class OneVisionVideos:
     """The videos of a LLaVA-OneVision model (``base``, its ``LlavaOnevisionModel``) as pruners see them."""
 
     def __init__(self, base: nn.Module):
-        if not callable(getattr(type(base), _ENCODE, None)):
-            raise InternalsMovedError(f"{type(base).__name__}.{_ENCODE} moved")
+        for name in (_ENCODE, "apply_pooling"):
+            if not callable(getattr(type(base), name, None)):
+                raise InternalsMovedError(f"{type(base).__name__}.{name} moved")
         vision = base.config.vision_config
         side = math.ceil(vision.image_size // vision.patch_size / 2)  # a frame after the model's pooling
         self.frame = (side, side)
@@ -71,10 +74,12 @@ class OneVisionVideos:
         self._pruner, self._vision = pruner, vision
         original = getattr(self._base, _ENCODE)
 
+        scored = vision is not None and bool({"encoder_attention", "keys"} & set(vision.spec.needs))
+
         @functools.wraps(original)
         def encode(*args, **kwargs):
-            if image_encoder is not None:
-                image_encoder.suspended = True
+            if image_encoder is not None:  # gathers, each frame a tile, what the method needs; else sits out
+                image_encoder.suspended = not scored
             try:
                 output = original(*args, **kwargs)
             finally:
@@ -86,7 +91,8 @@ class OneVisionVideos:
             self.frames = {frames * per_frame: (frames, *self.frame)}
             self._lengths = torch.full((tokens.shape[0],), tokens.shape[1], device=tokens.device)
             if self._vision is not None:
-                output.pooler_output = self._reduce(tokens, (frames, *self.frame))
+                scores = self._pooled_scores(image_encoder, tokens.shape[0]) if scored else ({}, None)
+                output.pooler_output = self._reduce(tokens, (frames, *self.frame), *scores)
             return output
 
         language_model = self._base.language_model
@@ -102,9 +108,29 @@ class OneVisionVideos:
             raise ValueError("LLaVA-OneVision video pruning needs the videos encoded in this call")
         return image_ids_by_lengths(videos, lengths.to(videos.device))
 
-    def _reduce(self, tokens: torch.Tensor, frames: tuple[int, int, int]) -> torch.Tensor:
+    def _pooled_scores(
+        self, encoder: EncoderPruningHooks, num_videos: int
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        """What the tower gathered for the method over the frames (each frame a tile), pooled as the model
+        pools the frames' features: the attention each token receives by layer ``{layer: [V, F * p]}``, and
+        the tokens' keys ``[V, F * p, d]`` (``None`` unless the method needs them)."""
+        attention, keys, _ = encoder.patch_scores()
+        channels = [*(a[..., None] for a in attention.values()), *([] if keys is None else [keys])]
+        pooled = self._base.apply_pooling(torch.cat(channels, dim=-1).float())  # [V * F, p, C]
+        pooled = pooled.reshape(num_videos, -1, pooled.shape[-1])
+        by_layer = {layer: pooled[..., i] for i, layer in enumerate(attention)}
+        return by_layer, None if keys is None else pooled[..., len(attention) :]
+
+    def _reduce(
+        self,
+        tokens: torch.Tensor,
+        frames: tuple[int, int, int],
+        attention: dict[int, torch.Tensor],
+        keys: torch.Tensor | None,
+    ) -> torch.Tensor:
         """``tokens`` with the frame tokens the vision method drops made zeros and those it keeps (or merges)
-        in the places it chose; each video's newline as it was."""
+        in the places it chose (by their features, and the pooled ``attention`` and ``keys`` where it needs
+        them); each video's newline as it was."""
         pruner, config = self._pruner, self._vision
         if not self.started:
             pruner.begin_prefill()
@@ -117,6 +143,8 @@ class OneVisionVideos:
                 grid=None,
                 frames=frames,
                 image_index=torch.zeros(num_videos, dtype=torch.long, device=tokens.device),
+                encoder_attention=attention or None,
+                keys=keys,
             )
             result = pruner.select_with(config, ctx, keep)
             index = result.index if isinstance(result, Merged) else result

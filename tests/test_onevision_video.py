@@ -18,7 +18,7 @@ from helpers import (
 
 import tokenprune as tp
 from tokenprune.context import SelectionContext
-from tokenprune.registry import _REGISTRY
+from tokenprune.registry import _REGISTRY, get_method
 from tokenprune.testing import tiny_inputs, tiny_model
 
 IMAGES = (1, 0, 2)
@@ -68,7 +68,12 @@ def pruned_and_reference(model, config, inputs: dict):
     return got, pruner.stats, expected
 
 
-@pytest.mark.parametrize("method", [*PREFILL_METHODS, "frames_method"])
+VIDEO_VISION_METHODS = sorted(
+    m for m in tp.list_methods() if get_method(m).vision and get_method(m).projected
+)
+
+
+@pytest.mark.parametrize("method", [*PREFILL_METHODS, *VIDEO_VISION_METHODS, "frames_method"])
 def test_videos_and_images_dropping_equals_masking(onevision, method, request):
     if method == "frames_method":
         method = request.getfixturevalue("frames_method")
