@@ -241,7 +241,9 @@ class QwenVisionHooks:
                 places = torch.gather(index, 1, chosen)
                 pruned[places] = features.to(tokens.dtype)
                 for feature, out in zip(deepstack, pruned_deepstack, strict=True):
-                    if merged:  # merged as the tokens were: the method's choice ignores the features
+                    if merged is not None and merged.follow is not None:  # the method's own merge, again
+                        followed = merged.follow(feature[index])
+                    elif merged is not None:  # merged as the tokens were: its choice ignores the features
                         followed = self._choose(dataclasses.replace(ctx, features=feature[index]), keep)[1]
                     else:
                         followed = gather_tokens(feature[index], chosen)
@@ -267,13 +269,13 @@ class QwenVisionHooks:
         grid = [values[item : item + 3] for item in range(0, split, 3)]
         return grid, dict(zip(self._attention_layers, values[split:], strict=True))
 
-    def _choose(self, ctx: SelectionContext, keep: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """The method's places ``[I, keep]`` among the tokens of ``ctx``, the tokens it puts there, and
-        whether it merged them."""
+    def _choose(self, ctx: SelectionContext, keep: int) -> tuple[torch.Tensor, torch.Tensor, Merged | None]:
+        """The method's places ``[I, keep]`` among the tokens of ``ctx``, the tokens it puts there, and its
+        merge where it merged them."""
         result = self._pruner.select_with(self._config, ctx, keep)
         if isinstance(result, Merged):
-            return result.index, result.features, True
-        return result, gather_tokens(ctx.features, result), False
+            return result.index, result.features, result
+        return result, gather_tokens(ctx.features, result), None
 
     def _projections(self, block: _Block) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries and keys ``[N, H, d]`` of a block's patches, with its rotary tables applied."""

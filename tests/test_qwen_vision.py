@@ -172,13 +172,18 @@ def test_media_picks_what_the_tower_prunes(qwen, media, kept_token):
 
 @pytest.mark.parametrize("method", SELECTING)
 def test_deepstack_features_follow_the_tokens(method):
-    """Qwen3-VL: with every DeepStack level made equal to the tower's tokens (before the pruner sees them),
-    each level the pruner hands on equals the tokens it hands on: kept, dropped or merged alike."""
+    """Qwen3-VL: with DeepStack level ``i`` made ``tokens @ maps[i]`` of the tower's tokens (random linear
+    maps, before the pruner sees them), each level the pruner hands on is that of the tokens it hands on:
+    kept, dropped or merged alike (every merge is linear in the tokens, so it commutes with the map), whether
+    the method's merge follows the features (``fastvid``: the maps change their similarities) or attention
+    and keys only."""
     model = shared_model("qwen3_vl", "sdpa")
     inputs = media_inputs(model)
+    width = model.config.text_config.hidden_size
+    maps = torch.randn(2, width, width, generator=torch.Generator().manual_seed(0)) / width**0.5
 
     def levels_are_the_tokens(module, args, output):
-        output.deepstack_features = [output.pooler_output.clone() for _ in output.deepstack_features]
+        output.deepstack_features = [output.pooler_output @ m for m in maps]
         return output
 
     handle = model.model.visual.register_forward_hook(levels_are_the_tokens)  # runs before the pruner's
@@ -189,8 +194,8 @@ def test_deepstack_features_follow_the_tokens(method):
         handle.remove()
     for tokens, deepstack in handed_on:
         assert len(deepstack) == 2 and int(tokens.ne(0).any(dim=-1).sum()) < tokens.shape[0]
-        for level in deepstack:
-            torch.testing.assert_close(level, tokens, atol=1e-6, rtol=0)
+        for level, linear_map in zip(deepstack, maps, strict=True):
+            torch.testing.assert_close(level, tokens @ linear_map, atol=1e-5, rtol=0)
 
 
 def test_encoder_attention_is_the_blocks_own():

@@ -198,8 +198,13 @@ class Merged:
             method's layout (ToMe's: not sorted).
         features: the output tokens ``[I, k, D]``.
         sizes: how many patches each output token stands for ``[I, k]``.
+        follow: the same merge applied to other tokens of the same patches ``[I, N, D'] -> [I, k, D']`` (a
+            model's other feature levels: Qwen3-VL's DeepStack), for a method whose merge depends on the
+            features themselves; ``None`` where it depends on attention and keys only, and the adapter runs
+            the method again on the other tokens.
     """
 
     index: torch.Tensor
     features: torch.Tensor
     sizes: torch.Tensor
+    follow: Callable[[torch.Tensor], torch.Tensor] | None = None

@@ -139,14 +139,18 @@ def fastvid(
     joins = joins & ~salient[:, :, None] & ~own
     weights = joins.float()
     count = weights.sum(dim=1)  # [I, slots]
-    joined = weights.transpose(1, 2) @ features.float() / count.clamp(min=1)[..., None]
     w = (1 / (count + 1)).clamp(min=beta)[..., None]
-    merged = w * gather_tokens(features, anchors).float() + (1 - w) * joined
     place = torch.gather(kept.cumsum(dim=1) - 1, 1, anchors).masked_fill(~valid, keep)  # spare row: padding
-    out = torch.cat([gather_tokens(features, index), features.new_zeros(num_items, 1, dim)], dim=1)
-    out = out.scatter(1, place[..., None].expand(-1, -1, dim), merged.to(features.dtype))
+
+    def merge(tokens: torch.Tensor) -> torch.Tensor:  # these tokens ([I, N, D']) merged as the features are
+        joined = weights.transpose(1, 2) @ tokens.float() / count.clamp(min=1)[..., None]
+        merged = w * gather_tokens(tokens, anchors).float() + (1 - w) * joined
+        out = torch.cat([gather_tokens(tokens, index), tokens.new_zeros(num_items, 1, tokens.shape[-1])], 1)
+        out = out.scatter(1, place[..., None].expand(-1, -1, tokens.shape[-1]), merged.to(tokens.dtype))
+        return out[:, :keep]
+
     sizes = features.new_ones(num_items, keep + 1).scatter(1, place, (count + 1).to(features.dtype))
-    return Merged(index, out[:, :keep], sizes[:, :keep])
+    return Merged(index, merge(features), sizes[:, :keep], follow=merge)
 
 
 def _segments(
