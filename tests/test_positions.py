@@ -90,6 +90,7 @@ REFERENCE_POSITIONS = {
     "cdpruner": "renumbered",  # its LLaVA encode_images hands the language model fewer features
     "dart": "original",  # DART_K_norm.forward: position_ids = keep_indexs
     "divprune": "renumbered",  # prepare_inputs_labels_for_multimodal slices the prompt; generate numbers it
+    "evs": "original",  # vLLM gives each kept video token its mrope position (compute_mrope_for_media)
     "fastv": "original",  # LlamaModel.forward: position_ids = keep_indexs
     "fastvid": "original",  # its Qwen2.5-VL forward: position_ids[:, :, keep_indexs]
     "feather": "original",  # LlamaModel.forward: position_ids[:, keep_indexs]
@@ -107,6 +108,7 @@ REFERENCE_POSITIONS = {
     "transprune": "renumbered",  # its code renumbers the sequence after each stage
     "turbo": "renumbered",  # its LLaVA-1.5 code hands LLaVA fewer features
     "uniform": "original",  # a baseline: no reference
+    "vidcom2": "original",  # its Qwen2.5-VL forward keeps position_ids[:, :, keep_token_indices]
     "visionzip": "renumbered",  # hands LLaVA fewer features
     "vispruner": "renumbered",  # hands LLaVA fewer features
     "vscan": "renumbered",  # its LLaVA code keeps image_feature[index_mask]: fewer features
