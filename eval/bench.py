@@ -34,6 +34,8 @@ from tokenprune.testing.dispatch import CountOps
 
 #: The (rows, columns) of patches of each image in a Qwen-VL benchmark: 256 tokens once merged 2x2.
 QWEN_IMAGE_PATCHES = (32, 32)
+#: The (rows, columns) of patches of each frame of a Qwen-VL video benchmark: 64 tokens once merged 2x2.
+QWEN_FRAME_PATCHES = (16, 16)
 
 
 @dataclass
@@ -121,24 +123,37 @@ def build_model(config, attn: str, device: torch.device, dtype: torch.dtype) -> 
 TEXT_TOKENS = 40
 
 
-def benchmark_inputs(model, batch_size: int, text_tokens: int, device: torch.device) -> dict:
+def benchmark_inputs(
+    model, batch_size: int, text_tokens: int, device: torch.device, video_frames: int = 0
+) -> dict:
     """One image and ``text_tokens`` text tokens per prompt, on ``device`` in the model's dtype (a Qwen-VL
-    image of :data:`QWEN_IMAGE_PATCHES`)."""
-    images = (1,) * batch_size
-    if model.config.model_type in QWEN_FAMILIES:
-        patches = (QWEN_IMAGE_PATCHES,) * batch_size
-        inputs = tiny_inputs(model, images, (text_tokens,) * batch_size, image_patches=patches)
+    image of :data:`QWEN_IMAGE_PATCHES`); with ``video_frames``, one Qwen-VL video of that many frames
+    (temporal patches, two input frames each) of :data:`QWEN_FRAME_PATCHES` instead of the image."""
+    qwen = model.config.model_type in QWEN_FAMILIES
+    text = (text_tokens,) * batch_size
+    if video_frames:
+        if not qwen:
+            raise ValueError("the video benchmark runs Qwen-VL architectures (qwen2.5-vl-small)")
+        grid = (video_frames, *QWEN_FRAME_PATCHES)
+        inputs = tiny_inputs(
+            model, (0,) * batch_size, text, videos_per_prompt=(1,) * batch_size, video_grid=grid
+        )
+    elif qwen:
+        inputs = tiny_inputs(model, (1,) * batch_size, text, image_patches=(QWEN_IMAGE_PATCHES,) * batch_size)
     else:
-        inputs = tiny_inputs(model, images, (text_tokens,) * batch_size)
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        inputs = tiny_inputs(model, (1,) * batch_size, text)
+    inputs = {k: v.to(device) for k, v in inputs.items() if v is not None}
+    for pixels in ("pixel_values", "pixel_values_videos"):
+        if pixels in inputs:
+            inputs[pixels] = inputs[pixels].to(model.dtype)
     return inputs
 
 
 def tokens_per_image(model, inputs: dict) -> int:
-    """Visual tokens of each image of ``inputs`` (one image per prompt, all of one size)."""
+    """Visual tokens of each image (or video) of ``inputs`` (one per prompt, all of one size)."""
     ids = inputs["input_ids"]
-    return int((ids == model.config.image_token_id).sum()) // ids.shape[0]
+    token = model.config.image_token_id if "pixel_values" in inputs else model.config.video_token_id
+    return int((ids == token).sum()) // ids.shape[0]
 
 
 class Runner:
@@ -157,10 +172,14 @@ class Runner:
 
     @torch.no_grad()
     def ideal_prefill(self, kept_per_image: int) -> None:
-        """Vision tower and projector on the images, then the language model on the pruned length."""
+        """Vision tower and projector on the images (or videos), then the language model on the pruned
+        length."""
         base = self.model.model
-        images = ("pixel_values", "image_grid_thw", "image_sizes")
-        base.get_image_features(**{k: self.inputs[k] for k in images if k in self.inputs})
+        if "pixel_values" in self.inputs:
+            images = ("pixel_values", "image_grid_thw", "image_sizes")
+            base.get_image_features(**{k: self.inputs[k] for k in images if k in self.inputs})
+        else:
+            base.get_video_features(self.inputs["pixel_values_videos"], self.inputs["video_grid_thw"])
         batch, length = self.inputs["input_ids"].shape
         pruned = length - (tokens_per_image(self.model, self.inputs) - kept_per_image)
         embeds = base.get_input_embeddings()(self.inputs["input_ids"][:, :pruned])
@@ -361,8 +380,10 @@ def run_benchmark(
     new_tokens: int = 8,
     text_tokens: int = TEXT_TOKENS,
     compile: bool = False,
+    video_frames: int = 0,
 ) -> list[BenchRow]:
-    """Measure the unpruned model, the ideal and every method, per batch size and keep ratio.
+    """Measure the unpruned model, the ideal and every method, per batch size and keep ratio (on a video of
+    ``video_frames`` frames per prompt instead of an image, where given).
 
     Returns one row per (batch size, ratio, method), plus an ``unpruned`` row per batch size and an
     ``ideal`` row per (batch size, ratio); every ratio is relative to that batch size's unpruned row.
@@ -375,7 +396,7 @@ def run_benchmark(
     with Progress(transient=True) as progress:
         task = progress.add_task("benchmark", total=steps)
         for batch_size in batch_sizes:
-            inputs = benchmark_inputs(model, batch_size, text_tokens, device)
+            inputs = benchmark_inputs(model, batch_size, text_tokens, device, video_frames)
             n = tokens_per_image(model, inputs)
             runner = Runner(model, inputs, device, repeats, new_tokens, compile)
             progress.update(task, description=f"bs={batch_size} unpruned")

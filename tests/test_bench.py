@@ -50,6 +50,21 @@ def test_a_qwen_architecture_benchmarks_decoder_and_kv_methods():
     assert by["sparsevila"].layer == 0 and by["fastv"].layer == 2
 
 
+def test_a_video_workload_times_video_and_decoder_methods_against_its_ideal(tmp_path):
+    """A video of 3 frames of 64 tokens per prompt instead of the image: the video method in the tower, the
+    decoder method in the language model, each against the ideal of its kept tokens; the command refuses
+    a model without Qwen-VL videos."""
+    model = build_model(tiny_config("qwen2_5_vl"), "sdpa", torch.device("cpu"), torch.float32)
+    rows = run_benchmark(model, ["evs", "fastv"], [0.25], [2], repeats=1, new_tokens=2, video_frames=3)
+    by = {r.method: r for r in rows}
+    assert by["unpruned"].visual_tokens == 3 * 64 and by["unpruned"].batch_size == 2
+    assert all(by[m].kept_tokens == 48 for m in ("ideal", "evs", "fastv"))
+    assert by["ideal"].prompt_tokens == by["unpruned"].prompt_tokens - 3 * 64 + 48
+    assert by["evs"].kv_cache_mib < by["unpruned"].kv_cache_mib and by["evs"].layer == 0
+    refused = CliRunner().invoke(app, ["bench", "--video-frames", "4", "--out", str(tmp_path)])
+    assert refused.exit_code == 2 and "Qwen-VL" in refused.output
+
+
 def test_rows_cover_every_configuration(rows):
     keys = [(r.batch_size, r.method, r.kept_tokens) for r in rows]
     for batch in (1, 2):

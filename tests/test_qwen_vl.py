@@ -164,8 +164,6 @@ def test_a_video_is_given_as_frames(qwen_with_videos, method):
     """Each video's tokens reach a method with its ``(frames, rows, cols)`` (2 temporal patches of 4 x 4
     merged tokens), in the vision stage, before the language model and in a decoder layer; images with
     their grid, as one frame."""
-    if method not in tp.list_methods():
-        pytest.skip(f"{method} is not registered")
     qwen = qwen_with_videos
     inputs = tiny_inputs(qwen, (1, 0), videos_per_prompt=(1, 1))  # images of 8 x 8 merged tokens
     with selection_contexts() as contexts, tp.pruned(qwen, method, keep_ratio=0.5), torch.no_grad():

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 import tokenprune
+from tokenprune.testing import QWEN_FAMILIES
 
 from .common import (
     RESULTS,
@@ -57,6 +58,14 @@ def bench(
         int, typer.Option(min=1, help="Timed runs per measurement (the fastest prefill, the median decode).")
     ] = 3,
     new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated for the decode timing.")] = 8,
+    video_frames: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Each prompt holds a video of this many frames (Qwen-VL temporal patches of 64 tokens) "
+            "instead of an image.",
+        ),
+    ] = 0,
     compile: Annotated[
         bool,
         typer.Option(
@@ -93,11 +102,27 @@ def bench(
                 vlm = build_model(ARCHS[arch](), attn, torch_device, torch_dtype)
             else:
                 vlm = load_model(checkpoint_path(model), attn, torch_device, torch_dtype)
+        if video_frames and vlm.config.model_type not in QWEN_FAMILIES:
+            raise CliError(
+                "--video-frames times Qwen-VL videos: use --arch qwen2.5-vl-small or a Qwen-VL model"
+            )
         with quiet_transformers():
             rows = run_benchmark(
-                vlm, names, ratios, sizes, repeats=repeats, new_tokens=new_tokens, compile=compile
+                vlm,
+                names,
+                ratios,
+                sizes,
+                repeats=repeats,
+                new_tokens=new_tokens,
+                compile=compile,
+                video_frames=video_frames,
             )
-    settings = {"repeats": repeats, "new_tokens": new_tokens, "compile": compile}
+    settings = {
+        "repeats": repeats,
+        "new_tokens": new_tokens,
+        "compile": compile,
+        "video_frames": video_frames,
+    }
     meta = run_meta(model or arch, torch_device, attn, torch_dtype, **settings)
     paths = write_results(rows, out, meta)
     report(console, markdown_table(rows), paths, page, out, markdown)

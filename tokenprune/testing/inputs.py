@@ -46,6 +46,7 @@ def tiny_inputs(
     seed: int = 0,
     image_patches: tuple[tuple[int, int], ...] | None = None,
     videos_per_prompt: tuple[int, ...] | None = None,
+    video_grid: tuple[int, int, int] = (2, 8, 8),
 ) -> dict[str, torch.Tensor]:
     """A left-padded batch for ``model``: one prompt per entry of ``images_per_prompt``.
 
@@ -56,8 +57,10 @@ def tiny_inputs(
     image is wrapped in vision start/end tokens and the batch has ``image_grid_thw`` and
     ``mm_token_type_ids`` instead. ``image_patches`` gives each Qwen2-VL image its own (rows, columns) of
     patches (even numbers; default 16 x 16, 64 tokens); ``videos_per_prompt`` adds Qwen-VL videos after
-    the images (4 frames of 8 x 8 patches: 32 tokens each; ``pixel_values_videos``, ``video_grid_thw``;
-    for Qwen3-VL each pair of frames is its own placeholder run after a timestamp-like word), or
+    the images (by default 4 frames of 8 x 8 patches: 32 tokens each; ``video_grid`` sets the temporal
+    patches of two frames each, and the rows and columns of patches; ``pixel_values_videos``,
+    ``video_grid_thw``; for Qwen3-VL each temporal patch is its own placeholder run after a timestamp-like
+    word), or
     LLaVA-OneVision videos (:data:`ONEVISION_VIDEO_FRAMES` frames of 4 x 4 pooled tokens and a newline
     token: 65 placeholders each; ``pixel_values_videos [V, 4, 3, 32, 32]``).
     """
@@ -75,7 +78,6 @@ def tiny_inputs(
     if any(videos_per_prompt) and not qwen:
         raise ValueError("tiny videos are built for the Qwen-VL families and LLaVA-OneVision only")
     frames_apart = model.config.model_type == "qwen3_vl"  # a timestamp and a placeholder run per frame
-    video_grid = (2, 8, 8)  # temporal groups of 2 frames, rows, columns of patches
     merge = model.config.vision_config.spatial_merge_size if qwen else 1
     sizes = iter([rows * cols // merge**2 for rows, cols in image_patches] if qwen else [])
     if text_lengths is None:
