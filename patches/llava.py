@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from tokenprune.config import PrunerConfig
 
 from ._internals import base_model, has_media_inputs, placeholder_mask
-from .decoder import DecoderPruningHooks
+from .decoder import DecoderPruningHooks, check_layer
 from .retrieval import DecodeRetrievalHooks
 from .vit import EncoderPruningHooks
 
@@ -64,15 +64,13 @@ class LlavaAdapter:
         outside the language model, a budget larger than an image or a vision stage this model cannot
         take."""
         if config.spec.decode:  # nothing is pruned at prefill
+            check_layer(config.acting_layer, self.num_layers)
             config.kept_per_image(self.tokens_per_image)  # a budget larger than an image raises
             return []
         vision = config.vision_stage
         decoder = [] if config.spec.vision else config.stages(self.tokens_per_image)
-        if decoder and config.last_layer >= self.num_layers:
-            raise ValueError(
-                f"layer={config.last_layer} is outside the language model's "
-                f"{self.num_layers} layers (valid: 0..{self.num_layers - 1})"
-            )
+        if decoder:
+            check_layer(config.last_layer, self.num_layers)
         if vision is None:
             return decoder
         encoder = self._encoder_hooks(vision)

@@ -10,7 +10,9 @@ each decoder layer's attention routed through :meth:`DecodeRetrievalHooks._atten
 * in every layer's attention, at a decode step: the scores of the layer's own queries over the cached
   keys (computed once, as eager attention does) rank each image's tokens by the last query's attention;
   the method picks each image's visible tokens; the same scores, with the others hidden, give the
-  layer's output (text and generated tokens stay visible). A method that keeps the top-k of that
+  layer's output (text and generated tokens stay visible). A method whose ``default_layer`` (or the
+  config's ``layer``) is K >= 1 picks once, in layer K - 1 (which sees every entry), for layers K onward;
+  the layers before K see every entry. A method that keeps the top-k of that
   attention (``attention_top_k``) selects in one Triton kernel instead where Triton runs, and sdpa
   attends under the masks it writes: a few launches per layer, not a few dozen. Elsewhere the layer's
   own attention runs.
@@ -64,6 +66,7 @@ class _Step:
     mask: torch.Tensor  # [B, M] bool over the cache's slots: M = rows held + new tokens, or a static capacity
     rows: torch.Tensor  # [T] the cache slot of each new token
     visible: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L]
+    chosen: torch.Tensor | None = None  # [B, L] a method's choice in one layer for the layers after it
     _hidden: dict[tuple[int, int | None], torch.Tensor] = field(default_factory=dict)
     _allowed: dict[tuple[int, int | None], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -101,6 +104,8 @@ class DecodeRetrievalHooks(LanguageModelHooks):
     def attach(self, pruner: Pruner, model: nn.Module) -> list[RemovableHandle]:
         """Register the hooks for ``pruner``, whose VLM is ``model``; returns their handles."""
         self._pruner = pruner
+        # 0: each layer selects; K >= 1: layer K - 1 selects for layers K onward, the others see every entry
+        self._first_layer = pruner.config.acting_layer
         lm = self.language_model
         # the kernel selects by the heads it is given: on a tensor-parallel rank, its own (see _visible)
         self._in_one_kernel = pruner.config.spec.attention_top_k and not tensor_parallel.is_sharded(lm)
@@ -231,10 +236,17 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         scores = (scores * scaling).view(batch, kv_heads, groups, new, keys)
         lowest = torch.finfo(scores.dtype).min
         scores = scores.masked_fill(step.hidden(keys, kwargs.get("sliding_window")), lowest)
-        with self._pruner.timed_selection():
-            visible = self._visible(step, module, key, scores[:, :, :, -1])
-        step.visible[module.layer_idx] = visible
-        scores[..., : visible.shape[1]].masked_fill_(~visible[:, None, None, None], lowest)
+        layer, first = module.layer_idx, self._first_layer
+        if first == 0 or layer == first - 1:
+            with self._pruner.timed_selection():
+                chosen = self._visible(step, module, key, scores[:, :, :, -1])
+            step.chosen = None if first == 0 else chosen
+        visible = chosen if first == 0 else step.chosen if layer >= first else None
+        if visible is None:  # a layer before the first that hides entries
+            step.visible[layer] = torch.ones_like(step.prompt.visual)
+        else:
+            step.visible[layer] = visible
+            scores[..., : visible.shape[1]].masked_fill_(~visible[:, None, None, None], lowest)
         weights = scores.view(batch, heads, new, keys).softmax(dim=-1, dtype=torch.float32).to(query.dtype)
         output = torch.matmul(weights.view(batch, kv_heads, groups * new, keys), value)
         return output.view(batch, heads, new, head_dim).transpose(1, 2).contiguous(), weights

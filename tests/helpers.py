@@ -247,6 +247,41 @@ def extend(inputs: dict, new_tokens: torch.Tensor) -> dict:
     return grown
 
 
+def step_masks(
+    attention_mask: torch.Tensor, prompt_length: int, steps: list[dict[int, torch.Tensor]], layer: int
+):
+    """Additive 4-D mask of the unpatched model over the prompt and generated tokens: causal and padding,
+    and the row of decode step ``s`` (token ``prompt_length + s - 1``) sees only the prompt tokens that
+    step's selection left visible at ``layer``."""
+    length = attention_mask.shape[1]
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & attention_mask.bool()[:, None, :]
+    for s, visible in enumerate(steps, start=1):
+        allowed[:, prompt_length + s - 1, :prompt_length] &= visible[layer]
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+
+
+def masked_recomputation(
+    model, inputs: dict, sequences: torch.Tensor, steps: list, upto: int
+) -> torch.Tensor:
+    """Last-row logits of the unpatched model, without a cache, on the prompt and the first ``upto``
+    generated tokens (positions, Qwen's multimodal ones included, from the model itself or extended as
+    ``generate`` does), each decode row restricted as its step was (see :func:`step_masks`)."""
+    prompt_length = inputs["input_ids"].shape[1]
+    grown = extend(inputs, sequences[:, prompt_length : prompt_length + upto])
+    handles = []
+    for i, layer in enumerate(model.model.language_model.layers):
+        dense = step_masks(grown["attention_mask"], prompt_length, steps[:upto], i)
+        hook = lambda module, args, kwargs, dense=dense: (args, {**kwargs, "attention_mask": dense})  # noqa: E731
+        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            out = model(**grown, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out.logits[:, -1]
+
+
 def select_sample(
     inputs: dict, b: int, images_per_prompt: tuple[int, ...], videos_per_prompt: tuple[int, ...] | None = None
 ) -> dict:

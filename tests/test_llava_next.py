@@ -27,7 +27,18 @@ from tokenprune.testing import ANYRES_FAMILIES, tiny_inputs, tiny_model
 IMAGES = (1, 2, 1)
 PREFILL_METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage in ("pre_llm", "llm"))
 # tome is refused (test_tome_is_refused_before_any_work); vscan alone is its two stages, the encoder's first
-VISION_METHODS = ["hiprune", "visionzip", "vispruner", "scope", "holov", "vscan", "evs", "fastvid", "vidcom2"]
+VISION_METHODS = [
+    "hiprune",
+    "visionzip",
+    "vispruner",
+    "scope",
+    "holov",
+    "vscan",
+    "evs",
+    "fastvid",
+    "vidcom2",
+    "dycoke",
+]
 
 
 @pytest.fixture(params=ANYRES_FAMILIES)

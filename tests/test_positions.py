@@ -90,6 +90,8 @@ REFERENCE_POSITIONS = {
     "cdpruner": "renumbered",  # its LLaVA encode_images hands the language model fewer features
     "dart": "original",  # DART_K_norm.forward: position_ids = keep_indexs
     "divprune": "renumbered",  # prepare_inputs_labels_for_multimodal slices the prompt; generate numbers it
+    "dycoke": "renumbered",  # dycole_ttm hands the language model fewer features
+    "dycoke_kv": "original",  # kv: nothing dropped at prefill
     "evs": "original",  # vLLM gives each kept video token its mrope position (compute_mrope_for_media)
     "fastv": "original",  # LlamaModel.forward: position_ids = keep_indexs
     "fastvid": "original",  # its Qwen2.5-VL forward: position_ids[:, :, keep_indexs]

@@ -22,7 +22,7 @@ from transformers.vision_utils import get_vision_window_index
 import tokenprune as tp
 from tokenprune.testing import QWEN_FAMILIES, tiny_inputs
 
-SELECTING = ["hiprune", "visionzip", "scope", "holov", "evs", "fastvid", "vidcom2"]
+SELECTING = ["hiprune", "visionzip", "scope", "holov", "evs", "fastvid", "vidcom2", "dycoke"]
 TWO_STAGES = ["vscan"]  # alone, its encoder stage then vscan_llm (composed by hand: below)
 IMAGES = (1, 2, 1)
 VIDEOS = (1, 0, 2)

@@ -5,13 +5,22 @@ batch) and LLaVA-NeXT / OneVision (tiles and newline rows)."""
 import pytest
 import torch
 from conftest import shared_model
-from helpers import ATOL, cache_kwarg, extend, greedy_with_logits, select_sample, tokenprune_hooks
+from helpers import (
+    ATOL,
+    cache_kwarg,
+    greedy_with_logits,
+    masked_recomputation,
+    select_sample,
+    tokenprune_hooks,
+)
 from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 import tokenprune as tp
 from tokenprune.testing import ANYRES_FAMILIES, FAMILIES, QWEN_FAMILIES, tiny_inputs, tiny_model
 
+#: every kv method, for the invariants (the tests of sparsevila's own choices name it)
+KV_METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage == "kv")
 RAGGED = (1, 2, 1)
 NEW_TOKENS = 4
 #: Qwen-VL prompts: images of 64, 24, 48 and 32 tokens, and videos of 32 tokens (Qwen3-VL: 2 frames of 16)
@@ -68,46 +77,12 @@ def media_items(model, inputs: dict) -> tuple[torch.Tensor, list[list[int]]]:
     return patches, [[next(counts) for _ in range(n)] for n in RAGGED]
 
 
-def step_masks(
-    attention_mask: torch.Tensor, prompt_length: int, steps: list[dict[int, torch.Tensor]], layer: int
-):
-    """Additive 4-D mask of the unpatched model over the prompt and generated tokens: causal and padding,
-    and the row of decode step ``s`` (token ``prompt_length + s - 1``) sees only the prompt tokens that
-    step's selection left visible at ``layer``."""
-    length = attention_mask.shape[1]
-    allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & attention_mask.bool()[:, None, :]
-    for s, visible in enumerate(steps, start=1):
-        allowed[:, prompt_length + s - 1, :prompt_length] &= visible[layer]
-    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
-
-
-def masked_recomputation(
-    model, inputs: dict, sequences: torch.Tensor, steps: list, upto: int
-) -> torch.Tensor:
-    """Last-row logits of the unpatched model, without a cache, on the prompt and the first ``upto``
-    generated tokens (positions, Qwen's multimodal ones included, from the model itself or extended as
-    ``generate`` does), each decode row restricted as its step was (see :func:`step_masks`)."""
-    prompt_length = inputs["input_ids"].shape[1]
-    grown = extend(inputs, sequences[:, prompt_length : prompt_length + upto])
-    handles = []
-    for i, layer in enumerate(model.model.language_model.layers):
-        dense = step_masks(grown["attention_mask"], prompt_length, steps[:upto], i)
-        hook = lambda module, args, kwargs, dense=dense: (args, {**kwargs, "attention_mask": dense})  # noqa: E731
-        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            out = model(**grown, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return out.logits[:, -1]
-
-
-def test_keep_all_generates_what_the_unpatched_model_does(vlm):
+@pytest.mark.parametrize("method", KV_METHODS)
+def test_keep_all_generates_what_the_unpatched_model_does(vlm, method):
     model, inputs = vlm, media_inputs(vlm)
     with torch.no_grad():
         expected = greedy_with_logits(model, inputs, NEW_TOKENS)
-    with tp.pruned(model, "sparsevila", keep_ratio=1.0) as pruner:
+    with tp.pruned(model, method, keep_ratio=1.0) as pruner:
         got = greedy_with_logits(model, inputs, NEW_TOKENS)
     assert torch.equal(got.sequences, expected.sequences)
     for g, e in zip(got.logits, expected.logits, strict=True):
@@ -115,10 +90,11 @@ def test_keep_all_generates_what_the_unpatched_model_does(vlm):
     assert len(pruner.stats.decode_keep_masks) == NEW_TOKENS - 1
 
 
+@pytest.mark.parametrize("method", KV_METHODS)
 @pytest.mark.parametrize("keep_ratio", [0.25, 0.05])
-def test_each_step_equals_recomputation_with_its_selection_masked(vlm, keep_ratio):
+def test_each_step_equals_recomputation_with_its_selection_masked(vlm, keep_ratio, method):
     model, inputs = vlm, media_inputs(vlm)
-    with tp.pruned(model, "sparsevila", keep_ratio=keep_ratio) as pruner:
+    with tp.pruned(model, method, keep_ratio=keep_ratio) as pruner:
         out = greedy_with_logits(model, inputs, NEW_TOKENS)
     steps = pruner.stats.decode_keep_masks
     assert len(steps) == NEW_TOKENS - 1
@@ -224,9 +200,10 @@ def test_the_cache_keeps_every_visual_entry(model):
     assert [cache.get_seq_length(i) for i in range(len(cache.layers))] == [length + 2] * len(cache.layers)
 
 
-def test_batch_equals_each_sample_alone(vlm):
+@pytest.mark.parametrize("method", KV_METHODS)
+def test_batch_equals_each_sample_alone(vlm, method):
     model, inputs = vlm, media_inputs(vlm)
-    with tp.pruned(model, "sparsevila", keep_ratio=0.25):
+    with tp.pruned(model, method, keep_ratio=0.25):
         batched = greedy_with_logits(model, inputs, NEW_TOKENS)
         for b in range(len(RAGGED)):
             alone = greedy_with_logits(model, sample_alone(model, inputs, b), NEW_TOKENS)

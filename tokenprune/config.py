@@ -72,7 +72,8 @@ class PrunerConfig:
     LLaVA-OneVision): ``"images"``, ``"videos"`` or ``"both"`` (the default); each video counts as one visual
     item, like an image (its ``keep_ratio`` or ``budget``, or ``budget`` per frame with ``per_frame``). A
     ``kv`` method (``sparsevila``) keeps every token at prefill; its ratio or budget is the visual tokens of
-    each image that every decode step attends to, in each layer.
+    each image that every decode step attends to, in each layer (``dycoke_kv``: in each layer from
+    ``layer`` on, its default 3, the layers before attending to all).
     """
 
     method: str
@@ -108,17 +109,8 @@ class PrunerConfig:
                 f"{self.method!r} acts inside the image encoder: layer, schedule and drop_early_kv do not "
                 "apply (compose it with a decoder method through vision=)"
             )
-        if spec.decode and (
-            self.schedule is not None
-            or self.layer is not None
-            or self.drop_early_kv
-            or self.vision is not None
-            or self.positions not in (None, "original")
-        ):
-            raise ValueError(
-                f"{self.method!r} acts at decode steps, in every layer, on the unpruned cache: layer, "
-                "schedule, drop_early_kv, vision and positions do not apply"
-            )
+        if spec.decode:
+            _check_kv(self)
         if self.schedule is not None:
             if self.keep_ratio is not None or self.budget is not None or self.layer is not None:
                 raise ValueError("a schedule replaces keep_ratio, budget and layer: give only the schedule")
@@ -170,7 +162,8 @@ class PrunerConfig:
         else:
             where = {
                 "vision": "kept inside the image encoder",
-                "kv": "attended to at each decode step",
+                "kv": "attended to at each decode step"
+                + (f" from decoder layer {self.acting_layer}" if self.spec.default_layer else ""),
                 "pre_llm": "kept before the language model",
                 "llm": f"kept from decoder layer {self.acting_layer}",
             }[self.stage]
@@ -333,6 +326,30 @@ def _check_numbers(config: PrunerConfig) -> None:
         raise TypeError(f"per_frame must be a bool, got {config.per_frame!r}")
     if config.per_frame and config.budget is None:
         raise ValueError("per_frame counts a budget per frame of a video: give budget, not keep_ratio")
+
+
+def _check_kv(config: PrunerConfig) -> None:
+    """``ValueError`` for what a ``kv`` method's config cannot take: a schedule, ``drop_early_kv``, a vision
+    stage, renumbered positions, and a layer, unless the method hides entries from a layer on (a
+    ``default_layer`` >= 1), where it must be >= 1."""
+    layered = config.spec.default_layer > 0
+    if (
+        config.schedule is not None
+        or (config.layer is not None and not layered)
+        or config.drop_early_kv
+        or config.vision is not None
+        or config.positions not in (None, "original")
+    ):
+        where = "from a decoder layer" if layered else "in every layer"
+        raise ValueError(
+            f"{config.method!r} acts at decode steps, {where}, on the unpruned cache: "
+            f"{'' if layered else 'layer, '}schedule, drop_early_kv, vision and positions do not apply"
+        )
+    if layered and config.layer == 0:
+        raise ValueError(
+            f"{config.method!r} hides visual entries from layer on, chosen in the layer before: layer "
+            "must be >= 1"
+        )
 
 
 def _check_schedule(schedule: tuple[tuple[int, float], ...]) -> None:

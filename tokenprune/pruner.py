@@ -70,7 +70,8 @@ class PruneStats:
 
     Attributes:
         stage: ``vision``, ``pre_llm`` or ``llm`` (a composed config reports its decoder stage).
-        layer: decoder layer where tokens were dropped (0 = before the language model, and for ``vision``).
+        layer: decoder layer where tokens were dropped (0 = before the language model, and for ``vision``;
+            for a ``kv`` method, the first layer whose decode steps hide entries, 0 where each layer does).
         visual_tokens: visual tokens in each sample's prompt.
         kept_tokens: visual tokens kept for each sample.
         selection_ms: time of selection (scoring, top-k and layout), milliseconds: wall time on a CPU,
@@ -207,7 +208,11 @@ class Pruner:
     def record_decode_prompt(self, visual: list[int], attended: list[int]) -> None:
         """Record the unpruned prefill of a ``kv`` method: visual tokens, and those each step attends to."""
         self.stats = PruneStats(
-            stage=self.config.stage, layer=0, visual_tokens=visual, kept_tokens=attended, timer=self._timer
+            stage=self.config.stage,
+            layer=self.config.acting_layer,  # 0, or the first layer whose steps hide entries
+            visual_tokens=visual,
+            kept_tokens=attended,
+            timer=self._timer,
         )
 
     def record_decode_step(self, visible: dict[int, torch.Tensor]) -> None:

@@ -154,7 +154,8 @@ class MethodSpec:
     ``encoder_queries`` (one of :data:`ENCODER_QUERIES`) whose attention it is. A ``kv`` method that
     keeps the top-k of each image's ``attention`` declares ``attention_top_k``: its decode hooks then
     select in one kernel where Triton runs (:func:`tokenprune.kernels.retrieval.attention_top_k`), and
-    call the method elsewhere.
+    call the method elsewhere. A ``kv`` method's ``default_layer`` K >= 1 selects once per decode step, in
+    layer K - 1 by its attention, for layers K onward (0: each layer selects by its own).
     A ``variable_count`` method may keep a different number of tokens per image (a prefill method only):
     its rows may be of any width and repeat an index, a repeat keeping nothing more. ``declared`` are its
     options (:class:`MethodOption`), which :meth:`check_options` checks. ``positions`` is the position rule
@@ -304,7 +305,9 @@ def register_method(
 
     ``stage="vision"`` registers an image-encoder method (see :class:`MethodSpec` for ``per_layer``,
     ``encoder_layers`` and ``encoder_queries``), ``stage="kv"`` a decode-time method (called at every
-    decode step and decoder layer with the cached visual keys and the step's attention to them); otherwise
+    decode step and decoder layer with the cached visual keys and the step's attention to them; with
+    ``default_layer`` K >= 1, once per step, in layer K - 1, whose choice layers K onward attend to, layers
+    before K attending to every entry: a config's ``layer`` moves K); otherwise
     the method acts at prefill, at decoder layer ``default_layer``. ``positions`` is its reference's position
     rule in a language model (``"renumbered"`` where the reference counts the kept tokens' positions
     again; ``"original"`` for a ``kv`` method). A prefill method with ``pyramid=S`` prunes, where a config
@@ -335,8 +338,10 @@ def register_method(
             f"stage must be 'vision', 'kv' or omitted (prefill methods give default_layer), got {stage!r}"
         )
 
-    if attention_top_k and (stage != "kv" or "attention" not in needs):
-        raise ValueError('attention_top_k is for stage="kv" methods that need "attention"')
+    if attention_top_k and (stage != "kv" or "attention" not in needs or default_layer != 0):
+        raise ValueError('attention_top_k is for stage="kv" methods that need "attention", in every layer')
+    if default_layer < 0:
+        raise ValueError(f"default_layer must be >= 0, got {default_layer}")
     if positions not in POSITIONS or (positions != "original" and stage == "kv"):
         raise ValueError(f"positions must be one of {POSITIONS}, and 'original' for a kv method")
     if isinstance(pyramid, tuple):

@@ -14,6 +14,6 @@ Shared by every family whose language model is a Llama-style decoder (``layers``
 """
 
 from .hooks import DecoderPruningHooks, LanguageModelHooks
-from .stages import size_following_stages
+from .stages import check_layer, size_following_stages
 
-__all__ = ["DecoderPruningHooks", "LanguageModelHooks", "size_following_stages"]
+__all__ = ["DecoderPruningHooks", "LanguageModelHooks", "check_layer", "size_following_stages"]

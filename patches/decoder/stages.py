@@ -37,18 +37,23 @@ def size_following_stages(config: PrunerConfig, num_layers: int, model_name: str
     (not supported there yet) or a layer outside the language model."""
     spec = config.spec
     if spec.decode:
+        check_layer(config.acting_layer, num_layers)
         return []
     if spec.stage not in ("pre_llm", "llm") or config.vision is not None:
         raise ValueError(
             f"{config.method!r} ({spec.stage}) is not supported on {model_name} yet: "
             "use a pre_llm, llm or kv method"
         )
-    if config.last_layer >= num_layers:
-        raise ValueError(
-            f"layer={config.last_layer} is outside the language model's {num_layers} layers "
-            f"(valid: 0..{num_layers - 1})"
-        )
+    check_layer(config.last_layer, num_layers)
     return [(layer, None) for layer in config.stage_layers]
+
+
+def check_layer(layer: int, num_layers: int) -> None:
+    """``ValueError`` for a ``layer`` outside a language model of ``num_layers`` layers."""
+    if layer >= num_layers:
+        raise ValueError(
+            f"layer={layer} is outside the language model's {num_layers} layers (valid: 0..{num_layers - 1})"
+        )
 
 
 def kept_by_vision_stage(image_tokens: torch.Tensor, keep: int, check: bool) -> torch.Tensor:

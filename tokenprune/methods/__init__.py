@@ -6,6 +6,7 @@ from . import (  # noqa: F401
     cdpruner,
     dart,
     divprune,
+    dycoke,
     evs,
     fastv,
     fastvid,
