@@ -193,18 +193,19 @@ def test_kv_layer_config():
         assert not hasattr(model, "_tokenprune_pruner")
 
 
-def video_inputs(model) -> dict:
-    """One prompt with one video: 2 temporal patches of 4x4 merged tokens."""
-    inputs = tiny_inputs(model, (0,), videos_per_prompt=(1,))
+def video_inputs(model, temporal_patches: int = 2) -> dict:
+    """One prompt with one video: ``temporal_patches`` frames of 4x4 merged tokens."""
+    inputs = tiny_inputs(model, (0,), videos_per_prompt=(1,), video_grid=(temporal_patches, 8, 8))
     return {name: value for name, value in inputs.items() if value is not None}  # no images
 
 
-@pytest.mark.parametrize(("keep_ratio", "kept"), [(0.5, 16), (0.75, 24), (1.0, 32)])
-def test_tiny_qwen_video_keeps_the_references_tokens(keep_ratio, kept):
-    """The merger's tokens of the video, as the method got them: the first frame whole, of the second the
-    tokens the reference keeps (its pair pass: two frames); forward and a short ``generate``."""
+@pytest.mark.parametrize(("keep_ratio", "per_frame"), [(1 / 3, 0), (0.5, 4), (0.75, 10), (1.0, 16)])
+def test_tiny_qwen_video_keeps_the_references_tokens(keep_ratio, per_frame):
+    """A video of 6 frames of 16 merged tokens, as the method got them from the merger: anchors 0 and 4
+    whole, and of frames 1, 2, 3 and 5 the tokens the reference keeps at its ``dycoke_k`` for that count;
+    forward and a short ``generate``."""
     model = shared_model("qwen2_5_vl", "sdpa")
-    inputs = video_inputs(model)
+    inputs = video_inputs(model, 6)
     video = inputs["input_ids"][0] == model.config.video_token_id
     with (
         tp.pruned(model, "dycoke", keep_ratio=keep_ratio, media="videos") as pruner,
@@ -213,16 +214,35 @@ def test_tiny_qwen_video_keeps_the_references_tokens(keep_ratio, kept):
     ):
         logits = model(**inputs).logits
         out = greedy_with_logits(model, inputs, NEW_TOKENS)
-    stats = pruner.stats
-    assert stats.stage == "vision" and stats.visual_tokens == [32] and stats.kept_tokens == [kept]
-    assert contexts[0].frames == (2, 4, 4)
-    features = contexts[0].features[0]
-    expected = ttm_reference(features, 16, 1 - (kept - 16) / 16, windows=False).sort().values
+    stats, kept = pruner.stats, 32 + 4 * per_frame
+    assert stats.stage == "vision" and stats.visual_tokens == [96] and stats.kept_tokens == [kept]
+    assert contexts[0].frames == (6, 4, 4)
+    expected = ttm_reference(contexts[0].features[0], 16, 1 - per_frame / 16).sort().values
     assert torch.equal(stats.keep_masks[0][0][video].nonzero()[:, 0], expected)
-    assert (
-        torch.isfinite(logits).all() and out.sequences.shape[1] == inputs["input_ids"].shape[1] + NEW_TOKENS
-    )
+    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + NEW_TOKENS
     torch.testing.assert_close(out.logits[0], logits[:, -1], atol=ATOL, rtol=0)
+
+
+def test_tiny_onevision_videos_keep_the_references_tokens():
+    """LLaVA-OneVision, the reference's model: two videos of 4 frames of 4x4 pooled tokens (and a newline),
+    ``keep_ratio=0.75``: frames 0 and 2 whole, 8 of frames 1 and 3 each, the reference's pairs (its window
+    pass fails on 4 frames); the newline kept."""
+    model = shared_model("llava_onevision", "sdpa")
+    inputs = tiny_inputs(model, (0, 0), videos_per_prompt=(1, 1))
+    inputs = {name: value for name, value in inputs.items() if value is not None}
+    videos = inputs["input_ids"] == model.config.video_token_id
+    with (
+        tp.pruned(model, "dycoke", keep_ratio=0.75) as pruner,
+        selection_contexts() as contexts,
+        torch.no_grad(),
+    ):
+        model(**inputs)
+    (ctx,) = [ctx for ctx in contexts if ctx.frames is not None]
+    assert ctx.frames == (4, 4, 4) and pruner.stats.kept_tokens == [48, 48]  # the newline is structure
+    for b in range(2):
+        kept = pruner.stats.keep_masks[0][b][videos[b]]
+        expected = ttm_reference(ctx.features[b], 16, 0.5, windows=False).sort().values
+        assert torch.equal(kept[:-1].nonzero()[:, 0], expected) and bool(kept[-1])
 
 
 def test_tiny_qwen_batch_equals_each_sample_alone():

@@ -65,12 +65,13 @@ def dycoke(ctx: SelectionContext, keep: int) -> torch.Tensor:
     """Keep the tokens of each frame that changed most since the frame it is compared with (DyCoke's TTM).
 
     As the reference (KD-TAO/DyCoke, ``llava/model/llava_arch.py``, ``dycole_ttm``;
-    tests/test_parity_dycoke.py), on the projected tokens of a video (``ctx.frames``, Qwen-VL's temporal
-    patches): in windows of four frames ``a, b, c, d``, ``a`` is kept whole and so is ``c`` of the last
-    window; ``b`` and ``c`` are compared with ``a``, ``d`` with ``c`` (see :func:`reference_frames`), each
-    token with the token of the same patch, by cosine similarity, and a compared frame keeps its tokens of
-    lowest similarity. Nothing is averaged: the others are dropped. The kept tokens stay in frame and
-    raster order, at renumbered positions (the reference hands the language model the kept features only).
+    tests/test_parity_dycoke.py), on the projected tokens of a video (``ctx.frames``: LLaVA-OneVision's
+    pooled frames, Qwen-VL's temporal patches): in windows of four frames ``a, b, c, d``, ``a`` is kept whole
+    and so is ``c`` of the last window; ``b`` and ``c`` are compared with ``a``, ``d`` with ``c`` (see
+    :func:`reference_frames`), each token with the token of the same patch, by cosine similarity, and a
+    compared frame keeps its tokens of lowest similarity. Nothing is averaged: the others are dropped. The
+    kept tokens stay in frame and raster order, at renumbered positions (the reference hands the language
+    model the kept features only).
 
     Ratio: the reference prunes ``dycoke_k`` (0.7) of each compared frame (keeps ``int(0.3 * 196)``, 58),
     so its video keeps about ``(A + 0.3 * C) / T`` of its tokens (``A`` anchors and ``C`` compared frames of
@@ -92,7 +93,8 @@ def dycoke(ctx: SelectionContext, keep: int) -> torch.Tensor:
     - the decode-time stage is not run after this one: ``dycoke_kv`` is a separate config (a ``kv`` config
       takes no vision stage yet; docs/methods.md says what blocks it).
     - Qwen-VL: a frame is one temporal patch (two input frames) of merged tokens; the reference prunes
-      LLaVA-OneVision's pooled frames (LLaVA-OneVision videos are not pruned by tokenprune yet).
+      LLaVA-OneVision's pooled frames, as tokenprune does on that model (the newline after the last frame
+      kept, as the reference appends it after merging).
     """
     features = ctx.features
     num_items, num_tokens, _ = features.shape
