@@ -148,9 +148,12 @@ def dycoke_kv(ctx: SelectionContext, keep: int) -> torch.Tensor:
     - the reference re-chooses only where the step's attention differs from the previous step's (cosine
       below 0.9); where it does not, its step attends to every entry (the kept set was reset before the
       test). Here every step chooses, so every step's count is ``keep``.
-    - every visual token is a candidate (the reference leaves its last video token, and the newline token
-      after it, always visible) and each image or video of the prompt has its own ``keep`` (the reference
-      takes one video at a fixed start index, ``image_token_start_index=14``).
+    - every visual token is a candidate (the reference's span, ``image_token_length``, leaves out the last
+      video token, always visible; the OneVision newline after it is text here too) and each image or video
+      of the prompt has its own ``keep`` (the reference takes one video at a fixed start index,
+      ``image_token_start_index=14``).
+    - the ranking attention is recomputed from the layer's queries and keys in float32, as the reference's
+      SDPA path computes it (``calculate_attention_weights``), whatever the attention implementation.
     - the layers from ``layer`` on hide the other entries from the step's attention (the reference gathers
       the kept entries; the same output).
     """
