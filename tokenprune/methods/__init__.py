@@ -9,6 +9,7 @@ from . import (  # noqa: F401
     fastv,
     feather,
     hiprune,
+    holitom,
     holov,
     idpruner,
     pdrop,
