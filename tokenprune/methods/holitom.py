@@ -32,14 +32,14 @@ LLM_LAYER = 21
     "holitom_llm", default_layer=LLM_LAYER, needs=("attention",), positions="original", pyramid=(LLM_LAYER,)
 )
 def holitom_llm(ctx: SelectionContext, keep: int) -> torch.Tensor | Merged:
-    """Keep the tokens the prompt's last token attends to most at layer K-1, the rest merged into the most
-    similar kept ones (HoliTom's inner-LLM merging).
+    """Keep the tokens most attended at layer K-1, the others merged into their most similar kept (HoliTom).
 
-    As in the reference (cokeshao/HoliTom, ``holitom/modeling_qwen2.py``, ``Qwen2Model_holitom.forward``;
-    tests/test_parity_holitom.py): FastV's ranking (layer K-1's attention, heads averaged, the prompt's last
-    row) keeps ``keep`` of the image's tokens; every other token, in order, is averaged into the kept token
-    of highest cosine similarity of the hidden states entering layer K (``kept = (kept + other) / 2``, one
-    after the other, so later ones weigh more), and the kept tokens go on at their positions. At layer 18 of
+    HoliTom's inner-LLM merging, as in the reference (cokeshao/HoliTom, ``holitom/modeling_qwen2.py``,
+    ``Qwen2Model_holitom.forward``; tests/test_parity_holitom_llm.py): FastV's ranking (layer K-1's
+    attention, heads averaged, the prompt's last row) keeps ``keep`` of the image's tokens; every other token,
+    in order, is averaged into the kept token of highest cosine similarity of the hidden states entering
+    layer K (``kept = (kept + other) / 2``, one after the other, so later ones weigh more), and the kept
+    tokens go on at their positions. At layer 18 of
     LLaVA-OneVision-7B's 28 (``HOLITOM_k``): without ``layer``, 21 of 32 scaled to the model's depth.
     ``holitom`` runs it after its outer stage by itself.
 
@@ -97,8 +97,10 @@ def holitom(
     neighbours: int = 7,
     max_window: int = 1024,
 ) -> Merged:
-    """Cut a video into segments of frames that stay alike, merge what stays alike over a segment into one
-    token, then keep each frame's most attended tokens and cluster the rest (HoliTom's outer-LLM merging).
+    """Merge what stays alike over a video's segments of frames, keep each frame's most attended (HoliTom).
+
+    HoliTom's outer-LLM merging: it cuts the video into segments of frames that stay alike, merges what stays
+    alike over a segment into one token, then keeps each frame's most attended tokens and clusters the rest.
 
     As in the reference (cokeshao/HoliTom, ``holitom/llava_arch.py``; tests/test_parity_holitom.py), on the
     projected tokens of a video's ``T`` frames (``ctx.frames``; an image is one frame, ``ctx.frame_grid()``,
@@ -136,6 +138,8 @@ def holitom(
       (see :mod:`tokenprune.patches.qwen_vision`), where the reference averages SigLIP's.
     - in a composition both stages run under ``holitom_llm``'s position rule (original positions; the
       reference renumbers after its outer stage): pass ``positions="renumbered"`` for the outer stage's.
+    - batched on the device, with no read of it: the dynamic program and the walk back through its choices
+      are loops of ``T`` small steps each (the reference's loops read each choice back to the host).
     """
     attention = ctx.require("encoder_attention")
     features = ctx.features
