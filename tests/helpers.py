@@ -183,14 +183,80 @@ def selection_contexts():
         yield contexts
 
 
+@contextlib.contextmanager
+def decoder_merges():
+    """In the block, the hidden states that decoder stages' merging methods (a :class:`Merged` answer) give
+    their kept tokens are recorded by layer, as ``(batch rows, prompt positions, states)``, in the yielded
+    dict: what :func:`masked_reference` (``merged=``) gives the same layers of the unpatched model (the
+    reference for a merging stage, as substituted image features are for a merging vision stage). Nothing is
+    recorded for a method that only drops."""
+    from tokenprune.patches.decoder import stages as stage_loop
+
+    merges: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    prune, merged_into = stage_loop.Stages.prune, stage_loop.merged_into
+    acting: dict = {}
+
+    def pruning(self, call, stage, *args, **kwargs):
+        acting.update(layer=self.stages[stage][0], origin=call.origin)
+        return prune(self, call, stage, *args, **kwargs)
+
+    def merging(hidden, layout, merged):
+        places = torch.gather(layout.positions, 1, merged.index)
+        rows = layout.sample[:, None].expand_as(places)
+        merges.setdefault(acting["layer"], []).append((rows, acting["origin"][rows, places], merged.features))
+        return merged_into(hidden, layout, merged)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stage_loop.Stages, "prune", pruning)
+        patch.setattr(stage_loop, "merged_into", merging)
+        yield merges
+
+
+@contextlib.contextmanager
+def merged_states(model, merged: dict | None):
+    """In the block, the decoder layers of the unpatched ``model`` named in ``merged`` (see
+    :func:`decoder_merges`) get those hidden states in those places of their input."""
+
+    def hook_for(records):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            for rows, places, states in records:
+                hidden = hidden.index_put((rows, places), states.to(hidden.dtype))
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        return hook
+
+    layers = model.model.language_model.layers
+    handles = [
+        layers[layer].register_forward_pre_hook(hook_for(records), with_kwargs=True)
+        for layer, records in (merged or {}).items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def masked_reference(
-    model, inputs: dict, stages: dict[int, torch.Tensor], early_from_query: int | None = None
+    model,
+    inputs: dict,
+    stages: dict[int, torch.Tensor],
+    early_from_query: int | None = None,
+    merged: dict | None = None,
 ) -> torch.Tensor:
     """Logits ``[B, L, V]`` of the unpatched model with, from each layer in ``stages`` on, the tokens
     outside its keep flags hidden from attention (see :func:`hide_tokens_from_layers`), positions
-    unchanged, no cache."""
+    unchanged, no cache; with ``merged`` (see :func:`decoder_merges`), a merging stage's states given to
+    its layer."""
     mask = inputs["attention_mask"]
-    with torch.no_grad(), hide_tokens_from_layers(model, stages, mask, early_from_query):
+    with (
+        torch.no_grad(),
+        hide_tokens_from_layers(model, stages, mask, early_from_query),
+        merged_states(model, merged),
+    ):
         return model(**inputs, use_cache=False).logits
 
 
@@ -354,12 +420,18 @@ def cache_kwarg(cache) -> dict:
 
 
 def assert_generate_matches_reference(
-    model, inputs: dict, out, stages: dict[int, torch.Tensor], early_from_query: int | None = None
+    model,
+    inputs: dict,
+    out,
+    stages: dict[int, torch.Tensor],
+    early_from_query: int | None = None,
+    merged: dict | None = None,
 ) -> None:
     """Each step's logits of a cached ``generate`` (``output_logits=True``) equal the masked reference
-    recomputed from scratch, without a cache, on the prompt plus the tokens generated so far."""
+    recomputed from scratch, without a cache, on the prompt plus the tokens generated so far (with a
+    merging stage's ``merged`` states, see :func:`decoder_merges`)."""
     for step_logits, grown, grown_stages in generated_steps(inputs, out, stages):
-        expected = masked_reference(model, grown, grown_stages, early_from_query)[:, -1]
+        expected = masked_reference(model, grown, grown_stages, early_from_query, merged)[:, -1]
         torch.testing.assert_close(step_logits, expected, atol=ATOL, rtol=0)
 
 

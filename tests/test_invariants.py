@@ -7,6 +7,7 @@ from helpers import (
     INVARIANT_FAMILIES,
     assert_generate_matches_reference,
     assert_kept_rows_match,
+    decoder_merges,
     greedy_with_logits,
     layer_input_lengths,
     masked_reference,
@@ -81,11 +82,12 @@ def test_dropping_equals_masking(model, method):
     with (
         tp.pruned(model, method, keep_ratio=0.25, positions="original") as pruner,
         recorded_image_features(model) as recorded,
+        decoder_merges() as merged,
     ):
         got = logits(model, inputs)
     keep = pruner.stats.keep_mask
     with substituted_image_features(model, vision_features(pruner, recorded)):
-        expected = masked_reference(model, inputs, pruner.stats.keep_masks)
+        expected = masked_reference(model, inputs, pruner.stats.keep_masks, merged=merged)
     assert_kept_rows_match(got, expected, keep, inputs["attention_mask"])
     n = tokens_per_image(model)
     assert pruner.stats.kept_tokens == [16 * k for k in RAGGED]
@@ -99,10 +101,11 @@ def test_cached_generate_equals_recomputation(model, method):
     with (
         tp.pruned(model, method, keep_ratio=0.25, positions="original") as pruner,
         recorded_image_features(model) as recorded,
+        decoder_merges() as merged,
     ):
         out = greedy_with_logits(model, inputs)
     with substituted_image_features(model, vision_features(pruner, recorded)):
-        assert_generate_matches_reference(model, inputs, out, pruner.stats.keep_masks)
+        assert_generate_matches_reference(model, inputs, out, pruner.stats.keep_masks, merged=merged)
 
 
 @pytest.mark.parametrize(("family", "method"), CASES)

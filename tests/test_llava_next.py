@@ -10,6 +10,7 @@ from helpers import (
     assert_batch_equals_each_sample_alone,
     assert_generate_matches_reference,
     assert_kept_rows_match,
+    decoder_merges,
     greedy_with_logits,
     kept_rows,
     layer_input_lengths,
@@ -26,7 +27,8 @@ from tokenprune.testing import ANYRES_FAMILIES, tiny_inputs, tiny_model
 
 IMAGES = (1, 2, 1)
 PREFILL_METHODS = sorted(m for m, (stage, _) in tp.list_methods().items() if stage in ("pre_llm", "llm"))
-# tome is refused (test_tome_is_refused_before_any_work); vscan alone is its two stages, the encoder's first
+# tome is refused (test_tome_is_refused_before_any_work); vscan and holitom alone are their two stages, the
+# encoder's first
 VISION_METHODS = [
     "hiprune",
     "visionzip",
@@ -38,6 +40,7 @@ VISION_METHODS = [
     "fastvid",
     "vidcom2",
     "dycoke",
+    "holitom",
 ]
 
 
@@ -63,10 +66,15 @@ def placeholders(model, inputs):
 def pruned_and_reference(model, config, inputs: dict):
     """Logits of ``model`` pruned by ``config``, its stats, and the masked reference: the unpatched model
     given the packed image features the pruned forward handed on, the dropped tokens hidden from attention."""
-    with tp.pruned(model, config) as pruner, tower_outputs(model) as handed_on, torch.no_grad():
+    with (
+        tp.pruned(model, config) as pruner,
+        tower_outputs(model) as handed_on,
+        decoder_merges() as merged,
+        torch.no_grad(),
+    ):
         got = model(**inputs).logits
     with tower_outputs(model, handed_on):
-        expected = masked_reference(model, inputs, pruner.stats.keep_masks)
+        expected = masked_reference(model, inputs, pruner.stats.keep_masks, merged=merged)
     return got, pruner.stats, expected
 
 
@@ -122,10 +130,11 @@ def test_cached_generate_equals_recomputation(next_model, method):
     with (
         tp.pruned(next_model, method, keep_ratio=0.25, positions="original") as pruner,
         tower_outputs(next_model) as handed_on,
+        decoder_merges() as merged,
     ):
         out = greedy_with_logits(next_model, inputs)
     with tower_outputs(next_model, handed_on):
-        assert_generate_matches_reference(next_model, inputs, out, pruner.stats.keep_masks)
+        assert_generate_matches_reference(next_model, inputs, out, pruner.stats.keep_masks, merged=merged)
 
 
 @pytest.mark.parametrize("method", PREFILL_METHODS + VISION_METHODS)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokenprune as tp
-from tokenprune.context import Embeddings, Instruction, InstructionRows, SelectionContext
+from tokenprune.context import Embeddings, Instruction, InstructionRows, Merged, SelectionContext
 from tokenprune.methods.adaptinfer import text_guided_scores
 from tokenprune.methods.baselines import grid_sample
 from tokenprune.methods.sparsevlm import text_raters
@@ -65,11 +65,21 @@ def random_context(images=3, rows=6, cols=8, dim=16, seed=0) -> SelectionContext
     )
 
 
+def kept_index(result: torch.Tensor | Merged) -> torch.Tensor:
+    """A method's keep indices: a merging decoder method's (``holitom_llm``) are its :class:`Merged`'s."""
+    return result.index if isinstance(result, Merged) else result
+
+
+def merged_features(result: torch.Tensor | Merged) -> torch.Tensor:
+    """The features a merging method gives its kept tokens (empty for one that only drops)."""
+    return result.features if isinstance(result, Merged) else torch.empty(0)
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("keep", [1, 5, 24, 47, 48])
 def test_contract_sorted_unique_in_range(method, keep):
     ctx = random_context()
-    index = get_method(method).select(ctx, keep, {})
+    index = kept_index(get_method(method).select(ctx, keep, {}))
     assert index.shape == (3, keep) and index.dtype == torch.long
     if keep == 48:
         assert torch.equal(index, torch.arange(48).expand(3, 48))
@@ -79,13 +89,14 @@ def test_contract_sorted_unique_in_range(method, keep):
 def test_deterministic(method):
     a = get_method(method).select(random_context(), 12, {})
     b = get_method(method).select(random_context(), 12, {})
-    assert torch.equal(a, b)
+    assert torch.equal(kept_index(a), kept_index(b)) and torch.equal(merged_features(a), merged_features(b))
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_image_is_selected_on_its_own(method):
     ctx = random_context()
-    together = get_method(method).select(ctx, 12, {})
+    result = get_method(method).select(ctx, 12, {})
+    together, together_features = kept_index(result), merged_features(result)
     for i in range(3):
         alone = SelectionContext(
             features=ctx.features[i : i + 1],
@@ -107,7 +118,9 @@ def test_each_image_is_selected_on_its_own(method):
             ),
             embeddings=Embeddings(*(t[i : i + 1] for t in vars(ctx.embeddings).values())),
         )
-        assert torch.equal(get_method(method).select(alone, 12, {}), together[i : i + 1])
+        result = get_method(method).select(alone, 12, {})
+        assert torch.equal(kept_index(result), together[i : i + 1])
+        torch.testing.assert_close(merged_features(result), together_features[i : i + 1], atol=1e-6, rtol=0)
 
 
 def test_random_is_seeded_per_image():

@@ -97,6 +97,8 @@ REFERENCE_POSITIONS = {
     "fastvid": "original",  # its Qwen2.5-VL forward: position_ids[:, :, keep_indexs]
     "feather": "original",  # LlamaModel.forward: position_ids[:, keep_indexs]
     "hiprune": "renumbered",  # its LLaVA code selects image features before the sequence is built
+    "holitom": "renumbered",  # its LLaVA-OneVision code hands the language model fewer video features
+    "holitom_llm": "original",  # Qwen2Model_holitom.forward: position_ids = keep_indexs
     "holov": "renumbered",  # its LLaVA code hands the language model fewer projected features
     "idpruner": "original",  # its adapters gather the kept tokens' rotary tables
     "pdrop": "renumbered",  # pdrop_forward renumbers the kept tokens at each stage

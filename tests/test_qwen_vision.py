@@ -23,7 +23,7 @@ import tokenprune as tp
 from tokenprune.testing import QWEN_FAMILIES, tiny_inputs
 
 SELECTING = ["hiprune", "visionzip", "scope", "holov", "evs", "fastvid", "vidcom2", "dycoke"]
-TWO_STAGES = ["vscan"]  # alone, its encoder stage then vscan_llm (composed by hand: below)
+TWO_STAGES = ["vscan", "holitom"]  # alone, the encoder stage then its decoder one (vscan: composed below)
 IMAGES = (1, 2, 1)
 VIDEOS = (1, 0, 2)
 PATCHES = ((16, 16), (8, 12), (12, 16), (16, 8))  # 64, 24, 48 and 32 tokens; videos of 32

@@ -10,6 +10,7 @@ from helpers import (
     assert_batch_equals_each_sample_alone,
     assert_generate_matches_reference,
     assert_kept_rows_match,
+    decoder_merges,
     greedy_with_logits,
     masked_reference,
     select_sample,
@@ -51,13 +52,17 @@ def mixed_inputs(model):
 def test_mixed_sizes_equal_masking_with_the_ratio_per_image(qwen, method):
     inputs = mixed_inputs(qwen)
     # the reference masks the dropped tokens, each token at its own position (renumbered: test_positions.py)
-    with tp.pruned(qwen, method, keep_ratio=0.25, positions="original") as pruner, torch.no_grad():
+    with (
+        tp.pruned(qwen, method, keep_ratio=0.25, positions="original") as pruner,
+        decoder_merges() as merged,
+        torch.no_grad(),
+    ):
         got = qwen(**inputs).logits
     kept = [round(0.25 * n) for n in TOKENS]
     assert pruner.stats.visual_tokens == [64, 24 + 48, 32]
     assert pruner.stats.kept_tokens == [kept[0], kept[1] + kept[2], kept[3]]
     keep = pruner.stats.keep_mask
-    expected = masked_reference(qwen, inputs, pruner.stats.keep_masks)
+    expected = masked_reference(qwen, inputs, pruner.stats.keep_masks, merged=merged)
     assert_kept_rows_match(got, expected, keep, inputs["attention_mask"])
 
 
@@ -108,13 +113,17 @@ def test_images_and_videos_equal_masking(qwen_with_videos, method):
     qwen = qwen_with_videos
     inputs = media_inputs(qwen)
     # the reference masks the dropped tokens, each token at its own position (renumbered: test_positions.py)
-    with tp.pruned(qwen, method, keep_ratio=0.25, positions="original") as pruner, torch.no_grad():
+    with (
+        tp.pruned(qwen, method, keep_ratio=0.25, positions="original") as pruner,
+        decoder_merges() as merged,
+        torch.no_grad(),
+    ):
         got = qwen(**inputs).logits
     kept = [round(0.25 * n) for n in TOKENS]
     assert pruner.stats.visual_tokens == [64 + 32, 24 + 48, 32 + 64]
     assert pruner.stats.kept_tokens == [kept[0] + 8, kept[1] + kept[2], kept[3] + 16]
     keep = pruner.stats.keep_mask
-    expected = masked_reference(qwen, inputs, pruner.stats.keep_masks)
+    expected = masked_reference(qwen, inputs, pruner.stats.keep_masks, merged=merged)
     assert_kept_rows_match(got, expected, keep, inputs["attention_mask"])
 
 

@@ -6,6 +6,7 @@ from helpers import (
     assert_batch_equals_each_sample_alone,
     assert_generate_matches_reference,
     assert_kept_rows_match,
+    decoder_merges,
     greedy_with_logits,
     layer_input_lengths,
     masked_reference,
@@ -42,7 +43,11 @@ def test_schedule_equals_masking_per_stage(model, method, schedule):
         return
     inputs = tiny_inputs(model, RAGGED)
     # the reference masks tokens at their own positions: the kept ones keep theirs (see test_positions.py)
-    with tp.pruned(model, method, schedule=schedule, positions="original") as pruner, torch.no_grad():
+    with (
+        tp.pruned(model, method, schedule=schedule, positions="original") as pruner,
+        decoder_merges() as merged,
+        torch.no_grad(),
+    ):
         got = model(**inputs).logits
     stats = pruner.stats
     assert sorted(stats.keep_masks) == [layer for layer, _ in schedule]
@@ -50,7 +55,7 @@ def test_schedule_equals_masking_per_stage(model, method, schedule):
     masks = [stats.keep_masks[layer] for layer, _ in schedule]
     for earlier, later in zip(masks, masks[1:], strict=False):
         assert bool((later <= earlier).all())  # each stage keeps a subset of the previous one
-    expected = masked_reference(model, inputs, stats.keep_masks)
+    expected = masked_reference(model, inputs, stats.keep_masks, merged=merged)
     assert_kept_rows_match(got, expected, stats.keep_mask, inputs["attention_mask"])
 
 

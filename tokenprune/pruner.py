@@ -176,8 +176,9 @@ class Pruner:
             with self._timer.measure(next(self.model.parameters()).device):
                 yield
 
-    def select(self, ctx: SelectionContext, keep: int) -> torch.Tensor:
-        """Keep indices ``[I, keep]`` for the images in ``ctx``, from the decoder-stage method."""
+    def select(self, ctx: SelectionContext, keep: int) -> torch.Tensor | Merged:
+        """Keep indices ``[I, keep]`` for the images in ``ctx``, from the decoder-stage method (in a
+        :class:`Merged` for a merging one, whose features replace the kept tokens' hidden states)."""
         return self.select_with(self.config, ctx, keep)
 
     def select_with(self, config: PrunerConfig, ctx: SelectionContext, keep: int) -> torch.Tensor | Merged:

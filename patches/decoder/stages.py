@@ -1,7 +1,8 @@
 """The stage loop: at each pruning layer of a prefill, select each image's tokens and compact the batch.
 
 :meth:`Stages.prune` runs at a stage layer K: it asks the method which visual tokens each image keeps (with
-what the method needs, from :mod:`.needs`), then gathers hidden states, rotary tables, position ids and the
+what the method needs, from :mod:`.needs`; a merging method's :class:`~tokenprune.context.Merged` features
+become the kept tokens' hidden states), then gathers hidden states, rotary tables, position ids and the
 2-D mask into a dense batch, re-padded to the longest kept row, and builds the mask of the layers from K
 on. A schedule prunes at several layers, each time among the tokens still kept.
 """
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from tokenprune.context import SelectionContext
+from tokenprune.context import Merged, SelectionContext
 from tokenprune.sequence import VisualLayout, flagged, image_layouts, keep_masks, plan_compaction
 
 from .. import _internals as internals
@@ -71,6 +72,14 @@ def kept_by_vision_stage(image_tokens: torch.Tensor, keep: int, check: bool) -> 
             "stage encoded: pass pixel_values (not features encoded elsewhere) with the prompt"
         )
     return flagged(kept, keep)
+
+
+def merged_into(hidden: torch.Tensor, layout: VisualLayout, merged: Merged) -> torch.Tensor:
+    """``hidden [B, L, D]`` with the tokens of the images of ``layout`` that ``merged`` keeps replaced by its
+    merged features (a new tensor: the layer before's output stays as it was)."""
+    places = torch.gather(layout.positions, 1, merged.index)
+    rows = layout.sample[:, None].expand_as(places)
+    return hidden.index_put((rows, places), merged.features.to(hidden.dtype))
 
 
 class Stages:
@@ -163,6 +172,9 @@ class Stages:
                     index = kept_by_vision_stage(layout.take(hidden), keep, check)
                 else:
                     index = pruner.select(self._context(hidden, scores, layout, stage), keep)
+                if isinstance(index, Merged):  # the kept tokens' merged hidden states go on
+                    hidden = merged_into(hidden, layout, index)
+                    index = index.index
                 selections.append((layout, index))
             keep = keep_masks(call.visual, selections)
             dropped = images.in_rows([size - kept for size, kept in zip(images.sizes, keeps, strict=True)])

@@ -12,6 +12,7 @@ from . import (  # noqa: F401
     fastvid,
     feather,
     hiprune,
+    holitom,
     holov,
     idpruner,
     pdrop,
