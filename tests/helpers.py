@@ -7,6 +7,7 @@ import functools
 import inspect
 import itertools
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from transformers import LlavaForConditionalGeneration
 
 import tokenprune
 from tokenprune.context import SelectionContext
-from tokenprune.testing import ANYRES_FAMILIES, FAMILIES
+from tokenprune.testing import ANYRES_FAMILIES, FAMILIES, tiny_inputs
 
 ATOL = 1e-4
 #: The families the generic invariant tests run on; LLaVA-NeXT and OneVision, whose images differ in token
@@ -238,6 +239,30 @@ def merged_states(model, merged: dict | None):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def video_pruned_through_qwen(model, method: str) -> tuple[SelectionContext, Any, torch.Tensor]:
+    """A tiny Qwen2.5-VL (``model``) prompt with an image and a video (2 temporal patches of 4x4 merged
+    tokens) under ``method`` at ``keep_ratio=0.5``, videos only: checks that the forward is finite, that
+    the method saw the video as its frames, that the video (alone) kept 16 of its 32 tokens and the image
+    every one; returns the method's context, the pruner's stats and where the video's placeholders are
+    ``[L]``."""
+    inputs = tiny_inputs(model, (1,), videos_per_prompt=(1,))
+    with (
+        selection_contexts() as contexts,
+        tokenprune.pruned(model, method, keep_ratio=0.5, media="videos") as pruner,
+        torch.no_grad(),
+    ):
+        logits = model(**inputs).logits
+    assert bool(torch.isfinite(logits).all())
+    (ctx,) = contexts
+    assert ctx.frames == (2, 4, 4)
+    stats = pruner.stats
+    video = inputs["input_ids"][0] == model.config.video_token_id
+    image = inputs["input_ids"][0] == model.config.image_token_id
+    assert int(video.sum()) == 32 and stats.visual_tokens == [32] and stats.kept_tokens == [16]
+    assert bool(stats.keep_mask[0][image].all())
+    return ctx, stats, video
 
 
 def masked_reference(

@@ -5,12 +5,10 @@ exact-budget deviation), images, batching, then through a tiny Qwen2.5-VL's towe
 import pytest
 import torch
 from conftest import shared_model
-from helpers import selection_contexts
+from helpers import video_pruned_through_qwen
 
-import tokenprune as tp
 from tokenprune.context import SelectionContext
 from tokenprune.registry import get_method
-from tokenprune.testing import tiny_inputs
 
 SHAPES = [(2, 4, 4), (3, 5, 7), (8, 6, 6), (4, 1, 9)]
 
@@ -167,22 +165,7 @@ def test_a_batch_equals_each_video_alone_and_keep_all_keeps_all(frames):
 def test_through_qwen2_5_vl_the_video_keeps_what_the_reference_keeps():
     """A tiny Qwen2.5-VL prompt with an image and a video (2 temporal patches of 4x4 merged tokens): only the
     video is pruned, to half its tokens, and the kept ones are those VidCom2 keeps of the tower's tokens."""
-    model = shared_model("qwen2_5_vl", "sdpa")
-    inputs = tiny_inputs(model, (1,), videos_per_prompt=(1,))
-    with (
-        selection_contexts() as contexts,
-        tp.pruned(model, "vidcom2", keep_ratio=0.5, media="videos") as pruner,
-        torch.no_grad(),
-    ):
-        logits = model(**inputs).logits
-    assert bool(torch.isfinite(logits).all())
-    (ctx,) = contexts
-    assert ctx.frames == (2, 4, 4)
-    stats = pruner.stats
-    video = inputs["input_ids"][0] == model.config.video_token_id
-    image = inputs["input_ids"][0] == model.config.image_token_id
-    assert int(video.sum()) == 32 and stats.visual_tokens == [32] and stats.kept_tokens == [16]
-    assert bool(stats.keep_mask[0][image].all())
+    ctx, stats, video = video_pruned_through_qwen(shared_model("qwen2_5_vl", "sdpa"), "vidcom2")
     scores, shares = scores_reference(ctx.features[0].float(), 16, 0.5)
     counts = torch.bincount(torch.arange(32)[stats.keep_mask[0][video]] // 16, minlength=2).tolist()
     assert counts == webster_counts(shares.tolist(), 16, 16)
