@@ -8,6 +8,7 @@ from conftest import shared_model
 from helpers import (
     assert_generate_matches_reference,
     assert_kept_rows_match,
+    decoder_merges,
     greedy_with_logits,
     masked_reference,
     select_sample,
@@ -60,11 +61,16 @@ def placeholders(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 def pruned_and_reference(model, config, inputs: dict):
     """Logits of ``model`` pruned by ``config``, its stats, and the masked reference given the features the
-    pruned forward handed on."""
-    with tp.pruned(model, config) as pruner, tower_outputs(model) as handed_on, torch.no_grad():
+    pruned forward handed on (and the states a decoder stage's merge gave its kept tokens)."""
+    with (
+        tp.pruned(model, config) as pruner,
+        tower_outputs(model) as handed_on,
+        decoder_merges() as merged,
+        torch.no_grad(),
+    ):
         got = model(**inputs).logits
     with tower_outputs(model, handed_on):
-        expected = masked_reference(model, inputs, pruner.stats.keep_masks)
+        expected = masked_reference(model, inputs, pruner.stats.keep_masks, merged=merged)
     return got, pruner.stats, expected
 
 
