@@ -10,7 +10,6 @@ import typer
 from rich.console import Console
 
 import tokenprune
-from tokenprune.testing import QWEN_FAMILIES
 
 from .common import (
     RESULTS,
@@ -83,6 +82,7 @@ def bench(
     """Time prefill, decode and end-to-end of pruned runs against the unpruned model and the ideal."""
     from ..eval.archs import ARCHS
     from ..eval.bench import bench_config, build_model, markdown_table, run_benchmark, write_results
+    from ..testing import QWEN_FAMILIES
 
     console = Console()
     with exit_on_user_error():
