@@ -4,10 +4,12 @@
 
 Every step draws a fresh batch from the endless ``train`` stream (``--start`` is the first example) and
 trains on the replies only: each clip's conversation asks the example's own question first (exactly the
-prompt the model is scored on), then one question of every other kind the clip answers, in random order,
+prompt the model is scored on), then every other question the clip answers (:func:`video_suite.questions`),
+in random order,
 and on a ``--describe`` share of the rows ends by asking for the clip's description (every actor's
 colour, shape and role). ``--token-loss`` adds an auxiliary loss of linear heads on the video tokens
-(:class:`TokenProbe`, not saved) naming what each token's 16x16-pixel region shows. AdamW with a linear
+(:class:`TokenProbe`, not saved) naming, in the decoder's own word embeddings, what each token's
+16x16-pixel region shows. AdamW with a linear
 warm-up and cosine decay (``train_shapes.learning_rate``); ``--bf16`` autocasts. Every 50 steps it
 prints the loss; every ``--every`` steps it scores ``--validate`` validation questions per kind and saves
 a complete checkpoint (weights, config and tokenizer) to ``--out``, as does the last step or
@@ -33,9 +35,9 @@ from .train_shapes import learning_rate
 
 
 def conversation(item: video_suite.Example, describe: bool) -> list[tuple[str, str]]:
-    """The training turns of one clip: its own question, every other kind's, then maybe the description."""
+    """The training turns of one clip: its own question, every other one, then maybe the description."""
     rng = random.Random(f"{item.question}/{item.answer}/{item.actors}")
-    others = [(q, a) for kind, q, a in video_suite.questions(item.actors, rng) if kind != item.kind]
+    others = [(q, a) for _, q, a in video_suite.questions(item.actors) if q != item.question]
     rng.shuffle(others)
     turns = [(item.question, item.answer), *others]
     if describe:
@@ -44,8 +46,9 @@ def conversation(item: video_suite.Example, describe: bool) -> list[tuple[str, s
 
 
 #: Classes of the per-token auxiliary targets (class 0: nothing there): the colour and shape of the actor
-#: that covers most of the token's region in the first frame of its pair, and how it moves.
-TOKEN_CLASSES = (("", *COLORS), ("", *SHAPES), ("", "still", *video_suite.DIRECTIONS))
+#: that covers most of the token's region in the first frame of its pair, and how it moves (each a word
+#: of the vocabulary).
+TOKEN_CLASSES = (("", *COLORS), ("", *SHAPES), ("", "stays", *video_suite.DIRECTIONS))
 
 
 def token_targets(examples: list[video_suite.Example], region: int, temporal: int) -> torch.Tensor:
@@ -69,7 +72,7 @@ def token_targets(examples: list[video_suite.Example], region: int, temporal: in
                     continue
                 actor = item.actors[int(counts.argmax())]
                 state = actor.state(t)
-                motion = actor.direction if actor.role == "moves" else "still"
+                motion = actor.direction if actor.role == "moves" else "stays"
                 rows.append(
                     (
                         TOKEN_CLASSES[0].index(state.color),
@@ -81,13 +84,18 @@ def token_targets(examples: list[video_suite.Example], region: int, temporal: in
 
 
 class TokenProbe(torch.nn.Module):
-    """Linear heads on the video tokens the vision tower gives the decoder, read through a forward hook;
-    used for the auxiliary loss only, never saved."""
+    """Classifiers of the video tokens the vision tower gives the decoder (read through a forward hook)
+    whose class weights are the decoder's own input embeddings of the class words (and a learned vector
+    for "nothing"), so that a token showing a red shape comes to look like the word ``red`` to the
+    decoder; used for the auxiliary loss only (the embeddings train with it), never saved."""
 
-    def __init__(self, model):
+    def __init__(self, model, tokenizer):
         super().__init__()
         width = model.config.text_config.hidden_size
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(width, len(classes)) for classes in TOKEN_CLASSES)
+        self.embed = [model.get_input_embeddings()]  # in a list: the model's, not a module of the probe
+        self.words = [torch.tensor(tokenizer.convert_tokens_to_ids(list(c[1:]))) for c in TOKEN_CLASSES]
+        self.nothing = torch.nn.Parameter(torch.zeros(len(TOKEN_CLASSES), width))
+        self.scale = torch.nn.Parameter(torch.full((len(TOKEN_CLASSES),), 10.0))
         self.features = None
         model.model.visual.register_forward_hook(self._keep)
 
@@ -95,11 +103,12 @@ class TokenProbe(torch.nn.Module):
         self.features = output.pooler_output
 
     def loss(self, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the heads on the last forward's video tokens."""
-        losses = [
-            torch.nn.functional.cross_entropy(head(self.features).float(), targets[:, i])
-            for i, head in enumerate(self.heads)
-        ]
+        """Mean cross-entropy of the classifiers on the last forward's video tokens."""
+        losses = []
+        for i, words in enumerate(self.words):
+            weight = torch.cat([self.nothing[i : i + 1], self.embed[0](words.to(self.nothing.device))])
+            logits = self.scale[i] * self.features.float() @ weight.float().T
+            losses.append(torch.nn.functional.cross_entropy(logits, targets[:, i]))
         return sum(losses) / len(losses)
 
 
@@ -125,7 +134,7 @@ def train(args: argparse.Namespace) -> None:
     inputs = video_model.VideoInputs(tokenizer, model.config.vision_config)
     device = torch.device(args.device)
     model.to(device).train()
-    probe = TokenProbe(model).to(device) if args.token_loss else None
+    probe = TokenProbe(model, tokenizer).to(device) if args.token_loss else None
     parameters = [*model.parameters(), *(probe.parameters() if probe else ())]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
     stream = video_suite.iter_examples("train", start=args.start)
@@ -153,7 +162,8 @@ def train(args: argparse.Namespace) -> None:
         running.append(loss.item())
         elapsed = time.time() - began
         if (step + 1) % 50 == 0:
-            print(f"step {step + 1} loss {sum(running[-50:]) / 50:.3f} ({elapsed:.0f}s)", flush=True)
+            recent = running[-50:]
+            print(f"step {step + 1} loss {sum(recent) / len(recent):.3f} ({elapsed:.0f}s)", flush=True)
         last = step + 1 == args.steps or elapsed > args.minutes * 60
         if (step + 1) % args.every == 0 or last:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):

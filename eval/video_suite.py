@@ -1,7 +1,7 @@
 """The video suite: short clips drawn with pillow from a seed, and one-word questions about them.
 
 A clip is :data:`FRAMES` frames of :data:`FRAME_SIZE` x :data:`FRAME_SIZE` pixels on a light background.
-Two to four :class:`Actor` s, each a shape of :data:`suite.SHAPES` in a colour of :data:`suite.COLORS`
+Two to four actors (:class:`Actor`), each a shape of :data:`suite.SHAPES` in a colour of :data:`suite.COLORS`
 (shapes and colours are unique in a clip, so that either names an actor), play one role each: one
 ``stays``, ``moves`` in a straight line (left, right, up or down), ``appears`` part-way through,
 ``disappears`` part-way through, or ``turns`` another colour part-way through. Their paths never cross.
@@ -154,10 +154,15 @@ def example(seed: int, index: int) -> Example:
     return Example(draw(rng, actors), question, answer_, kind, key, actors)
 
 
-def questions(actors: tuple[Actor, ...], rng: random.Random) -> list[tuple[str, str, str]]:
-    """One ``(kind, question, answer)`` of every kind the clip of ``actors`` can answer (training asks
-    them all about one clip)."""
-    return [(kind, *_ask(rng, kind, actors)[1:]) for kind in KINDS if answerable(kind, actors)]
+def questions(actors: tuple[Actor, ...]) -> list[tuple[str, str, str]]:
+    """Every ``(kind, question, answer)`` the clip of ``actors`` answers: of each kind it can answer, one
+    about every actor the kind can ask about (training asks them all about one clip)."""
+    return [
+        (kind, *_ask(random.Random(), kind, actors, key)[1:])
+        for kind in KINDS
+        if answerable(kind, actors)
+        for key in _keys(kind, actors)
+    ]
 
 
 def answerable(kind: str, actors: tuple[Actor, ...]) -> bool:
@@ -181,9 +186,12 @@ def _keys(kind: str, actors: tuple[Actor, ...]) -> list[str]:
     return [""]
 
 
-def _ask(rng: random.Random, kind: str, actors: tuple[Actor, ...]) -> tuple[str, str, str]:
-    """``(key, question, answer)`` of a ``kind`` question about the clip of ``actors``."""
-    key = rng.choice(_keys(kind, actors))
+def _ask(
+    rng: random.Random, kind: str, actors: tuple[Actor, ...], key: str | None = None
+) -> tuple[str, str, str]:
+    """``(key, question, answer)`` of a ``kind`` question about the clip of ``actors``: about the actor
+    ``key`` names, or one drawn with ``rng``."""
+    key = rng.choice(_keys(kind, actors)) if key is None else key
     question = {
         "direction": f"which way does the {key} object move ?",
         "turn": f"what color does the {key} turn ?",

@@ -2,7 +2,6 @@
 
 import json
 import pathlib
-import random
 
 import numpy
 import pytest
@@ -60,8 +59,13 @@ def test_frames_show_what_the_states_say():
 
 def test_questions_cover_every_kind_the_clip_answers():
     example = video_suite.example(0, 1)  # a clip with an actor that turns
-    kinds = [kind for kind, _, _ in video_suite.questions(example.actors, random.Random(0))]
-    assert "turn" in kinds and set(kinds) <= set(video_suite.KINDS)
+    asked = video_suite.questions(example.actors)
+    assert (example.kind, example.question, example.answer) in asked
+    assert {kind for kind, _, _ in asked} == {
+        k for k in video_suite.KINDS if video_suite.answerable(k, example.actors)
+    }
+    for _, question, answer in asked:
+        assert all(word in video_suite.vocabulary() for word in f"{question} {answer}".split())
     assert all(word in video_suite.vocabulary() for word in video_suite.description(example.actors).split())
 
 
@@ -194,3 +198,9 @@ def test_training_script_updates_the_weights_and_saves_a_loadable_checkpoint(tmp
     assert trained.keys() == initial.keys()  # the probe's heads are not saved
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)
     assert video_model.VideoInputs.from_pretrained(out).video_id == video_model.config().video_token_id
+
+
+def test_eval_command_rejects_an_unknown_suite_before_loading(tmp_path):
+    result = CliRunner().invoke(app, ["eval", "--suite", "nope", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "unknown suite 'nope'" in result.output
+    assert not (tmp_path / "out").exists()
