@@ -1,9 +1,12 @@
-"""Accuracy of a VLM on the shapes suite, unpruned and under every registered method and budget."""
+"""Accuracy of a VLM on a suite (the shapes suite of images, the video suite of clips), unpruned and under
+every registered method and budget."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
+import functools
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,14 +37,17 @@ def score(model, processor, examples: list[suite.Example], batch_size: int = 32)
     return accuracy_by_kind(examples, answers(model, processor, examples, batch_size))
 
 
-def accuracy_by_kind(examples: list[suite.Example], replies: list[str]) -> dict[str, float]:
-    """The fraction of ``replies`` equal to their example's answer, per kind present and ``"all"``."""
+def accuracy_by_kind(
+    examples: list, replies: list[str], kinds: tuple[str, ...] = suite.KINDS
+) -> dict[str, float]:
+    """The fraction of ``replies`` equal to their example's answer, per kind of ``kinds`` present and
+    ``"all"``."""
     right, total = collections.Counter(), collections.Counter()
     for item, reply in zip(examples, replies, strict=True):
         for key in (item.kind, "all"):
             total[key] += 1
             right[key] += reply == item.answer
-    return {kind: right[kind] / total[kind] for kind in (*suite.KINDS, "all") if total[kind]}
+    return {kind: right[kind] / total[kind] for kind in (*kinds, "all") if total[kind]}
 
 
 #: Fractions of each image's visual tokens kept in a suite run, from generous to harsh.
@@ -83,28 +89,40 @@ class AccuracyRow:
 def evaluate_methods(
     model,
     processor,
-    examples: list[suite.Example],
+    examples: list,
     methods: list[str],
     keep_ratios: tuple[float, ...] = KEEP_RATIOS,
     batch_size: int = 32,
     timing_repeats: int = 5,
+    run=None,
 ) -> list[AccuracyRow]:
-    """Score the unpruned model, then every method at every keep ratio, on ``examples``.
+    """Score the unpruned model, then every method at every keep ratio, on ``examples`` of the suite of
+    ``run`` (a :class:`~tokenprune.eval.suites.SuiteRun`; default: the shapes suite's), whose question
+    kinds the rows have a column each for.
 
     Prefill time is the fastest of ``timing_repeats`` forward passes over the first batch; the unpruned
     model is timed right before each configuration and the speedup is the ratio of the two, so that
     slow drift of a shared machine cancels (the unpruned row's time is the median of those baselines).
     Returns the rows, the unpruned one first.
     """
-    timing = next(shapes_model.batches(processor, examples, batch_size))[1]
-    timing["pixel_values"] = timing["pixel_values"].to(model.dtype)
+    if run is None:
+        from .suites import suite_run
+
+        run = suite_run("shapes")
     device = next(model.parameters()).device
+    timing = {
+        key: value.to(device) for key, value in run.timing_batch(processor, examples, batch_size).items()
+    }
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in timing:
+            timing[key] = timing[key].to(model.dtype)
+    row = functools.partial(_row, row_class(run.kinds))
 
     def prefill() -> None:
         with torch.no_grad():
             model(**timing)
 
-    base = score(model, processor, examples, batch_size)  # also warms up every kernel the timings use
+    base = run.score(model, processor, examples, batch_size)  # also warms up every kernel the timings use
     baselines = []
     rows = []
     for method in methods:
@@ -115,23 +133,43 @@ def evaluate_methods(
                 try:
                     pruner = scope.enter_context(tp.pruned(model, config))
                 except ValueError as error:  # e.g. more merging than the encoder's layers allow
-                    rows.append(_row(method, config.stage, ratio, None, None, None, None, base, str(error)))
+                    rows.append(row(method, config.stage, ratio, None, None, None, None, base, str(error)))
                     continue
                 ms = min(times_ms(prefill, device, timing_repeats))
-                accuracy = score(model, processor, examples, batch_size)
+                accuracy = run.score(model, processor, examples, batch_size)
                 stats = pruner.stats
             kept = sum(stats.kept_tokens) / len(stats.kept_tokens)
-            rows.append(_row(method, stats.stage, ratio, kept, ms, baselines[-1], accuracy, base))
-    visual = int((timing["input_ids"][0] == model.config.image_token_id).sum())
+            rows.append(row(method, stats.stage, ratio, kept, ms, baselines[-1], accuracy, base))
+    token = model.config.video_token_id if run.media == "videos" else model.config.image_token_id
+    visual = int((timing["input_ids"][0] == token).sum())
     base_ms = statistics.median(baselines) if baselines else min(times_ms(prefill, device, timing_repeats))
-    return [_row("none", "none", 1.0, visual, base_ms, base_ms, base, base), *rows]
+    return [row("none", "none", 1.0, visual, base_ms, base_ms, base, base), *rows]
 
 
-def _row(method, stage, ratio, kept, ms, base_ms, accuracy, base, note="") -> AccuracyRow:
+@functools.cache
+def row_class(kinds: tuple[str, ...]) -> type:
+    """:class:`AccuracyRow` for the shapes suite's kinds; for other ``kinds``, a dataclass with the same
+    fields but a column per kind of ``kinds`` instead of the shapes suite's."""
+    if kinds == suite.KINDS:
+        return AccuracyRow
+    common = [(f.name, f.type) for f in dataclasses.fields(AccuracyRow)]
+    first = [name for name, _ in common].index("retention")
+    columns = [*common[: first + 1], *((kind, "float | None") for kind in kinds)]
+    return dataclasses.make_dataclass("AccuracyRow", [*columns, ("note", str, dataclasses.field(default=""))])
+
+
+def row_kinds(row) -> tuple[str, ...]:
+    """The question kinds a row has a column for (those after ``retention``, before ``note``)."""
+    names = [field.name for field in dataclasses.fields(row)]
+    return tuple(names[names.index("retention") + 1 : names.index("note")])
+
+
+def _row(cls, method, stage, ratio, kept, ms, base_ms, accuracy, base, note="") -> AccuracyRow:
+    kind_names = row_kinds(cls)
     if accuracy is None:
-        return AccuracyRow(method, stage, ratio, *(None,) * 5, **dict.fromkeys(suite.KINDS), note=note)
-    kinds = {kind: round(accuracy[kind], 4) for kind in suite.KINDS}
-    return AccuracyRow(
+        return cls(method, stage, ratio, *(None,) * 5, **dict.fromkeys(kind_names), note=note)
+    kinds = {kind: round(accuracy[kind], 4) for kind in kind_names}
+    return cls(
         method=method,
         stage=stage,
         keep_ratio=ratio,
@@ -217,7 +255,9 @@ def _save_sheet(rows: list[tuple[str, list[tuple[Image.Image, str]]]], path: Pat
     return path
 
 
-def plot_pareto(rows: list[AccuracyRow], path: Path, title: str) -> None:
+def plot_pareto(
+    rows: list[AccuracyRow], path: Path, title: str, suite_name: str = "shapes", unit: str = "image"
+) -> None:
     """Accuracy against visual tokens kept per image (left) and against prefill time (right): one line
     per method through its keep ratios, the unpruned model as a star."""
     import matplotlib
@@ -230,7 +270,7 @@ def plot_pareto(rows: list[AccuracyRow], path: Path, title: str) -> None:
     methods = list(dict.fromkeys(row.method for row in rows[1:]))
     colours = plt.get_cmap("tab20").colors
     for ax, field, label in (
-        (axes[0], "kept_tokens", "visual tokens kept per image"),
+        (axes[0], "kept_tokens", f"visual tokens kept per {unit}"),
         (axes[1], "prefill_ms", "prefill time of one batch (ms)"),
     ):
         for i, method in enumerate(methods):
@@ -246,7 +286,7 @@ def plot_pareto(rows: list[AccuracyRow], path: Path, title: str) -> None:
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_xscale("log")
-    axes[0].set_ylabel("accuracy on the shapes suite (%)")
+    axes[0].set_ylabel(f"accuracy on the {suite_name} suite (%)")
     axes[1].legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -254,16 +294,17 @@ def plot_pareto(rows: list[AccuracyRow], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def markdown_tables(rows: list[AccuracyRow]) -> str:
+def markdown_tables(rows: list[AccuracyRow], unit: str = "image") -> str:
     """Two markdown tables: accuracy and retention of every method by keep ratio, then accuracy per
-    question kind at each method's ratio closest to 11% kept."""
-    base = rows[0]
+    question kind (the rows' kind columns) at each method's ratio closest to 11% kept; ``unit`` names
+    what the visual tokens are counted per."""
+    base, kinds = rows[0], row_kinds(rows[0])
     ratios = sorted({r.keep_ratio for r in rows[1:]}, reverse=True)
     methods = list(dict.fromkeys(r.method for r in rows[1:]))
     by_key = {(r.method, r.keep_ratio): r for r in rows[1:]}
     header = "| method | stage | " + " | ".join(f"{ratio:.0%} kept" for ratio in ratios) + " |"
     lines = [
-        f"Unpruned: **{base.accuracy:.1%}** ({base.kept_tokens:.0f} visual tokens per image). "
+        f"Unpruned: **{base.accuracy:.1%}** ({base.kept_tokens:.0f} visual tokens per {unit}). "
         "Cells: accuracy (retention = pruned / unpruned accuracy); in bold the best retention of the methods "
         "that prune at prefill (a kv method prunes at decode steps only).",
         "",
@@ -290,12 +331,12 @@ def markdown_tables(rows: list[AccuracyRow]) -> str:
         "",
         f"Accuracy per question kind at {focus:.0%} kept (unpruned first):",
         "",
-        "| method | " + " | ".join(suite.KINDS) + " |",
-        "|" + "---|" * (len(suite.KINDS) + 1),
+        "| method | " + " | ".join(kinds) + " |",
+        "|" + "---|" * (len(kinds) + 1),
     ]
     for row in [base, *(by_key[m, focus] for m in methods)]:
         name = "unpruned" if row.method == "none" else row.method
-        values = ["n/a" if row.accuracy is None else f"{getattr(row, kind):.0%}" for kind in suite.KINDS]
+        values = ["n/a" if row.accuracy is None else f"{getattr(row, kind):.0%}" for kind in kinds]
         lines.append(f"| {name} | " + " | ".join(values) + " |")
     notes = [f"- {r.method} at {r.keep_ratio:.0%}: {r.note}" for r in rows if r.note]
     if notes:
@@ -303,15 +344,21 @@ def markdown_tables(rows: list[AccuracyRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_accuracy_results(rows: list[AccuracyRow], out_dir: Path, meta: dict) -> dict[str, Path]:
+def write_accuracy_results(
+    rows: list[AccuracyRow], out_dir: Path, meta: dict, suite_name: str = "shapes", unit: str = "image"
+) -> dict[str, Path]:
     """Write ``results.json`` / ``results.csv`` (rows with ``meta``), ``pareto.png`` and ``table.md`` to
-    ``out_dir``; return their paths by kind (``json``, ``csv``, ``plot``, ``table``)."""
+    ``out_dir`` for a run on the suite ``suite_name``; return their paths by kind (``json``, ``csv``,
+    ``plot``, ``table``)."""
     title = (
-        f"model {meta['arch']}: {meta['examples']} shapes questions (seed {meta['seed']}), {meta['machine']}"
+        f"model {meta['arch']}: {meta['examples']} {suite_name} questions (seed {meta['seed']}), "
+        f"{meta['machine']}"
     )
-    paths = write_rows(rows, out_dir, meta, "pareto.png", lambda path: plot_pareto(rows, path, title))
+    paths = write_rows(
+        rows, out_dir, meta, "pareto.png", lambda path: plot_pareto(rows, path, title, suite_name, unit)
+    )
     paths["table"] = out_dir / "table.md"
-    paths["table"].write_text(markdown_tables(rows))
+    paths["table"].write_text(markdown_tables(rows, unit))
     return paths
 
 

@@ -223,20 +223,23 @@ def _draw(rng: random.Random, things: tuple[Thing, ...]) -> Image.Image:
         size = rng.randint(26, 40)
         x = thing.column * CELL + rng.randint(2, CELL - 2 - size)
         y = thing.row * CELL + rng.randint(2, CELL - 2 - size)
-        box = (x, y, x + size, y + size)
-        fill = COLORS[thing.label]
-        if thing.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif thing.shape == "square":
-            draw.rectangle(box, fill=fill)
-        elif thing.shape == "triangle":
-            draw.polygon([(x + size / 2, y), (x + size, y + size), (x, y + size)], fill=fill)
-        else:
-            half = size / 2
-            draw.polygon(
-                [(x + half, y), (x + size, y + half), (x + half, y + size), (x, y + half)], fill=fill
-            )
+        draw_shape(draw, thing.shape, x, y, size, COLORS[thing.label])
     return image
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, size: float, fill) -> None:
+    """One of :data:`SHAPES` filled with ``fill`` in the ``size``-pixel square whose top-left corner is
+    ``(x, y)`` (the video suite draws its frames with it too)."""
+    box = (x, y, x + size, y + size)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(x + size / 2, y), (x + size, y + size), (x, y + size)], fill=fill)
+    else:
+        half = size / 2
+        draw.polygon([(x + half, y), (x + size, y + half), (x + half, y + size), (x, y + half)], fill=fill)
 
 
 @functools.cache

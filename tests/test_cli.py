@@ -243,6 +243,11 @@ def test_every_command_that_loads_a_model_defaults_to_the_same_one():
         name: next(p.default for p in commands[name].params if p.name == "model")
         for name in ("run", "eval", "serve")
     }
+    # eval's default is the model of its --suite, by default the shapes suite's
+    from tokenprune.eval.suites import suite_run
+
+    suite = next(p.default for p in commands["eval"].params if p.name == "suite_name")
+    defaults["eval"] = defaults["eval"] or suite_run(suite).model
     assert set(defaults.values()) == {"shapes"}, defaults
 
 

@@ -37,6 +37,8 @@ def test_wheel_contains_mapped_packages(tmp_path):
         "tokenprune/assets/example.png",
         "tokenprune/assets/shapes-vlm/model.safetensors",
         "tokenprune/assets/shapes-vlm/tokenizer.json",
+        "tokenprune/assets/video-vlm/model.safetensors",
+        "tokenprune/assets/video-vlm/tokenizer.json",
     ):
         assert required in names, f"{required} missing from the wheel"
     # every module of the three mapped folders, subpackages included (each must be listed in pyproject)

@@ -74,7 +74,7 @@ def main(
 app.command(short_help="List the pruning methods.")(run.methods)
 app.command(short_help="Answer a prompt about an image, pruned and not.")(run.run)
 app.command(short_help="Time pruned runs against the unpruned model.")(bench.bench)
-app.command("eval", short_help="Accuracy against keep ratio on the shapes suite.")(evaluate.eval_)
+app.command("eval", short_help="Accuracy against keep ratio on the shapes or video suite.")(evaluate.eval_)
 app.command("lmms-task", short_help="Write the shapes suite as an lmms-eval task.")(evaluate.lmms_task)
 app.command("bench-encoder", short_help="Images/s of an image encoder, pruned.")(bench.bench_encoder)
 app.command(short_help="Serve a model with an OpenAI-compatible API.")(serving.serve)

@@ -30,6 +30,8 @@ RESULTS = pathlib.Path("tokenprune-results")
 TINY = "tiny"
 #: ``--model`` value of the trained shapes VLM shipped with the package (:mod:`tokenprune.eval.shapes_model`).
 SHAPES = "shapes"
+#: ``--model`` value of the trained video VLM shipped with the package (:mod:`tokenprune.eval.video_model`).
+VIDEO = "video"
 
 MarkdownOption = Annotated[
     bool, typer.Option("--markdown", help="Print tables as Markdown (as when the output is not a terminal).")
@@ -195,6 +197,10 @@ def local_checkpoint(stack: contextlib.ExitStack, model: str, seed: int, arch: s
         from ..eval.shapes_model import shipped_checkpoint
 
         return str(stack.enter_context(shipped_checkpoint()))
+    if model == VIDEO:
+        from ..eval.video_model import shipped_checkpoint as shipped_video
+
+        return str(stack.enter_context(shipped_video()))
     if model != TINY:
         return checkpoint_path(model)
     from ..testing import save_random_checkpoint, save_tiny_checkpoint

@@ -1,5 +1,5 @@
-"""``tokenprune eval`` and ``tokenprune lmms-task``: accuracy against the keep ratio on the shapes suite,
-and the suite exported as an lmms-eval task."""
+"""``tokenprune eval`` and ``tokenprune lmms-task``: accuracy against the keep ratio on the shapes suite
+(or the video suite), and the shapes suite exported as an lmms-eval task."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import tokenprune
 from .common import (
     RESULTS,
     SHAPES,
+    VIDEO,
     CliError,
     DeviceOption,
     DtypeOption,
@@ -33,15 +34,34 @@ from .common import (
 
 
 def eval_(
-    model: Annotated[
+    suite_name: Annotated[
         str,
-        typer.Option("--model", "-m", help=f"Checkpoint directory; '{SHAPES}' is the shipped shapes VLM."),
-    ] = SHAPES,
+        typer.Option(
+            "--suite", help="'shapes' (images, 6 question kinds) or 'video' (16-frame clips, 7 kinds)."
+        ),
+    ] = "shapes",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help=f"Checkpoint directory; '{SHAPES}' / '{VIDEO}': the shipped shapes / video VLM; default: "
+            "the suite's own.",
+            show_default=False,
+        ),
+    ] = None,
     seed: Annotated[
         int,
         typer.Option(help="Seed of the questions: 2 is the test split; any other draws a fresh one."),
     ] = 2,
-    count: Annotated[int, typer.Option(min=6, help="Questions (an equal share of each kind).")] = 600,
+    count: Annotated[
+        int | None,
+        typer.Option(
+            min=6,
+            help="Questions (an equal share of each kind); default: 600 (shapes), 350 (video).",
+            show_default=False,
+        ),
+    ] = None,
     methods: Annotated[
         str,
         typer.Option(
@@ -68,14 +88,14 @@ def eval_(
         typer.Option(
             "--page",
             "--readme",
-            help="Also write table.md into this Markdown page (docs/performance.md) between its shapes-eval "
-            "markers.",
+            help="Also write table.md into this Markdown page (docs/performance.md) between its "
+            "shapes-eval (video-eval) markers.",
         ),
     ] = None,
     markdown: MarkdownOption = False,
 ) -> None:
-    """Accuracy of every method at every keep ratio on the shapes suite, with retention and prefill time."""
-    from ..eval import suite
+    """Accuracy of every method at every keep ratio on the shapes (or video) suite, with retention and
+    prefill time."""
     from ..eval.accuracy import (
         evaluate_methods,
         focus_ratio,
@@ -84,9 +104,14 @@ def eval_(
         write_accuracy_results,
     )
     from ..eval.bench import bench_config
+    from ..eval.suites import suite_run
 
     console = Console()
     with exit_on_user_error(), contextlib.ExitStack() as stack:
+        with user_errors(ValueError):
+            run = suite_run(suite_name)
+        model = run.model if model is None else model
+        count = run.count if count is None else count
         names = [m for m in methods.split(",") if m] or sorted(tokenprune.list_methods())
         ratios = tuple(floats(keep_ratios))
         if not ratios:
@@ -101,23 +126,22 @@ def eval_(
         torch_device, torch_dtype = resolve_device(device, dtype)
         checkpoint = local_checkpoint(stack, model, seed=0)
         stack.enter_context(quiet_transformers())
-        from transformers import AutoProcessor
-
         with console.status(f"Loading {escape(model)}...", spinner="dots"):
             with user_errors(OSError, ValueError):
-                processor = AutoProcessor.from_pretrained(checkpoint)
+                processor = run.processor(checkpoint)
             vlm = load_model(checkpoint, attn, torch_device, torch_dtype)
-            examples = suite.examples(seed, count)
+            examples = run.examples(seed, count)
         with console.status(f"Scoring {len(names)} methods x {len(ratios)} keep ratios...", spinner="dots"):
-            rows = evaluate_methods(vlm, processor, examples, names, ratios, batch_size)
-            meta = run_meta(model, torch_device, attn, torch_dtype, seed=seed, examples=count)
-            paths = write_accuracy_results(rows, out, meta)
-            sheet = overlay_sheet(vlm, processor, examples, names, overlay_ratio, out / "overlays.png")
-            if sheet is not None:
-                paths["overlays"] = sheet
+            rows = evaluate_methods(vlm, processor, examples, names, ratios, batch_size, run=run)
+            meta = run_meta(model, torch_device, attn, torch_dtype, suite=run.name, seed=seed, examples=count)
+            paths = write_accuracy_results(rows, out, meta, run.name, run.unit)
+            if run.media == "images":  # the overlays draw kept patches over one picture
+                sheet = overlay_sheet(vlm, processor, examples, names, overlay_ratio, out / "overlays.png")
+                if sheet is not None:
+                    paths["overlays"] = sheet
     table = paths["table"].read_text()
     if readme is not None:
-        readme.write_text(replace_between_markers(readme.read_text(), table, "shapes-eval"))
+        readme.write_text(replace_between_markers(readme.read_text(), table, f"{run.name}-eval"))
         paths["readme"] = readme
     print_report(console, table, markdown)
     console.print(f"results: {', '.join(str(p) for p in paths.values())}", highlight=False)
