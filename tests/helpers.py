@@ -265,6 +265,22 @@ def video_pruned_through_qwen(model, method: str) -> tuple[SelectionContext, Any
     return ctx, stats, video
 
 
+def pruned_and_reference(model, config, inputs: dict):
+    """Logits of ``model`` (a LLaVA-NeXT/OneVision) pruned by ``config``, its stats, and the masked reference:
+    the unpatched model given the packed image (and video) features the pruned forward handed on and the
+    states a decoder stage's merge gave its kept tokens, the dropped tokens hidden from attention."""
+    with (
+        tokenprune.pruned(model, config) as pruner,
+        tower_outputs(model) as handed_on,
+        decoder_merges() as merged,
+        torch.no_grad(),
+    ):
+        got = model(**inputs).logits
+    with tower_outputs(model, handed_on):
+        expected = masked_reference(model, inputs, pruner.stats.keep_masks, merged=merged)
+    return got, pruner.stats, expected
+
+
 def masked_reference(
     model,
     inputs: dict,

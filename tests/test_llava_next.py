@@ -14,7 +14,7 @@ from helpers import (
     greedy_with_logits,
     kept_rows,
     layer_input_lengths,
-    masked_reference,
+    pruned_and_reference,
     selection_contexts,
     tokenprune_hooks,
     tower_outputs,
@@ -61,21 +61,6 @@ def placeholders(model, inputs):
     embeds[placeholder] = features
     newline = (embeds == model.model.image_newline).all(-1) & placeholder
     return placeholder, newline
-
-
-def pruned_and_reference(model, config, inputs: dict):
-    """Logits of ``model`` pruned by ``config``, its stats, and the masked reference: the unpatched model
-    given the packed image features the pruned forward handed on, the dropped tokens hidden from attention."""
-    with (
-        tp.pruned(model, config) as pruner,
-        tower_outputs(model) as handed_on,
-        decoder_merges() as merged,
-        torch.no_grad(),
-    ):
-        got = model(**inputs).logits
-    with tower_outputs(model, handed_on):
-        expected = masked_reference(model, inputs, pruner.stats.keep_masks, merged=merged)
-    return got, pruner.stats, expected
 
 
 @pytest.mark.parametrize("method", PREFILL_METHODS + VISION_METHODS)

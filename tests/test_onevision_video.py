@@ -8,9 +8,8 @@ from conftest import shared_model
 from helpers import (
     assert_generate_matches_reference,
     assert_kept_rows_match,
-    decoder_merges,
     greedy_with_logits,
-    masked_reference,
+    pruned_and_reference,
     select_sample,
     selection_contexts,
     tokenprune_hooks,
@@ -57,21 +56,6 @@ def placeholders(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
     videos = inputs["input_ids"] == model.config.video_token_id
     ends = videos & ~torch.nn.functional.pad(videos[:, 1:], (0, 1))
     return videos, ends
-
-
-def pruned_and_reference(model, config, inputs: dict):
-    """Logits of ``model`` pruned by ``config``, its stats, and the masked reference given the features the
-    pruned forward handed on (and the states a decoder stage's merge gave its kept tokens)."""
-    with (
-        tp.pruned(model, config) as pruner,
-        tower_outputs(model) as handed_on,
-        decoder_merges() as merged,
-        torch.no_grad(),
-    ):
-        got = model(**inputs).logits
-    with tower_outputs(model, handed_on):
-        expected = masked_reference(model, inputs, pruner.stats.keep_masks, merged=merged)
-    return got, pruner.stats, expected
 
 
 VIDEO_VISION_METHODS = sorted(
