@@ -111,6 +111,8 @@ class LlavaNextAdapter:
         features, lengths = pack(self.base, *args, **kwargs)
         if self.vision is not None and self.vision.encoded:
             features = self.vision.reduce(pack, args, kwargs, features)
+            if self.videos is not None:  # the videos' selection adds to this forward's, after the images'
+                self.videos.started = True
         self._lengths = lengths
         return features, lengths
 

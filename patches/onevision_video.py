@@ -70,7 +70,7 @@ class OneVisionVideos:
     ) -> list[RemovableHandle]:
         """Shadow ``get_video_features`` on the model, to read each video's shape and, with a ``vision``
         method (see :func:`video_method_runs`), to prune there; the image stage's ``image_encoder`` hooks
-        (on the same tower) sit out the frames."""
+        (on the same tower) gather on the frames the attention or keys the method needs, else sit them out."""
         self._pruner, self._vision = pruner, vision
         original = getattr(self._base, _ENCODE)
 
