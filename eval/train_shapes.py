@@ -220,27 +220,35 @@ def train(args: argparse.Namespace) -> None:
             processor.tokenizer.padding_side = "right"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def training_arguments(description: str, batch: int, warmup: int, validate: int) -> argparse.ArgumentParser:
+    """The command-line options a suite's training script shares with the others (the checkpoint, the
+    schedule, the stream of examples, the device), with its own defaults for ``batch``, ``warmup`` and
+    ``validate``; the script adds its own."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, help="directory the checkpoint is written to")
     parser.add_argument("--init", help="continue from this checkpoint instead of a fresh model")
     parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=warmup)
     parser.add_argument("--every", type=int, default=250, help="validate and save every this many steps")
-    parser.add_argument("--validate", type=int, default=300, help="validation examples per report")
+    parser.add_argument("--validate", type=int, default=validate, help="validation examples per report")
     parser.add_argument("--start", type=int, default=0, help="index of the first training example")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="'cpu', 'cuda', ...")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False)
+    return parser
+
+
+def main() -> None:
+    parser = training_arguments(__doc__.split("\n")[0], batch=32, warmup=200, validate=300)
     parser.add_argument(
         "--patch-loss", type=float, default=0.0, help="weight of the auxiliary per-patch loss (0: none)"
     )
     parser.add_argument(
         "--describe", type=float, default=0.5, help="share of rows asked to describe the scene"
     )
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--device", default="cpu", help="'cpu', 'cuda', ...")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False)
     train(parser.parse_args())
 
 

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 from . import video_model, video_suite
 from .accuracy import accuracy_by_kind
 from .suite import COLORS, SHAPES, draw_shape
-from .train_shapes import learning_rate
+from .train_shapes import learning_rate, training_arguments
 
 
 def conversation(item: video_suite.Example, describe: bool) -> list[tuple[str, str]]:
@@ -182,25 +182,12 @@ def train(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="directory the checkpoint is written to")
-    parser.add_argument("--init", help="continue from this checkpoint instead of a fresh model")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--every", type=int, default=250, help="validate and save every this many steps")
-    parser.add_argument("--validate", type=int, default=140, help="validation examples per report")
-    parser.add_argument("--start", type=int, default=0, help="index of the first training example")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = training_arguments(__doc__.split("\n")[0], batch=16, warmup=100, validate=140)
     parser.add_argument("--describe", type=float, default=0.5, help="share of rows ending with a description")
     parser.add_argument(
         "--token-loss", type=float, default=0.0, help="weight of the auxiliary per-token loss (0: none)"
     )
     parser.add_argument("--minutes", type=float, default=float("inf"), help="stop (and save) after this long")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--device", default="cpu", help="'cpu', 'cuda', ...")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False)
     train(parser.parse_args())
 
 
