@@ -33,6 +33,12 @@ class InternalsMovedError(RuntimeError):
     """A transformers internal that tokenprune relies on is not where it used to be."""
 
 
+def pruned_modalities(media: str) -> tuple[str, ...]:
+    """The modalities (``"image"``, ``"video"``) a config's ``media`` (``"images"``, ``"videos"``, ``"both"``)
+    prunes."""
+    return {"images": ("image",), "videos": ("video",), "both": ("image", "video")}[media]
+
+
 def has_media_inputs(kwargs: dict[str, Any], modality: str = "image") -> bool:
     """Whether a VLM's forward call (as its generation head makes it, by keyword) carries images (or, for
     ``modality="video"``, videos): pixels (``pixel_values``, ``pixel_values_videos``), or features that

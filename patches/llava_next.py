@@ -25,7 +25,14 @@ from torch.utils.hooks import RemovableHandle
 from tokenprune.config import PrunerConfig
 from tokenprune.sequence import image_ids_by_lengths, items_in_prompt_order
 
-from ._internals import InstanceOverride, InternalsMovedError, base_model, has_media_inputs, placeholder_mask
+from ._internals import (
+    InstanceOverride,
+    InternalsMovedError,
+    base_model,
+    has_media_inputs,
+    placeholder_mask,
+    pruned_modalities,
+)
 from .anyres_vision import AnyResVisionHooks
 from .decoder import DecoderPruningHooks, LanguageModelHooks, size_following_stages
 from .onevision_video import OneVisionVideos, video_method_runs
@@ -88,9 +95,7 @@ class LlavaNextAdapter:
             self.hooks = DecodeRetrievalHooks(self.base.language_model, 0, None)
         config = pruner.config
         vision = [] if config.vision_stage is None else self.vision.attach(pruner)
-        self._modalities = {"images": ("image",), "videos": ("video",), "both": ("image", "video")}[
-            config.media
-        ]
+        self._modalities = pruned_modalities(config.media)
         if self.videos is None or not video_method_runs(config.vision_stage):
             self._modalities = tuple(m for m in self._modalities if m == "image")
         elif "video" in self._modalities:

@@ -38,7 +38,7 @@ from tokenprune.attention import query_logits
 from tokenprune.context import Merged, SelectionContext
 from tokenprune.kernels import gather_tokens
 
-from ._internals import InstanceOverride, InternalsMovedError
+from ._internals import InstanceOverride, InternalsMovedError, pruned_modalities
 
 if TYPE_CHECKING:
     from tokenprune.config import PrunerConfig
@@ -133,9 +133,7 @@ class QwenVisionHooks:
         """Register the hooks of ``config`` (checked with :meth:`plan`) on the tower of ``base`` (the
         model whose ``get_image_features``/``get_video_features`` encode); returns their handles."""
         self._pruner, self._config = pruner, config
-        self._modalities = {"images": ("image",), "videos": ("video",), "both": ("image", "video")}[
-            pruner.config.media
-        ]
+        self._modalities = pruned_modalities(pruner.config.media)
         handles = [
             self.visual.register_forward_pre_hook(self._start),
             self.visual.register_forward_hook(self._reduce, with_kwargs=True),

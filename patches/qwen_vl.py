@@ -33,7 +33,14 @@ from tokenprune.config import PrunerConfig
 from tokenprune.kernels import gather_tokens
 from tokenprune.sequence import image_ids_by_lengths, image_ids_by_runs, items_in_prompt_order
 
-from ._internals import InstanceOverride, InternalsMovedError, base_model, has_media_inputs, placeholder_mask
+from ._internals import (
+    InstanceOverride,
+    InternalsMovedError,
+    base_model,
+    has_media_inputs,
+    placeholder_mask,
+    pruned_modalities,
+)
 from .decoder import DecoderPruningHooks, LanguageModelHooks, size_following_stages
 from .qwen_vision import QwenVisionHooks
 from .retrieval import DecodeRetrievalHooks
@@ -106,9 +113,7 @@ class Qwen2VLAdapter:
         ]
 
     def attach(self, pruner) -> list[RemovableHandle]:
-        self._modalities = {"images": ("image",), "videos": ("video",), "both": ("image", "video")}[
-            pruner.config.media
-        ]
+        self._modalities = pruned_modalities(pruner.config.media)
         if pruner.config.spec.decode:  # a kv method: decode-time hooks on the same language model
             self.hooks = DecodeRetrievalHooks(self.base.language_model, 0, None)
             self.hooks.images_by_runs = True
