@@ -7,6 +7,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import json
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -360,6 +361,39 @@ def write_accuracy_results(
     paths["table"] = out_dir / "table.md"
     paths["table"].write_text(markdown_tables(rows, unit))
     return paths
+
+
+def seed_check(rows: list[AccuracyRow], other: Path, meta: dict, limit: float = 0.05) -> str:
+    """A Markdown paragraph comparing this run's retention with the run of another seed in ``other`` (its
+    ``results.json``), cell by cell (method and keep ratio, cells both runs scored): the largest and mean
+    difference and the cells that differ by more than ``limit``. ``ValueError`` where ``other`` is a run of
+    another suite or the same seed, or shares no cell."""
+    data = json.loads(other.read_text())
+    theirs = {
+        (r["method"], r["keep_ratio"]): r["retention"] for r in data["rows"] if r["retention"] is not None
+    }
+    if data["meta"].get("suite") != meta["suite"] or data["meta"].get("seed") == meta["seed"]:
+        raise ValueError(
+            f"{other} is not a run of the {meta['suite']} suite on another seed than {meta['seed']}"
+        )
+    cells = [
+        (abs(r.retention - theirs[r.method, r.keep_ratio]), r.method, r.keep_ratio)
+        for r in rows
+        if r.method != "none" and r.retention is not None and (r.method, r.keep_ratio) in theirs
+    ]
+    if not cells:
+        raise ValueError(f"{other} scores none of this run's methods at its keep ratios")
+    worst = max(cells)
+    over = [f"{method} at {ratio:.0%} ({diff:.1%})" for diff, method, ratio in sorted(cells, reverse=True)]
+    over = over[: sum(diff > limit for diff, _, _ in cells)]
+    seed, examples = data["meta"]["seed"], data["meta"]["examples"]
+    mean = sum(diff for diff, _, _ in cells) / len(cells)
+    found = f"more than {limit:.0%} in {', '.join(over)}" if over else f"no cell by more than {limit:.0%}"
+    return (
+        f"\nFresh-seed check: the same cells on seed {seed} ({examples} other questions): retention differs "
+        f"by {mean:.1%} on average over {len(cells)} cells, at most {worst[0]:.1%} ({worst[1]} at "
+        f"{worst[2]:.0%}); {found}.\n"
+    )
 
 
 def replace_between_markers(text: str, replacement: str, name: str) -> str:

@@ -14,6 +14,7 @@ from tokenprune.eval.accuracy import (
     markdown_tables,
     overlay_sheet,
     replace_between_markers,
+    seed_check,
 )
 from tokenprune.testing import save_tiny_checkpoint
 
@@ -49,6 +50,28 @@ def test_tables_show_every_method_and_ratio_with_the_best_retention_in_bold():
     assert "| dart | llm | **90.0% (100.0%)** | 60.0% (66.7%) |" in text
     assert "| fastv | llm | 80.0% (88.9%) | **70.0% (77.8%)** |" in text
     assert "at 11% kept" in text and "| unpruned | 90% |" in text
+
+
+def test_seed_check_names_the_cells_that_moved_more_than_the_limit(tmp_path):
+    """Retention differences cell by cell against another seed's results.json: the mean, the largest, and
+    every cell over 5 points; a run of the same seed or another suite is refused."""
+    rows = [row("none", 1.0, 0.9), row("fastv", 0.5, 0.9), row("fastv", 0.25, 0.72), row("dart", 0.5, 0.81)]
+    theirs = [row("none", 1.0, 0.8, 0.8), row("fastv", 0.5, 0.8, 0.8), row("fastv", 0.25, 0.56, 0.8)]
+    other = tmp_path / "results.json"
+    meta = {"suite": "shapes", "seed": 2}
+    other.write_text(
+        json.dumps(
+            {"meta": {**meta, "seed": 7, "examples": 60}, "rows": [dataclasses.asdict(r) for r in theirs]}
+        )
+    )
+    text = seed_check(rows, other, meta)
+    # fastv keeps 100% at 50% on both seeds; at 25% 80% here, 70% there; dart is not in the other run
+    assert "seed 7 (60 other questions)" in text and "5.0% on average over 2 cells" in text
+    assert "at most 10.0% (fastv at 25%); more than 5% in fastv at 25% (10.0%)." in text
+    with pytest.raises(ValueError, match="another seed"):
+        seed_check(rows, other, {"suite": "shapes", "seed": 7})
+    with pytest.raises(ValueError, match="another seed"):
+        seed_check(rows, other, {"suite": "video", "seed": 2})
 
 
 def test_markers_are_replaced_and_missing_markers_are_an_error():

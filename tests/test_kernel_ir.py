@@ -56,9 +56,9 @@ POINTERS = {
         "visible_ptr": "i1",
     },
     "_greedy_coverage_kernel": {
-        "matrix_ptr": "fp32",
+        "matrix_ptr": "i32",
         "saliency_ptr": "fp32",
-        "covered_ptr": "fp32",
+        "covered_ptr": "i32",
         "out_ptr": "i64",
     },
 }

@@ -215,8 +215,8 @@ def test_greedy_coverage_kernel(kernels, case, alpha):
 
 
 def test_greedy_coverage_sums_exactly():
-    """Gains are integer sums of truncated terms, the same in any order: two candidates whose terms are the
-    same numbers in another order tie exactly, and the lower index wins."""
+    """Gains are integer sums of rounded similarities, the same in any order: two candidates whose terms are
+    the same numbers in another order tie exactly, and the lower index wins."""
     similarity = torch.tensor(
         [[1.0, 0.1, 0.2, 0.3], [0.1, 1.0, 0.3, 0.2], [0.2, 0.3, 1.0, 0.1], [0.3, 0.2, 0.1, 1.0]]
     )

@@ -92,6 +92,14 @@ def eval_(
             "shapes-eval (video-eval) markers.",
         ),
     ] = None,
+    compare: Annotated[
+        pathlib.Path | None,
+        typer.Option(
+            help="results.json of a run on another seed: add the fresh-seed check (retention, cell by cell) "
+            "to the table.",
+            show_default=False,
+        ),
+    ] = None,
     markdown: MarkdownOption = False,
 ) -> None:
     """Accuracy of every method at every keep ratio on the shapes (or video) suite, with retention and
@@ -101,6 +109,7 @@ def eval_(
         focus_ratio,
         overlay_sheet,
         replace_between_markers,
+        seed_check,
         write_accuracy_results,
     )
     from ..eval.bench import bench_config
@@ -121,8 +130,9 @@ def eval_(
             for name in names:
                 for ratio in (*ratios, overlay_ratio):
                     bench_config(name, ratio)
-        if readme is not None and not readme.is_file():
-            raise CliError(f"--page {readme} is not a file")
+        for path, option in ((readme, "--page"), (compare, "--compare")):
+            if path is not None and not path.is_file():
+                raise CliError(f"{option} {path} is not a file")
         torch_device, torch_dtype = resolve_device(device, dtype)
         checkpoint = local_checkpoint(stack, model, seed=0)
         stack.enter_context(quiet_transformers())
@@ -135,6 +145,10 @@ def eval_(
             rows = evaluate_methods(vlm, processor, examples, names, ratios, batch_size, run=run)
             meta = run_meta(model, torch_device, attn, torch_dtype, suite=run.name, seed=seed, examples=count)
             paths = write_accuracy_results(rows, out, meta, run.name, run.unit)
+            if compare is not None:
+                with user_errors(ValueError, KeyError):
+                    check = seed_check(rows, compare, meta)
+                paths["table"].write_text(paths["table"].read_text() + check)
             if run.media == "images":  # the overlays draw kept patches over one picture
                 sheet = overlay_sheet(vlm, processor, examples, names, overlay_ratio, out / "overlays.png")
                 if sheet is not None:

@@ -23,26 +23,30 @@ LOWEST = torch.finfo(torch.float32).min
 
 
 def greedy_dpp_reference(kernel: torch.Tensor, keep: int) -> torch.Tensor:
-    """Torch reference of :func:`greedy_dpp`, in the order of operations of CDPruner's loop."""
+    """Torch reference of :func:`greedy_dpp`, in the order of operations of CDPruner's loop, twenty ops per
+    pick: the factor's rows not yet written are zeros, so that each pick projects on all ``keep`` of them
+    (one ``bmm``, no slice whose length changes), every value keeps a pick's axis of size 1 (no reshapes),
+    and a picked token's score is pushed to ``-inf`` by a penalty (no mask indexed)."""
     num_images, num_tokens = kernel.shape[:2]
-    rows = torch.arange(num_images, device=kernel.device)
-    factor = kernel.new_zeros(keep, num_images, num_tokens)  # [T, I, N] a row per pick, as CDPruner's
-    gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # [I, N] each token's remaining gain
-    selected = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=kernel.device)
+    factor = kernel.new_zeros(num_images, keep, num_tokens)  # [I, T, N] a row per pick, as CDPruner's
+    gains = torch.diagonal(kernel, dim1=1, dim2=2).unsqueeze(1).clone()  # [I, 1, N] remaining gains
+    penalty = torch.zeros_like(gains)
+    zero = kernel.new_zeros(())
     picks = []
     for step in range(keep):
-        score = torch.where(gains > LOWEST, gains, LOWEST).masked_fill(selected, float("-inf"))
-        pick = score.argmax(dim=1)
-        gain = gains[rows, pick]
-        projection = torch.einsum("ti,tin->in", factor[:step, rows, pick], factor[:step])
-        positive = gain > 0  # else the kernel's rank is spent: the pick updates nothing
-        row = (kernel[rows, pick] - projection) / torch.where(positive, gain, 1.0).sqrt().unsqueeze(-1)
-        row = torch.where(positive.unsqueeze(-1), row, 0.0)
-        factor[step] = row
-        gains = gains - row.square()
-        selected[rows, pick] = True
+        score = torch.nan_to_num(gains, nan=LOWEST, posinf=float("inf"), neginf=LOWEST) + penalty
+        pick = score.argmax(dim=2, keepdim=True)  # [I, 1, 1]
+        gain = gains.gather(2, pick)
+        column = factor.gather(2, pick.expand(num_images, keep, 1))  # [I, T, 1]
+        projection = torch.bmm(column.transpose(1, 2), factor)
+        difference = kernel.gather(1, pick.expand(num_images, 1, num_tokens)) - projection
+        # a gain that is not positive (the kernel's rank spent) updates nothing
+        row = torch.where(gain > 0, difference / gain.sqrt(), zero)
+        factor.narrow(1, step, 1).copy_(row)
+        gains -= row.square()
+        penalty.scatter_(2, pick, float("-inf"))
         picks.append(pick)
-    return torch.stack(picks, dim=1).sort(dim=1).values
+    return torch.cat(picks, dim=1).view(num_images, keep).sort(dim=1).values
 
 
 def greedy_dpp(kernel: torch.Tensor, keep: int) -> torch.Tensor:

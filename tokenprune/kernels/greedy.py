@@ -8,9 +8,9 @@ reference exactly (the same float32 arithmetic, ties to the lowest index as ``ar
 matrix is one batched matmul before it, the same on both paths.
 
 SCOPE's coverage gain of a token is a sum over every token: a float sum's value depends on its order, which
-differs between torch's CPU and GPU reductions and a kernel's. Its terms are summed exactly instead, as
-integers in units of :data:`COVERAGE_UNIT` (each term truncated to that unit first, the same on both
-paths), so that the kernel picks exactly the reference's tokens on any device.
+differs between torch's CPU and GPU reductions and a kernel's. It is summed exactly instead, in integers:
+the similarities are rounded once to multiples of :data:`COVERAGE_UNIT` (:func:`coverage_units`, the same on
+both paths), so that the kernel picks exactly the reference's tokens on any device.
 """
 
 from __future__ import annotations
@@ -76,33 +76,54 @@ def greedy_mmr(
     return greedy_mmr_reference(similarity, relevance, penalty, first, keep)
 
 
-#: The unit in which SCOPE's coverage terms (each in [0, 1]) are summed exactly as int64: ``2**-40``, so that
-#: a sum of up to ``2**23`` terms fits, and a term loses under ``2**-40`` to the truncation.
-COVERAGE_UNIT = 2.0**-40
+#: The unit to which SCOPE's similarities (in [-1, 1]) are rounded, as int32: ``2**-24``, float32's spacing
+#: just below 1, so that a similarity loses no more than float32 arithmetic on it would.
+COVERAGE_UNIT = 2.0**-24
+#: Terms (each in [0, 2**24] units) a chunk sums in int32 before the chunks' sums are added in int64.
+_CHUNK = 64
+
+
+def coverage_units(similarity: torch.Tensor) -> torch.Tensor:
+    """``similarity`` rounded to int32 multiples of :data:`COVERAGE_UNIT`, the integers both paths sum."""
+    return (similarity.float() * (1.0 / COVERAGE_UNIT)).round().to(torch.int32)
 
 
 def greedy_coverage_reference(similarity: torch.Tensor, saliency: torch.Tensor, keep: int) -> torch.Tensor:
-    """Torch reference of :func:`greedy_coverage`."""
+    """Torch reference of :func:`greedy_coverage`.
+
+    A coverage never falls below 0, so a candidate's gain ``sum_i max(0, s[i, j] - covered[i])`` is
+    ``sum_i max(s[i, j], covered[i]) - sum_i covered[i]``: per pick one pass that takes the maxima into a
+    buffer and one that sums it (in int32 chunks of :data:`_CHUNK` terms, then int64), over the transposed
+    matrix so that both run along contiguous rows. A picked token's score is pushed to ``-inf`` by a
+    penalty, so that no mask is indexed."""
     num_images, num_tokens = saliency.shape
-    rows = torch.arange(num_images, device=saliency.device)
-    selected = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=saliency.device)
-    covered = torch.zeros(num_images, num_tokens, dtype=similarity.dtype, device=similarity.device)
+    padded = -(-num_tokens // _CHUNK) * _CHUNK  # zero columns: max(0, covered) adds what covered's sum takes
+    units = coverage_units(similarity)
+    columns = torch.nn.functional.pad(units.transpose(1, 2), (0, padded - num_tokens)).contiguous()
+    maxima = torch.empty_like(columns)  # [I, candidate j, covering i]
+    covered = units.new_zeros(num_images, 1, padded)
+    penalty = torch.zeros_like(saliency)
+    flat = torch.nn.functional.pad(units, (0, padded - num_tokens)).flatten(
+        0, 1
+    )  # each pick's row of coverage
+    offsets = torch.arange(num_images, device=units.device) * num_tokens
     picks = []
     for _ in range(keep):
-        terms = (similarity - covered[:, :, None]).clamp_min(0.0)  # [I, covering i, candidate j]
-        gain = (terms * (1.0 / COVERAGE_UNIT)).to(torch.int64).sum(dim=1)
-        pick = (gain.float() * saliency).masked_fill(selected, float("-inf")).argmax(dim=1)
-        selected[rows, pick] = True
+        torch.maximum(columns, covered, out=maxima)
+        chunks = maxima.view(num_images, num_tokens, padded // _CHUNK, _CHUNK).sum(dim=3, dtype=torch.int32)
+        gain = chunks.sum(dim=2, dtype=torch.int64) - covered.sum(dim=2, dtype=torch.int64)
+        pick = (gain.float() * saliency + penalty).argmax(dim=1)
+        penalty.scatter_(1, pick.unsqueeze(1), float("-inf"))
+        torch.maximum(covered, flat.index_select(0, offsets + pick).unsqueeze(1), out=covered)
         picks.append(pick)
-        covered = torch.maximum(covered, similarity[rows, pick])
     return torch.stack(picks, dim=1).sort(dim=1).values
 
 
 def greedy_coverage(similarity: torch.Tensor, saliency: torch.Tensor, keep: int) -> torch.Tensor:
     """Saliency-weighted coverage: with ``covered[i]`` the largest ``similarity [I, N, N]`` (float32) of token
     ``i`` to a selected token (0 before any), each next token ``j`` maximises ``saliency[j]`` (``[I, N]``)
-    times its gain ``sum_i max(0, similarity[i, j] - covered[i])``, summed exactly (see
-    :data:`COVERAGE_UNIT`). Returns the ``keep`` selected indices ``[I, keep]``, sorted."""
+    times its gain ``sum_i max(0, similarity[i, j] - covered[i])``, summed exactly in units of
+    :data:`COVERAGE_UNIT`. Returns the ``keep`` selected indices ``[I, keep]``, sorted."""
     if use_triton(similarity):
         return _triton().greedy_coverage(similarity, saliency, keep)
     return greedy_coverage_reference(similarity, saliency.float(), keep)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .greedy import COVERAGE_UNIT
+from .greedy import coverage_units
 
 #: Triton's own combine functions, for ``tl.reduce``: the interpreter reduces with numpy where it sees them
 #: (it runs any other combine function element by element, in Python), and ``tl.sum``/``tl.max``/``tl.min``
@@ -26,13 +26,13 @@ def _greedy_coverage_kernel(
     out_ptr,
     num_tokens,
     keep,
-    scale,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One image's SCOPE loop. Each step sums, for every candidate (a column), its coverage terms over the
-    matrix's rows ``ROWS`` at a time, as int64 in units of ``1 / scale``; ``covered`` (a zeroed scratch row
-    per image) holds each row's coverage, which the step after a pick reads in blocks of rows."""
+    """One image's SCOPE loop on the similarities in int32 units (:func:`.greedy.coverage_units`). Each step
+    sums, for every candidate (a column), its coverage terms over the matrix's rows ``ROWS`` at a time, in
+    int64; ``covered`` (a zeroed scratch row per image) holds each row's coverage, which the step after a
+    pick reads in blocks of rows."""
     image = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < num_tokens
@@ -40,27 +40,27 @@ def _greedy_coverage_kernel(
     matrix = matrix_ptr + image * num_tokens * num_tokens
     covered_row = covered_ptr + image * num_tokens
     saliency = tl.load(saliency_ptr + image * num_tokens + cols, mask=inside, other=0.0)
-    covered = tl.full([BLOCK], 0.0, tl.float32)
+    covered = tl.full([BLOCK], 0, tl.int32)
     selected = cols >= num_tokens  # nothing yet
     for step in range(0, keep):
         gain = tl.full([BLOCK], 0, tl.int64)
         for start in range(0, num_tokens, ROWS):
             row = start + rows
             valid = row < num_tokens
-            cover = tl.load(covered_row + row, mask=valid, other=0.0)
+            cover = tl.load(covered_row + row, mask=valid, other=0)
             tile = tl.load(
                 matrix + row[:, None] * num_tokens + cols[None, :],
                 mask=valid[:, None] & inside[None, :],
-                other=0.0,
+                other=0,
             )
-            terms = tl.maximum(tile - cover[:, None], 0.0) * scale
+            terms = tl.maximum(tile - cover[:, None], 0)
             gain += tl.reduce(terms.to(tl.int64), 0, _SUM)
         score = tl.where(selected | ~inside, float("-inf"), gain.to(tl.float32) * saliency)
         best = tl.reduce(score, 0, _MAX)
         pick = tl.reduce(tl.where(score == best, cols, BLOCK), 0, _MIN)  # lowest index of the max: argmax
         tl.store(out_ptr + image * keep + step, pick)
         selected = selected | (cols == pick)
-        covered = tl.maximum(covered, tl.load(matrix + pick * num_tokens + cols, mask=inside, other=0.0))
+        covered = tl.maximum(covered, tl.load(matrix + pick * num_tokens + cols, mask=inside, other=0))
         tl.debug_barrier()  # every thread is done reading this step's coverage before it changes
         tl.store(covered_row + cols, covered, mask=inside)
         tl.debug_barrier()  # and the next step reads it whole
@@ -69,18 +69,17 @@ def _greedy_coverage_kernel(
 def greedy_coverage(similarity, saliency, keep):
     """Triton version of :func:`~tokenprune.kernels.greedy.greedy_coverage`: one program per image."""
     num_images, num_tokens = similarity.shape[:2]
-    similarity = similarity.float().contiguous()
-    covered = torch.zeros(num_images, num_tokens, dtype=torch.float32, device=similarity.device)
+    units = coverage_units(similarity).contiguous()
+    covered = torch.zeros(num_images, num_tokens, dtype=torch.int32, device=similarity.device)
     out = torch.empty(num_images, keep, dtype=torch.long, device=similarity.device)
     block = triton.next_power_of_2(num_tokens)
     _greedy_coverage_kernel[(num_images,)](
-        similarity,
+        units,
         saliency.float().contiguous(),
         covered,
         out,
         num_tokens,
         keep,
-        1.0 / COVERAGE_UNIT,
         ROWS=max(1, min(16, 8192 // block)),
         BLOCK=block,
         num_warps=8,

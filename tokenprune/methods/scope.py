@@ -38,8 +38,9 @@ def scope(ctx: SelectionContext, keep: int, *, alpha: float = 1.0) -> torch.Tens
 
     Deviations:
     - float32 similarities, gains and scores (the reference computes them in the model's dtype).
-    - gains summed exactly, in units of 2**-40 (the reference's float sum depends on its device's order; the
-      one Triton program per image and the torch loop must pick alike).
+    - similarities rounded to multiples of 2**-24 and gains summed exactly in those units (the reference's
+      float sum depends on its device's order; the one Triton program per image and the torch loop must pick
+      alike).
     - attention recomputed from the output layer's queries and keys (FlashAttention/SDPA give no weights).
     - an encoder without a CLS token (SigLIP, Qwen-VL's tower): every query's attention, averaged.
     - LLaVA-NeXT/OneVision (the reference splits the budget evenly over the tiles, each chosen alone, and

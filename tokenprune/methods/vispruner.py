@@ -60,11 +60,12 @@ def vispruner(ctx: SelectionContext, keep: int, *, important_ratio: float = 0.5)
     tokens = torch.nn.functional.normalize(gather_tokens(ctx.features.float(), residual), dim=-1)
     similarity = tokens @ tokens.transpose(1, 2)  # [I, R, R]: once, each round reads its even x odd block
     place = torch.arange(residual.shape[1], device=residual.device).expand_as(residual)  # in the first one
+    flat = similarity.flatten(1)  # each round gathers its even x odd block by flat index, in one op
     while place.shape[1] > num_diverse:  # rounds known on the host: the shapes alone decide them
         removed = min(PER_ROUND, place.shape[1] - num_diverse)
         even, odd = place[:, ::2], place[:, 1::2]
-        rows = torch.gather(similarity, 1, even.unsqueeze(-1).expand(-1, -1, similarity.shape[2]))
-        closest = torch.gather(rows, 2, odd.unsqueeze(1).expand(-1, even.shape[1], -1)).amax(dim=-1)
+        block = (even * similarity.shape[2]).unsqueeze(2) + odd.unsqueeze(1)  # [I, E, O]
+        closest = flat.gather(1, block.flatten(1)).view_as(block).amax(dim=-1)
         distinct = closest.sort(dim=1, descending=True).indices[:, removed:]
         place = torch.cat([torch.gather(even, 1, distinct), odd], dim=1)
     kept = torch.cat([ranked[:, :num_important], torch.gather(residual, 1, place)], dim=1)
