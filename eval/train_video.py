@@ -9,7 +9,7 @@ in random order,
 and on a ``--describe`` share of the rows ends by asking for the clip's description (every actor's
 colour, shape and role). ``--token-loss`` adds an auxiliary loss of linear heads on the video tokens
 (:class:`TokenProbe`, not saved) naming, in the decoder's own word embeddings, what each token's
-16x16-pixel region shows. AdamW with a linear
+16x16-pixel region shows, its classes balanced within the batch. AdamW with a linear
 warm-up and cosine decay (``train_shapes.learning_rate``); ``--bf16`` autocasts. Every 50 steps it
 prints the loss; every ``--every`` steps it scores ``--validate`` validation questions per kind and saves
 a complete checkpoint (weights, config and tokenizer) to ``--out``, as does the last step or
@@ -103,13 +103,24 @@ class TokenProbe(torch.nn.Module):
         self.features = output.pooler_output
 
     def loss(self, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the classifiers on the last forward's video tokens."""
+        """Mean cross-entropy of the classifiers on the last forward's video tokens, each class weighted
+        by the inverse of its count in the batch (:func:`balanced`): background tokens outnumber the
+        actors' and ``stays`` outnumbers every direction, and unweighted, the motion classifier learnt
+        to say ``stays`` for moving shapes too."""
         losses = []
         for i, words in enumerate(self.words):
             weight = torch.cat([self.nothing[i : i + 1], self.embed[0](words.to(self.nothing.device))])
             logits = self.scale[i] * self.features.float() @ weight.float().T
-            losses.append(torch.nn.functional.cross_entropy(logits, targets[:, i]))
+            classes = balanced(targets[:, i], len(weight))
+            losses.append(torch.nn.functional.cross_entropy(logits, targets[:, i], weight=classes))
         return sum(losses) / len(losses)
+
+
+def balanced(targets: torch.Tensor, classes: int) -> torch.Tensor:
+    """Per-class weights that give every class present in ``targets`` the same total weight (0 for the
+    absent ones)."""
+    counts = torch.bincount(targets, minlength=classes).float()
+    return torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
 
 
 def validate(model, inputs, examples) -> dict[str, float]:

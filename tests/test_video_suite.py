@@ -186,6 +186,15 @@ def test_token_targets_name_what_each_video_token_shows():
     assert {TOKEN_CLASSES[2][c] for c in targets[:, 2].tolist()} == {"", "up"}
 
 
+def test_token_loss_weights_give_every_present_class_the_same_total_weight():
+    from tokenprune.eval.train_video import balanced
+
+    targets = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 3])
+    weights = balanced(targets, 5)
+    totals = torch.bincount(targets, weights=weights[targets], minlength=5)
+    assert torch.allclose(totals, torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0]))
+
+
 def test_training_script_updates_the_weights_and_saves_a_loadable_checkpoint(tmp_path, monkeypatch, capsys):
     from tokenprune.eval import train_video
 
