@@ -20,6 +20,7 @@ import math
 import pathlib
 import random
 import time
+from collections.abc import Callable, Iterator
 
 import numpy
 import torch
@@ -174,50 +175,81 @@ def train(args: argparse.Namespace) -> None:
     model.to(device).train()
     probe = PatchProbe(model).to(device) if args.patch_loss else None
     parameters = [*model.parameters(), *(probe.parameters() if probe else ())]
-    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
-    stream = suite.iter_examples("train", start=args.start)
     validation = suite.examples("validation", args.validate)
     out = pathlib.Path(args.out)
+
+    def batch_loss(examples: list[suite.Example]) -> torch.Tensor:
+        describe = [random.random() < args.describe for _ in examples]
+        batch = {
+            key: value.to(device) for key, value in training_batch(processor, examples, describe).items()
+        }
+        loss = model(**batch).loss
+        if probe is None:
+            return loss
+        targets = patch_targets(examples, model.config.vision_config.patch_size).to(device)
+        return loss + args.patch_loss * probe.loss(targets)
+
+    def validate() -> dict[str, float]:
+        model.eval()
+        accuracy = score(model, processor, validation, batch_size=50)  # pads on the left for generate
+        processor.tokenizer.padding_side = "right"
+        model.train()
+        return accuracy
+
+    def save() -> None:
+        model.save_pretrained(out)
+        processor.tokenizer.padding_side = "left"
+        processor.save_pretrained(out)
+        processor.tokenizer.padding_side = "right"
+
+    stream = suite.iter_examples("train", start=args.start)
+    training_loop(args, parameters, stream, batch_loss, validate, save)
+
+
+def training_loop(
+    args: argparse.Namespace,
+    parameters: list[torch.nn.Parameter],
+    stream: Iterator,
+    batch_loss: Callable[[list], torch.Tensor],
+    validate: Callable[[], dict[str, float]],
+    save: Callable[[], None],
+) -> None:
+    """The loop of every suite's training script: ``args.steps`` steps (fewer where ``args.minutes`` run
+    out first) of AdamW on ``parameters``, each on the loss ``batch_loss`` gives of the next ``args.batch``
+    examples of ``stream`` (under bf16 autocast with ``args.bf16``), at :func:`learning_rate`'s rate. Every
+    50 steps it prints the mean loss; every ``args.every`` steps and at the last it prints ``validate()``'s
+    accuracy per kind and the next unseen example, and calls ``save()``."""
+    device = torch.device(args.device)
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
     random.seed(args.seed)
     began, running = time.time(), []
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        describe = [random.random() < args.describe for _ in range(args.batch)]
         examples = [next(stream) for _ in range(args.batch)]
-        batch = {
-            key: value.to(device) for key, value in training_batch(processor, examples, describe).items()
-        }
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = model(**batch).loss
-            if probe is not None:
-                targets = patch_targets(examples, model.config.vision_config.patch_size).to(device)
-                loss = loss + args.patch_loss * probe.loss(targets)
+            loss = batch_loss(examples)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         running.append(loss.item())
+        elapsed = time.time() - began
         if (step + 1) % 50 == 0:
-            print(
-                f"step {step + 1} loss {sum(running[-50:]) / 50:.3f} ({time.time() - began:.0f}s)", flush=True
-            )
-        if (step + 1) % args.every == 0 or step + 1 == args.steps:
-            model.eval()
-            accuracy = score(model, processor, validation, batch_size=50)  # pads on the left for generate
-            processor.tokenizer.padding_side = "right"
-            model.train()
-            kinds = " ".join(f"{kind}={value:.2f}" for kind, value in accuracy.items())
+            recent = running[-50:]
+            print(f"step {step + 1} loss {sum(recent) / len(recent):.3f} ({elapsed:.0f}s)", flush=True)
+        last = step + 1 == args.steps or elapsed > args.minutes * 60
+        if (step + 1) % args.every == 0 or last:
+            kinds = " ".join(f"{kind}={value:.2f}" for kind, value in validate().items())
             print(
                 f"step {step + 1} loss {sum(running) / len(running):.3f} {kinds} "
                 f"({time.time() - began:.0f}s, next example {args.start + (step + 1) * args.batch})",
                 flush=True,
             )
             running = []
-            model.save_pretrained(out)
-            processor.tokenizer.padding_side = "left"
-            processor.save_pretrained(out)
-            processor.tokenizer.padding_side = "right"
+            save()
+        if last:
+            break
 
 
 def training_arguments(description: str, batch: int, warmup: int, validate: int) -> argparse.ArgumentParser:
@@ -238,6 +270,7 @@ def training_arguments(description: str, batch: int, warmup: int, validate: int)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu", help="'cpu', 'cuda', ...")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--minutes", type=float, default=float("inf"), help="stop (and save) after this long")
     return parser
 
 

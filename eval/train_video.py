@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import random
-import time
 
 import numpy
 import torch
@@ -31,7 +30,7 @@ from PIL import Image, ImageDraw
 from . import video_model, video_suite
 from .accuracy import accuracy_by_kind
 from .suite import COLORS, SHAPES, draw_shape
-from .train_shapes import learning_rate, training_arguments
+from .train_shapes import training_arguments, training_loop
 
 
 def conversation(item: video_suite.Example, describe: bool) -> list[tuple[str, str]]:
@@ -147,49 +146,30 @@ def train(args: argparse.Namespace) -> None:
     model.to(device).train()
     probe = TokenProbe(model, tokenizer).to(device) if args.token_loss else None
     parameters = [*model.parameters(), *(probe.parameters() if probe else ())]
-    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
-    stream = video_suite.iter_examples("train", start=args.start)
     validation = video_suite.examples("validation", args.validate)
     out = pathlib.Path(args.out)
-    random.seed(args.seed)
-    began, running = time.time(), []
-    for step in range(args.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        examples = [next(stream) for _ in range(args.batch)]
+
+    def batch_loss(examples: list[video_suite.Example]) -> torch.Tensor:
         turns = [conversation(item, random.random() < args.describe) for item in examples]
         batch = {k: v.to(device) for k, v in inputs([item.frames for item in examples], turns).items()}
+        loss = model(**batch).loss
+        if probe is None:
+            return loss
+        vision = model.config.vision_config
+        region = vision.patch_size * vision.spatial_merge_size
+        targets = token_targets(examples, region, vision.temporal_patch_size).to(device)
+        return loss + args.token_loss * probe.loss(targets)
+
+    def validate_now() -> dict[str, float]:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = model(**batch).loss
-            if probe is not None:
-                vision = model.config.vision_config
-                region = vision.patch_size * vision.spatial_merge_size
-                targets = token_targets(examples, region, vision.temporal_patch_size).to(device)
-                loss = loss + args.token_loss * probe.loss(targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        running.append(loss.item())
-        elapsed = time.time() - began
-        if (step + 1) % 50 == 0:
-            recent = running[-50:]
-            print(f"step {step + 1} loss {sum(recent) / len(recent):.3f} ({elapsed:.0f}s)", flush=True)
-        last = step + 1 == args.steps or elapsed > args.minutes * 60
-        if (step + 1) % args.every == 0 or last:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                accuracy = validate(model, inputs, validation)
-            kinds = " ".join(f"{kind}={value:.2f}" for kind, value in accuracy.items())
-            print(
-                f"step {step + 1} loss {sum(running) / len(running):.3f} {kinds} "
-                f"({time.time() - began:.0f}s, next example {args.start + (step + 1) * args.batch})",
-                flush=True,
-            )
-            running = []
-            model.save_pretrained(out)
-            tokenizer.save_pretrained(out)
-        if last:
-            break
+            return validate(model, inputs, validation)
+
+    def save() -> None:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    stream = video_suite.iter_examples("train", start=args.start)
+    training_loop(args, parameters, stream, batch_loss, validate_now, save)
 
 
 def main() -> None:
@@ -198,7 +178,6 @@ def main() -> None:
     parser.add_argument(
         "--token-loss", type=float, default=0.0, help="weight of the auxiliary per-token loss (0: none)"
     )
-    parser.add_argument("--minutes", type=float, default=float("inf"), help="stop (and save) after this long")
     train(parser.parse_args())
 
 

@@ -103,9 +103,8 @@ def greedy_coverage_reference(similarity: torch.Tensor, saliency: torch.Tensor, 
     maxima = torch.empty_like(columns)  # [I, candidate j, covering i]
     covered = units.new_zeros(num_images, 1, padded)
     penalty = torch.zeros_like(saliency)
-    flat = torch.nn.functional.pad(units, (0, padded - num_tokens)).flatten(
-        0, 1
-    )  # each pick's row of coverage
+    # each pick's row of coverage, padded alike
+    flat = torch.nn.functional.pad(units, (0, padded - num_tokens)).flatten(0, 1)
     offsets = torch.arange(num_images, device=units.device) * num_tokens
     picks = []
     for _ in range(keep):
