@@ -23,6 +23,7 @@ from tokenprune.config import PrunerConfig
 
 from ._internals import base_model, has_media_inputs, placeholder_mask
 from .decoder import DecoderPruningHooks, check_layer
+from .decoder.layout import image_rows
 from .retrieval import DecodeRetrievalHooks
 from .vit import EncoderPruningHooks
 
@@ -31,6 +32,7 @@ class LlavaAdapter:
     """Adapter for ``model_type == "llava"``."""
 
     model_types = ("llava",)
+    frames_of_images = True  # a vision stage chooses among a prompt's images as one video
 
     def __init__(self, model: nn.Module):
         config = model.config
@@ -48,6 +50,8 @@ class LlavaAdapter:
         self.encoder: EncoderPruningHooks | None = None
         self._kept_patches: torch.Tensor | None = None  # [I, k] of the current forward's images
         self._after_projector = False  # the vision method chooses among projected patches
+        self._frames = 1  # images of each video, under images_as_frames: the prompt's
+        self._pruner = None
         self._language_model: DecoderPruningHooks | DecodeRetrievalHooks = self.hooks
 
     @property
@@ -88,6 +92,7 @@ class LlavaAdapter:
         return self.encoder
 
     def attach(self, pruner) -> list[RemovableHandle]:
+        self._pruner = pruner
         handles = [self.base.register_forward_pre_hook(self._find_images, with_kwargs=True)]
         vision = pruner.config.vision_stage
         self._after_projector = vision is not None and vision.spec.projected
@@ -113,7 +118,24 @@ class LlavaAdapter:
         placeholders = placeholder_mask(self.base, args, kwargs, self.image_token_id) if images else None
         self._language_model.pending_visual = placeholders
         count = image_count(kwargs) if images else None
-        self._language_model.pending_sizes = None if count is None else [self.tokens_per_image] * count
+        sizes = None if count is None else [self.tokens_per_image] * count
+        self._language_model.pending_sizes = sizes
+        if images and self._after_projector and self._pruner.config.images_as_frames:
+            self._frames = self._images_per_prompt(placeholders, sizes)
+
+    def _images_per_prompt(self, placeholders: torch.Tensor, sizes: list[int] | None) -> int:
+        """The images of each prompt that holds any, under ``images_as_frames`` with a vision stage (it
+        chooses among a video's frames before the language model numbers them): from the shapes where they
+        tell, else read once. ``ValueError`` where prompts hold different numbers of images."""
+        image_id = self._language_model.image_ids(placeholders)
+        check = self._pruner.checking("the prompts' image rows")
+        counts = {count for count in image_rows(placeholders, image_id, None, sizes, check).per_row if count}
+        if len(counts) != 1:
+            raise ValueError(
+                "images_as_frames with a vision method needs as many images in each prompt, not "
+                f"{sorted(counts)}: batch prompts of as many frames, or run them one by one"
+            )
+        return counts.pop()
 
     def _select_patches(self, module: nn.Module, args: tuple) -> tuple | None:
         """Before the projector: the patches the vision method kept (merging methods chose them already)."""
@@ -131,14 +153,17 @@ class LlavaAdapter:
         so that the prompt's placeholder count still matches; the decoder drops the zero placeholders
         before the language model (see :func:`tokenprune.patches.decoder.stages.kept_by_vision_stage`). A
         ``projected`` method chooses here, among the projected patches."""
+        frames = 1
         if self._after_projector and self.encoder.encoded:
-            self._kept_patches, output = self.encoder.reduce(output)
+            frames, self._frames = self._frames, 1
+            self._kept_patches, output = self.encoder.reduce(output, frames)
         index, self._kept_patches = self._kept_patches, None
         if index is None:
             return output
-        num_images, _, dim = output.shape
-        full = output.new_zeros(num_images, self.tokens_per_image, dim)
-        return full.scatter_(1, index[..., None].expand(-1, -1, dim), output)
+        items, _, dim = output.shape
+        full = output.new_zeros(items, self.tokens_per_image * frames, dim)
+        full.scatter_(1, index[..., None].expand(-1, -1, dim), output)
+        return full.view(items * frames, self.tokens_per_image, dim)
 
 
 def image_count(kwargs: dict) -> int | None:

@@ -47,6 +47,7 @@ class LlavaNextAdapter:
     are the language model's, chosen at :meth:`attach` by the method's stage."""
 
     model_types = ("llava_next", "llava_onevision")
+    frames_of_images = False  # images_as_frames: decoder and kv stages only
 
     def __init__(self, model: nn.Module):
         self.model = model

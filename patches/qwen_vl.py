@@ -57,6 +57,7 @@ class Qwen2VLAdapter:
     :meth:`attach` by :class:`DecodeRetrievalHooks` for a ``kv`` method."""
 
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    frames_of_images = False  # images_as_frames: decoder and kv stages only
 
     def __init__(self, model: nn.Module):
         config = model.config

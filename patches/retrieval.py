@@ -41,7 +41,6 @@ from . import _cache_internals as caches
 from . import _internals as internals
 from . import _tensor_parallel as tensor_parallel
 from .decoder import LanguageModelHooks
-from .decoder.layout import image_rows
 
 if TYPE_CHECKING:
     from tokenprune.pruner import Pruner
@@ -158,7 +157,7 @@ class DecodeRetrievalHooks(LanguageModelHooks):
         if caches.cache_length(cache, 0) > 0:
             raise ValueError("images must be in the first forward of a cache (no chunked prefill)")
         image_id = self.image_ids(visual) if image_id is None else image_id
-        rows = image_rows(visual, image_id, None, sizes, self._pruner.checking("the prompts' image rows"))
+        _, rows = self.item_rows(visual, image_id, None, sizes)
         # each image's count from its own size (a budget larger than an image raises here, before any work)
         config = self._pruner.config
         kept = [config.kept_per_image(size, (self.frames_for(size) or (1,))[0]) for size in rows.sizes]

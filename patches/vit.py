@@ -304,34 +304,42 @@ class EncoderPruningHooks:
 
     # -- selection ------------------------------------------------------------------------------
 
-    def reduce(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Select (or merge) the output layer's patch tokens ``features [I, N, D]`` of this forward.
+    def reduce(self, features: torch.Tensor, frames: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Select (or merge) the output layer's patch tokens ``features [I, N, D]`` of this forward; with
+        ``frames`` > 1, each ``frames`` images in a row are the frames of one video, chosen among together
+        (a method that takes the CLS token does not take it then).
 
-        Returns the kept patches ``index [I, k]`` (sorted, or in a merge's layout) and their tokens
-        ``[I, k, D]``; for a method that takes the CLS token (see :meth:`_takes_class_token`), the CLS
-        token is one of them, in the place of a patch the method merged away.
+        Returns the kept patches ``index [I, k]`` (of a video ``[I / frames, k]``, over its frames' patches
+        in order; sorted, or in a merge's layout) and their tokens ``[I, k, D]``; for a method that takes
+        the CLS token (see :meth:`_takes_class_token`), the CLS token is one of them, in the place of a
+        patch the method merged away.
         """
         call, self._call = self._call, None
         config, spec = self._config, self._config.spec
         num_images, num_patches = features.shape[:2]
-        keep = config.kept_per_image(num_patches)
+        items, tokens = num_images // frames, num_patches * frames
+        keep = config.kept_per_image(tokens, frames)
+        grid = self.grid if num_patches == self.num_patches else None
         ctx = SelectionContext(
-            features=features,
-            grid=self.grid if num_patches == self.num_patches else None,
-            image_index=torch.zeros(num_images, dtype=torch.long, device=features.device),
+            features=features.reshape(items, tokens, features.shape[2]),
+            grid=grid if frames == 1 else None,
+            frames=(frames, *(grid or (1, num_patches))) if frames > 1 else None,
+            image_index=torch.zeros(items, dtype=torch.long, device=features.device),
         )
         with self._pruner.timed_selection():
             if "encoder_attention" in spec.needs:
-                ctx.encoder_attention = self._patch_attention(call)
+                attention = self._patch_attention(call)
+                ctx.encoder_attention = {i: a.reshape(items, tokens) for i, a in attention.items()}
             if "keys" in spec.needs:
-                ctx.keys = self._patch_keys(call, self.output_layer)
-            if self._takes_class_token(keep, num_patches):
+                keys = self._patch_keys(call, self.output_layer)
+                ctx.keys = keys.reshape(items, tokens, keys.shape[2])
+            if frames == 1 and self._takes_class_token(keep, num_patches):
                 ctx.class_token = call.class_token[:, None]
             result = self._pruner.select_with(config, ctx, keep)
-        self._record(num_images, num_patches, keep)
+        self._record(items, tokens, keep)
         if isinstance(result, Merged):
             return result.index, result.features
-        return result, gather_tokens(features, result)
+        return result, gather_tokens(ctx.features, result)
 
     def patch_scores(self) -> tuple[dict[int, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
         """Take, for an adapter that selects elsewhere than at the output layer's tokens, what this forward
@@ -387,6 +395,7 @@ class VisionEncoderAdapter:
     """Adapter of standalone image encoders: only ``vision`` methods apply."""
 
     model_types = ("clip_vision_model", "siglip_vision_model", "vit", "clip", "siglip")
+    frames_of_images = False  # images_as_frames: decoder and kv stages only
 
     def __init__(self, model: nn.Module):
         vision_model = getattr(model, "vision_model", None) or getattr(model, "vit", None) or model

@@ -26,6 +26,7 @@ def apply_pruner(
     positions: str | None = None,
     checks: str = "first",
     per_frame: bool = False,
+    images_as_frames: bool = False,
     **options: object,
 ) -> Pruner:
     """Prune the visual tokens of every forward pass of ``model`` (including inside ``generate``).
@@ -46,6 +47,7 @@ def apply_pruner(
         checks: ``"first"`` checks the contracts that read the device (a host sync each on a GPU) at the
             first forward only, ``"every"`` at each (see :class:`PrunerConfig`).
         per_frame: ``budget`` counts per frame of a video (an image is one frame), not per video.
+        images_as_frames: each prompt's images are the frames of one video (see :class:`PrunerConfig`).
         **options: method-specific options, checked against the method's declaration (type and range;
             ``docs/methods.md`` lists them).
 
@@ -60,7 +62,7 @@ def apply_pruner(
         extra = (keep_ratio, budget, layer, schedule)
         defaults = (
             not drop_early_kv and not options and media == "both" and positions is None and checks == "first"
-        ) and not per_frame
+        ) and not (per_frame or images_as_frames)
         if any(x is not None for x in extra) or not defaults:
             raise TypeError("pass either a PrunerConfig or a method name with its arguments, not both")
         config = method
@@ -77,12 +79,18 @@ def apply_pruner(
             positions=positions,
             checks=checks,
             per_frame=per_frame,
+            images_as_frames=images_as_frames,
         )
     if attached_pruner(model) is not None:
         raise RuntimeError("this model already has a pruner; call tokenprune.remove_pruner(model) first")
     adapter = adapter_for(model)
     config = config.for_depth(adapter.num_layers)  # a pyramid's layers follow the language model's depth
     check_placement(model, config.vision_stage is not None, config.spec.decode)
+    if config.images_as_frames and config.vision_stage is not None and not adapter.frames_of_images:
+        raise ValueError(
+            f"images_as_frames with a vision method ({config.vision_stage.method!r}) runs on LLaVA-1.5; on "
+            f"{type(model).__name__} give a decoder or kv method"
+        )
     stages = adapter.stages(config)  # a layer outside the model or a budget larger than an image raises
     return Pruner(model, config, adapter, stages)
 

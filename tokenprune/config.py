@@ -65,6 +65,11 @@ class PrunerConfig:
         per_frame: ``budget`` counts the tokens kept per frame of a video (a video of ``F`` frames keeps
             ``F * budget``; an image is one frame; a Qwen-VL video's frame is one temporal patch), not per
             video.
+        images_as_frames: each prompt's images are the frames of one video, in order (a video handed to an
+            image model as frames): the stages choose among all of them at once, as one item whose
+            ``frames`` are the images (``keep_ratio`` or ``budget`` per prompt, ``budget`` per image with
+            ``per_frame``). For decoder and ``kv`` methods and vision methods that choose among projected
+            tokens (LLaVA-1.5's); a prompt's images must be of one size.
 
     A ``vision`` method (``tome``, ``hiprune``, ``visionzip``) counts patches, without the CLS token;
     ``tome`` also takes ``r`` (tokens merged per layer) instead of ``keep_ratio``/``budget``.
@@ -89,6 +94,7 @@ class PrunerConfig:
     checks: str = "first"
     depth: int | None = None
     per_frame: bool = False
+    images_as_frames: bool = False
     #: set by :func:`with_decoder_stage`: a ``budget`` larger than an image keeps it whole, not an error
     budget_capped: bool = field(default=False, init=False, repr=False, compare=False)
 
@@ -176,6 +182,7 @@ class PrunerConfig:
         extras += ["KV of early layers dropped"] if self.drop_early_kv else []
         extras += ["positions renumbered"] if self.position_rule == "renumbered" else []
         extras += [f"{self.media} only"] if self.media != "both" else []
+        extras += ["each prompt's images the frames of one video"] if self.images_as_frames else []
         text += f" ({', '.join(extras)})" if extras else ""
         if self.vision is None:
             return text
@@ -324,6 +331,14 @@ def _check_numbers(config: PrunerConfig) -> None:
         raise TypeError(f"drop_early_kv must be a bool, got {config.drop_early_kv!r}")
     if not isinstance(config.per_frame, bool):
         raise TypeError(f"per_frame must be a bool, got {config.per_frame!r}")
+    if not isinstance(config.images_as_frames, bool):
+        raise TypeError(f"images_as_frames must be a bool, got {config.images_as_frames!r}")
+    vision = config.vision_stage
+    if config.images_as_frames and vision is not None and not vision.spec.projected:
+        raise ValueError(
+            f"{vision.method!r} chooses inside the image encoder, image by image: images_as_frames needs a "
+            "method that chooses among projected tokens (evs, dycoke, vidcom2...) or in the language model"
+        )
     if config.per_frame and config.budget is None:
         raise ValueError("per_frame counts a budget per frame of a video: give budget, not keep_ratio")
 
@@ -407,6 +422,7 @@ def with_decoder_stage(config: PrunerConfig) -> PrunerConfig:
         positions=config.positions,
         checks=config.checks,
         per_frame=config.per_frame,
+        images_as_frames=config.images_as_frames,
     )
 
 

@@ -118,12 +118,14 @@ class Pruner:
         self.model = model
         self.config = config
         self.adapter = adapter
+        if config.images_as_frames:  # each stage's count follows the size of each prompt's video
+            stages = [(layer, None) for layer, _ in stages]
         self.stages = stages  # (decoder layer, visual tokens kept per image); a vision stage is layer 0
         # a kv method prunes nothing at prefill (no stages): it attends to this many per decode step;
-        # ``None`` where the count depends on each image's size (Qwen2-VL)
+        # ``None`` where the count depends on each image's size (Qwen2-VL) or video's
         if stages:
             self.keep_per_image = stages[-1][1]
-        elif adapter.tokens_per_image is not None:
+        elif adapter.tokens_per_image is not None and not config.images_as_frames:
             self.keep_per_image = config.kept_per_image(adapter.tokens_per_image)
         else:
             self.keep_per_image = None

@@ -235,6 +235,28 @@ def rows_by_counts(sizes: list[int], counts: list[int], real: list[int] | None =
     return ImageRows(tuple(sizes), tuple(per_row), None if real is None else tuple(real))
 
 
+def as_videos(rows: ImageRows) -> tuple[ImageRows, tuple[int, ...]]:
+    """``rows`` with each row's images the frames of one video, in order: one item per row that holds
+    images, of all their tokens; and the video of each image. ``ValueError`` where a row's images differ in
+    size (the frames of a video share one grid)."""
+    sizes: list[int] = []
+    video_of: list[int] = []
+    start = 0
+    for count in rows.per_row:
+        frames = rows.sizes[start : start + count]
+        if len(set(frames)) > 1:
+            raise ValueError(
+                f"images_as_frames takes a prompt's images as the frames of one video, but one prompt's "
+                f"images have {list(frames)} tokens: give each prompt frames of one size"
+            )
+        if count:
+            video_of += [len(sizes)] * count
+            sizes.append(sum(frames))
+        start += count
+    per_row = tuple(min(count, 1) for count in rows.per_row)
+    return ImageRows(tuple(sizes), per_row, rows.real), tuple(video_of)
+
+
 def _on(device: torch.device, values: list[int] | tuple[int, ...]) -> torch.Tensor:
     """A small long tensor of host ``values`` on ``device``, copied without waiting for the device."""
     return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)

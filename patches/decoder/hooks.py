@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenprune.sequence import image_ids_by_count, image_ids_by_runs
+from tokenprune.sequence import ImageRows, as_videos, image_ids_by_count, image_ids_by_runs
 from tokenprune.transition import sublayer_transition
 
 from .. import _cache_internals as caches
@@ -77,11 +77,32 @@ class LanguageModelHooks:
 
     def grid_for(self, tokens: int) -> tuple[int, int] | None:
         """The patch grid of an image of ``tokens`` tokens, if known."""
-        return self.grids.get(tokens) if self.images_by_runs else self.grid
+        if self.images_by_runs:
+            return self.grids.get(tokens)
+        return self.grid if tokens == self.tokens_per_image else None  # a video of images has frames
 
     def frames_for(self, tokens: int) -> tuple[int, int, int] | None:
         """The ``(frames, rows, cols)`` of a video of ``tokens`` tokens, if known."""
         return self.frames.get(tokens)
+
+    def item_rows(
+        self, visual: torch.Tensor, image_id: torch.Tensor, mask: torch.Tensor | None, sizes: list[int] | None
+    ) -> tuple[torch.Tensor, ImageRows]:
+        """The numbering ``[B, L]`` and rows of the items of a prefill whose image placeholders are
+        ``visual [B, L]`` (see :func:`~.layout.image_rows`): its images, or, under the config's
+        ``images_as_frames``, the video of each prompt's images, whose frames (each image's grid, or a row of
+        its tokens) :meth:`frames_for` then gives. Reads nothing more from the device."""
+        pruner = self._pruner
+        rows = image_rows(visual, image_id, mask, sizes, pruner.checking("the prompts' image rows"))
+        if not pruner.config.images_as_frames:
+            return image_id, rows
+        videos, video_of = as_videos(rows)
+        counts = [count for count in rows.per_row if count]
+        for size, count in zip(videos.sizes, counts, strict=True):
+            frame = size // count
+            self.frames[size] = (count, *(self.grid_for(frame) or (1, frame)))
+        video_id = torch.tensor(video_of, dtype=torch.long).to(visual.device, non_blocking=True)
+        return torch.where(visual, video_id[image_id.clamp(min=0)], -1), videos
 
     def masks_for_generate(self, model: nn.Module) -> Callable:
         """The ``create_masks_for_generate`` that ``model``'s ``generate`` uses while these hooks are attached
@@ -198,7 +219,7 @@ class DecoderPruningHooks(LanguageModelHooks):
             self._pruner.begin_prefill()
         packed = mask is None and cache is None  # as the model's mask code, which then reads the positions
         image_id = self.image_ids(visual) if image_id is None else image_id
-        rows = image_rows(visual, image_id, mask, sizes, self._pruner.checking("the prompts' image rows"))
+        image_id, rows = self.item_rows(visual, image_id, mask, sizes)
         self._call = Call.prefill(visual, image_id, mask, packed, rows, kwargs.get("inputs_embeds"))
         if self._labels is not None:
             self._labels.check(self._call, lambda: self._stages.drops_tokens(rows.sizes))
