@@ -137,3 +137,18 @@ def test_rows_become_one_video_each():
     videos, video_of = as_videos(ImageRows((64, 64, 64, 16), (3, 0, 1), real=(200, 10, 30)))
     assert videos == ImageRows((192, 16), (1, 0, 1), real=(200, 10, 30))
     assert video_of == (0, 0, 0, 1)
+
+
+def test_qwen_images_as_frames_in_the_language_model():
+    """Qwen2.5-VL: a decoder method takes a prompt's images (of one grid) as one video's frames, at their
+    multimodal positions."""
+    model = tiny_model("qwen2_5_vl")
+    inputs = tiny_inputs(model, (2, 1), (5, 4))
+    config = tp.PrunerConfig("fastv", keep_ratio=0.25, positions="original", images_as_frames=True)
+    with selection_contexts() as contexts, tp.pruned(model, config) as pruner, torch.no_grad():
+        got = model(**inputs).logits
+    tokens = [ctx.features.shape[1] for ctx in contexts]
+    assert [ctx.frames[0] for ctx in contexts] == [2, 1] and tokens[0] == 2 * tokens[1]
+    assert pruner.stats.kept_tokens == [round(0.25 * n) for n in tokens]
+    expected = masked_reference(model, inputs, pruner.stats.keep_masks)
+    assert_kept_rows_match(got, expected, pruner.stats.keep_mask, inputs["attention_mask"])
