@@ -120,16 +120,24 @@ class LlavaAdapter:
         count = image_count(kwargs) if images else None
         sizes = None if count is None else [self.tokens_per_image] * count
         self._language_model.pending_sizes = sizes
+        self._language_model.pending_rows = None
         if images and self._after_projector and self._pruner.config.images_as_frames:
-            self._frames = self._images_per_prompt(placeholders, sizes)
+            mask = kwargs.get("attention_mask")  # the padding mask the language model gets (else it refuses)
+            mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            self._frames = self._images_per_prompt(placeholders, mask, sizes)
 
-    def _images_per_prompt(self, placeholders: torch.Tensor, sizes: list[int] | None) -> int:
+    def _images_per_prompt(
+        self, placeholders: torch.Tensor, mask: torch.Tensor | None, sizes: list[int] | None
+    ) -> int:
         """The images of each prompt that holds any, under ``images_as_frames`` with a vision stage (it
         chooses among a video's frames before the language model numbers them): from the shapes where they
-        tell, else read once. ``ValueError`` where prompts hold different numbers of images."""
-        image_id = self._language_model.image_ids(placeholders)
+        tell, else read once (the rows are handed on to the language-model hooks, which then read nothing).
+        ``ValueError`` where prompts hold different numbers of images."""
+        hooks = self._language_model
         check = self._pruner.checking("the prompts' image rows")
-        counts = {count for count in image_rows(placeholders, image_id, None, sizes, check).per_row if count}
+        rows = image_rows(placeholders, hooks.image_ids(placeholders), mask, sizes, check)
+        hooks.pending_rows = rows
+        counts = {count for count in rows.per_row if count}
         if len(counts) != 1:
             raise ValueError(
                 "images_as_frames with a vision method needs as many images in each prompt, not "

@@ -21,6 +21,7 @@ from tokenprune.context import SelectionContext
 from tokenprune.registry import _REGISTRY
 from tokenprune.sequence import ImageRows, as_videos
 from tokenprune.testing import tiny_inputs, tiny_model
+from tokenprune.testing.dispatch import DeviceReads
 
 IMAGES = (3, 0, 3)  # frames of each prompt; the middle one is text only
 GRID = (8, 8)  # the tiny LLaVA's patches per image
@@ -152,3 +153,18 @@ def test_qwen_images_as_frames_in_the_language_model():
     assert pruner.stats.kept_tokens == [round(0.25 * n) for n in tokens]
     expected = masked_reference(model, inputs, pruner.stats.keep_masks)
     assert_kept_rows_match(got, expected, pruner.stats.keep_mask, inputs["attention_mask"])
+
+
+@pytest.mark.parametrize("method", ["fastv", "evs"])
+def test_frames_read_nothing_more_from_the_device(model, method):
+    """Where the shapes cannot tell the prompts' images apart (a prompt without any), the rows are read once
+    per prefill with or without ``images_as_frames``: the vision stage hands on what it read."""
+    inputs = frames_of_prompts(model)
+    reads = []
+    for frames in (False, True):
+        with tp.pruned(model, method, keep_ratio=0.25, images_as_frames=frames), torch.no_grad():
+            model(**inputs)  # the first forward checks the contracts
+            with DeviceReads() as counted:
+                model(**inputs)
+        reads.append(counted.count)
+    assert reads[1] == reads[0]

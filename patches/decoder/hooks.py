@@ -56,6 +56,7 @@ class LanguageModelHooks:
         self.grid = grid
         self.pending_visual: torch.Tensor | None = None
         self.pending_sizes: list[int] | None = None
+        self.pending_rows: ImageRows | None = None  # the images' rows, where the adapter had to find them
         self.pending_image_id: torch.Tensor | None = None  # [B, L] set by adapters that number images
         # families whose image size varies: each image is one run of placeholders, and the patch grid
         # of an image of a given token count, where known (set per forward by the family adapter)
@@ -91,9 +92,12 @@ class LanguageModelHooks:
         """The numbering ``[B, L]`` and rows of the items of a prefill whose image placeholders are
         ``visual [B, L]`` (see :func:`~.layout.image_rows`): its images, or, under the config's
         ``images_as_frames``, the video of each prompt's images, whose frames (each image's grid, or a row of
-        its tokens) :meth:`frames_for` then gives. Reads nothing more from the device."""
+        its tokens) :meth:`frames_for` then gives. Reads nothing more from the device; takes the rows the
+        adapter found for this prefill (``pending_rows``), if it did, without reading them again."""
         pruner = self._pruner
-        rows = image_rows(visual, image_id, mask, sizes, pruner.checking("the prompts' image rows"))
+        rows, self.pending_rows = self.pending_rows, None
+        if rows is None:
+            rows = image_rows(visual, image_id, mask, sizes, pruner.checking("the prompts' image rows"))
         if not pruner.config.images_as_frames:
             return image_id, rows
         videos, video_of = as_videos(rows)
