@@ -247,16 +247,20 @@ def project_queries_keys(
     cos, sin = (t.expand(batch, *t.shape[1:]) for t in position_embeddings)
     rotate = modeling_function(attn, "apply_rotary_pos_emb")
     if query_rows is None:
-        _, keys = rotate(keys, keys, cos, sin)
-        return None, keys
+        return None, _rotate_keys(rotate, keys, cos, sin)
     query_rows = query_rows.view(batch, -1)
     rows = torch.arange(batch, device=hidden.device)[:, None]
     query = tensor_parallel.project(attn.q_proj, normed[rows, query_rows])
     query = _head_norm(attn, "q_norm", query.view(batch, query_rows.shape[1], -1, head_dim)).transpose(1, 2)
     # RoPE of the query rows uses those rows' cos/sin; keys use all rows.
     query, _ = rotate(query, query, cos[rows, query_rows], sin[rows, query_rows])
-    _, keys = rotate(keys, keys, cos, sin)
-    return query, keys
+    return query, _rotate_keys(rotate, keys, cos, sin)
+
+
+def _rotate_keys(rotate: Callable, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``keys [B, H_kv, L, d]`` with RoPE applied by the modeling file's ``rotate(q, k, cos, sin)``, which
+    rotates a query too: it is given one head of the keys, so that it rotates no more than that."""
+    return rotate(keys[:, :1], keys, cos, sin)[1]
 
 
 def key_head_dim(layer: nn.Module) -> int:

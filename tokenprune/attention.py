@@ -24,12 +24,12 @@ def query_attention(
     Returns:
         ``[B, L]`` float32 attention weights; masked keys get 0. Costs O(B * H * Q * L), never O(L^2).
     """
-    scores = query_logits(query, keys, scaling)
+    scores = query_logits(query, keys, scaling)  # a new tensor: worked on in place from here
     if key_bias is not None:
-        scores = scores + key_bias[:, None, None, :]
+        scores += key_bias[:, None, None, :]
     if key_mask is not None:
-        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    return scores.softmax(dim=-1).mean(dim=(1, 2))
+        scores.masked_fill_(~key_mask[:, None, None, :], float("-inf"))
+    return torch.softmax(scores, dim=-1, out=scores).mean(dim=(1, 2))
 
 
 def query_logits(
@@ -39,8 +39,9 @@ def query_logits(
     ``[B, H_kv, L, d]``, each key head shared by ``H / H_kv`` query heads (GQA); computed in ``dtype``
     (float32 unless the caller follows a reference that computes them in the model's)."""
     groups = query.shape[1] // keys.shape[1]
-    keys = keys.repeat_interleave(groups, dim=1)
-    return torch.matmul(query.to(dtype), keys.to(dtype).transpose(-1, -2)) * scaling
+    if groups > 1:
+        keys = keys.repeat_interleave(groups, dim=1)
+    return torch.matmul(query.to(dtype), keys.to(dtype).transpose(-1, -2)).mul_(scaling)
 
 
 def causal_rows_attention(

@@ -43,6 +43,7 @@ class LayerReading:
     layer: int
     hidden: torch.Tensor
     position_embeddings: RotaryTables
+    needs: tuple[str, ...] = ()  # what the method declared
     provided: dict[str, Any] = field(default_factory=dict)
 
     def need(self, name: str) -> Any:
@@ -135,17 +136,27 @@ def keys(reading: LayerReading) -> torch.Tensor:
 
 def instruction(reading: LayerReading) -> Instructions:
     """The key and hidden states of each row's instruction tokens (see
-    :func:`~.layout.instruction_rows`)."""
+    :func:`~.layout.instruction_rows`). Their keys are taken from every token's where the method needs
+    those too, else projected from the instruction's rows alone (a few of a prompt's hundreds)."""
     call = reading.call
     rows, counted = instruction_rows(call)
     prompts = sequences(call)
     prompt = torch.where(counted, torch.gather(prompts, 1, rows), -1)
 
     def take(x: torch.Tensor) -> torch.Tensor:
-        return torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))
+        return torch.gather(
+            x.expand(rows.shape[0], *x.shape[1:]), 1, rows[..., None].expand(-1, -1, x.shape[-1])
+        )
 
+    if "keys" in reading.needs:
+        keys = take(reading.need("keys"))
+    else:
+        scoring_layer, scoring_input = reading.scoring_layer()
+        rotary = tuple(take(table) for table in reading.position_embeddings)
+        _, keys = internals.project_queries_keys(scoring_layer, take(scoring_input), rotary, None)
+        keys = keys.transpose(1, 2).flatten(2)
     places = torch.gather(reading.need("prompt_positions"), 1, rows)
-    return Instructions(take(reading.need("keys")), take(reading.hidden), prompt, prompts, places)
+    return Instructions(keys, take(reading.hidden), prompt, prompts, places)
 
 
 def embeddings(reading: LayerReading) -> PromptEmbeddings:
@@ -260,7 +271,7 @@ def instruction_rows_attention(reading: LayerReading) -> InstructionAttentionRow
     prompt = torch.gather(prompts, 1, rows)
     key_mask = valid[:, None, :] & (positions <= rows[..., None]) & (prompts[:, None, :] == prompt[..., None])
     logits = query_logits(query, states, internals.attention_scaling(scoring_layer))  # [B, H, Q, L]
-    attention = logits.masked_fill(~key_mask[:, None], float("-inf")).softmax(dim=-1)
+    attention = torch.softmax(logits.masked_fill_(~key_mask[:, None], float("-inf")), dim=-1, out=logits)
     return InstructionAttentionRows(
         attention.permute(0, 3, 1, 2), rows, torch.where(counted, prompt, -1), prompts
     )
@@ -297,7 +308,7 @@ PROVIDERS: dict[str, Callable[[LayerReading], Any]] = {
 SCORING_INPUT_NEEDS = frozenset({"attention", "unrotated_logits", "keys", "instruction", "instruction_rows"})
 
 
-def provide(needs: tuple[str, ...], reading: LayerReading) -> dict[str, Any]:
-    """The value of each of ``needs`` that a decoder layer provides, at the stage layer ``reading`` reads (a
-    need of the encoder's stays unset: the method's ``ctx.require`` names it)."""
-    return {name: reading.need(name) for name in needs if name in PROVIDERS}
+def provide(reading: LayerReading) -> dict[str, Any]:
+    """The value of each of the method's needs that a decoder layer provides, at the stage layer ``reading``
+    reads (a need of the encoder's stays unset: the method's ``ctx.require`` names it)."""
+    return {name: reading.need(name) for name in reading.needs if name in PROVIDERS}

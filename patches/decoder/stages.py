@@ -162,8 +162,10 @@ class Stages:
         images = call.images
         with pruner.timed_selection():
             keeps = self.keeps(stage, call.image_sizes)
-            reading = LayerReading(call, hooks.layers, hooks.language_model, layer, hidden, (cos, sin))
-            scores = provide(self.needs, reading)
+            reading = LayerReading(
+                call, hooks.layers, hooks.language_model, layer, hidden, (cos, sin), self.needs
+            )
+            scores = provide(reading)
             selections = []
             for layout in image_layouts(call.visual, images, keeps):
                 keep = keeps[layout.images[0]]

@@ -85,7 +85,12 @@ _CHUNK = 64
 
 def coverage_units(similarity: torch.Tensor) -> torch.Tensor:
     """``similarity`` rounded to int32 multiples of :data:`COVERAGE_UNIT`, the integers both paths sum."""
-    return (similarity.float() * (1.0 / COVERAGE_UNIT)).round().to(torch.int32)
+    return torch.mul(similarity.float(), 1.0 / COVERAGE_UNIT).round_().to(torch.int32)
+
+
+def _chunk(num_tokens: int) -> int:
+    """The most terms, up to :data:`_CHUNK`, in which ``num_tokens`` divide evenly."""
+    return max(size for size in range(1, _CHUNK + 1) if num_tokens % size == 0)
 
 
 def greedy_coverage_reference(similarity: torch.Tensor, saliency: torch.Tensor, keep: int) -> torch.Tensor:
@@ -93,29 +98,29 @@ def greedy_coverage_reference(similarity: torch.Tensor, saliency: torch.Tensor, 
 
     A coverage never falls below 0, so a candidate's gain ``sum_i max(0, s[i, j] - covered[i])`` is
     ``sum_i max(s[i, j], covered[i]) - sum_i covered[i]``: per pick one pass that takes the maxima into a
-    buffer and one that sums it (in int32 chunks of :data:`_CHUNK` terms, then int64), over the transposed
-    matrix so that both run along contiguous rows. A picked token's score is pushed to ``-inf`` by a
-    penalty, so that no mask is indexed."""
+    buffer and one that sums its rows (in int32 chunks of up to :data:`_CHUNK` rows, then int64), a dozen
+    ops in all. A picked token's score is pushed to ``-inf`` by a penalty, so that no mask is indexed.
+    Besides the units, the buffer is the one ``[I, N, N]`` tensor made (on a CPU each new tensor of that
+    size costs as much as a pass over it)."""
     num_images, num_tokens = saliency.shape
-    padded = -(-num_tokens // _CHUNK) * _CHUNK  # zero columns: max(0, covered) adds what covered's sum takes
-    units = coverage_units(similarity)
-    columns = torch.nn.functional.pad(units.transpose(1, 2), (0, padded - num_tokens)).contiguous()
-    maxima = torch.empty_like(columns)  # [I, candidate j, covering i]
-    covered = units.new_zeros(num_images, 1, padded)
+    chunk = _chunk(num_tokens)
+    units = coverage_units(similarity)  # [I, covering i, candidate j]
+    maxima = torch.empty_like(units)
+    covered = units.new_zeros(num_images, num_tokens, 1)
     penalty = torch.zeros_like(saliency)
-    # each pick's row of coverage, padded alike
-    flat = torch.nn.functional.pad(units, (0, padded - num_tokens)).flatten(0, 1)
-    offsets = torch.arange(num_images, device=units.device) * num_tokens
+    rows = units.flatten(0, 1)  # each pick's row of similarities
+    offsets = torch.arange(num_images, device=units.device)[:, None] * num_tokens
     picks = []
     for _ in range(keep):
-        torch.maximum(columns, covered, out=maxima)
-        chunks = maxima.view(num_images, num_tokens, padded // _CHUNK, _CHUNK).sum(dim=3, dtype=torch.int32)
-        gain = chunks.sum(dim=2, dtype=torch.int64) - covered.sum(dim=2, dtype=torch.int64)
-        pick = (gain.float() * saliency + penalty).argmax(dim=1)
-        penalty.scatter_(1, pick.unsqueeze(1), float("-inf"))
-        torch.maximum(covered, flat.index_select(0, offsets + pick).unsqueeze(1), out=covered)
+        torch.maximum(units, covered, out=maxima)
+        chunks = maxima.view(num_images, num_tokens // chunk, chunk, num_tokens).sum(dim=2, dtype=torch.int32)
+        gain = chunks.sum(dim=1, dtype=torch.int64) - covered.sum(dim=1, dtype=torch.int64)
+        pick = torch.addcmul(penalty, gain, saliency).argmax(dim=1, keepdim=True)  # exactly gain * saliency
+        penalty.scatter_(1, pick, float("-inf"))
+        row = rows.index_select(0, (offsets + pick).view(-1))
+        torch.maximum(covered, row.view(num_images, num_tokens, 1), out=covered)
         picks.append(pick)
-    return torch.stack(picks, dim=1).sort(dim=1).values
+    return torch.cat(picks, dim=1).sort(dim=1).values
 
 
 def greedy_coverage(similarity: torch.Tensor, saliency: torch.Tensor, keep: int) -> torch.Tensor:

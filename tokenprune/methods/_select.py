@@ -20,10 +20,11 @@ def min_max(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def cosine_similarity_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Pairwise cosine similarity ``[I, N, M]`` of ``x [I, N, D]`` and ``y [I, M, D]``, in float32."""
-    x = torch.nn.functional.normalize(x.float(), dim=-1)
-    y = torch.nn.functional.normalize(y.float(), dim=-1)
-    return x @ y.transpose(1, 2)
+    """Pairwise cosine similarity ``[I, N, M]`` of ``x [I, N, D]`` and ``y [I, M, D]``, in float32 (``x``
+    with itself normalised once)."""
+    normalized = torch.nn.functional.normalize(x.float(), dim=-1)
+    other = normalized if y is x else torch.nn.functional.normalize(y.float(), dim=-1)
+    return normalized @ other.transpose(1, 2)
 
 
 def shallow_and_output_layers(method: str, option: str, default: int) -> EncoderLayersFn:
