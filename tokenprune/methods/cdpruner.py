@@ -13,17 +13,18 @@ import torch
 from ..context import Instruction, SelectionContext
 from ..kernels import greedy_dpp
 from ..registry import register_method
-from ._select import cosine_similarity_matrix
 
 
-def instruction_relevance(features: torch.Tensor, instruction: Instruction, negative: bool) -> torch.Tensor:
+def instruction_relevance(tokens: torch.Tensor, instruction: Instruction, negative: bool) -> torch.Tensor:
     """Each visual token's relevance to the instruction ``[I, N]`` in float32, as CDPruner's: the cosine of
-    the token ``features [I, N, D]`` with the instruction's embedding (here the mean of its tokens' input
-    embeddings), negated if ``negative``, rescaled by the image's minimum and maximum to (0, 1]."""
+    the tokens (``tokens [I, N, D]``, normalised in float32) with the instruction's embedding (here the mean
+    of its tokens' input embeddings), negated if ``negative``, rescaled by the image's minimum and maximum to
+    (0, 1]."""
     mask = instruction.mask.unsqueeze(-1)
     text = (instruction.features.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)  # [I, D]
-    relevance = cosine_similarity_matrix(features, text.unsqueeze(1))  # [I, N, 1]: one text embedding
-    relevance = (-relevance if negative else relevance).mean(dim=-1)
+    text = torch.nn.functional.normalize(text.unsqueeze(1), dim=-1)  # [I, 1, D]: one text embedding
+    relevance = (tokens @ text.transpose(1, 2))[..., 0]
+    relevance = -relevance if negative else relevance
     low, high = relevance.amin(dim=1, keepdim=True), relevance.amax(dim=1, keepdim=True)
     spread = high - low
     return (relevance - low + 1e-6) / torch.where(spread > 0, spread, 1.0)
@@ -77,9 +78,10 @@ def cdpruner(
       of a prompt each select against the same instruction (the reference's prompts hold one image).
     """
     instruction = ctx.require("instruction")
-    similarity = cosine_similarity_matrix(ctx.features, ctx.features)  # [I, N, N]
-    relevance = instruction_relevance(ctx.features, instruction, negative_relevance)  # [I, N]
+    tokens = torch.nn.functional.normalize(ctx.features.float(), dim=-1)  # once, for both cosines
+    relevance = instruction_relevance(tokens, instruction, negative_relevance)  # [I, N]
     if theta is not None:
         relevance = torch.exp(theta / (2 * (1 - theta)) * relevance)
-    kernel = relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
+    # relevance_i * similarity_ij * relevance_j, in that order, in the similarity's own memory
+    kernel = (tokens @ tokens.transpose(1, 2)).mul_(relevance.unsqueeze(2)).mul_(relevance.unsqueeze(1))
     return greedy_dpp(kernel, keep)
