@@ -4,9 +4,9 @@ For each batch size and budget, in one run: the unpruned model; the *ideal*, the
 language model run on a sequence of the pruned length and no selection work (vision tower included, as
 every method pays for it); and every method. Each prefill timing is the fastest of ``repeats`` after a
 warm-up (a prefill does the same work each time: the fastest run is the one the machine disturbed least),
-each decode timing their median; a method's prefill is timed in turns with the ideal it is held to, so the
-ratios (speedup, speedup / ideal, selection share of prefill)
-come from one machine and moment.
+each decode timing their median; a method's prefill is timed in ``prefill_turns`` turns (default
+``repeats``) with the ideal it is held to, so the ratios (speedup, speedup / ideal, selection share of
+prefill) come from one machine and moment.
 """
 
 from __future__ import annotations
@@ -161,10 +161,18 @@ class Runner:
     ``repeats`` times after a warm-up (``new_tokens`` per decode)."""
 
     def __init__(
-        self, model, inputs: dict, device: torch.device, repeats: int, new_tokens: int, compile: bool = False
+        self,
+        model,
+        inputs: dict,
+        device: torch.device,
+        repeats: int,
+        new_tokens: int,
+        compile: bool = False,
+        prefill_turns: int | None = None,
     ):
         self.model, self.inputs, self.device = model, inputs, device
         self.repeats, self.new_tokens, self.compile = repeats, new_tokens, compile
+        self.turns = prefill_turns or repeats  # of each prefill beside its ideal
 
     @torch.no_grad()
     def prefill(self) -> None:
@@ -242,14 +250,14 @@ class Runner:
     def prefill_turns(
         self, config: tp.PrunerConfig, kept: int, unpruned: bool = False, full: bool = False
     ) -> dict[str, list[float]]:
-        """Prefill ms of ``repeats`` rounds, each timing in turn the ideal prefill of ``kept`` tokens per
-        image, the model under ``config`` (attached for its own run, after an untimed one that checks its
+        """Prefill ms of :attr:`turns` rounds, each timing in turn the ideal prefill of ``kept`` tokens
+        per image, the model under ``config`` (attached for its own run, after an untimed one that checks its
         contracts), with ``unpruned`` the model as it is, and with ``full`` the ideal prefill of every token,
         so that all meet the same moments of a shared machine. Keys ``"ideal"``, ``"pruned"``,
         ``"selection"`` (each pruned run's selection ms), ``"unpruned"`` and ``"full"``."""
         turns: dict[str, list[float]] = {key: [] for key in self.TURNS}
         visual = tokens_per_image(self.model, self.inputs)
-        for _ in range(self.repeats):
+        for _ in range(self.turns):
             if unpruned:
                 turns["unpruned"] += times_ms(self.prefill, self.device, 1)
             if full:
@@ -377,6 +385,7 @@ def run_benchmark(
     batch_sizes: list[int],
     *,
     repeats: int = 3,
+    prefill_turns: int | None = None,
     new_tokens: int = 8,
     text_tokens: int = TEXT_TOKENS,
     compile: bool = False,
@@ -398,7 +407,7 @@ def run_benchmark(
         for batch_size in batch_sizes:
             inputs = benchmark_inputs(model, batch_size, text_tokens, device, video_frames)
             n = tokens_per_image(model, inputs)
-            runner = Runner(model, inputs, device, repeats, new_tokens, compile)
+            runner = Runner(model, inputs, device, repeats, new_tokens, compile, prefill_turns)
             progress.update(task, description=f"bs={batch_size} unpruned")
             base = runner.measure("unpruned", None, n)
             rows.append(base)

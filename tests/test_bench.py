@@ -207,6 +207,28 @@ def test_bench_command(tmp_path):
     assert bad.exit_code == 2 and "unknown method" in bad.output
 
 
+def test_prefill_turns_time_each_method_and_its_ideal_that_often_and_decode_as_repeats(tmp_path, monkeypatch):
+    """``--prefill-turns`` sets how many turns time a method's prefill beside its ideal's (recorded in the
+    results' meta); the decode is still timed ``--repeats`` times."""
+    from tokenprune.eval import bench
+
+    calls = []
+    real = bench.Runner.prefill_turns
+    monkeypatch.setattr(
+        bench.Runner, "prefill_turns", lambda self, *a, **k: calls.append(r := real(self, *a, **k)) or r
+    )
+    generated = []
+    monkeypatch.setattr(bench.Runner, "generate", lambda self, n, **k: generated.append(n))
+    args = ["bench", "--methods", "random", "--keep-ratios", "0.5", "--repeats", "2", "--new-tokens", "2"]
+    result = CliRunner().invoke(app, [*args, "--prefill-turns", "5", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (turns,) = calls
+    assert len(turns["pruned"]) == len(turns["ideal"]) == len(turns["selection"]) == 5
+    # two rows (unpruned, random), each a warm-up and 2 timed generates of 2 tokens and of 1
+    assert generated.count(2) == generated.count(1) == 2 * 3
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["prefill_turns"] == 5
+
+
 def test_bench_compile_times_a_compiled_static_decode_beside_eager(tmp_path, monkeypatch):
     import tokenprune.eval.bench as bench
 

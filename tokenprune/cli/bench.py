@@ -56,6 +56,14 @@ def bench(
     repeats: Annotated[
         int, typer.Option(min=1, help="Timed runs per measurement (the fastest prefill, the median decode).")
     ] = 3,
+    prefill_turns: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Turns in which each method's prefill and its ideal's are timed (the fastest of each); "
+            "default --repeats. More turns steady the ratios on a noisy machine.",
+        ),
+    ] = None,
     new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated for the decode timing.")] = 8,
     video_frames: Annotated[
         int,
@@ -113,12 +121,14 @@ def bench(
                 ratios,
                 sizes,
                 repeats=repeats,
+                prefill_turns=prefill_turns,
                 new_tokens=new_tokens,
                 compile=compile,
                 video_frames=video_frames,
             )
     settings = {
         "repeats": repeats,
+        "prefill_turns": prefill_turns or repeats,
         "new_tokens": new_tokens,
         "compile": compile,
         "video_frames": video_frames,
