@@ -296,9 +296,9 @@ class QwenVisionHooks:
         valid = slot[None] < lengths[:, None]  # [S, longest]
         rows = (segments[:-1, None] + slot[None]).clamp(max=num_patches - 1)  # [S, longest] patch of a slot
         q, k = query[rows].transpose(1, 2), key[rows].transpose(1, 2)  # [S, H, longest, d]
-        scores = query_logits(q, k, self.scale)  # [S, H, longest, longest]
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        weights = scores.softmax(dim=-1) * valid[:, None, :, None]  # padding queries give nothing
+        scores = query_logits(q, k, self.scale)  # [S, H, longest, longest], a new tensor: in place from here
+        scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        weights = torch.softmax(scores, dim=-1, out=scores).mul_(valid[:, None, :, None])  # padding: no query
         received = weights.sum(dim=2).mean(dim=1)  # [S, longest]
         # Each patch is one valid slot; padding slots write to a spare entry past the patches.
         targets = torch.where(valid, rows, num_patches).flatten()
