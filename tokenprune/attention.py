@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 
-@torch.no_grad()
 def query_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -23,9 +22,7 @@ def query_attention(
         key_bias: ``[B, L]`` added to every query's logits (e.g. proportional attention's ``log(size)``).
 
     Returns:
-        ``[B, L]`` float32 attention weights; masked keys get 0. Costs O(B * H * Q * L), never O(L^2). A
-        score for choosing tokens: computed without autograd (in place, in the logits' memory), also where the
-        model runs with gradients.
+        ``[B, L]`` float32 attention weights; masked keys get 0. Costs O(B * H * Q * L), never O(L^2).
     """
     scores = query_logits(query, keys, scaling)  # a new tensor: worked on in place from here
     if key_bias is not None:
