@@ -114,16 +114,20 @@ def test_keys_are_those_cached_by_the_layer_before_pruning():
         del _REGISTRY["_record_keys"]
 
 
-def test_the_instruction_is_what_follows_the_images_in_each_prompt():
-    """``ctx.instruction`` at layer K: the keys transformers cached for layer K-1 and the hidden states
-    entering layer K at the real tokens after each prompt's last image token (a ragged, left-padded
-    batch pads the shorter instruction), and ``ctx.final_norm`` the language model's own."""
+@pytest.mark.parametrize("with_keys", [True, False])
+def test_the_instruction_is_what_follows_the_images_in_each_prompt(with_keys):
+    """``ctx.instruction`` at layer K: the keys transformers cached for layer K-1 (where the method needs
+    keys; none where it does not) and the hidden states entering layer K at the real tokens after each
+    prompt's last image token (a ragged, left-padded batch pads the shorter instruction), and
+    ``ctx.final_norm`` the language model's own."""
     from tokenprune.methods._select import top_k
     from tokenprune.registry import _REGISTRY
 
     seen = []
 
-    @tp.register_method("_record_instruction", default_layer=2, needs=("instruction", "final_norm"))
+    needs = ("instruction", "final_norm") + (("keys",) if with_keys else ())
+
+    @tp.register_method("_record_instruction", default_layer=2, needs=needs)
     def record_instruction(ctx, keep):
         seen.append(ctx)
         return top_k(ctx.features.norm(dim=-1), keep)
@@ -154,7 +158,10 @@ def test_the_instruction_is_what_follows_the_images_in_each_prompt():
             i < len(rows) for i in range(ctx.instruction.mask.shape[1])
         ]
         cached = cache.layers[1].keys[row][:, rows].transpose(0, 1).flatten(1)
-        torch.testing.assert_close(ctx.instruction.keys[image, : len(rows)], cached, atol=1e-5, rtol=0)
+        if with_keys:
+            torch.testing.assert_close(ctx.instruction.keys[image, : len(rows)], cached, atol=1e-5, rtol=0)
+        else:
+            assert ctx.instruction.keys is None
         torch.testing.assert_close(
             ctx.instruction.features[image, : len(rows)], layer_input["hidden"][row, rows]
         )

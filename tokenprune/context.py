@@ -15,14 +15,15 @@ class Instruction:
     prompt's last visual token (its last token where none follows), ``Q`` per image, padded.
 
     Attributes:
-        keys: their key states, as ``SelectionContext.keys`` ``[I, Q, H_kv * d]``.
+        keys: their key states, as ``SelectionContext.keys`` ``[I, Q, H_kv * d]``, where the method declared
+            the need ``keys`` too (``None`` where it did not).
         features: their hidden states, as ``SelectionContext.features`` ``[I, Q, D]``.
         mask: which of the ``Q`` are tokens (the rest pad a shorter instruction) ``[I, Q]``.
         positions: each one's place among its prompt's tokens, as ``SelectionContext.prompt_positions``
             ``[I, Q]`` (``None`` where the adapter does not number them).
     """
 
-    keys: torch.Tensor
+    keys: torch.Tensor | None
     features: torch.Tensor
     mask: torch.Tensor
     positions: torch.Tensor | None = None

@@ -67,7 +67,7 @@ class LayerReading:
 class Instructions:
     """The instructions of a batch's rows (see :func:`instruction`)."""
 
-    keys: torch.Tensor  # [B, Q, H_kv * d]
+    keys: torch.Tensor | None  # [B, Q, H_kv * d], where the method needs keys
     features: torch.Tensor  # [B, Q, D]
     prompt: torch.Tensor  # [B, Q] the prompt of each (-1: padding)
     sequences: torch.Tensor  # [B, L] the prompt of every token
@@ -78,7 +78,8 @@ class Instructions:
         sample = layout.sample
         image_prompt = self.sequences[sample, layout.positions[:, 0]]
         mask = self.prompt[sample] == image_prompt[:, None]
-        return Instruction(self.keys[sample], self.features[sample], mask, self.places[sample])
+        keys = None if self.keys is None else self.keys[sample]
+        return Instruction(keys, self.features[sample], mask, self.places[sample])
 
 
 @dataclass
@@ -135,9 +136,9 @@ def keys(reading: LayerReading) -> torch.Tensor:
 
 
 def instruction(reading: LayerReading) -> Instructions:
-    """The key and hidden states of each row's instruction tokens (see
-    :func:`~.layout.instruction_rows`). Their keys are taken from every token's where the method needs
-    those too, else projected from the instruction's rows alone (a few of a prompt's hundreds)."""
+    """The key and hidden states of each row's instruction tokens (see :func:`~.layout.instruction_rows`),
+    their keys taken from every token's where the method needs those (``keys``; else ``None``: no method
+    reads an instruction's keys without its image's)."""
     call = reading.call
     rows, counted = instruction_rows(call)
     prompts = sequences(call)
@@ -148,13 +149,7 @@ def instruction(reading: LayerReading) -> Instructions:
             x.expand(rows.shape[0], *x.shape[1:]), 1, rows[..., None].expand(-1, -1, x.shape[-1])
         )
 
-    if "keys" in reading.needs:
-        keys = take(reading.need("keys"))
-    else:
-        scoring_layer, scoring_input = reading.scoring_layer()
-        rotary = tuple(take(table) for table in reading.position_embeddings)
-        _, keys = internals.project_queries_keys(scoring_layer, take(scoring_input), rotary, None)
-        keys = keys.transpose(1, 2).flatten(2)
+    keys = take(reading.need("keys")) if "keys" in reading.needs else None
     places = torch.gather(reading.need("prompt_positions"), 1, rows)
     return Instructions(keys, take(reading.hidden), prompt, prompts, places)
 

@@ -23,26 +23,29 @@ LOWEST = torch.finfo(torch.float32).min
 
 
 def greedy_dpp_reference(kernel: torch.Tensor, keep: int) -> torch.Tensor:
-    """Torch reference of :func:`greedy_dpp`, in the order of operations of CDPruner's loop, nineteen ops per
-    pick: the factor's rows not yet written are zeros, so that each pick projects on all ``keep`` of them
-    (one ``bmm``, no slice whose length changes), every value keeps a pick's axis of size 1 (no reshapes),
-    and a picked token's score is pushed to ``-inf`` by a penalty (no mask indexed)."""
+    """Torch reference of :func:`greedy_dpp`, in the order of operations of CDPruner's loop, sixteen small ops
+    per pick and no allocation but their results: the factor's rows not yet written are zeros, so that each
+    pick projects on all ``keep`` of them (one ``bmm``, no slice whose length changes), every value keeps a
+    pick's axis of size 1 (no reshapes), each row is written in the factor's memory, and a picked token's
+    score is pushed to ``-inf`` by a penalty (no mask indexed). The pick's gain is the maximum of the scores,
+    which equals its gain wherever that is positive, the only case in which the gain is used."""
     num_images, num_tokens = kernel.shape[:2]
     factor = kernel.new_zeros(num_images, keep, num_tokens)  # [I, T, N] a row per pick, as CDPruner's
+    by_token = factor.transpose(1, 2)  # [I, N, T] a token's column of the factor
     gains = torch.diagonal(kernel, dim1=1, dim2=2).unsqueeze(1).clone()  # [I, 1, N] remaining gains
-    penalty = torch.zeros_like(gains)
+    score, penalty = torch.empty_like(gains), torch.zeros_like(gains)
     zero = kernel.new_zeros(())
     picks = []
-    for step in range(keep):
-        score = torch.nan_to_num(gains, nan=LOWEST, posinf=float("inf"), neginf=LOWEST) + penalty
-        pick = score.argmax(dim=2, keepdim=True)  # [I, 1, 1]
-        gain = gains.gather(2, pick)
-        column = factor.gather(2, pick.expand(num_images, keep, 1))  # [I, T, 1]
-        projection = torch.bmm(column.transpose(1, 2), factor)
-        difference = kernel.gather(1, pick.expand(num_images, 1, num_tokens)) - projection
-        # a gain that is not positive (the kernel's rank spent) updates nothing
-        row = torch.where(gain > 0, difference / gain.sqrt(), zero, out=factor.narrow(1, step, 1))
-        gains -= row.square()
+    for row in factor.split(1, dim=1):
+        torch.nan_to_num(gains, nan=LOWEST, posinf=float("inf"), neginf=LOWEST, out=score)
+        score += penalty
+        gain, pick = score.max(dim=2, keepdim=True)  # [I, 1, 1] each, the lowest index among equal gains
+        column = by_token.gather(1, pick.expand(num_images, 1, keep))
+        difference = kernel.gather(1, pick.expand(num_images, 1, num_tokens))
+        difference -= torch.bmm(column, factor)
+        difference /= gain.sqrt()
+        torch.where(gain > zero, difference, zero, out=row)  # a gain not positive (the rank spent): no update
+        gains -= row * row
         penalty.scatter_(2, pick, float("-inf"))
         picks.append(pick)
     return torch.cat(picks, dim=1).view(num_images, keep).sort(dim=1).values
