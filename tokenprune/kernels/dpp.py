@@ -3,8 +3,8 @@ reference and the dispatch to the Triton kernel.
 
 Each pick is the token of largest remaining gain, its conditional variance given the tokens picked before;
 the picks' Cholesky factor grows by one row per pick (Chen et al., "Fast Greedy MAP Inference for
-Determinantal Point Process", NeurIPS 2018). A pick depends on the one before it, so a torch loop dispatches a
-dozen small ops per kept token: ``keep`` rounds of launches on a GPU. The Triton kernel runs the whole loop
+Determinantal Point Process", NeurIPS 2018). A pick depends on the one before it, so a torch loop dispatches
+sixteen small ops per kept token: ``keep`` rounds of launches on a GPU. The Triton kernel runs the whole loop
 in one program per image, the gains in registers and the factor's rows in a scratch buffer. It sums each new
 row's projection on the earlier rows in blocks of rows where the reference calls ``einsum`` (the order of
 CDPruner's code): the float32 rounding of the gains may differ, so the two keep the same tokens unless two
