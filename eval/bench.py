@@ -49,8 +49,9 @@ class BenchRow:
     NaN when not measured). ``kv_cache_mib`` is what the KV cache holds after
     prefill, every layer together. ``prefill_launches`` counts what one prefill launches: CUDA kernels on
     a GPU (torch profiler), torch ops dispatched on a CPU (their GPU launches, one or more each).
-    ``ideal_speedup`` is the unpruned prefill's time over the ideal's, timed in turns with this row's: for a
-    method dropping tokens inside the language model, its layer ideal (:func:`layer_ideal_ms`).
+    ``ideal_speedup`` is the unpruned prefill's time over the ideal's, timed in turns with this row's (the
+    row's fastest prefill times the median ratio of the two in a turn, :meth:`Runner.paired_prefill_ms`): for
+    a method dropping tokens inside the language model, its layer ideal (:func:`layer_ideal_ms`).
     """
 
     method: str
@@ -269,19 +270,27 @@ class Runner:
         return turns
 
     def paired_prefill_ms(self, config: tp.PrunerConfig, kept: int) -> tuple[float, float, float]:
-        """The fastest prefill under ``config``, the fastest ideal one it is held to and the least selection
-        ms, of :meth:`prefill_turns`. A method dropping tokens inside the language model is held to its
-        :func:`layer_ideal_ms`, from the fastest ideal prefills of ``kept`` and of every token per image."""
+        """The fastest prefill under ``config``, the ideal prefill it is held to and the least selection ms,
+        of :meth:`prefill_turns`. The ideal is the fastest prefill times the median, over the turns, of the
+        ideal's time over the method's in the same turn: each turn times the two back to back, so the
+        machine's speed, which drifts between turns, cancels in the ratio (the two fastest, taken apart, may
+        come from different moments of the machine). A method dropping tokens inside the language model is
+        held to its :func:`layer_ideal_ms`, from each turn's ideal prefills of ``kept`` and of every token."""
         depth = self.model.config.get_text_config().num_hidden_layers
         config = config.for_depth(depth)
         visual = tokens_per_image(self.model, self.inputs)
         lengths = decoder_lengths(config, visual, depth)
         in_decoder = any(length != kept for length in lengths)
         turns = self.prefill_turns(config, kept, full=in_decoder)
-        ideal = min(turns["ideal"])
+        ideals = turns["ideal"]
         if in_decoder:
-            ideal = layer_ideal_ms(ideal, min(turns["full"]), lengths, visual, kept)
-        return min(turns["pruned"]), ideal, min(turns["selection"])
+            ideals = [
+                layer_ideal_ms(i, f, lengths, visual, kept)
+                for i, f in zip(ideals, turns["full"], strict=True)
+            ]
+        pruned = min(turns["pruned"])
+        ratio = statistics.median(i / p for i, p in zip(ideals, turns["pruned"], strict=True))
+        return pruned, pruned * ratio, min(turns["selection"])
 
     def measure(
         self,

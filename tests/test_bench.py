@@ -120,6 +120,38 @@ def test_a_decoder_method_is_held_to_the_ideal_of_its_layers_lengths():
     assert layer_ideal_ms(100.0, 300.0, [320] * 8, 576, 64) == 200.0
 
 
+def test_a_method_is_held_to_its_ideal_by_the_median_ratio_of_each_turn(monkeypatch):
+    """The machine's speed drifts between turns: each turn's ideal is compared with the method's prefill of
+    the same turn, and the median of those ratios scales the method's fastest prefill (the two fastest,
+    taken apart, would pair the ideal's fastest moment, turn 1 here, with another turn's). A layer-K
+    method's per-turn ideal is its layer ideal from that turn's ideal and full prefills."""
+    from tokenprune.eval import bench
+
+    model = build_model(ARCHS["tiny"](), "sdpa", torch.device("cpu"), torch.float32)
+    cpu = torch.device("cpu")
+    runner = bench.Runner(model, bench.benchmark_inputs(model, 1, 8, cpu), cpu, 1, 2)
+    turns = {  # a fast moment in turn 1 for both, the machine slower after it
+        "ideal": [100.0, 150.0, 300.0],
+        "pruned": [160.0, 165.0, 330.0],
+        "full": [300.0, 450.0, 900.0],
+        "selection": [2.0, 1.0, 3.0],
+    }
+    monkeypatch.setattr(bench.Runner, "prefill_turns", lambda self, *a, **k: turns)
+    visual = bench.tokens_per_image(model, runner.inputs)
+    kept = bench.bench_config("uniform", 0.25).kept_per_image(visual)
+    pruned, ideal, selection = runner.paired_prefill_ms(bench.bench_config("uniform", 0.25), kept)
+    assert (pruned, selection) == (160.0, 1.0)
+    assert ideal == pytest.approx(160.0 * 150.0 / 165.0)  # the median ratio, 150/165 = 300/330
+    pruned, ideal, _ = runner.paired_prefill_ms(bench.bench_config("fastv", 0.25), kept)
+    depth = model.config.get_text_config().num_hidden_layers
+    lengths = bench.decoder_lengths(bench.bench_config("fastv", 0.25).for_depth(depth), visual, depth)
+    per_turn = [
+        bench.layer_ideal_ms(i, f, lengths, visual, kept) / p
+        for i, f, p in zip(turns["ideal"], turns["full"], turns["pruned"], strict=True)
+    ]
+    assert ideal == pytest.approx(160.0 * sorted(per_turn)[1])
+
+
 def test_launches_are_counted_after_every_timing(monkeypatch):
     """On a GPU the profiler that counts launches slows every later launch: no timing may follow it."""
     from tokenprune.eval import bench

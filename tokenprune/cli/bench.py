@@ -60,8 +60,9 @@ def bench(
         int | None,
         typer.Option(
             min=1,
-            help="Turns in which each method's prefill and its ideal's are timed (the fastest of each); "
-            "default --repeats. More turns steady the ratios on a noisy machine.",
+            help="Turns in which each method's prefill and its ideal's are timed back to back (the fastest "
+            "prefill, held to the ideal by the median ratio of the two in a turn); default --repeats. More "
+            "turns steady the ratios on a noisy machine.",
         ),
     ] = None,
     new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated for the decode timing.")] = 8,
